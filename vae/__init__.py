@@ -1,0 +1,1 @@
+"""Shared pieces of the trainer and the evaluator: model presets, typed configs, metrics."""

@@ -1,0 +1,188 @@
+"""Build, load and adapt diffusers `AutoencoderKL` models.
+
+The model is diffusers' class, unchanged: presets are just constructor arguments, and a
+trained model is a `save_pretrained` folder that loads with `AutoencoderKL.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import AutoencoderKL
+
+logger = logging.getLogger(__name__)
+
+
+class ModelError(ValueError):
+    """A model preset, config or checkpoint that cannot be used (one-line message)."""
+
+
+def _levels(channels: tuple[int, ...], layers: int, latent: int, groups: int, size: int) -> dict:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
+        layers_per_block=layers,
+        act_fn="silu",
+        latent_channels=latent,
+        norm_num_groups=groups,
+        sample_size=size,
+    )
+
+
+# Transfusion (arXiv 2408.11039, app. A): 256² -> 32×32×8, attention only in the mid block,
+# ≈ 83.7 M parameters. "small" keeps the 8× geometry at a size a laptop CPU can train (the
+# offline demo); "tiny" is for unit tests.
+PRESETS: dict[str, dict] = {
+    "transfusion": _levels((128, 256, 512, 512), 2, 8, 32, 256),
+    "small": _levels((32, 64, 128, 128), 1, 8, 16, 128),
+    "tiny": _levels((16, 32, 32, 32), 1, 8, 8, 32),
+}
+
+
+def build_vae(preset: str, latent_channels: int | None = None) -> AutoencoderKL:
+    """A freshly initialised AutoencoderKL from a preset name or a JSON config file."""
+    if preset in PRESETS:
+        config = dict(PRESETS[preset])
+    elif preset.endswith(".json") and os.path.isfile(preset):
+        with open(preset) as f:
+            config = json.load(f)
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+    else:
+        raise ModelError(
+            f"unknown model preset {preset!r}: use one of {sorted(PRESETS)} or a path to a JSON config"
+        )
+    if latent_channels is not None:
+        config["latent_channels"] = latent_channels
+    try:
+        return AutoencoderKL(**config)
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"invalid AutoencoderKL config {preset!r}: {e}") from None
+
+
+def resolve_vae_location(path: str) -> tuple[str, str | None]:
+    """Map a user path to (pretrained_model_name_or_path, subfolder).
+
+    Accepts a diffusers folder, a training output folder (the exported model at its root),
+    a training checkpoint folder (`checkpoint-N/` holding `vae/` and maybe `vae_ema/`), or a hub id.
+    """
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return path, None
+        for sub in ("vae_ema", "vae"):
+            if os.path.isfile(os.path.join(path, sub, "config.json")):
+                return path, sub
+        raise ModelError(f"{path!r} is a folder but holds no AutoencoderKL (no config.json, vae/ or vae_ema/)")
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise ModelError(f"model path {path!r} does not exist")
+    return path, None
+
+
+def load_vae(path: str, subfolder: str | None = None, dtype: torch.dtype | None = None) -> AutoencoderKL:
+    """Load a pretrained AutoencoderKL from a folder, a training checkpoint or a hub id; clear error otherwise."""
+    location, found_sub = resolve_vae_location(path)
+    subfolder = subfolder or found_sub
+    try:
+        vae = AutoencoderKL.from_pretrained(location, subfolder=subfolder, torch_dtype=dtype)
+    except (OSError, ValueError, EnvironmentError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load AutoencoderKL from {path!r}: {first}") from None
+    return vae
+
+
+
+
+@dataclass
+class InitReport:
+    copied: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)
+    reinitialized: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"init_from: copied {len(self.copied)} tensors exactly"]
+        if self.adapted:
+            lines.append("  adapted (overlapping latent channels copied, the rest freshly initialised): " + ", ".join(self.adapted))
+        if self.reinitialized:
+            lines.append("  re-initialised: " + ", ".join(self.reinitialized))
+        return "\n".join(lines)
+
+
+# For each latent-facing layer: what its (output, input) channel dims hold. "moments" is
+# (mean, logvar) stacked, "latent" the latent channels, None anything else.
+_LATENT_DIMS = {
+    "encoder.conv_out": ("moments", None),
+    "quant_conv": ("moments", "moments"),
+    "post_quant_conv": ("latent", "latent"),
+    "decoder.conv_in": (None, "latent"),
+}
+
+
+def _channel_index(kind: str | None, size: int, latent: int, overlap: int) -> torch.Tensor:
+    if kind is None:
+        return torch.arange(size)
+    first = torch.arange(overlap)
+    return torch.cat([first, latent + first]) if kind == "moments" else first
+
+
+def _copy_overlap(dst: torch.Tensor, src: torch.Tensor, module: str, old_latent: int, new_latent: int) -> None:
+    """Copy the channels that exist in both models into a latent-facing tensor (weight or bias)."""
+    overlap = min(old_latent, new_latent)
+    kinds = _LATENT_DIMS[module][: dst.ndim]
+    index_dst = [_channel_index(k, n, new_latent, overlap) for k, n in zip(kinds, dst.shape)]
+    index_src = [_channel_index(k, n, old_latent, overlap) for k, n in zip(kinds, src.shape)]
+    block = src.index_select(0, index_src[0])
+    if len(kinds) > 1:
+        block = block.index_select(1, index_src[1])
+        dst.index_copy_(0, index_dst[0], dst.index_select(0, index_dst[0]).index_copy(1, index_dst[1], block))
+    else:
+        dst.index_copy_(0, index_dst[0], block)
+
+
+@torch.no_grad()
+def init_from_pretrained(vae: AutoencoderKL, source: AutoencoderKL, adapt_latent: bool = True) -> InitReport:
+    """Load `source`'s weights into `vae`; only the latent-facing layers may differ in shape.
+
+    Matching tensors are copied exactly. When the latent channel count differs, the four
+    latent-facing layers get their overlapping channels copied (`adapt_latent`) or stay at
+    their fresh initialisation. Any other mismatch is an error: the architectures differ.
+    """
+    report = InitReport()
+    src_state = source.state_dict()
+    dst_state = vae.state_dict()
+    missing = sorted(set(dst_state) - set(src_state))
+    unexpected = sorted(set(src_state) - set(dst_state))
+    if missing or unexpected:
+        raise ModelError(
+            f"init_from: architectures differ ({len(missing)} missing, {len(unexpected)} unexpected tensors, "
+            f"e.g. {(missing + unexpected)[:3]})"
+        )
+    old_latent = source.config.latent_channels
+    new_latent = vae.config.latent_channels
+    for name, dst in dst_state.items():
+        src = src_state[name]
+        if src.shape == dst.shape:
+            dst.copy_(src.to(dst.dtype))
+            report.copied.append(name)
+            continue
+        module = name.rsplit(".", 1)[0]
+        if module not in _LATENT_DIMS or old_latent == new_latent:
+            raise ModelError(
+                f"init_from: {name} has shape {tuple(src.shape)} in the source and {tuple(dst.shape)} here; "
+                "only the latent-facing layers may differ"
+            )
+        if adapt_latent:
+            _copy_overlap(dst, src.to(dst.dtype), module, old_latent, new_latent)
+            report.adapted.append(name)
+        else:
+            report.reinitialized.append(name)
+    return report
+
+
+def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
