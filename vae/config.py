@@ -1,0 +1,176 @@
+"""Typed configs: one dataclass is the single source of every flag.
+
+`parse_config(Cls, argv)` builds the argparse CLI from the dataclass fields (help text from
+`field(metadata={"help": ...})`), lets `--config file.yaml|json` set any field, and rejects
+unknown flags/keys and bad values with one line and exit status 2 — before any model is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import types
+import typing
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad flag or value; the message is one line meant for the user."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage + error; we print only the error line (the usage is in --help)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def arg(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None, **kw) -> Any:
+    """A dataclass field carrying its CLI help (and choices)."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def _unwrap(tp: Any) -> tuple[Any, bool]:
+    """(inner type, is_optional) for `X | None`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _str_to_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def _optional(parse):
+    def convert(text: str):
+        return None if text.lower() in ("none", "null", "") else parse(text)
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog=prog, description=description, allow_abbrev=False)
+    parser.add_argument("--config", default=None, help="YAML or JSON file setting any of the flags below (flags win)")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, optional = _unwrap(hints[f.name])
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        # SUPPRESS lets us tell which flags the user gave explicitly (config-file merging, demo defaults).
+        kw: dict[str, Any] = dict(help=meta.get("help", ""), default=argparse.SUPPRESS)
+        if meta.get("choices"):
+            kw["choices"] = meta["choices"]
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is list:
+            (item,) = typing.get_args(tp)
+            kw.update(action="append", type=item)
+        else:
+            kw["type"] = _optional(tp) if optional else tp
+            kw["metavar"] = tp.__name__.upper()
+        kw["help"] = f"{kw['help']} (default: {default!r})"
+        parser.add_argument(f"--{f.name}", **kw)
+    return parser
+
+
+def _coerce(cls: type, key: str, value: Any) -> Any:
+    """Type-check a value coming from a config file."""
+    tp, optional = _unwrap(typing.get_type_hints(cls)[key])
+    if value is None and optional:
+        return None
+    if tp is bool:
+        if isinstance(value, str):
+            return _str_to_bool(value)
+        if isinstance(value, bool):
+            return value
+        _bad(key, value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            _bad(key, value)
+        (item,) = typing.get_args(tp)
+        return [item(v) for v in value]
+    if tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, (int, float)):
+        return str(value)
+    _bad(key, value)
+
+
+def _bad(key: str, value: Any) -> typing.NoReturn:
+    raise ConfigError(f"config key {key!r}: bad value {value!r}")
+
+
+def load_config_file(cls: type, path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path) as f:
+        text = f.read()
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # the parsers' messages are long; keep the first line
+        raise ConfigError(f"config file {path!r} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {str(e).splitlines()[0]}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of flag names to values")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"config file {path!r}: unknown key(s) {', '.join(unknown)}")
+    values = {k: _coerce(cls, k, v) for k, v in data.items()}
+    for f in dataclasses.fields(cls):
+        choices = f.metadata.get("choices")
+        if f.name in values and choices and values[f.name] not in choices:
+            raise ConfigError(f"config key {f.name!r}: {values[f.name]!r} is not one of {', '.join(map(str, choices))}")
+    return values
+
+
+def parse_config(cls: type, argv: list[str] | None, prog: str, description: str = ""):
+    """Parse flags (and an optional config file) into `cls`; returns (config, names set explicitly).
+
+    Exits with status 2 and one line on stderr for any bad flag, key or value, including
+    those found by `cls.validate()` when it exists.
+    """
+    parser = build_parser(cls, prog, description)
+    ns = vars(parser.parse_args(argv))
+    config_path = ns.pop("config")
+    try:
+        values = load_config_file(cls, config_path) if config_path else {}
+        values.update(ns)
+        cfg = cls(**values)
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+    except ConfigError as e:
+        parser.exit(2, f"{prog}: error: {e}\n")
+    return cfg, set(values)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def fail(prog: str, message: str) -> typing.NoReturn:
+    """Exit with one line on stderr (for errors found after parsing, e.g. missing data)."""
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    raise SystemExit(2)
