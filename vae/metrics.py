@@ -1,0 +1,222 @@
+"""Reconstruction metrics: PSNR, SSIM, LPIPS, rFID — batched torch, any device.
+
+The numbers follow the seed's evaluation protocol (SPEC.md, "Evaluation protocol"):
+PSNR and SSIM per image on float [0, 1] clipped, with scikit-image's definitions
+(`peak_signal_noise_ratio(data_range=1)`, `structural_similarity(data_range=1,
+channel_axis=-1)`), re-implemented here in float64 torch so they run batched on the GPU
+and match scikit-image to ~1e-10. rFID is torchmetrics' `FrechetInceptionDistance` with
+torch-fidelity's Inception v3 (TF weights, 2048-d pool3), fed uint8 images.
+
+The trainer imports `reconstruction_metrics` for its held-out batch; `eval_vae.py` uses all of it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# torch-fidelity's release file name; torchvision-style caches keep it under <hub dir>/checkpoints/.
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
+
+
+class MetricError(ValueError):
+    """A metric that cannot be built (e.g. missing Inception weights); one-line message."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel conversions
+# ---------------------------------------------------------------------------------------------
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] clipped, in float64 (the space PSNR and SSIM are measured in)."""
+    return ((x.to(torch.float64) + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def to_uint8(x: torch.Tensor, rounding: str = "round") -> torch.Tensor:
+    """[-1, 1] float (B, 3, H, W) -> uint8 with the same shape, as saved to PNG and fed to FID.
+
+    "truncate" is the seed's conversion (`((x + 1) / 2).clip(0, 1) * 255` then `astype(uint8)`,
+    in float32): a pixel that decodes to 199.9999 becomes 199, so even the reference images
+    lose up to one grey level after the [-1, 1] round trip. "round" adds 0.5 before truncating.
+    """
+    if rounding not in ("round", "truncate"):
+        raise ValueError(f"rounding must be 'round' or 'truncate', got {rounding!r}")
+    # Same float32 arithmetic as the seed (numpy on float32 arrays), so "truncate" matches it bit for bit.
+    scaled = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0
+    if rounding == "round":
+        scaled = scaled + 0.5
+    return scaled.clamp(0.0, 255.0).to(torch.uint8)
+
+
+def _float64_device(x: torch.Tensor) -> torch.device:
+    # MPS has no float64; everything else computes in place.
+    return torch.device("cpu") if x.device.type == "mps" else x.device
+
+
+# ---------------------------------------------------------------------------------------------
+# PSNR / SSIM (scikit-image definitions)
+# ---------------------------------------------------------------------------------------------
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB, (B,), of images in [0, 1] (clipped), data_range 1, float64.
+
+    Equals `skimage.metrics.peak_signal_noise_ratio(a, b, data_range=1)`; identical images give inf.
+    """
+    device = _float64_device(x)
+    x = x.to(device, torch.float64).clamp(0.0, 1.0)
+    y = y.to(device, torch.float64).clamp(0.0, 1.0)
+    mse = (x - y).square().flatten(1).mean(dim=1)
+    return 10.0 * torch.log10(1.0 / mse)
+
+
+def _gaussian_kernel1d(sigma: float, radius: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # scipy.ndimage.gaussian_filter's kernel: exp(-x²/2σ²) on [-radius, radius], normalised to sum 1.
+    t = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window: str = "uniform") -> torch.Tensor:
+    """Per-image SSIM, (B,), of images (B, C, H, W) in [0, 1] (clipped), data_range 1, float64.
+
+    window="uniform": `structural_similarity(a, b, data_range=1, channel_axis=-1)` — 7×7 box,
+    sample covariance (N/(N−1)); the seed's choice.
+    window="gaussian": the same with `gaussian_weights=True, sigma=1.5, use_sample_covariance=False`
+    (Wang et al. 2004): 11-tap Gaussian, population covariance.
+    Like scikit-image, the SSIM map is averaged over the region the window fits in entirely
+    (it crops (win−1)/2 pixels per side), then over channels.
+    """
+    if window == "uniform":
+        win, cov_norm = 7, 49.0 / 48.0
+    elif window == "gaussian":
+        sigma, truncate = 1.5, 3.5
+        win, cov_norm = 2 * int(truncate * sigma + 0.5) + 1, 1.0
+    else:
+        raise ValueError(f"window must be 'uniform' or 'gaussian', got {window!r}")
+    if min(x.shape[-2:]) < win:
+        raise ValueError(f"SSIM needs images of at least {win}×{win} pixels, got {tuple(x.shape[-2:])}")
+    device = _float64_device(x)
+    x = x.to(device, torch.float64).clamp(0.0, 1.0)
+    y = y.to(device, torch.float64).clamp(0.0, 1.0)
+    b, c = x.shape[:2]
+    if window == "uniform":
+        k1d = torch.full((win,), 1.0 / win, dtype=torch.float64, device=device)
+    else:
+        k1d = _gaussian_kernel1d(sigma, (win - 1) // 2, torch.float64, device)
+
+    # Filter x, y, x², y², xy at once. A "valid" convolution yields exactly skimage's cropped
+    # region, so its border mode (reflect) never matters.
+    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (B, 5C, H, W)
+    groups = stack.shape[1]
+    filtered = F.conv2d(stack, k1d.view(1, 1, win, 1).expand(groups, 1, win, 1), groups=groups)
+    filtered = F.conv2d(filtered, k1d.view(1, 1, 1, win).expand(groups, 1, 1, win), groups=groups)
+    ux, uy, uxx, uyy, uxy = filtered.split(c, dim=1)  # each (B, C, H−win+1, W−win+1)
+
+    vx = cov_norm * (uxx - ux * ux)
+    vy = cov_norm * (uyy - uy * uy)
+    vxy = cov_norm * (uxy - ux * uy)
+    c1, c2 = 0.01**2, 0.03**2  # (K1·R)², (K2·R)² with R = data_range = 1
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return s.flatten(2).mean(dim=2).mean(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bundle for the trainer's held-out batch
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    x: torch.Tensor, x_hat: torch.Tensor, lpips: nn.Module | None = None, ssim_window: str = "uniform"
+) -> dict[str, torch.Tensor]:
+    """Per-image PSNR, SSIM (and LPIPS when a module is given) of images in [-1, 1]; each (B,).
+
+    LPIPS sees the decoder output as is (not clipped), like the seed; PSNR/SSIM see [0, 1] clipped.
+    """
+    ref, rec = to_unit(x), to_unit(x_hat)
+    out = {"psnr": psnr(ref, rec), "ssim": ssim(ref, rec, window=ssim_window)}
+    if lpips is not None:
+        out["lpips"] = lpips(x.float(), x_hat.float()).reshape(-1).to(torch.float64)
+    return out
+
+
+class MeanStd:
+    """Keeps per-image values of named metrics; reports mean, std (population, like np.std) and count."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = defaultdict(list)
+
+    def update(self, **metrics: torch.Tensor | list[float]) -> None:
+        for name, v in metrics.items():
+            v = v.detach().reshape(-1).to("cpu", torch.float64).tolist() if torch.is_tensor(v) else list(v)
+            self.values[name].extend(float(a) for a in v)
+
+    def summary(self) -> dict[str, dict[str, float | int]]:
+        out = {}
+        for name, vals in self.values.items():
+            t = torch.tensor(vals, dtype=torch.float64)
+            n = t.numel()
+            mean = t.mean().item() if n else math.nan
+            std = t.std(correction=0).item() if n else math.nan
+            out[name] = {"mean": mean, "std": std, "count": n}
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# FID
+# ---------------------------------------------------------------------------------------------
+
+
+def default_inception_path() -> str:
+    """Where torch-fidelity's `load_state_dict_from_url` caches the Inception weights."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS_FILE)
+
+
+def resolve_inception_weights(weights_path: str | None = None) -> str:
+    """The Inception weights file to use; MetricError naming the expected file when it is absent.
+
+    Never downloads: torch-fidelity would fetch from GitHub when given no path, which hangs or
+    fails on an offline machine, so it always gets an existing local file.
+    """
+    path = os.path.expanduser(weights_path) if weights_path else default_inception_path()
+    if not os.path.isfile(path):
+        where = f"{path!r}" if weights_path else f"{path!r} (torch hub cache)"
+        raise MetricError(
+            f"Inception weights for rFID not found: expected {where}; download {INCEPTION_WEIGHTS_URL} "
+            "there, pass --inception_weights PATH, or use --no-fid"
+        )
+    return path
+
+
+def build_fid(
+    weights_path: str | None = None, feature_extractor: nn.Module | None = None, **metric_kwargs
+):
+    """torchmetrics FrechetInceptionDistance fed uint8 (B, 3, H, W); real = references, fake = reconstructions.
+
+    Default: 2048-d pool3 of torch-fidelity's Inception v3 loaded from `weights_path` or the torch
+    hub cache, resized to 299 with TF1-compatible bilinear interpolation (as torch-fidelity and the
+    original TF FID; torchmetrics' default antialiased resize differs when downscaling).
+    `feature_extractor`: any module mapping uint8 images to (B, d) features (tests, offline runs).
+    States are float64 sums, synced across processes by torchmetrics.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if feature_extractor is not None:
+        return FrechetInceptionDistance(feature=feature_extractor, normalize=False, **metric_kwargs)
+    path = resolve_inception_weights(weights_path)
+    try:
+        return FrechetInceptionDistance(
+            feature=2048, normalize=False, feature_extractor_weights_path=path, antialias=False, **metric_kwargs
+        )
+    except (RuntimeError, OSError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MetricError(f"cannot load Inception weights from {path!r}: {first[:200]}") from None
