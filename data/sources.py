@@ -1,0 +1,469 @@
+"""Where images come from: source specs, mixture files, validation, and raw record streams.
+
+A source is a hub dataset id, a local folder in one of the seed's layouts (ImageNet, COCO, FFHQ)
+or any image folder, a glob of parquet shards, or a glob of webdataset `.tar` shards. Every
+source becomes a Hugging Face streaming `IterableDataset` of *raw* records
+
+    {"bytes": binary | None, "path": str | None, "key": str, "source": int}
+
+(undecoded: local folders carry only the path, the file is read after shuffling), so that a
+shuffle block holds file names or compressed bytes, never decoded pixels.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("auto", "hub", "folder", "imagenet", "coco", "ffhq", "parquet", "webdataset")
+FOLDER_KINDS = ("folder", "imagenet", "coco", "ffhq")
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif",
+                              ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"})
+IMAGE_COLUMN_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp")  # tried when no column has the Image type
+FFHQ_JSON = "ffhq-dataset-v2.json"
+FFHQ_IMAGES = "images1024x1024"
+FFHQ_NUM_TRAINING = 60000  # fallback without the json: images 00000-59999 are "training"
+
+# Split names each layout accepts, mapped to the directory / category they select.
+SPLITS = {
+    "imagenet": {"train": "train", "val": "val", "validation": "val"},
+    "coco": {"train": "train2017", "train2017": "train2017", "val": "val2017", "validation": "val2017",
+             "val2017": "val2017", "test": "test2017", "test2017": "test2017"},
+    "ffhq": {"train": "training", "training": "training", "val": "validation",
+             "validation": "validation", "all": None},
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+MIXTURES_DIR = Path(__file__).resolve().parent / "mixtures"
+
+
+class DataError(ValueError):
+    """A problem with the data configuration, reported in one line before training starts."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+@dataclass
+class SourceSpec:
+    name: str                  # label used in logs and skip counts
+    path: str                  # hub id | local dir | glob of *.parquet | glob of *.tar
+    weight: float = 1.0
+    kind: str = "auto"         # auto|hub|folder|imagenet|coco|ffhq|parquet|webdataset
+    split: str = "train"       # ImageNet train/val, COCO train2017/val2017/..., FFHQ training/validation, hub split
+    config: str | None = None  # hub config name
+    image_column: str = "auto"
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing: CLI strings and mixture files
+# ---------------------------------------------------------------------------------------------
+
+def _default_name(path: str) -> str:
+    stem = Path(path.rstrip("/")).name or path
+    stem = re.split(r"[*?\[]", stem)[0].rstrip("-_.") or Path(path).parent.name
+    return stem.split(".")[0] or "source"
+
+
+def _spec_from_mapping(entry: dict, where: str) -> SourceSpec:
+    known = {f.name for f in fields(SourceSpec)}
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise DataError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    if not entry.get("path"):
+        raise DataError(f"{where}: missing 'path'")
+    values = dict(entry)
+    values["path"] = str(values["path"])
+    values.setdefault("name", _default_name(values["path"]))
+    try:
+        values["weight"] = float(values.get("weight", 1.0))
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: weight {values.get('weight')!r} is not a number") from None
+    for key in ("name", "kind", "split", "image_column"):
+        if key in values:
+            values[key] = str(values[key])
+    if values.get("config") in ("", "none", "None"):
+        values["config"] = None
+    return SourceSpec(**values)
+
+
+def parse_source(text: str) -> SourceSpec:
+    """Parse 'name=coco,path=/data/COCO,weight=0.1,split=train' or a bare path / hub id."""
+    text = text.strip()
+    if "=" not in text:
+        return _spec_from_mapping({"path": text}, f"source {text!r}")
+    entry = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise DataError(f"source {text!r}: expected key=value pairs separated by commas, got {item!r}")
+        entry[key.strip()] = value.strip()
+    return _spec_from_mapping(entry, f"source {text!r}")
+
+
+def load_mixture(path_or_name: str, data_root: str | None = None) -> list[SourceSpec]:
+    """Read a YAML/JSON mixture file, or a ready-made one by name ('transfusion', 'transfusion_hub').
+
+    The file holds `sources:` (a list of SourceSpec fields); '{data_root}' in a path is replaced by
+    `data_root`. 'transfusion' is ImageNet train + COCO train2017 + FFHQ training under data_root,
+    weighted by their image counts (1281167 / 118287 / 60000).
+    """
+    import yaml
+
+    file = Path(path_or_name)
+    if not file.is_file():
+        named = MIXTURES_DIR / f"{path_or_name}.yaml"
+        if not named.is_file():
+            available = sorted(p.stem for p in MIXTURES_DIR.glob("*.yaml"))
+            raise DataError(f"mixture {path_or_name!r} is neither a file nor one of {available}")
+        file = named
+    try:
+        content = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise DataError(f"mixture file {file} is not valid YAML/JSON: {exc}") from None
+    if isinstance(content, dict):
+        unknown = sorted(set(content) - {"sources", "description"})
+        if unknown:
+            raise DataError(f"mixture file {file}: unknown top-level key(s) {unknown}; expected 'sources'")
+        content = content.get("sources")
+    if not isinstance(content, list) or not content:
+        raise DataError(f"mixture file {file}: expected a non-empty list of sources")
+    specs = []
+    for i, entry in enumerate(content):
+        where = f"mixture file {file}, source #{i}"
+        if not isinstance(entry, dict):
+            raise DataError(f"{where}: expected a mapping, got {entry!r}")
+        if "{data_root}" in str(entry.get("path", "")):
+            if data_root is None:
+                raise DataError(f"{where}: path {entry['path']!r} needs a data root (--data_root)")
+            entry = {**entry, "path": str(entry["path"]).replace("{data_root}", str(data_root).rstrip("/"))}
+        specs.append(_spec_from_mapping(entry, where))
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution: kind detection, file listing, validation
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ResolvedSource:
+    """A source after its kind is known and its files are listed (done once, in the main process)."""
+
+    spec: SourceSpec
+    index: int
+    kind: str
+    root: str | None = None
+    # Folder kinds: paths relative to `root`; parquet/webdataset: shard files. Stored as a numpy
+    # bytes array: it pickles to DataLoader workers and hashes (HF fingerprints gen_kwargs) far
+    # faster than a list of a million Python strings.
+    files: np.ndarray | None = None
+    hub: object | None = None  # datasets.IterableDataset for kind "hub"
+    image_columns: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def num_files(self) -> int:
+        return 0 if self.files is None else len(self.files)
+
+
+def _is_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
+def detect_kind(path: str) -> str:
+    """Guess the kind of a source from its path."""
+    lowered = path.lower()
+    if _is_glob(path) or os.path.isfile(path):
+        if lowered.endswith(".parquet"):
+            return "parquet"
+        if lowered.endswith(".tar"):
+            return "webdataset"
+        return "folder"
+    if os.path.isdir(path):
+        entries = set(os.listdir(path))
+        if FFHQ_JSON in entries or FFHQ_IMAGES in entries:
+            return "ffhq"
+        if entries & {"train2017", "val2017", "test2017"}:
+            return "coco"
+        if any(os.path.isdir(os.path.join(path, d)) for d in ("train", "val") if d in entries):
+            return "imagenet"
+        if any(e.endswith(".parquet") for e in entries):
+            return "parquet"
+        if any(e.endswith(".tar") for e in entries):
+            return "webdataset"
+        return "folder"
+    if _HUB_ID.match(path):
+        return "hub"
+    return "folder"  # reported as a missing folder
+
+
+def list_images(directory: str) -> list[str]:
+    """Image files under `directory` (recursive, sorted, hidden files skipped), relative, '/'-separated."""
+    found = []
+    for current, dirs, files in os.walk(directory, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel_dir = os.path.relpath(current, directory)
+        for name in files:
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            found.append(name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/"))
+    return sorted(found)
+
+
+def _as_bytes_array(paths: list[str]) -> np.ndarray:
+    return np.array([p.encode("utf-8") for p in paths], dtype=np.bytes_)
+
+
+def _split_dir(spec: SourceSpec, kind: str) -> str:
+    choices = SPLITS[kind]
+    if spec.split not in choices:
+        raise DataError(f"source '{spec.name}': split {spec.split!r} is not one of {sorted(choices)} for a {kind} folder")
+    return choices[spec.split]
+
+
+def _ffhq_files(spec: SourceSpec) -> list[str]:
+    category = _split_dir(spec, "ffhq")
+    images_dir = os.path.join(spec.path, FFHQ_IMAGES)
+    if not os.path.isdir(images_dir):
+        raise DataError(f"source '{spec.name}': FFHQ folder {spec.path} has no {FFHQ_IMAGES}/ directory")
+    on_disk = [f"{FFHQ_IMAGES}/{p}" for p in list_images(images_dir)]
+    if category is None:
+        return on_disk
+    json_path = os.path.join(spec.path, FFHQ_JSON)
+    if os.path.isfile(json_path):
+        try:
+            with open(json_path) as f:
+                metadata = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"source '{spec.name}': cannot read {json_path}: {exc}") from None
+        wanted = {entry["image"]["file_path"].replace("\\", "/") for entry in metadata.values()
+                  if entry.get("category") == category}
+        return [p for p in on_disk if p in wanted]
+    logger.warning("source '%s': %s not found; using the FFHQ convention that images 0-%d are 'training'",
+                   spec.name, FFHQ_JSON, FFHQ_NUM_TRAINING - 1)
+
+    def is_training(rel: str) -> bool:
+        stem = Path(rel).stem
+        return stem.isdigit() and int(stem) < FFHQ_NUM_TRAINING
+
+    return [p for p in on_disk if is_training(p) == (category == "training")]
+
+
+def _resolve_folder(spec: SourceSpec, kind: str, index: int) -> ResolvedSource:
+    if not os.path.isdir(spec.path):
+        raise DataError(f"source '{spec.name}': folder {spec.path} does not exist")
+    if kind == "ffhq":
+        root, files = spec.path, _ffhq_files(spec)
+    else:
+        root = spec.path if kind == "folder" else os.path.join(spec.path, _split_dir(spec, kind))
+        if not os.path.isdir(root):
+            raise DataError(f"source '{spec.name}': split folder {root} does not exist")
+        files = list_images(root)
+    if not files:
+        raise DataError(f"source '{spec.name}': no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
+                        f"under {root}" + (f" for split {spec.split!r}" if kind == "ffhq" else ""))
+    return ResolvedSource(spec, index, kind, root=root, files=_as_bytes_array(files))
+
+
+def _shard_files(spec: SourceSpec, extension: str) -> list[str]:
+    pattern = spec.path
+    if os.path.isdir(pattern):
+        pattern = os.path.join(pattern, "**", f"*{extension}")
+    files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+    if not files:
+        raise DataError(f"source '{spec.name}': no {extension} files match {spec.path}")
+    return [os.path.abspath(f) for f in files]
+
+
+def _one_line_error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _image_columns(features, spec: SourceSpec) -> list[str]:
+    from datasets import Image
+
+    columns = list(features) if features is not None else []
+    if spec.image_column != "auto":
+        if features is not None and spec.image_column not in columns:
+            raise DataError(f"source '{spec.name}': image column {spec.image_column!r} not in columns {columns}")
+        return [spec.image_column]
+    typed = [c for c in columns if isinstance(features[c], Image)]
+    if typed:
+        return typed
+    named = [c for c in IMAGE_COLUMN_NAMES if c in columns]
+    if named:
+        return named
+    raise DataError(f"source '{spec.name}': no image column among {columns}; set image_column=...")
+
+
+def _load_table_source(kind: str, files):
+    import datasets
+
+    builder = "parquet" if kind == "parquet" else "webdataset"
+    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True)
+
+
+def _resolve_table(spec: SourceSpec, kind: str, index: int) -> ResolvedSource:
+    files = _shard_files(spec, ".parquet" if kind == "parquet" else ".tar")
+    try:
+        ds = _load_table_source(kind, files)
+        features = ds.features
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a configuration error here
+        raise DataError(f"source '{spec.name}': cannot read {kind} shards {spec.path}: {_one_line_error(exc)}") from None
+    return ResolvedSource(spec, index, kind, files=_as_bytes_array(files), image_columns=_image_columns(features, spec))
+
+
+def _resolve_hub(spec: SourceSpec, index: int) -> ResolvedSource:
+    import datasets
+
+    try:
+        # With HF_HUB_OFFLINE=1 this fails at once (no request is made); online, the hub
+        # client's own timeouts bound it.
+        ds = datasets.load_dataset(spec.path, name=spec.config, split=spec.split, streaming=True)
+        features = ds.features
+    except Exception as exc:  # noqa: BLE001 - unreachable, gated, missing split... all fatal here
+        offline = " (HF_HUB_OFFLINE is set)" if datasets.config.HF_HUB_OFFLINE else ""
+        raise DataError(f"source '{spec.name}': hub dataset {spec.path!r} (config={spec.config}, split={spec.split}) "
+                        f"is unreachable{offline}: {_one_line_error(exc)}") from None
+    return ResolvedSource(spec, index, "hub", hub=ds, image_columns=_image_columns(features, spec))
+
+
+def resolve_source(spec: SourceSpec, index: int = 0) -> ResolvedSource:
+    """Detect the kind, list files / open the hub dataset, and check there is something to read."""
+    if not isinstance(spec, SourceSpec):
+        raise DataError(f"expected a SourceSpec, got {spec!r}")
+    if spec.kind not in KINDS:
+        raise DataError(f"source '{spec.name}': unknown kind {spec.kind!r}; expected one of {list(KINDS)}")
+    kind = detect_kind(spec.path) if spec.kind == "auto" else spec.kind
+    if kind in FOLDER_KINDS:
+        return _resolve_folder(spec, kind, index)
+    if kind in ("parquet", "webdataset"):
+        return _resolve_table(spec, kind, index)
+    return _resolve_hub(spec, index)
+
+
+def check_weights(sources: list[SourceSpec]) -> None:
+    if not sources:
+        raise DataError("no data sources given")
+    names = [s.name for s in sources]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DataError(f"duplicate source name(s) {duplicates}")
+    for s in sources:
+        if not isinstance(s.weight, (int, float)) or not math.isfinite(s.weight) or s.weight < 0:
+            raise DataError(f"source '{s.name}': weight {s.weight!r} must be a finite number >= 0")
+    if sum(s.weight for s in sources) <= 0:
+        raise DataError(f"source weights {[s.weight for s in sources]} must sum to more than 0")
+
+
+def resolve_sources(sources: list[SourceSpec]) -> list[ResolvedSource]:
+    check_weights(sources)
+    return [resolve_source(spec, i) for i, spec in enumerate(sources)]
+
+
+def validate_sources(sources: list[SourceSpec]) -> None:
+    """Raise DataError (one line) for anything that would fail later: call before training."""
+    resolve_sources(sources)
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw record streams, one per (rank, dataloader worker)
+# ---------------------------------------------------------------------------------------------
+
+def raw_features():
+    from datasets import Features, Value
+
+    return Features({"bytes": Value("binary"), "path": Value("string"), "key": Value("string"),
+                     "source": Value("int64")})
+
+
+def _folder_records(shards, root, source):
+    for files in shards:
+        for rel in files:
+            rel = rel.decode("utf-8")
+            yield {"bytes": None, "path": os.path.join(root, rel), "key": rel, "source": source}
+
+
+def _table_record(example, columns, source):
+    value = None
+    for column in columns:  # webdataset samples may carry .jpg in one sample and .png in another
+        value = example.get(column)
+        if value is not None:
+            break
+    data, path = None, None
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+    elif isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+    elif isinstance(value, str):
+        path = value
+    key = example.get("__key__") or path or (hashlib.sha1(data).hexdigest()[:16] if data else "")
+    return {"bytes": data, "path": path if data is None else None, "key": str(key), "source": source}
+
+
+def _keep_every(example, index, node, num_nodes):
+    return index % num_nodes == node
+
+
+def _split_examples(ds, node: int, num_nodes: int):
+    # Example-level split, only for sources with fewer shards than nodes: every node reads the
+    # whole source and keeps one record in num_nodes.
+    return ds.filter(_keep_every, with_indices=True, fn_kwargs={"node": node, "num_nodes": num_nodes})
+
+
+def _order(n: int, order_seed: int | None) -> np.ndarray:
+    return np.arange(n) if order_seed is None else np.random.default_rng(order_seed).permutation(n)
+
+
+def open_records(src: ResolvedSource, *, node: int = 0, num_nodes: int = 1, order_seed: int | None = None,
+                 max_samples: int | None = None):
+    """The raw-record IterableDataset of one source for node `node` of `num_nodes`.
+
+    Nodes (rank x dataloader worker) get disjoint parts whose union is the whole source.
+    `order_seed` permutes the file / shard order (the same permutation on every node, so the
+    parts stay disjoint); None keeps the sorted order. `max_samples` cuts the source to its
+    first records before splitting (evaluation).
+    """
+    import datasets
+    from datasets import Image
+
+    if src.kind in FOLDER_KINDS:
+        files = src.files[:max_samples] if max_samples is not None else src.files
+        files = files[_order(len(files), order_seed)]
+        # One shard holding this node's files: the node split is an exact round-robin over the
+        # (shuffled) list, so every rank and worker gets work whatever the number of files.
+        return datasets.IterableDataset.from_generator(
+            _folder_records, features=raw_features(),
+            gen_kwargs={"shards": [files[node::num_nodes]], "root": src.root, "source": src.index})
+
+    ds = src.hub if src.kind == "hub" else _load_table_source(src.kind, src.files[_order(len(src.files), order_seed)])
+    features = ds.features
+    for column in src.image_columns:
+        if features is not None and isinstance(features.get(column), Image):
+            ds = ds.cast_column(column, Image(decode=False))  # keep the bytes; decode after shuffling
+    if max_samples is not None:
+        ds = _split_examples(ds.take(max_samples), node, num_nodes)
+    elif num_nodes > 1:
+        if ds.num_shards < num_nodes:
+            ds = ds.reshard()  # parquet: one shard per row group
+        if ds.num_shards >= num_nodes:
+            ds = ds.shard(num_shards=num_nodes, index=node, contiguous=False)
+        else:
+            ds = _split_examples(ds, node, num_nodes)
+    ds = ds.map(_table_record, fn_kwargs={"columns": src.image_columns, "source": src.index},
+                remove_columns=list(features) if features is not None else None, features=raw_features())
+    return ds if features is not None else ds.select_columns(list(raw_features()))

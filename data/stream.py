@@ -1,0 +1,267 @@
+"""The weighted, rank-split, exactly resumable image stream.
+
+Per node (one rank x one DataLoader worker) the pipeline is
+
+    each source -> its part for this node (disjoint across nodes)      sources.open_records
+    -> datasets.interleave_datasets(probabilities = normalised weights)  HF, resumable
+    -> block shuffle (our own, see below)
+    -> decode + transform (bad files skipped and counted)
+
+HF's `IterableDataset.shuffle` loses the examples sitting in its buffer when a state is
+reloaded, so the shuffle here is a block shuffle whose state can be re-derived: pull
+`shuffle_block` raw records, permute them with an RNG seeded from (seed, node, epoch, block),
+emit. The state is the HF state at the block start plus (epoch, block, offset); a restore reloads
+the HF state, re-reads the block, re-permutes it and skips `offset` records. Crops and flips are
+drawn from an RNG seeded from (seed, node, epoch, sample ordinal), so a resumed stream yields
+identical tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+
+import numpy as np
+import torch
+
+from .sources import DataError, ResolvedSource, SourceSpec, open_records, parse_source, resolve_source, resolve_sources
+from .transforms import MAX_IMAGE_PIXELS, BadImageError, eval_transform, load_image, train_transform
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+STOPPING_STRATEGIES = ("first_exhausted", "all_exhausted", "all_exhausted_without_replacement")
+MAX_LOGGED_SKIPS = 20  # per source and worker; later bad files are logged at debug level
+
+# Purpose tags keep the RNG streams for file order, source choice, block order and crops apart.
+_FILE_ORDER, _MIXING, _BLOCK, _CROP = 1, 2, 3, 4
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that depends on every part (SeedSequence hashing, so nearby parts don't collide)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _unbatch(batch: dict) -> dict:
+    return {key: values[0] for key, values in batch.items()}
+
+
+class ImageStream(torch.utils.data.IterableDataset):
+    """Yields {"pixel_values": (3, R, R) float32 in [-1, 1], "source": int64, "skipped": (S,) int64, "key": str}.
+
+    `skipped` counts the bad files of each source skipped since the previously yielded sample of
+    this worker (sum it over a batch). `state_dict()` / `load_state_dict()` give an exact resume
+    (plain Python types only); StatefulDataLoader calls them per worker.
+    """
+
+    def __init__(self, sources: list[ResolvedSource], resolution: int, *, train: bool, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, shuffle_block: int = 1000, random_flip: bool = False,
+                 infinite: bool = True, stopping_strategy: str = "all_exhausted", max_samples: int | None = None,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, interpolation: str = "bicubic"):
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
+        if stopping_strategy not in STOPPING_STRATEGIES:
+            raise DataError(f"stopping_strategy {stopping_strategy!r} is not one of {list(STOPPING_STRATEGIES)}")
+        if shuffle_block < 1 or resolution < 1:
+            raise DataError(f"shuffle_block ({shuffle_block}) and resolution ({resolution}) must be >= 1")
+        self.sources = sources
+        self.source_names = [s.name for s in sources]
+        self.resolution = resolution
+        self.train = train
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle_block = shuffle_block if train else 1
+        self.random_flip = random_flip
+        self.infinite = infinite
+        self.stopping_strategy = stopping_strategy
+        self.max_samples = max_samples
+        self.max_image_pixels = max_image_pixels
+        self.interpolation = interpolation
+        self.epoch = 0
+        self._pending: dict | None = None  # a loaded state, used by the next __iter__
+        self._live: dict | None = None  # the state of the running iteration
+
+    # -----------------------------------------------------------------------------------------
+    # State
+    # -----------------------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch a fresh iteration starts at (finite streams: call once per pass, like DistributedSampler)."""
+        self.epoch = int(epoch)
+
+    def _fresh_state(self) -> dict:
+        worker, num_workers = _worker()
+        return {
+            "version": STATE_VERSION,
+            "sources": list(self.source_names),
+            "node": {"rank": self.rank, "world_size": self.world_size, "worker": worker, "num_workers": num_workers},
+            "seed": self.seed,
+            "shuffle_block": self.shuffle_block,
+            "epoch": self.epoch,
+            "block": 0,  # blocks finished in this epoch
+            "offset": 0,  # records of the current block consumed (yielded or skipped)
+            "upstream": None,  # HF state_dict at the start of the current block; None = epoch start
+            "skipped": [0] * len(self.sources),  # bad files per source, this worker, since the start
+            "finished": False,
+        }
+
+    def state_dict(self) -> dict:
+        state = self._pending or self._live or self._fresh_state()
+        return copy.deepcopy(state)
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise DataError(f"not an ImageStream state (version {STATE_VERSION}): keys {sorted(state or {})}")
+        self._pending = copy.deepcopy(state)
+
+    def _start_state(self) -> dict:
+        if self._pending is None:
+            return self._fresh_state()
+        state, self._pending = self._pending, None
+        expected = self._fresh_state()
+        for key in ("sources", "node", "seed", "shuffle_block"):
+            if state[key] != expected[key]:
+                raise DataError(f"cannot resume the data stream exactly: it was saved with {key}={state[key]} "
+                                f"and now has {key}={expected[key]}")
+        return state
+
+    # -----------------------------------------------------------------------------------------
+    # Iteration
+    # -----------------------------------------------------------------------------------------
+
+    def _node_dataset(self, epoch: int, node: int, num_nodes: int):
+        import datasets
+
+        # Zero-weight sources are left out (they keep their index in `source_names`); an eval
+        # stream reads its single source whatever its weight.
+        active = [s for s in self.sources if s.spec.weight > 0 or not self.train]
+        parts = [open_records(s, node=node, num_nodes=num_nodes, max_samples=self.max_samples,
+                              order_seed=derive_seed(self.seed, _FILE_ORDER, epoch, s.index) if self.train else None)
+                 for s in active]
+        if len(parts) == 1:
+            return parts[0]
+        total = sum(s.spec.weight for s in active)
+        return datasets.interleave_datasets(
+            parts, probabilities=[s.spec.weight / total for s in active],
+            seed=derive_seed(self.seed, _MIXING, node, num_nodes, epoch), stopping_strategy=self.stopping_strategy)
+
+    def _block_order(self, size: int, node: int, num_nodes: int, epoch: int, block: int) -> np.ndarray:
+        if not self.train:
+            return np.arange(size)
+        return np.random.default_rng(derive_seed(self.seed, _BLOCK, node, num_nodes, epoch, block)).permutation(size)
+
+    def _sample(self, record: dict, rng_parts: tuple) -> dict:
+        image = load_image(record["bytes"] if record["bytes"] is not None else record["path"], self.max_image_pixels)
+        if self.train:
+            rng = np.random.default_rng(derive_seed(self.seed, _CROP, *rng_parts))
+            pixels = train_transform(image, self.resolution, rng, random_flip=self.random_flip,
+                                     interpolation=self.interpolation)
+        else:
+            pixels = eval_transform(image, self.resolution, interpolation=self.interpolation)
+        return {"pixel_values": pixels, "source": torch.tensor(record["source"], dtype=torch.int64),
+                "key": record["key"]}
+
+    def _log_skip(self, state: dict, record: dict, error: BadImageError) -> None:
+        count = state["skipped"][record["source"]]
+        name = self.source_names[record["source"]]
+        level = logging.WARNING if count <= MAX_LOGGED_SKIPS else logging.DEBUG
+        logger.log(level, "skipping bad image %r of source '%s': %s", record["key"], name, error)
+        if count == MAX_LOGGED_SKIPS:
+            logger.warning("source '%s': %d bad images so far; further ones are logged at debug level",
+                           name, count)
+
+    def __iter__(self):
+        worker, num_workers = _worker()
+        if num_workers > 1:
+            import fsspec
+
+            fsspec.asyn.reset_lock()  # as HF does in workers: a lock forked from the parent can hang
+        node, num_nodes = self.rank * num_workers + worker, self.world_size * num_workers
+        state = self._live = self._start_state()
+        pending = [0] * len(self.sources)
+        while not state["finished"]:
+            epoch = state["epoch"]
+            upstream_ds = self._node_dataset(epoch, node, num_nodes)
+            if state["upstream"] is not None:
+                upstream_ds.load_state_dict(state["upstream"])
+            # .iter() rather than iter(): HF's __iter__ would split the data again across the
+            # DataLoader workers, and we already gave each worker its own part.
+            upstream = upstream_ds.iter(batch_size=1)
+            while True:
+                records = [_unbatch(batch) for batch in itertools.islice(upstream, self.shuffle_block)]
+                if not records:
+                    break
+                next_upstream = upstream_ds.state_dict()  # position after this block
+                order = self._block_order(len(records), node, num_nodes, epoch, state["block"])
+                for j in range(state["offset"], len(records)):
+                    record = records[order[j]]
+                    state["offset"] = j + 1
+                    ordinal = state["block"] * self.shuffle_block + j
+                    try:
+                        sample = self._sample(record, (node, num_nodes, epoch, ordinal))
+                    except BadImageError as error:
+                        state["skipped"][record["source"]] += 1
+                        pending[record["source"]] += 1
+                        self._log_skip(state, record, error)
+                        continue
+                    sample["skipped"] = torch.tensor(pending, dtype=torch.int64)
+                    pending = [0] * len(self.sources)
+                    yield sample
+                state.update(block=state["block"] + 1, offset=0, upstream=next_upstream)
+            if not self.infinite:
+                state["finished"] = True
+            elif state["block"] == 0:
+                raise DataError(f"rank {self.rank} worker {worker}: the sources {self.source_names} gave no "
+                                f"records for this worker (fewer images than ranks x workers?)")
+            else:
+                state.update(epoch=epoch + 1, block=0, offset=0, upstream=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders
+# ---------------------------------------------------------------------------------------------
+
+def _as_specs(sources) -> list[SourceSpec]:
+    return [parse_source(s) if isinstance(s, str) else s for s in sources]
+
+
+def build_train_stream(sources, resolution: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                       shuffle_block: int = 1000, random_flip: bool = False, infinite: bool = True,
+                       stopping_strategy: str = "all_exhausted", max_image_pixels: int = MAX_IMAGE_PIXELS,
+                       interpolation: str = "bicubic") -> ImageStream:
+    """The weighted training mixture for one rank: shuffled, random crops, endless by default."""
+    resolved = resolve_sources(_as_specs(sources))
+    return ImageStream(resolved, resolution, train=True, seed=seed, rank=rank, world_size=world_size,
+                       shuffle_block=shuffle_block, random_flip=random_flip, infinite=infinite,
+                       stopping_strategy=stopping_strategy, max_image_pixels=max_image_pixels,
+                       interpolation=interpolation)
+
+
+def build_eval_stream(source: SourceSpec | str, resolution: int, *, rank: int = 0, world_size: int = 1,
+                      max_samples: int | None = None, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                      interpolation: str = "bicubic") -> ImageStream:
+    """One source, each image once across ranks and workers, sorted order, center crops.
+
+    `max_samples` keeps the first images of the whole source (before the split across ranks).
+    """
+    spec = _as_specs([source])[0]
+    if max_samples is not None and max_samples < 1:
+        raise DataError(f"max_samples must be >= 1, got {max_samples}")
+    resolved = resolve_source(spec, 0)
+    return ImageStream([resolved], resolution, train=False, rank=rank, world_size=world_size, infinite=False,
+                       max_samples=max_samples, max_image_pixels=max_image_pixels, interpolation=interpolation)
+
+
+def make_dataloader(stream: ImageStream, batch_size: int, num_workers: int = 0, **kw):
+    """A torchdata StatefulDataLoader: its state_dict()/load_state_dict() resume the stream exactly."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    return StatefulDataLoader(stream, batch_size=batch_size, num_workers=num_workers, **kw)
