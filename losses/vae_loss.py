@@ -1,0 +1,271 @@
+"""The Transfusion VAE loss: L1 + LPIPS + ID + KL + adaptively weighted hinge GAN, and the D loss.
+
+One module owns the frozen perception nets (LPIPS, MoCo), the discriminator, the start
+gate, the adaptive weight and LeCAM's EMAs; the training loop only calls
+`generator_loss(...)` and `discriminator_loss(...)`, each returning `(loss, logs)` with
+logs as detached 0-d tensors (no host syncs, no logging in here).
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from losses.discriminator import NLayerDiscriminator
+from losses.functional import (
+    adaptive_weight,
+    conv_weight_grad,
+    gan_ramp,
+    generator_adv_loss,
+    hinge_d_loss,
+    kl_loss,
+    lecam_reg,
+    reconstruction_nll,
+)
+from losses.identity import MOCO_V2_800EP_URL, build_identity_loss
+from losses.perceptual import build_lpips
+
+
+class LeCamEMA(nn.Module):
+    """Zero-debiased EMAs of D's mean logits on real and on fake images, as in the official LeCAM code."""
+
+    def __init__(self, decay: float = 0.999):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("biased_real", torch.zeros(()))
+        self.register_buffer("biased_fake", torch.zeros(()))
+        self.register_buffer("steps", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, real_mean: torch.Tensor, fake_mean: torch.Tensor) -> None:
+        """Fold one step's mean logits into the EMAs."""
+        self.biased_real.mul_(self.decay).add_(real_mean.float(), alpha=1 - self.decay)
+        self.biased_fake.mul_(self.decay).add_(fake_mean.float(), alpha=1 - self.decay)
+        self.steps.add_(1)
+
+    def values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ema_real, ema_fake), debiased for their zero start; valid after the first update."""
+        debias = 1 - torch.pow(self.decay, self.steps)
+        return self.biased_real / debias, self.biased_fake / debias
+
+
+def _as_conv(last_layer: nn.Conv2d | torch.Tensor):
+    """The last conv (weight + geometry). A bare weight is taken as stride 1, 'same' zero padding, like
+    diffusers' decoder.conv_out (k3, p1)."""
+    if isinstance(last_layer, nn.Conv2d):
+        return last_layer
+    kh, kw = last_layer.shape[-2:]
+    return SimpleNamespace(
+        weight=last_layer, stride=(1, 1), padding=(kh // 2, kw // 2), dilation=(1, 1), groups=1, padding_mode="zeros"
+    )
+
+
+def _call_without_param_grads(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) with gradient flowing to x only, never into module's parameters."""
+    if not any(p.requires_grad for p in module.parameters()):
+        return module(x)
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    return torch.func.functional_call(module, params, (x,))
+
+
+class TransfusionLoss(nn.Module):
+    """L_VAE = L1 + 1.0·LPIPS + 0.5·λ·L_GAN + 0.2·L_ID + 1e-6·L_KL (SPEC.md "Loss", the seed's normalisation).
+
+    perception_weights "pretrained" loads VGG16 (torch hub cache) and MoCo (`moco_weights`, path
+    or URL); "random" builds both random, for offline smoke runs. `perceptual`, `identity` and
+    `discriminator` accept ready modules instead (tests, custom nets); injected perception nets
+    are frozen here. A term with weight 0 has no network (attribute None).
+    """
+
+    def __init__(
+        self,
+        *,
+        l1_weight: float = 1.0,
+        lpips_weight: float = 1.0,
+        gan_weight: float = 0.5,
+        id_weight: float = 0.2,
+        kl_weight: float = 1e-6,
+        disc_start: int = 50001,
+        adaptive_weight_max: float = 1e4,
+        gan_ramp_steps: int = 0,
+        lecam_weight: float = 0.0,
+        lecam_decay: float = 0.999,
+        perception_weights: str = "pretrained",
+        moco_weights: str | os.PathLike | None = MOCO_V2_800EP_URL,
+        id_feature: str = "projection",
+        perceptual: nn.Module | None = None,
+        identity: nn.Module | None = None,
+        discriminator: nn.Module | None = None,
+    ):
+        super().__init__()
+        if perception_weights not in ("pretrained", "random"):
+            raise ValueError(f"perception_weights must be 'pretrained' or 'random', got {perception_weights!r}")
+        weights = dict(l1_weight=l1_weight, lpips_weight=lpips_weight, gan_weight=gan_weight, id_weight=id_weight,
+                       kl_weight=kl_weight, lecam_weight=lecam_weight, gan_ramp_steps=gan_ramp_steps)
+        negative = [name for name, value in weights.items() if value < 0]
+        if negative:
+            raise ValueError(f"loss weights must be >= 0, got negative {negative}")
+        if not 0.0 <= lecam_decay < 1.0:
+            raise ValueError(f"lecam_decay must be in [0, 1), got {lecam_decay}")
+        self.l1_weight = l1_weight
+        self.lpips_weight = lpips_weight
+        self.gan_weight = gan_weight
+        self.id_weight = id_weight
+        self.kl_weight = kl_weight
+        self.disc_start = disc_start
+        self.adaptive_weight_max = adaptive_weight_max
+        self.gan_ramp_steps = gan_ramp_steps
+        self.lecam_weight = lecam_weight
+        random = perception_weights == "random"
+
+        if lpips_weight == 0:
+            perceptual = None
+        elif perceptual is None:
+            perceptual = build_lpips(pretrained=not random)
+        if id_weight == 0:
+            identity = None
+        elif identity is None:
+            identity = build_identity_loss(moco_weights, feature=id_feature, random_init=random)
+        for frozen in (perceptual, identity):
+            if frozen is not None:
+                frozen.requires_grad_(False).eval()
+        self.perceptual = perceptual
+        self.identity = identity
+        self.discriminator = NLayerDiscriminator() if discriminator is None else discriminator
+        self.lecam = LeCamEMA(lecam_decay)
+
+    def train(self, mode: bool = True) -> "TransfusionLoss":
+        """Train mode reaches the discriminator only; the perception nets stay in eval."""
+        super().train(mode)
+        for frozen in (self.perceptual, self.identity):
+            if frozen is not None:
+                frozen.train(False)
+        return self
+
+    def gan_active(self, global_step: int) -> bool:
+        """Whether the GAN terms (G's g and D's loss) are on at this step."""
+        return self.gan_weight > 0 and global_step >= self.disc_start
+
+    def _nll(self, inputs: torch.Tensor, reconstructions: torch.Tensor):
+        inputs = inputs.detach()
+        lpips_per_image = None if self.perceptual is None else self.perceptual(inputs, reconstructions)  # (B,)
+        id_loss = None if self.identity is None else self.identity(inputs, reconstructions)  # ()
+        return reconstruction_nll(
+            inputs, reconstructions, lpips_per_image, id_loss, self.l1_weight, self.lpips_weight, self.id_weight
+        )
+
+    def generator_loss(
+        self,
+        inputs: torch.Tensor,
+        reconstructions: torch.Tensor,
+        mean: torch.Tensor,
+        logvar: torch.Tensor,
+        global_step: int,
+        *,
+        last_layer_weight: nn.Conv2d | torch.Tensor,
+        last_layer_input: torch.Tensor | None = None,
+        discriminator: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Autoencoder loss nll + kl_weight·KL + gan_weight·ramp·λ·g; returns (loss, logs).
+
+        inputs / reconstructions: (B, 3, H, W) in [−1, 1]; mean / logvar: the posterior's (B, C, h, w).
+        last_layer_weight: decoder.conv_out (the module: its geometry is used) or its weight
+        (then taken as stride 1, padding k//2, like diffusers' conv_out); λ is measured on it.
+        last_layer_input: the input of decoder.conv_out captured by a forward hook, which turns
+        on the fast path. `reconstructions` must then be that conv's output (a dtype cast
+        aside). The fast path back-propagates once through LPIPS/MoCo and once through D to x̂
+        only, gets ∇_W from the conv's input, and returns a surrogate with the same value and
+        the same autoencoder gradients as the direct path, which back-propagates through the
+        perception nets and D three times (two autograd.grad for λ, then the caller's backward).
+        discriminator: defaults to self.discriminator; gradients never reach its parameters.
+
+        With autograd off (evaluation) λ is 0, as in the seed. Logs: total, nll, kl, gan (g),
+        adaptive_weight (λ), gan_factor (gan_weight·ramp) and the raw terms l1 (mean |x − x̂|),
+        lpips (mean per image) and id, each a detached float32 0-d tensor.
+        """
+        disc = self.discriminator if discriminator is None else discriminator
+        active = self.gan_active(global_step)
+        factor = self.gan_weight * gan_ramp(global_step, self.disc_start, self.gan_ramp_steps) if active else 0.0
+        conv = _as_conv(last_layer_weight)
+        kl = kl_loss(mean, logvar)
+        zero = kl.new_zeros(())
+        g, lam = zero, zero
+
+        if last_layer_input is None or not torch.is_grad_enabled():
+            nll, parts = self._nll(inputs, reconstructions)
+            if active:
+                g = generator_adv_loss(_call_without_param_grads(disc, reconstructions))
+                if torch.is_grad_enabled():
+                    nll_grad = torch.autograd.grad(nll, conv.weight, retain_graph=True)[0]
+                    gan_grad = torch.autograd.grad(g, conv.weight, retain_graph=True)[0]
+                    lam = adaptive_weight(nll_grad, gan_grad, max_value=self.adaptive_weight_max)
+            loss = nll + self.kl_weight * kl + factor * lam * g
+            total = loss.detach()
+        else:
+            # Gradients w.r.t. a detached copy of x̂ stop at x̂, so each frozen net is crossed once.
+            xr = reconstructions.detach().requires_grad_(True)
+            nll, parts = self._nll(inputs, xr)
+            coef = torch.autograd.grad(nll, xr)[0].float()  # ∂nll/∂x̂, (B, 3, H, W)
+            if active:
+                g = generator_adv_loss(_call_without_param_grads(disc, xr))
+                gan_coef = torch.autograd.grad(g, xr)[0].float()  # ∂g/∂x̂
+                lam = adaptive_weight(
+                    conv_weight_grad(last_layer_input, conv, coef),
+                    conv_weight_grad(last_layer_input, conv, gan_coef),
+                    max_value=self.adaptive_weight_max,
+                )
+                coef = coef + (factor * lam) * gan_coef
+            total = (nll + self.kl_weight * kl + factor * lam * g).detach()
+            # d(surrogate)/dx̂ = ∂nll/∂x̂ + gan_weight·ramp·λ·∂g/∂x̂, the direct path's gradient.
+            surrogate = (reconstructions.float() * coef.detach()).sum() + self.kl_weight * kl
+            loss = total + (surrogate - surrogate.detach())
+
+        pixels = inputs[0].numel()
+        logs = {
+            "total": total,
+            "nll": nll.detach(),
+            "l1": parts["l1"].detach() / pixels,
+            "lpips": parts["lpips"].detach() / pixels,
+            "id": parts["id"].detach() / pixels,
+            "kl": kl.detach(),
+            "gan": g.detach(),
+            "adaptive_weight": lam.detach(),
+            "gan_factor": torch.full_like(zero, factor),
+        }
+        return loss, logs
+
+    def discriminator_loss(
+        self,
+        inputs: torch.Tensor,
+        reconstructions: torch.Tensor,
+        global_step: int,
+        *,
+        discriminator: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Hinge D loss on D(x) and D(x̂.detach()) (+ lecam_weight·LeCAM); returns (loss, logs).
+
+        Real and fake go through D in separate calls, as in the seed, so BatchNorm normalises
+        each with its own batch statistics. Before disc_start (see gan_active) D is not called
+        and the loss is a constant 0 without a graph: skip the D backward and step then.
+        Logs: loss, logits_real, logits_fake (mean logits), lecam.
+        """
+        disc = self.discriminator if discriminator is None else discriminator
+        zero = torch.zeros((), device=inputs.device)
+        if not self.gan_active(global_step):
+            return zero, {"loss": zero, "logits_real": zero, "logits_fake": zero, "lecam": zero}
+        logits_real = disc(inputs.detach())  # (B, 1, h, w)
+        logits_fake = disc(reconstructions.detach())
+        loss = hinge_d_loss(logits_real, logits_fake)
+        real_mean = logits_real.detach().float().mean()
+        fake_mean = logits_fake.detach().float().mean()
+        reg = zero
+        if self.lecam_weight > 0:
+            self.lecam.update(real_mean, fake_mean)
+            ema_real, ema_fake = self.lecam.values()
+            reg = lecam_reg(logits_real, logits_fake, ema_real, ema_fake)
+            loss = loss + self.lecam_weight * reg
+        logs = {"loss": loss.detach(), "logits_real": real_mean, "logits_fake": fake_mean, "lecam": reg.detach()}
+        return loss, logs
