@@ -32,9 +32,7 @@ from tqdm.auto import tqdm
 
 import data
 from losses import TransfusionLoss
-from losses.discriminator import NLayerDiscriminator
-from losses.identity import IdentityLoss
-from losses.perceptual import PerceptionWeightsError, build_lpips
+from losses.perceptual import PerceptionWeightsError
 from vae import checkpointing, export
 from vae.validation import held_out_metrics, load_images, log_images, save_grid
 from vae.config import fail, parse_config, to_dict
@@ -122,36 +120,26 @@ def build_autoencoder(cfg: TrainConfig) -> AutoencoderKL:
     return vae
 
 
-def perception_mode(cfg: TrainConfig) -> bool:
-    """True = pretrained perception weights. 'auto' falls back to random (loudly) when they are absent."""
-    if cfg.perception_weights != "auto":
-        return cfg.perception_weights == "pretrained"
-    try:
-        build_lpips(pretrained=True)
-        if cfg.id_weight > 0:
-            IdentityLoss.from_checkpoint(cfg.id_checkpoint, feature=cfg.id_feature)
-        return True
-    except PerceptionWeightsError as e:
-        logging.getLogger(__name__).warning(
-            "\n" + "!" * 88 + "\n!! perception weights not found (%s)\n!! -> LPIPS-VGG and MoCo use RANDOM "
-            "weights: fine for a demo, meaningless for a real run.\n" + "!" * 88, e)
-        return False
-
-
 def build_loss(cfg: TrainConfig) -> TransfusionLoss:
-    pretrained = perception_mode(cfg)
-    perceptual = build_lpips(pretrained=pretrained) if cfg.lpips_weight > 0 else None
-    identity = None
-    if cfg.id_weight > 0:
-        identity = (IdentityLoss.from_checkpoint(cfg.id_checkpoint, feature=cfg.id_feature) if pretrained
-                    else IdentityLoss.random_init(feature=cfg.id_feature))
-    return TransfusionLoss(
-        perceptual, identity, NLayerDiscriminator(),
+    """The loss module (LPIPS, MoCo and the discriminator inside); 'auto' perception weights fall
+    back to random ones, loudly, when the pretrained files are not available."""
+    kw = dict(
         l1_weight=cfg.l1_weight, lpips_weight=cfg.lpips_weight, gan_weight=cfg.gan_weight,
         id_weight=cfg.id_weight, kl_weight=cfg.kl_weight, disc_start=cfg.disc_start,
         adaptive_weight_max=cfg.adaptive_weight_max, gan_ramp_steps=cfg.gan_ramp_steps,
         lecam_weight=cfg.lecam_weight, lecam_decay=cfg.lecam_decay,
+        moco_weights=cfg.id_checkpoint, id_feature=cfg.id_feature,
     )
+    if cfg.perception_weights != "auto":
+        return TransfusionLoss(perception_weights=cfg.perception_weights, **kw)
+    try:
+        return TransfusionLoss(perception_weights="pretrained", **kw)
+    except PerceptionWeightsError as e:
+        bar = "!" * 88
+        logging.getLogger(__name__).warning(
+            f"\n{bar}\n!! pretrained perception weights unavailable: {e}\n"
+            f"!! -> LPIPS-VGG and MoCo use RANDOM weights: fine for the demo, meaningless for a real run.\n{bar}")
+        return TransfusionLoss(perception_weights="random", **kw)
 
 
 def build_optimizer(cfg: TrainConfig, params, lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -189,7 +177,12 @@ class Trainer:
         self.stream = data.build_train_stream(
             sources, cfg.resolution, seed=cfg.seed, rank=accelerator.process_index,
             world_size=accelerator.num_processes, shuffle_block=cfg.shuffle_block, random_flip=cfg.random_flip)
-        self.dataloader = data.make_dataloader(self.stream, cfg.train_batch_size, num_workers=cfg.dataloader_num_workers)
+        # Its own generator: creating the iterator must not draw from the global RNG, or a resumed
+        # run's posterior samples would differ from an uninterrupted run's.
+        self.dataloader = data.make_dataloader(
+            self.stream, cfg.train_batch_size, num_workers=cfg.dataloader_num_workers,
+            generator=torch.Generator().manual_seed(cfg.seed), pin_memory=self.device.type == "cuda",
+            persistent_workers=cfg.dataloader_num_workers > 0)
 
         g_params = [p for p in vae.parameters() if p.requires_grad]
         if not g_params:
@@ -275,6 +268,7 @@ class Trainer:
                 last_layer_weight=self.vae.decoder.conv_out.weight,
                 last_layer_input=self.last_layer_input.value if fast else None,
                 discriminator=self.loss_fn.discriminator)
+        logs = {f"loss/{k}": v for k, v in logs.items()}
         self.accelerator.backward(loss)
         self.last_layer_input.value = None
         applied = self._update(self.model, self.opt_g, self.sched_g, logs, "grad_norm/generator")
@@ -284,6 +278,7 @@ class Trainer:
         requires_grad(self.loss_fn.discriminator, True)
         with self.accelerator.autocast():
             loss, logs = self.loss_fn.discriminator_loss(x, recon, step, discriminator=self.disc)
+        logs = {f"disc/{k}": v for k, v in logs.items()}
         self.accelerator.backward(loss)
         applied = self._update(self.disc, self.opt_d, self.sched_d, logs, "grad_norm/discriminator")
         return logs, applied
