@@ -59,7 +59,9 @@ def fetch_checkpoint(url: str, hint: str) -> str:
             f"{os.path.basename(path)} is not in {os.path.dirname(path)} and cannot be downloaded ({reason}): {hint}"
         )
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.hub.download_url_to_file(url, path, progress=False)
+    # torchvision-style names carry a sha256 prefix ("vgg16-397923af.pth"); check it like torch.hub does.
+    match = torch.hub.HASH_REGEX.search(os.path.basename(path))
+    torch.hub.download_url_to_file(url, path, hash_prefix=match.group(1) if match else None, progress=False)
     return path
 
 

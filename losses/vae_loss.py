@@ -119,16 +119,16 @@ class TransfusionLoss(nn.Module):
         self.adaptive_weight_max = adaptive_weight_max
         self.gan_ramp_steps = gan_ramp_steps
         self.lecam_weight = lecam_weight
-        random = perception_weights == "random"
+        random_weights = perception_weights == "random"
 
         if lpips_weight == 0:
             perceptual = None
         elif perceptual is None:
-            perceptual = build_lpips(pretrained=not random)
+            perceptual = build_lpips(pretrained=not random_weights)
         if id_weight == 0:
             identity = None
         elif identity is None:
-            identity = build_identity_loss(moco_weights, feature=id_feature, random_init=random)
+            identity = build_identity_loss(moco_weights, feature=id_feature, random_init=random_weights)
         for frozen in (perceptual, identity):
             if frozen is not None:
                 frozen.requires_grad_(False).eval()
