@@ -50,8 +50,10 @@ MIXTURES_DIR = Path(__file__).resolve().parent / "mixtures"
 class DataError(ValueError):
     """A problem with the data configuration, reported in one line before training starts."""
 
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
+
+def _one_line(text) -> str:
+    """Foreign error text (YAML, OS, hub client) squeezed into one line."""
+    return " ".join(str(text).split())
 
 
 @dataclass
@@ -130,7 +132,7 @@ def load_mixture(path_or_name: str, data_root: str | None = None) -> list[Source
     try:
         content = yaml.safe_load(file.read_text())
     except yaml.YAMLError as exc:
-        raise DataError(f"mixture file {file} is not valid YAML/JSON: {exc}") from None
+        raise DataError(f"mixture file {file} is not valid YAML/JSON: {_one_line(exc)}") from None
     if isinstance(content, dict):
         unknown = sorted(set(content) - {"sources", "description"})
         if unknown:
@@ -248,7 +250,7 @@ def _ffhq_files(spec: SourceSpec) -> list[str]:
             with open(json_path) as f:
                 metadata = json.load(f)
         except (OSError, ValueError) as exc:
-            raise DataError(f"source '{spec.name}': cannot read {json_path}: {exc}") from None
+            raise DataError(f"source '{spec.name}': cannot read {json_path}: {_one_line(exc)}") from None
         wanted = {entry["image"]["file_path"].replace("\\", "/") for entry in metadata.values()
                   if entry.get("category") == category}
         return [p for p in on_disk if p in wanted]
@@ -289,8 +291,8 @@ def _shard_files(spec: SourceSpec, extension: str) -> list[str]:
 
 
 def _one_line_error(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {_one_line(lines[0]) if lines else ''}"
 
 
 def _image_columns(features, spec: SourceSpec) -> list[str]:
@@ -314,7 +316,8 @@ def _load_table_source(kind: str, files):
     import datasets
 
     builder = "parquet" if kind == "parquet" else "webdataset"
-    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True)
+    files = [f.decode("utf-8") if isinstance(f, bytes) else str(f) for f in files]
+    return datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
 
 
 def _resolve_table(spec: SourceSpec, kind: str, index: int) -> ResolvedSource:
@@ -419,22 +422,34 @@ def _keep_every(example, index, node, num_nodes):
     return index % num_nodes == node
 
 
-def _split_examples(ds, node: int, num_nodes: int):
-    # Example-level split, only for sources with fewer shards than nodes: every node reads the
-    # whole source and keeps one record in num_nodes.
-    return ds.filter(_keep_every, with_indices=True, fn_kwargs={"node": node, "num_nodes": num_nodes})
+def _split_examples(ds, part: int, num_parts: int):
+    # Example-level split, only for sources with fewer shards than parts: every reader goes
+    # through the whole source and keeps one record in num_parts.
+    return ds.filter(_keep_every, with_indices=True, fn_kwargs={"node": part, "num_nodes": num_parts})
+
+
+def _split(ds, part: int, num_parts: int):
+    """Part `part` of `num_parts` disjoint parts of a table/hub source: whole shards when possible."""
+    if num_parts == 1:
+        return ds
+    if ds.num_shards < num_parts:
+        ds = ds.reshard()  # parquet: one shard per row group
+    if ds.num_shards >= num_parts:
+        return ds.shard(num_shards=num_parts, index=part, contiguous=False)
+    return _split_examples(ds, part, num_parts)
 
 
 def _order(n: int, order_seed: int | None) -> np.ndarray:
     return np.arange(n) if order_seed is None else np.random.default_rng(order_seed).permutation(n)
 
 
-def open_records(src: ResolvedSource, *, node: int = 0, num_nodes: int = 1, order_seed: int | None = None,
-                 max_samples: int | None = None):
-    """The raw-record IterableDataset of one source for node `node` of `num_nodes`.
+def open_records(src: ResolvedSource, *, rank: int = 0, world_size: int = 1, worker: int = 0,
+                 num_workers: int = 1, order_seed: int | None = None, max_samples: int | None = None):
+    """The raw-record IterableDataset of one source for one DataLoader worker of one rank.
 
-    Nodes (rank x dataloader worker) get disjoint parts whose union is the whole source.
-    `order_seed` permutes the file / shard order (the same permutation on every node, so the
+    Ranks get disjoint parts whose union is the whole source, and each rank's part is split the
+    same way across its workers (so what a rank sees does not depend on its number of workers).
+    `order_seed` permutes the file / shard order (the same permutation on every rank, so the
     parts stay disjoint); None keeps the sorted order. `max_samples` cuts the source to its
     first records before splitting (evaluation).
     """
@@ -444,11 +459,12 @@ def open_records(src: ResolvedSource, *, node: int = 0, num_nodes: int = 1, orde
     if src.kind in FOLDER_KINDS:
         files = src.files[:max_samples] if max_samples is not None else src.files
         files = files[_order(len(files), order_seed)]
-        # One shard holding this node's files: the node split is an exact round-robin over the
-        # (shuffled) list, so every rank and worker gets work whatever the number of files.
+        # A round-robin over the (shuffled) list: every rank and worker gets work whatever the
+        # number of files. The part is one shard: it is already this worker's alone.
         return datasets.IterableDataset.from_generator(
             _folder_records, features=raw_features(),
-            gen_kwargs={"shards": [files[node::num_nodes]], "root": src.root, "source": src.index})
+            gen_kwargs={"shards": [files[rank::world_size][worker::num_workers]], "root": src.root,
+                        "source": src.index})
 
     ds = src.hub if src.kind == "hub" else _load_table_source(src.kind, src.files[_order(len(src.files), order_seed)])
     features = ds.features
@@ -456,14 +472,10 @@ def open_records(src: ResolvedSource, *, node: int = 0, num_nodes: int = 1, orde
         if features is not None and isinstance(features.get(column), Image):
             ds = ds.cast_column(column, Image(decode=False))  # keep the bytes; decode after shuffling
     if max_samples is not None:
-        ds = _split_examples(ds.take(max_samples), node, num_nodes)
-    elif num_nodes > 1:
-        if ds.num_shards < num_nodes:
-            ds = ds.reshard()  # parquet: one shard per row group
-        if ds.num_shards >= num_nodes:
-            ds = ds.shard(num_shards=num_nodes, index=node, contiguous=False)
-        else:
-            ds = _split_examples(ds, node, num_nodes)
+        ds = ds.take(max_samples)
+        ds = _split_examples(_split_examples(ds, rank, world_size), worker, num_workers)
+    else:
+        ds = _split(_split(ds, rank, world_size), worker, num_workers)
     ds = ds.map(_table_record, fn_kwargs={"columns": src.image_columns, "source": src.index},
                 remove_columns=list(features) if features is not None else None, features=raw_features())
     return ds if features is not None else ds.select_columns(list(raw_features()))

@@ -2,18 +2,32 @@
 
 Per node (one rank x one DataLoader worker) the pipeline is
 
-    each source -> its part for this node (disjoint across nodes)      sources.open_records
+    each source -> its part for this node                               sources.open_records
     -> datasets.interleave_datasets(probabilities = normalised weights)  HF, resumable
-    -> block shuffle (our own, see below)
-    -> decode + transform (bad files skipped and counted)
+    -> block shuffle (ours, see below)
+    -> decode + transform (bad files skipped and counted per source)
 
-HF's `IterableDataset.shuffle` loses the examples sitting in its buffer when a state is
-reloaded, so the shuffle here is a block shuffle whose state can be re-derived: pull
-`shuffle_block` raw records, permute them with an RNG seeded from (seed, node, epoch, block),
-emit. The state is the HF state at the block start plus (epoch, block, offset); a restore reloads
-the HF state, re-reads the block, re-permutes it and skips `offset` records. Crops and flips are
-drawn from an RNG seeded from (seed, node, epoch, sample ordinal), so a resumed stream yields
-identical tensors.
+Split. Each source is split across ranks, then each rank's part across its DataLoader
+workers, so ranks see disjoint data whose union is the whole source, and what a rank sees does
+not depend on its number of workers. Local folders: a round-robin over the file list, which
+is reshuffled every epoch with (seed, epoch), the same on every rank. Parquet / webdataset /
+hub: whole shards per node when there are enough (parquet is resharded by row group first),
+else one record in N. `datasets.distributed.split_dataset_by_node` is not used: in datasets
+5.x it splits lazily at iteration time, after interleaving, so with sources of unequal shard
+counts it falls back to striding over the whole mixture and every rank reads every byte.
+
+Shuffle. HF's `IterableDataset.shuffle` loses the examples sitting in its buffer when a state
+is reloaded, so the shuffle here is a block shuffle whose state can be re-derived: pull
+`shuffle_block` raw (undecoded) records, permute them with an RNG seeded from (seed, node,
+epoch, block), emit. The state is the HF state at the block start plus (epoch, block, offset);
+a restore reloads the HF state, re-reads the block, re-permutes it and skips `offset` records.
+Crops and flips are drawn from an RNG seeded from (seed, node, epoch, sample ordinal), so a
+resumed stream yields identical tensors. With `infinite=True` a finished interleave starts the
+next epoch (new file order, new source-choice and block RNGs).
+
+Cost to know about: when an interleaved iterator over parquet shards (also most hub datasets)
+closes, datasets sleeps 5 s (`datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN`, a workaround
+for apache/arrow#45214) - once per epoch and worker here.
 """
 
 from __future__ import annotations
@@ -137,13 +151,14 @@ class ImageStream(torch.utils.data.IterableDataset):
     # Iteration
     # -----------------------------------------------------------------------------------------
 
-    def _node_dataset(self, epoch: int, node: int, num_nodes: int):
+    def _node_dataset(self, epoch: int, worker: int, num_workers: int):
         import datasets
 
         # Zero-weight sources are left out (they keep their index in `source_names`); an eval
         # stream reads its single source whatever its weight.
         active = [s for s in self.sources if s.spec.weight > 0 or not self.train]
-        parts = [open_records(s, node=node, num_nodes=num_nodes, max_samples=self.max_samples,
+        parts = [open_records(s, rank=self.rank, world_size=self.world_size, worker=worker, num_workers=num_workers,
+                              max_samples=self.max_samples,
                               order_seed=derive_seed(self.seed, _FILE_ORDER, epoch, s.index) if self.train else None)
                  for s in active]
         if len(parts) == 1:
@@ -151,7 +166,8 @@ class ImageStream(torch.utils.data.IterableDataset):
         total = sum(s.spec.weight for s in active)
         return datasets.interleave_datasets(
             parts, probabilities=[s.spec.weight / total for s in active],
-            seed=derive_seed(self.seed, _MIXING, node, num_nodes, epoch), stopping_strategy=self.stopping_strategy)
+            seed=derive_seed(self.seed, _MIXING, self.rank, self.world_size, worker, num_workers, epoch),
+            stopping_strategy=self.stopping_strategy)
 
     def _block_order(self, size: int, node: int, num_nodes: int, epoch: int, block: int) -> np.ndarray:
         if not self.train:
@@ -169,11 +185,11 @@ class ImageStream(torch.utils.data.IterableDataset):
         return {"pixel_values": pixels, "source": torch.tensor(record["source"], dtype=torch.int64),
                 "key": record["key"]}
 
-    def _log_skip(self, state: dict, record: dict, error: BadImageError) -> None:
+    def _log_skip(self, state: dict, record: dict, reason: str) -> None:
         count = state["skipped"][record["source"]]
         name = self.source_names[record["source"]]
         level = logging.WARNING if count <= MAX_LOGGED_SKIPS else logging.DEBUG
-        logger.log(level, "skipping bad image %r of source '%s': %s", record["key"], name, error)
+        logger.log(level, "skipping bad image %r of source '%s': %s", record["key"], name, reason)
         if count == MAX_LOGGED_SKIPS:
             logger.warning("source '%s': %d bad images so far; further ones are logged at debug level",
                            name, count)
@@ -188,8 +204,8 @@ class ImageStream(torch.utils.data.IterableDataset):
         state = self._live = self._start_state()
         pending = [0] * len(self.sources)
         while not state["finished"]:
-            epoch = state["epoch"]
-            upstream_ds = self._node_dataset(epoch, node, num_nodes)
+            epoch, whole_epoch, yielded = state["epoch"], state["block"] == 0 and state["offset"] == 0, 0
+            upstream_ds = self._node_dataset(epoch, worker, num_workers)
             if state["upstream"] is not None:
                 upstream_ds.load_state_dict(state["upstream"])
             # .iter() rather than iter(): HF's __iter__ would split the data again across the
@@ -210,17 +226,22 @@ class ImageStream(torch.utils.data.IterableDataset):
                     except BadImageError as error:
                         state["skipped"][record["source"]] += 1
                         pending[record["source"]] += 1
-                        self._log_skip(state, record, error)
+                        # The message only: a log handler keeping the exception would keep its
+                        # traceback, and with it this generator and its open readers, alive.
+                        self._log_skip(state, record, str(error))
                         continue
                     sample["skipped"] = torch.tensor(pending, dtype=torch.int64)
                     pending = [0] * len(self.sources)
+                    yielded += 1
                     yield sample
                 state.update(block=state["block"] + 1, offset=0, upstream=next_upstream)
             if not self.infinite:
                 state["finished"] = True
-            elif state["block"] == 0:
-                raise DataError(f"rank {self.rank} worker {worker}: the sources {self.source_names} gave no "
-                                f"records for this worker (fewer images than ranks x workers?)")
+            elif whole_epoch and yielded == 0:
+                # Without this an endless stream would spin through empty epochs forever.
+                raise DataError(f"rank {self.rank} worker {worker}: a whole epoch of {self.source_names} gave no "
+                                f"usable image ({sum(state['skipped'])} bad files skipped; fewer images than "
+                                f"ranks x workers = {num_nodes}?)")
             else:
                 state.update(epoch=epoch + 1, block=0, offset=0, upstream=None)
 

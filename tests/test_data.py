@@ -1,0 +1,561 @@
+"""data/: layouts, mixture statistics, rank split, exact resume, bad files, colour modes, validation.
+
+Everything runs offline on tiny images written into tmp_path.
+"""
+
+import io
+import json
+import math
+import os
+import struct
+import tarfile
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from data import (BadImageError, DataError, SourceSpec, build_eval_stream, build_train_stream, demo_sources,
+                  detect_kind, load_image, load_mixture, make_dataloader, parse_source, to_rgb, validate_sources)
+from data.transforms import eval_transform, train_transform
+
+
+@pytest.fixture(autouse=True)
+def short_arrow_shutdown_sleep(monkeypatch):
+    # datasets sleeps 5 s whenever an interleaved iterator over parquet shards closes (a
+    # workaround for apache/arrow#45214); fine once per epoch in training, too slow for tests
+    # that close dozens of tiny epochs. 0.1 s is the delay reported to avoid the hang.
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers that write tiny images and the seed's layouts
+# ---------------------------------------------------------------------------------------------
+
+def image_bytes(color=(200, 30, 60), size=(24, 18), fmt="JPEG", mode="RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def textured_bytes(seed: int, size=(24, 18), fmt="JPEG") -> bytes:
+    """Noise, so that a different crop or flip gives different pixels."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write(path, data: bytes) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def colour(i: int) -> tuple:
+    return (37 * i % 256, 91 * i % 256, 53 * i % 256)
+
+
+def make_imagenet(root):
+    for split, per_class in (("train", 3), ("val", 2)):
+        for c, wnid in enumerate(("n01440764", "n01443537")):
+            for i in range(per_class):
+                write(f"{root}/{split}/{wnid}/{wnid}_{i}.JPEG", image_bytes(colour(10 * c + i)))
+    return root
+
+
+def make_coco(root):
+    for split, count in (("train2017", 5), ("val2017", 3), ("test2017", 2)):
+        for i in range(count):
+            write(f"{root}/{split}/{i:012d}.jpg", image_bytes(colour(i)))
+    write(f"{root}/annotations/captions_train2017.json", b"{}")
+    return root
+
+
+FFHQ_CATEGORIES = {0: "training", 1: "validation", 2: "training", 3: "training", 4: "validation", 1000: "training"}
+
+
+def make_ffhq(root, with_json=True):
+    # The json deliberately disagrees with the "first 60000 are training" convention (1 and 4 are
+    # validation) so the test proves the json is read; 5.png exists on disk but not in the json.
+    metadata = {}
+    for index, category in FFHQ_CATEGORIES.items():
+        rel = f"images1024x1024/{index // 1000 * 1000:05d}/{index:05d}.png"
+        write(f"{root}/{rel}", image_bytes(colour(index), fmt="PNG"))
+        metadata[str(index)] = {"category": category, "image": {"file_path": rel, "pixel_size": [24, 18]}}
+    write(f"{root}/images1024x1024/00000/00005.png", image_bytes(colour(5), fmt="PNG"))
+    if with_json:
+        write(f"{root}/ffhq-dataset-v2.json", json.dumps(metadata).encode())
+    return root
+
+
+def make_folder(root):
+    write(f"{root}/a.jpg", image_bytes(colour(1)))
+    write(f"{root}/b.png", image_bytes(colour(2), fmt="PNG"))
+    write(f"{root}/c.webp", image_bytes(colour(3), fmt="WEBP"))
+    write(f"{root}/sub/d.JPG", image_bytes(colour(4)))
+    write(f"{root}/sub/deeper/e.bmp", image_bytes(colour(5), fmt="BMP"))
+    write(f"{root}/README.txt", b"not an image, not listed")
+    write(f"{root}/.hidden.jpg", image_bytes(colour(6)))
+    return root
+
+
+def make_parquet(root, files=2, rows=4, row_group_size=None, bad_rows=()):
+    for f in range(files):
+        images = []
+        for r in range(rows):
+            data = b"not an image" if (f, r) in bad_rows else textured_bytes(10 * f + r)
+            images.append({"bytes": data, "path": f"pq{f}_{r}.jpg"})
+        table = pa.table({"image": images, "label": list(range(rows))})
+        os.makedirs(root, exist_ok=True)
+        pq.write_table(table, f"{root}/part-{f:03d}.parquet", row_group_size=row_group_size or rows)
+    return f"{root}/*.parquet"
+
+
+def make_webdataset(root, shards=2, per_shard=3, bad_members=()):
+    os.makedirs(root, exist_ok=True)
+    for s in range(shards):
+        with tarfile.open(f"{root}/shard-{s:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                key = f"s{s}_{i:04d}"
+                data = b"garbage" if (s, i) in bad_members else textured_bytes(100 + 20 * s + i)
+                for name, payload in ((f"{key}.jpg", data), (f"{key}.cls", str(i).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return f"{root}/*.tar"
+
+
+def keys_of(stream):
+    return [sample["key"] for sample in stream]
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout, kind, split, expected", [
+    ("imagenet", "imagenet", "train", 6),
+    ("imagenet", "imagenet", "val", 4),
+    ("coco", "coco", "train2017", 5),
+    ("coco", "coco", "val", 3),
+    ("ffhq", "ffhq", "training", 4),
+    ("ffhq", "ffhq", "validation", 2),
+    ("folder", "folder", "train", 5),
+    ("parquet", "parquet", "train", 8),
+    ("webdataset", "webdataset", "train", 6),
+])
+def test_each_layout_reads_every_image_once(tmp_path, layout, kind, split, expected):
+    makers = {"imagenet": make_imagenet, "coco": make_coco, "ffhq": make_ffhq, "folder": make_folder,
+              "parquet": make_parquet, "webdataset": make_webdataset}
+    path = makers[layout](str(tmp_path / layout))
+    assert detect_kind(path) == kind
+    keys = keys_of(build_eval_stream(SourceSpec(layout, path, split=split), 16))
+    assert len(keys) == expected
+    assert len(set(keys)) == expected
+    if layout == "ffhq":
+        wanted = {i for i, c in FFHQ_CATEGORIES.items() if c == split}
+        assert {int(os.path.basename(k)[:5]) for k in keys} == wanted
+    if layout == "folder":
+        assert sorted(keys) == ["a.jpg", "b.png", "c.webp", "sub/d.JPG", "sub/deeper/e.bmp"]
+
+
+def test_ffhq_without_json_uses_index_convention(tmp_path):
+    root = make_ffhq(str(tmp_path / "FFHQ"), with_json=False)
+    train = keys_of(build_eval_stream(SourceSpec("ffhq", root, split="train"), 16))
+    assert sorted(int(os.path.basename(k)[:5]) for k in train) == [0, 1, 2, 3, 4, 5, 1000]  # all < 60000
+    with pytest.raises(DataError, match="no image files"):
+        validate_sources([SourceSpec("ffhq", root, split="validation")])
+
+
+def test_eval_stream_is_sorted_center_crop_and_deterministic(tmp_path):
+    root = str(tmp_path / "imgs")
+    half = np.zeros((16, 32, 3), np.uint8)
+    half[:, 16:] = 255  # left half black, right half white
+    write(f"{root}/x.png", b"")
+    Image.fromarray(half).save(f"{root}/x.png")
+    first = list(build_eval_stream(SourceSpec("x", root), 16))
+    second = list(build_eval_stream(SourceSpec("x", root), 16))
+    pixels = first[0]["pixel_values"]
+    assert pixels.shape == (3, 16, 16) and pixels.dtype == torch.float32
+    # Center crop of width 16 from 32: columns 8..23 -> 8 black columns then 8 white ones.
+    assert torch.all(pixels[:, :, :8] == -1) and torch.all(pixels[:, :, 8:] == 1)
+    assert torch.equal(pixels, second[0]["pixel_values"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixture statistics and the split across ranks / workers
+# ---------------------------------------------------------------------------------------------
+
+def test_mixture_proportions_match_weights(tmp_path):
+    weights = {"big": 6.0, "mid": 3.0, "small": 1.0}
+    sources = []
+    for i, name in enumerate(weights):
+        for j in range(20):  # epochs of ~200 samples: the 2000 draws span ~10 epochs
+            write(str(tmp_path / name / f"{j}.png"), image_bytes(colour(i * 20 + j), size=(8, 8), fmt="PNG"))
+        sources.append(SourceSpec(name, str(tmp_path / name), weight=weights[name]))
+    stream = build_train_stream(sources, 8, seed=3, shuffle_block=16)
+    n = 2000
+    counts = np.zeros(3, int)
+    for _, sample in zip(range(n), stream):
+        counts[int(sample["source"])] += 1
+    total = sum(weights.values())
+    for count, weight in zip(counts, weights.values()):
+        p = weight / total
+        sigma = math.sqrt(n * p * (1 - p))
+        # 4.5 binomial standard deviations: a correct sampler fails this once in ~150,000 runs.
+        assert abs(count - n * p) < 4.5 * sigma, (counts, p)
+
+
+@pytest.fixture
+def finite_sources(tmp_path):
+    folder = str(tmp_path / "folder")
+    for i in range(7):
+        write(f"{folder}/{i}.jpg", image_bytes(colour(i)))
+    # One file and one row group: fewer shards than nodes -> the example-level split path.
+    parquet = make_parquet(str(tmp_path / "pq"), files=1, rows=5)
+    webdataset = make_webdataset(str(tmp_path / "wds"), shards=2, per_shard=3)  # shard-level path
+    return [SourceSpec("folder", folder, weight=2.0), SourceSpec("pq", parquet, weight=1.0),
+            SourceSpec("wds", webdataset, weight=1.0)]
+
+
+def test_two_ranks_disjoint_and_union_is_everything(finite_sources):
+    def rank_keys(rank, world_size):
+        stream = build_train_stream(finite_sources, 16, seed=5, rank=rank, world_size=world_size, infinite=False,
+                                    shuffle_block=4, stopping_strategy="all_exhausted_without_replacement")
+        return [f"{int(s['source'])}:{s['key']}" for s in stream]
+
+    everything = rank_keys(0, 1)
+    assert len(everything) == 7 + 5 + 6 == len(set(everything))
+    rank0, rank1 = rank_keys(0, 2), rank_keys(1, 2)
+    assert len(rank0) == len(set(rank0)) and len(rank1) == len(set(rank1))
+    assert not set(rank0) & set(rank1)
+    assert set(rank0) | set(rank1) == set(everything)
+    assert rank0 and rank1
+
+
+def test_dataloader_workers_split_a_rank_without_loss_or_duplicates(finite_sources):
+    def loader_keys(num_workers):
+        stream = build_train_stream(finite_sources, 16, rank=1, world_size=2, infinite=False, shuffle_block=4,
+                                    stopping_strategy="all_exhausted_without_replacement")
+        return [k for batch in make_dataloader(stream, batch_size=2, num_workers=num_workers) for k in batch["key"]]
+
+    single, double = loader_keys(0), loader_keys(2)
+    assert len(double) == len(set(double))
+    assert sorted(single) == sorted(double)
+
+
+@pytest.mark.parametrize("kind", ["folder", "parquet"])
+def test_eval_ranks_split_the_first_max_samples(tmp_path, kind):
+    if kind == "folder":
+        path = str(tmp_path / "f")
+        for i in range(9):
+            write(f"{path}/{i}.png", image_bytes(colour(i), fmt="PNG"))
+        first = [f"{i}.png" for i in range(5)]
+    else:
+        path = make_parquet(str(tmp_path / "p"), files=3, rows=3)
+        first = [f"pq{f}_{r}.jpg" for f in range(3) for r in range(3)][:5]
+    spec = SourceSpec("e", path)
+    parts = [keys_of(build_eval_stream(spec, 16, rank=r, world_size=2, max_samples=5)) for r in range(2)]
+    assert not set(parts[0]) & set(parts[1])
+    assert sorted(parts[0] + parts[1]) == sorted(first)
+    assert parts[0] == keys_of(build_eval_stream(spec, 16, rank=0, world_size=2, max_samples=5))  # deterministic
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def resume_sources(tmp_path):
+    folder = str(tmp_path / "folder")
+    for i in range(6):
+        write(f"{folder}/{i}.jpg", textured_bytes(200 + i, size=(20 + i, 17 + i % 3)))
+    write(f"{folder}/bad.jpg", b"")  # a skip inside the stream, so skip counts are resumed too
+    parquet = make_parquet(str(tmp_path / "pq"), files=2, rows=3, bad_rows={(1, 2)})
+    webdataset = make_webdataset(str(tmp_path / "wds"), shards=2, per_shard=2)
+    return [SourceSpec("folder", folder, weight=0.5), SourceSpec("pq", parquet, weight=0.3),
+            SourceSpec("wds", webdataset, weight=0.2)]
+
+
+def _batches(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def _assert_same(expected, actual):
+    assert len(expected) == len(actual)
+    for a, b in zip(expected, actual):
+        assert a["key"] == b["key"]
+        assert torch.equal(a["source"], b["source"])
+        assert torch.equal(a["skipped"], b["skipped"])
+        assert torch.equal(a["pixel_values"], b["pixel_values"])
+
+
+def _roundtrip(state, tmp_path):
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    return torch.load(path, weights_only=True)  # plain Python types only
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_twice_gives_the_same_batches(resume_sources, tmp_path, num_workers):
+    def loader():
+        stream = build_train_stream(resume_sources, 16, seed=11, shuffle_block=5, random_flip=True)
+        return make_dataloader(stream, batch_size=3, num_workers=num_workers)
+
+    k1, k2, rest = 4, 5, 6  # 45 samples: several blocks and epochs (about 16 records per epoch)
+    reference = iter(loader())
+    _batches(reference, k1)
+    expected = _batches(reference, k2 + rest)
+    assert sum(int(b["skipped"].sum()) for b in expected) > 0
+
+    first = loader()
+    first_iter = iter(first)
+    _batches(first_iter, k1)
+    state = _roundtrip(first.state_dict(), tmp_path)
+    del first_iter, first
+
+    second = loader()
+    second.load_state_dict(state)
+    second_iter = iter(second)
+    _assert_same(expected[:k2], _batches(second_iter, k2))
+    state = _roundtrip(second.state_dict(), tmp_path)
+    del second_iter, second
+
+    third = loader()
+    third.load_state_dict(state)
+    _assert_same(expected[k2:], _batches(iter(third), rest))
+
+
+def test_stream_state_is_plain_python_and_mismatch_is_refused(resume_sources):
+    stream = build_train_stream(resume_sources, 16, seed=1, shuffle_block=5)
+    iterator = iter(stream)
+    for _ in range(7):
+        next(iterator)
+    state = stream.state_dict()
+
+    def check(value):
+        if isinstance(value, dict):
+            assert all(isinstance(k, str) for k in value)
+            for v in value.values():
+                check(v)
+        elif isinstance(value, list):
+            for v in value:
+                check(v)
+        else:
+            assert value is None or type(value) in (int, float, str, bool), type(value)
+
+    check(state)
+    other = build_train_stream(resume_sources, 16, seed=1, shuffle_block=6)
+    other.load_state_dict(state)
+    with pytest.raises(DataError, match="shuffle_block"):
+        next(iter(other))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad files
+# ---------------------------------------------------------------------------------------------
+
+def test_bad_files_are_skipped_and_counted_per_source(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    write(f"{a}/bomb.png", image_bytes(colour(5), size=(40, 40), fmt="PNG"))  # 1600 px > limit below
+    write(f"{a}/good1.jpg", image_bytes(colour(1), size=(20, 20)))
+    write(f"{a}/good2.png", image_bytes(colour(2), size=(20, 20), fmt="PNG"))
+    write(f"{a}/png_named.jpg", image_bytes(colour(3), size=(20, 20), fmt="PNG"))  # wrong extension: fine
+    write(f"{a}/text.png", b"hello, I am text with an image extension\n")
+    write(f"{a}/truncated.jpg", textured_bytes(4, size=(64, 64))[:400])
+    write(f"{a}/zero.jpg", b"")
+    write(f"{a}/zz.jpg", image_bytes(colour(6), size=(20, 20)))
+    write(f"{b}/good.jpg", image_bytes(colour(7), size=(20, 20)))
+    write(f"{b}/zero.jpeg", b"")
+
+    # Sorted order (eval stream): each sample reports the bad files skipped just before it.
+    stream = build_eval_stream(SourceSpec("a", a), 16, max_image_pixels=1000)
+    samples = list(stream)
+    assert [(s["key"], int(s["skipped"][0])) for s in samples] == [
+        ("good1.jpg", 1), ("good2.png", 0), ("png_named.jpg", 0), ("zz.jpg", 3)]
+    assert stream.state_dict()["skipped"] == [4]
+
+    # A mixture through the DataLoader: counted per source.
+    stream = build_train_stream([SourceSpec("a", a), SourceSpec("b", b)], 16, infinite=False, max_image_pixels=1000,
+                                stopping_strategy="all_exhausted_without_replacement")
+    batches = list(make_dataloader(stream, batch_size=2))
+    assert sorted(k for batch in batches for k in batch["key"]) == [
+        "good.jpg", "good1.jpg", "good2.png", "png_named.jpg", "zz.jpg"]
+    assert stream.state_dict()["skipped"] == [4, 1]
+    reported = sum(batch["skipped"].sum(0) for batch in batches).tolist()
+    assert reported[0] <= 4 and reported[1] <= 1 and sum(reported) >= 3  # all but any trailing skips
+
+
+def test_bad_records_in_parquet_and_webdataset_are_skipped(tmp_path):
+    parquet = make_parquet(str(tmp_path / "pq"), files=1, rows=4, bad_rows={(0, 1)})
+    tars = make_webdataset(str(tmp_path / "wds"), shards=1, per_shard=4, bad_members={(0, 2)})
+    for spec, good in ((SourceSpec("pq", parquet), 3), (SourceSpec("wds", tars), 3)):
+        stream = build_eval_stream(spec, 16)
+        samples = list(stream)
+        assert len(samples) == good
+        assert stream.state_dict()["skipped"] == [1]
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty"),
+    (b"just text", "UnidentifiedImageError"),
+    (image_bytes(size=(64, 64))[:200], "(?i)truncated"),
+])
+def test_load_image_rejects_bad_bytes(data, reason):
+    with pytest.raises(BadImageError, match=reason):
+        load_image(data)
+
+
+def test_pil_decompression_bomb_warning_is_a_skip(monkeypatch):
+    data = image_bytes(size=(40, 40), fmt="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1600 px: PIL warns (between 1x and 2x)
+    with pytest.raises(BadImageError, match="DecompressionBomb"):
+        load_image(data, max_pixels=10**9)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1600 px: PIL raises
+    with pytest.raises(BadImageError, match="DecompressionBomb"):
+        load_image(data, max_pixels=10**9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Colour modes
+# ---------------------------------------------------------------------------------------------
+
+def pixel(img):
+    return tuple(int(v) for v in np.asarray(img)[0, 0])
+
+
+def png16(width, height, color_type, samples):
+    """A 16-bit PNG written by hand (PIL cannot write 16-bit RGB)."""
+    def chunk(tag, body):
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
+
+    rows = np.asarray(samples, dtype=">u2").reshape(height, -1)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def test_modes_convert_to_the_right_rgb():
+    assert pixel(to_rgb(Image.new("L", (2, 2), 77))) == (77, 77, 77)
+    assert pixel(to_rgb(Image.new("1", (2, 2), 1))) == (255, 255, 255)
+    assert pixel(to_rgb(Image.new("LA", (2, 2), (100, 0)))) == (255, 255, 255)  # transparent -> white
+    assert pixel(to_rgb(Image.new("LA", (2, 2), (100, 255)))) == (100, 100, 100)
+    r, g, b = pixel(to_rgb(Image.new("RGBA", (2, 2), (200, 0, 0, 128))))  # 128/255 over white
+    assert abs(r - (200 * 128 + 255 * 127) / 255) <= 1 and abs(g - 255 * 127 / 255) <= 1 and g == b
+    assert pixel(to_rgb(Image.new("RGBA", (2, 2), (10, 20, 30, 255)))) == (10, 20, 30)
+    assert pixel(to_rgb(Image.new("CMYK", (2, 2), (0, 255, 255, 0)))) == (255, 0, 0)
+    assert pixel(to_rgb(Image.new("CMYK", (2, 2), (0, 0, 0, 255)))) == (0, 0, 0)
+
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([10, 200, 30, 250, 0, 5] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    assert [tuple(p) for p in np.asarray(to_rgb(palette))[0]] == [(10, 200, 30), (250, 0, 5)]
+    buffer = io.BytesIO()
+    palette.save(buffer, format="PNG", transparency=1)  # index 1 transparent
+    assert [tuple(p) for p in np.asarray(load_image(buffer.getvalue()))[0]] == [(10, 200, 30), (255, 255, 255)]
+
+    values = np.array([[0, 2570, 32896, 65535]], dtype=np.uint16)  # /257 = 0, 10, 128, 255
+    for img in (Image.fromarray(values), Image.fromarray(values.astype(np.int32), mode="I")):
+        assert [p[0] for p in np.asarray(to_rgb(img))[0]] == [0, 10, 128, 255]
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="PNG")  # 16-bit grayscale PNG
+    assert [p[0] for p in np.asarray(load_image(buffer.getvalue()))[0]] == [0, 10, 128, 255]
+
+    rgb16 = load_image(png16(2, 1, 2, [65535, 0, 32896, 2570, 51400, 300]))
+    assert np.abs(np.asarray(rgb16, dtype=float)[0] - np.array([[255, 0, 128], [10, 200, 1.17]])).max() <= 1
+
+
+def test_animated_gif_uses_first_frame_and_exif_is_applied():
+    frames = [Image.new("RGB", (4, 4), (255, 0, 0)), Image.new("RGB", (4, 4), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    first = load_image(buffer.getvalue())
+    assert first.mode == "RGB" and pixel(first) == (255, 0, 0)
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 10), (0, 128, 0)).save(buffer, format="JPEG", exif=exif)
+    assert load_image(buffer.getvalue()).size == (10, 20)
+
+
+def test_tiny_images_are_upscaled_and_transforms_are_deterministic():
+    one = load_image(image_bytes((10, 20, 30), size=(1, 1), fmt="PNG"))
+    expected = torch.tensor([10, 20, 30], dtype=torch.float32).div(127.5).sub(1).view(3, 1, 1).expand(3, 16, 16)
+    assert torch.allclose(eval_transform(one, 16), expected, atol=1e-6)
+    assert torch.allclose(train_transform(one, 16, np.random.default_rng(0)), expected, atol=1e-6)
+
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    a = train_transform(noise, 16, np.random.default_rng(1), random_flip=True)
+    b = train_transform(noise, 16, np.random.default_rng(1), random_flip=True)
+    assert a.shape == (3, 16, 16) and torch.equal(a, b) and a.min() >= -1 and a.max() <= 1
+    crops = {train_transform(noise, 16, np.random.default_rng(s)).sum().item() for s in range(8)}
+    assert len(crops) > 1  # the crop position really is random
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: parsing, mixtures, validation
+# ---------------------------------------------------------------------------------------------
+
+def test_parse_source_and_mixtures(tmp_path):
+    spec = parse_source("name=coco,path=/data/COCO,weight=0.1,split=train")
+    assert spec == SourceSpec("coco", "/data/COCO", weight=0.1, split="train")
+    assert parse_source("/data/ImageNet").name == "ImageNet"
+    with pytest.raises(DataError, match="unknown key"):
+        parse_source("name=x,path=/y,wieght=2")
+
+    specs = load_mixture("transfusion", data_root="/mnt/data")
+    assert [(s.name, s.kind, s.split, s.weight) for s in specs] == [
+        ("imagenet", "imagenet", "train", 1281167), ("coco", "coco", "train2017", 118287),
+        ("ffhq", "ffhq", "training", 60000)]
+    assert specs[0].path == "/mnt/data/ImageNet"
+    assert all(s.kind == "hub" for s in load_mixture("transfusion_hub"))
+    with pytest.raises(DataError, match="data root"):
+        load_mixture("transfusion")
+    bad = tmp_path / "mix.yaml"
+    bad.write_text("sources:\n  - {path: /x, weigth: 1}\n")
+    with pytest.raises(DataError, match="unknown key"):
+        load_mixture(str(bad))
+
+
+def test_validate_sources_errors_are_one_line(tmp_path):
+    make_folder(str(tmp_path / "ok"))
+    ok = SourceSpec("ok", str(tmp_path / "ok"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    cases = [
+        ([SourceSpec("gone", str(tmp_path / "missing"))], "does not exist"),
+        ([SourceSpec("empty", str(tmp_path / "empty"))], "no image files"),
+        ([ok, SourceSpec("neg", str(tmp_path / "ok"), weight=-1.0)], "weight"),
+        ([SourceSpec("zero", str(tmp_path / "ok"), weight=0.0)], "sum to more than 0"),
+        ([SourceSpec("odd", str(tmp_path / "ok"), kind="zip")], "unknown kind"),
+        ([SourceSpec("hub", "no-such-user/no-such-dataset")], "unreachable"),
+        ([SourceSpec("coco", make_coco(str(tmp_path / "COCO")), split="train2014")], "split"),
+    ]
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    for sources, fragment in cases:
+        with pytest.raises(DataError) as info:
+            validate_sources(sources)
+        message = str(info.value)
+        assert fragment in message and "\n" not in message, message
+        assert any(f"'{s.name}'" in message for s in sources) or "weights" in message, message
+    validate_sources([ok])
+
+
+def test_demo_sources_are_real_photos_and_idempotent(tmp_path):
+    train, heldout = demo_sources(str(tmp_path / "demo"))
+    names = sorted(os.listdir(train.path)), sorted(os.listdir(heldout.path))
+    assert len(names[0]) == 6 and len(names[1]) == 2 and not set(names[0]) & set(names[1])
+    stamp = os.path.getmtime(os.path.join(heldout.path, names[1][0]))
+    assert demo_sources(str(tmp_path / "demo")) == (train, heldout)
+    assert os.path.getmtime(os.path.join(heldout.path, names[1][0])) == stamp
+    validate_sources([train, heldout])
+    image = np.asarray(Image.open(os.path.join(train.path, "astronaut.png")))
+    assert image.shape == (512, 512, 3) and image.std() > 20  # a photograph, not a flat fill
