@@ -268,6 +268,28 @@ def test_eval_ranks_split_the_first_max_samples(tmp_path, kind):
     assert parts[0] == keys_of(build_eval_stream(spec, 16, rank=0, world_size=2, max_samples=5))  # deterministic
 
 
+def test_hub_branch_with_a_decoding_image_feature(tmp_path):
+    # No network here: stand in for a hub dataset with a local streaming dataset whose column has
+    # HF's Image feature (decode=True), as hub datasets do. The stream must keep the bytes
+    # (cast to decode=False) and still split it across ranks.
+    import datasets
+
+    from data.sources import ResolvedSource
+    from data.stream import ImageStream
+
+    make_parquet(str(tmp_path / "pq"), files=2, rows=3)
+    files = sorted(str(p) for p in (tmp_path / "pq").glob("*.parquet"))
+    hub = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
+    hub = hub.cast_column("image", datasets.Image())
+    spec = SourceSpec("hubby", "someone/something", kind="hub")
+    parts = []
+    for rank in range(2):
+        src = ResolvedSource(spec, 0, "hub", hub=hub, image_columns=["image"])
+        parts.append(keys_of(ImageStream([src], 16, train=False, rank=rank, world_size=2, infinite=False)))
+    assert not set(parts[0]) & set(parts[1])
+    assert sorted(parts[0] + parts[1]) == sorted(f"pq{f}_{r}.jpg" for f in range(2) for r in range(3))
+
+
 # ---------------------------------------------------------------------------------------------
 # Exact resume
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +300,9 @@ def resume_sources(tmp_path):
     for i in range(6):
         write(f"{folder}/{i}.jpg", textured_bytes(200 + i, size=(20 + i, 17 + i % 3)))
     write(f"{folder}/bad.jpg", b"")  # a skip inside the stream, so skip counts are resumed too
-    parquet = make_parquet(str(tmp_path / "pq"), files=2, rows=3, bad_rows={(1, 2)})
+    # One parquet row group: with 2 workers it takes the example-level split (filter with
+    # indices); the 2 tar shards take the shard-level split.
+    parquet = make_parquet(str(tmp_path / "pq"), files=1, rows=6, bad_rows={(0, 4)})
     webdataset = make_webdataset(str(tmp_path / "wds"), shards=2, per_shard=2)
     return [SourceSpec("folder", folder, weight=0.5), SourceSpec("pq", parquet, weight=0.3),
             SourceSpec("wds", webdataset, weight=0.2)]
@@ -303,11 +327,11 @@ def _roundtrip(state, tmp_path):
     return torch.load(path, weights_only=True)  # plain Python types only
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_twice_gives_the_same_batches(resume_sources, tmp_path, num_workers):
+@pytest.mark.parametrize("num_workers, persistent", [(0, False), (2, False), (2, True)])
+def test_resume_twice_gives_the_same_batches(resume_sources, tmp_path, num_workers, persistent):
     def loader():
         stream = build_train_stream(resume_sources, 16, seed=11, shuffle_block=5, random_flip=True)
-        return make_dataloader(stream, batch_size=3, num_workers=num_workers)
+        return make_dataloader(stream, batch_size=3, num_workers=num_workers, persistent_workers=persistent)
 
     k1, k2, rest = 4, 5, 6  # 45 samples: several blocks and epochs (about 16 records per epoch)
     reference = iter(loader())
@@ -331,6 +355,8 @@ def test_resume_twice_gives_the_same_batches(resume_sources, tmp_path, num_worke
     third = loader()
     third.load_state_dict(state)
     _assert_same(expected[k2:], _batches(iter(third), rest))
+    if num_workers == 0:  # the resumed stretch crossed epoch boundaries (reshuffled file order, new RNGs)
+        assert state["dataset_state"]["epoch"] >= 1 and third.state_dict()["dataset_state"]["epoch"] >= 2
 
 
 def test_stream_state_is_plain_python_and_mismatch_is_refused(resume_sources):
