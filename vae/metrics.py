@@ -198,13 +198,17 @@ def resolve_inception_weights(weights_path: str | None = None) -> str:
 
 
 def build_fid(
-    weights_path: str | None = None, feature_extractor: nn.Module | None = None, **metric_kwargs
+    weights_path: str | None = None,
+    feature_extractor: nn.Module | None = None,
+    features: int = 2048,
+    **metric_kwargs,
 ):
     """torchmetrics FrechetInceptionDistance fed uint8 (B, 3, H, W); real = references, fake = reconstructions.
 
     Default: 2048-d pool3 of torch-fidelity's Inception v3 loaded from `weights_path` or the torch
     hub cache, resized to 299 with TF1-compatible bilinear interpolation (as torch-fidelity and the
     original TF FID; torchmetrics' default antialiased resize differs when downscaling).
+    `features` 64/192/768 take an earlier Inception layer (smaller sets, quick checks; not rFID as published).
     `feature_extractor`: any module mapping uint8 images to (B, d) features (tests, offline runs).
     States are float64 sums, synced across processes by torchmetrics.
     """
@@ -215,7 +219,7 @@ def build_fid(
     path = resolve_inception_weights(weights_path)
     try:
         return FrechetInceptionDistance(
-            feature=2048, normalize=False, feature_extractor_weights_path=path, antialias=False, **metric_kwargs
+            feature=features, normalize=False, feature_extractor_weights_path=path, antialias=False, **metric_kwargs
         )
     except (RuntimeError, OSError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,470 @@
+"""Evaluate AutoencoderKL reconstructions: rFID, PSNR, SSIM, LPIPS, the model next to baselines.
+
+    python eval_vae.py --pretrained_model_name_or_path vae-out --dataset /data/ImageNet \
+        --split validation --resolution 256 --baseline stabilityai/sd-vae-ft-mse
+    accelerate launch --multi_gpu eval_vae.py ...            # each rank evaluates its own images
+
+Different VAE papers and trainers report different numbers for the same model because their
+protocols differ. Every choice is a flag here and is written into the output:
+  --latent {mean,sample}    decode the posterior mean (default; deterministic) or a sample
+                            (the seed; seeded per image, so any batch size / rank count gives
+                            the same noise)
+  --uint8 {round,truncate}  how [-1, 1] becomes the uint8 PNG / FID input; the seed truncates,
+                            which loses a grey level even on references
+  --ssim_window {uniform,gaussian}  scikit-image's default 7×7 (the seed) or Wang et al.'s
+                            11-tap Gaussian σ 1.5
+  --protocol seed           all three as the seed: sample, truncate, uniform
+Fixed by the protocol: Resize(R) shorter side + CenterCrop(R); PSNR and SSIM per image on
+float [0, 1] clipped (data_range 1, float64, equal to scikit-image), averaged; LPIPS-VGG v0.1
+per image on the unclipped [-1, 1] tensors; rFID = FID between the uint8 reference crops (real)
+and the uint8 reconstructions (fake) with torchmetrics + torch-fidelity's Inception v3 pool3.
+Means are over images, std is the population std (np.std, as the seed prints).
+
+Side effects (stdout, JSON, the table, the grid) happen on the main process only; with
+--save_images each rank writes the PNGs of its own images (disjoint files) rather than
+funnelling 50k images through rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import gather_object
+
+import data
+from losses.perceptual import PerceptionWeightsError, build_lpips
+from vae import metrics
+from vae.config import ConfigError, arg, fail, parse_config, to_dict
+from vae.models import ModelError, load_vae
+
+PROG = "eval_vae.py"
+logger = logging.getLogger(__name__)
+
+# The seed's choices (SPEC.md "Faults in the anchors": eval encodes a sampled latent and makes
+# uint8 by truncation; scikit-image's default SSIM window; torchvision's Resize, i.e. PIL
+# bilinear); ours default to the deterministic ones.
+PROTOCOLS = {
+    "default": {"latent": "mean", "uint8": "round", "ssim_window": "uniform", "interpolation": "bilinear"},
+    "seed": {"latent": "sample", "uint8": "truncate", "ssim_window": "uniform", "interpolation": "bilinear"},
+}
+METRIC_NAMES = ("rfid", "psnr", "ssim", "lpips")
+
+
+@dataclass
+class EvalConfig:
+    pretrained_model_name_or_path: str = arg("", help="the VAE to evaluate: diffusers folder, training output or checkpoint-N folder, or hub id")
+    dataset: str = arg("", help="hub dataset id or local folder (ImageNet/COCO/FFHQ seed layouts or a plain image folder)")
+    split: str = arg("validation", help="dataset split")
+    dataset_config: str | None = arg(None, help="hub dataset config name")
+    image_column: str = arg("auto", help="image column of a hub / parquet dataset")
+    resolution: int = arg(256, help="Resize shorter side + CenterCrop to this size; divisible by 8")
+    max_samples: int | None = arg(None, help="evaluate only the first N images (deterministic order)")
+    baseline: list[str] = arg([], help="a baseline VAE evaluated on the same images (repeatable)")
+    batch_size: int = arg(16, help="images per batch and process")
+    num_workers: int = arg(2, help="DataLoader workers per process")
+    mixed_precision: str | None = arg(None, choices=("no", "fp16", "bf16"), help="autocast for encode/decode; default: the accelerate launch setting, else no")
+    protocol: str = arg("default", choices=tuple(PROTOCOLS), help="default = mean latent, rounding, uniform SSIM; seed = sample, truncate, uniform")
+    latent: str | None = arg(None, choices=("mean", "sample"), help="decode the posterior mean or a (seeded) sample; default from --protocol")
+    uint8: str | None = arg(None, choices=("round", "truncate"), help="float -> uint8 for PNGs and FID; default from --protocol")
+    ssim_window: str | None = arg(None, choices=("uniform", "gaussian"), help="SSIM window; default from --protocol")
+    interpolation: str | None = arg(None, choices=("bilinear", "bicubic"), help="PIL filter of the shorter-side resize; default from --protocol (bilinear, as torchvision's Resize)")
+    seed: int = arg(0, help="seed of the per-image latent noise (--latent sample)")
+    fid: bool = arg(True, help="compute rFID (--no-fid skips it; recorded in the output)")
+    fid_features: int = arg(2048, choices=(2048, 768, 192, 64), help="Inception layer for rFID: 2048 = pool3 (the standard); 64/192/768 for quick checks only")
+    inception_weights: str | None = arg(None, help="torch-fidelity Inception file; default: <torch hub dir>/checkpoints/" + metrics.INCEPTION_WEIGHTS_FILE)
+    perception_weights: str = arg("pretrained", choices=("pretrained", "random"), help="LPIPS VGG weights; random = offline smoke runs only, NOT LPIPS")
+    output_dir: str = arg("eval-out", help="where the JSON, the table, the grid and PNGs go")
+    output_json: str | None = arg(None, help="JSON results path (default: <output_dir>/eval.json)")
+    save_images: bool = arg(False, help="save reference and reconstruction PNGs (the uint8 images FID sees)")
+    grid_images: int = arg(8, help="images in the comparison grid PNG (rows: reference, then each model); 0 = none")
+
+    def validate(self) -> None:
+        if not self.pretrained_model_name_or_path:
+            raise ConfigError("--pretrained_model_name_or_path is required")
+        if not self.dataset:
+            raise ConfigError("--dataset is required")
+        if self.resolution <= 0 or self.resolution % 8:
+            raise ConfigError(f"--resolution must be a positive multiple of 8 (the VAE downsamples 8×), got {self.resolution}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch_size must be >= 1, got {self.batch_size}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"--max_samples must be >= 1, got {self.max_samples}")
+        if self.num_workers < 0 or self.grid_images < 0:
+            raise ConfigError("--num_workers and --grid_images must be >= 0")
+        if self.protocol == "seed":
+            for key, value in PROTOCOLS["seed"].items():
+                given = getattr(self, key)
+                if given is not None and given != value:
+                    raise ConfigError(f"--protocol seed means --{key} {value}; drop --{key} {given} or the --protocol flag")
+
+    def resolved_protocol(self) -> dict[str, str]:
+        """latent / uint8 / ssim_window after applying --protocol defaults."""
+        base = PROTOCOLS[self.protocol]
+        return {key: getattr(self, key) or base[key] for key in base}
+
+
+# ----------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluated:
+    """One model under evaluation and its running FID state."""
+
+    label: str
+    path: str
+    role: str
+    vae: torch.nn.Module
+    fid: object | None
+    nonfinite: int = 0
+
+
+def model_labels(paths: list[str]) -> list[str]:
+    """Short unique table labels: the last path component (or hub id), numbered on clashes."""
+    labels = []
+    for path in paths:
+        base = os.path.basename(os.path.normpath(path)) if os.path.exists(path) else path
+        label, n = base, 2
+        while label in labels:
+            label, n = f"{base} ({n})", n + 1
+        labels.append(label)
+    return labels
+
+
+def image_noise_seed(seed: int, key: str) -> int:
+    """A per-image seed: the sampled latent depends on the image, never on batching or rank."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+@torch.no_grad()
+def reconstruct(vae, x: torch.Tensor, latent: str, noise_seeds: list[int], autocast) -> torch.Tensor:
+    """encode -> posterior mean or seeded sample -> decode; float32 (B, 3, H, W)."""
+    with autocast():
+        posterior = vae.encode(x).latent_dist  # mean/std: (B, C_lat, H/f, W/f)
+        z = posterior.mean
+        if latent == "sample":
+            shape = tuple(z.shape[1:])
+            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in noise_seeds])
+            z = posterior.mean + posterior.std * noise.to(z.device, z.dtype)
+        recon = vae.decode(z).sample  # (B, 3, H, W)
+    return recon.float()
+
+
+def safe_name(text: str) -> str:
+    """A file name for an image key or model label ('val/n01/x.JPEG' -> 'val__n01__x.JPEG')."""
+    return re.sub(r"[^\w.-]", "_", text.replace("/", "__"))
+
+
+def save_pngs(folder: str, keys: list[str], images_u8: torch.Tensor) -> None:
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    for key, img in zip(keys, images_u8.permute(0, 2, 3, 1).cpu().numpy()):  # (B, H, W, 3)
+        Image.fromarray(img).save(os.path.join(folder, safe_name(key) + ".png"))
+
+
+def save_grid(path: str, rows: list[torch.Tensor]) -> None:
+    """rows: uint8 (N, 3, H, W) each; one row per tensor, 2-pixel white gaps."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    n = rows[0].shape[0]
+    grid = make_grid(torch.cat(rows), nrow=n, padding=2, pad_value=255)  # (3, H', W') uint8
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+def dataset_source(cfg: EvalConfig):
+    name = os.path.basename(os.path.normpath(cfg.dataset)) if os.path.exists(cfg.dataset) else cfg.dataset
+    return data.SourceSpec(
+        name=name, path=cfg.dataset, split=cfg.split, config=cfg.dataset_config, image_column=cfg.image_column
+    )
+
+
+def load_models(cfg: EvalConfig) -> list[tuple[str, str, str, torch.nn.Module]]:
+    """(label, path, role, vae) for the model and each baseline; ModelError on the first bad one."""
+    paths = [cfg.pretrained_model_name_or_path, *cfg.baseline]
+    roles = ["model"] + ["baseline"] * len(cfg.baseline)
+    out = []
+    for label, path, role in zip(model_labels(paths), paths, roles):
+        vae = load_vae(path)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        if cfg.resolution % factor:
+            raise ModelError(f"--resolution {cfg.resolution} is not divisible by {path!r}'s downsampling factor {factor}")
+        out.append((label, path, role, vae.eval().requires_grad_(False)))
+    return out
+
+
+def build_fids(n: int, cfg: EvalConfig, inception_path: str | None, feature_extractor: torch.nn.Module | None) -> list:
+    """One FID metric per model sharing one feature network; synced explicitly (see finish_fid)."""
+    if not cfg.fid:
+        return [None] * n
+    first = metrics.build_fid(inception_path, feature_extractor, features=cfg.fid_features, sync_on_compute=False)
+    return [first] + [metrics.build_fid(feature_extractor=first.inception, sync_on_compute=False) for _ in range(n - 1)]
+
+
+def finish_fid(fid, is_main: bool) -> float | None:
+    """Sum FID states over ranks (a collective: every rank calls it), compute on the main process only.
+
+    The 2048×2048 eigen-decomposition takes seconds; one rank doing it is enough.
+    """
+    fid.sync()
+    if not is_main:
+        return None
+    if int(fid.real_features_num_samples) < 2:
+        return None  # FID needs at least two images per side
+    return float(fid.compute())
+
+
+def protocol_record(cfg: EvalConfig, chosen: dict[str, str], mixed_precision: str, inception_path: str | None) -> dict:
+    seed_like = chosen == PROTOCOLS["seed"]
+    return {
+        "name": "seed" if seed_like else ("default" if chosen == PROTOCOLS["default"] else "custom"),
+        **chosen,
+        "latent_noise": f"per-image torch.Generator seeded from sha256(seed={cfg.seed}, key)" if chosen["latent"] == "sample" else None,
+        "preprocessing": f"Resize({cfg.resolution}, PIL {chosen['interpolation']}) shorter side + CenterCrop({cfg.resolution}), [-1, 1]",
+        "psnr": "per image on float [0,1] clipped, data_range 1, float64 (= skimage peak_signal_noise_ratio), mean over images",
+        "ssim": (
+            "per image on float [0,1] clipped, data_range 1, float64, channel mean, valid-region mean (= skimage structural_similarity"
+            + (", 7x7 uniform window, sample covariance)" if chosen["ssim_window"] == "uniform" else ", gaussian_weights, sigma 1.5, population covariance)")
+        ),
+        "lpips": f"lpips v0.1 vgg, {cfg.perception_weights} VGG16 trunk"
+        + (f" (torch.manual_seed({cfg.seed}); NOT LPIPS, smoke runs only)" if cfg.perception_weights == "random" else "")
+        + ", on [-1,1] decoder output (not clipped)",
+        "rfid": (
+            f"torchmetrics FrechetInceptionDistance, torch-fidelity Inception v3 {fid_layer(cfg.fid_features)}, TF1 bilinear resize to 299; "
+            f"real = uint8 reference crops, fake = uint8 reconstructions ({chosen['uint8']})"
+            if cfg.fid
+            else "skipped (--no-fid)"
+        ),
+        "inception_weights": inception_path,
+        "lpips_weights": cfg.perception_weights,
+        "std": "population std over images (np.std)",
+        "mixed_precision": mixed_precision,
+    }
+
+
+def fid_layer(features: int) -> str:
+    return "2048-d pool3" if features == 2048 else f"{features}-d layer (NOT the standard 2048-d pool3)"
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import torchmetrics
+
+    import skimage
+
+    return {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "torchmetrics": torchmetrics.__version__,
+        "scikit-image": skimage.__version__,
+        "python": sys.version.split()[0],
+    }
+
+
+def format_cell(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(result: dict) -> str:
+    """SPEC.md's table: a row per model; the protocol under it."""
+    p = result["protocol"]
+    lpips_head = "LPIPS" if p["lpips_weights"] == "pretrained" else "LPIPS (RANDOM VGG, not LPIPS)"
+    title = f"{result['dataset_name']} {result['split']} {result['num_images']}, {result['resolution']}²"
+    fid_head = "rFID" if result["config"]["fid_features"] == 2048 else f"rFID-{result['config']['fid_features']}"
+    lines = [f"| {title} | {fid_head} | PSNR | SSIM | {lpips_head} |", "|---|---|---|---|---|"]
+    for m in result["models"]:
+        s = m["metrics"]
+        cells = [format_cell(s["rfid"]["value"]), *(format_cell(s[k]["mean"]) for k in ("psnr", "ssim", "lpips"))]
+        lines.append(f"| {m['label']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        f"Protocol {p['name']}: latent={p['latent']}, uint8={p['uint8']}, ssim_window={p['ssim_window']}, "
+        f"{p['preprocessing']}, mixed_precision={p['mixed_precision']}, rFID: {p['rfid']}."
+    )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------
+
+
+def evaluate(
+    cfg: EvalConfig,
+    feature_extractor: torch.nn.Module | None = None,
+    lpips: torch.nn.Module | None = None,
+    accelerator: Accelerator | None = None,
+) -> dict:
+    """Run the evaluation; returns the result dict (also written as JSON) on every process.
+
+    Raises data.DataError, ModelError, metrics.MetricError or PerceptionWeightsError (one line)
+    before any image is processed. `feature_extractor` replaces Inception for rFID (tests only);
+    `lpips` is a prebuilt LPIPS module matching cfg.perception_weights (several runs in one process).
+    """
+    # Mixed precision is our own autocast rather than Accelerator's, so several evaluations can
+    # run in one process (AcceleratorState is a singleton that refuses a second setting).
+    accelerator = accelerator or Accelerator()
+    device, is_main = accelerator.device, accelerator.is_main_process
+    mixed_precision = cfg.mixed_precision or accelerator.mixed_precision or "no"
+    chosen = cfg.resolved_protocol()
+
+    # Cheap checks first: data, FID weights, models, LPIPS weights — all fail with one line.
+    source = dataset_source(cfg)
+    data.validate_sources([source])
+    inception_path = metrics.resolve_inception_weights(cfg.inception_weights) if cfg.fid and feature_extractor is None else None
+    models = load_models(cfg)
+    if lpips is None:
+        if cfg.perception_weights == "random":
+            torch.manual_seed(cfg.seed)  # the same random VGG on every rank and in every run
+        lpips = build_lpips(pretrained=cfg.perception_weights == "pretrained")
+    lpips = lpips.to(device)
+    if cfg.perception_weights == "random" and is_main:
+        print("WARNING: LPIPS uses a RANDOM VGG16 backbone (--perception_weights random): its numbers are NOT LPIPS.", flush=True)
+    fids = build_fids(len(models), cfg, inception_path, feature_extractor)
+    evaluated = [
+        Evaluated(label, path, role, vae.to(device), fid.to(device) if fid is not None else None)
+        for (label, path, role, vae), fid in zip(models, fids)
+    ]
+    record = protocol_record(cfg, chosen, mixed_precision, inception_path)
+    if cfg.fid and feature_extractor is not None:
+        record["rfid"] += " [custom feature extractor instead of Inception]"
+
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+
+    stream = data.build_eval_stream(
+        source,
+        cfg.resolution,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        max_samples=cfg.max_samples,
+        interpolation=chosen["interpolation"],
+    )
+    # Not accelerator.prepare'd: the stream already gives each rank its own images, and
+    # prepare would pad the last batch with duplicates.
+    loader = data.make_dataloader(stream, cfg.batch_size, cfg.num_workers)
+
+    per_image: list[tuple[str, dict[str, dict[str, float]]]] = []
+    grid_rows: list[tuple[str, list[torch.Tensor]]] = []
+    skipped = 0
+    start = time.perf_counter()
+    for batch in loader:
+        x = batch["pixel_values"].to(device, torch.float32)  # (B, 3, R, R) in [-1, 1]
+        keys = list(batch["key"])
+        skipped += int(batch["skipped"].sum())  # (B, sources): unreadable files met before each image
+        ref_u8 = metrics.to_uint8(x, chosen["uint8"])
+        noise_seeds = [image_noise_seed(cfg.seed, k) for k in keys]
+        values = {k: {} for k in keys}
+        recons_u8 = []
+        for m in evaluated:
+            recon = reconstruct(m.vae, x, chosen["latent"], noise_seeds, autocast)
+            m.nonfinite += int((~torch.isfinite(recon).flatten(1).all(dim=1)).sum())
+            scores = metrics.reconstruction_metrics(x, recon, lpips=lpips, ssim_window=chosen["ssim_window"])
+            for i, k in enumerate(keys):
+                values[k][m.label] = {name: float(v[i]) for name, v in scores.items()}
+            rec_u8 = metrics.to_uint8(recon, chosen["uint8"])
+            recons_u8.append(rec_u8)
+            if m.fid is not None:
+                m.fid.update(ref_u8, real=True)
+                m.fid.update(rec_u8, real=False)
+            if cfg.save_images:
+                save_pngs(os.path.join(cfg.output_dir, "images", safe_name(m.label)), keys, rec_u8)
+        if cfg.save_images:
+            save_pngs(os.path.join(cfg.output_dir, "images", "reference"), keys, ref_u8)
+        per_image.extend(values.items())
+        for i, k in enumerate(keys):
+            if len(grid_rows) < cfg.grid_images:
+                grid_rows.append((k, [ref_u8[i].cpu()] + [r[i].cpu() for r in recons_u8]))
+    local_seconds = time.perf_counter() - start
+
+    # Every image was evaluated on exactly one rank; gather them all (no padding to remove).
+    per_image = gather_object(per_image)
+    grid_rows = gather_object(grid_rows)
+    skipped_all = gather_object([skipped])
+    seconds = max(gather_object([local_seconds]))
+    rfids = [finish_fid(m.fid, is_main) if m.fid is not None else None for m in evaluated]
+    nonfinite = [sum(gather_object([m.nonfinite])) for m in evaluated]
+
+    keys = [k for k, _ in per_image]
+    if len(set(keys)) != len(keys):
+        raise RuntimeError(f"{len(keys) - len(set(keys))} images were evaluated twice across ranks")
+    result = {
+        "dataset": cfg.dataset,
+        "dataset_name": source.name,
+        "split": cfg.split,
+        "resolution": cfg.resolution,
+        "num_images": len(keys),
+        "skipped_images": int(sum(skipped_all)),
+        "world_size": accelerator.num_processes,
+        "seconds": seconds,
+        "images_per_second": len(keys) / seconds if seconds > 0 else None,
+        "protocol": record,
+        "models": [],
+        "versions": versions(),
+        "config": to_dict(cfg),
+    }
+    for m, rfid, bad in zip(evaluated, rfids, nonfinite):
+        acc = metrics.MeanStd()
+        for _, per_model in sorted(per_image):
+            acc.update(**{name: [v] for name, v in per_model[m.label].items()})
+        summary = acc.summary()
+        result["models"].append(
+            {
+                "label": m.label,
+                "path": m.path,
+                "role": m.role,
+                "latent_channels": m.vae.config.latent_channels,
+                "nonfinite_reconstructions": bad,
+                "metrics": {"rfid": {"value": rfid, "count": len(keys) if cfg.fid else 0}, **summary},
+            }
+        )
+    if is_main:
+        write_outputs(cfg, result, sorted(grid_rows, key=lambda r: r[0])[: cfg.grid_images])
+    accelerator.wait_for_everyone()
+    return result
+
+
+def write_outputs(cfg: EvalConfig, result: dict, grid_rows: list) -> None:
+    """Main process only: the table on stdout, the JSON, the table as .md, the comparison grid."""
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    table = markdown_table(result)
+    print(table, flush=True)
+    for m in result["models"]:
+        if m["nonfinite_reconstructions"]:
+            print(f"WARNING: {m['label']}: {m['nonfinite_reconstructions']} reconstructions have NaN/inf pixels", flush=True)
+    if grid_rows:
+        save_grid(os.path.join(cfg.output_dir, "grid.png"), [torch.stack(r) for r in zip(*(row for _, row in grid_rows))])
+        result["grid"] = {"path": os.path.join(cfg.output_dir, "grid.png"), "rows": ["reference"] + [m["label"] for m in result["models"]]}
+    with open(os.path.join(cfg.output_dir, "eval.md"), "w") as f:
+        f.write(table + "\n")
+    json_path = cfg.output_json or os.path.join(cfg.output_dir, "eval.json")
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {json_path}", flush=True)
+
+
+def main(argv: list[str] | None = None, feature_extractor: torch.nn.Module | None = None, lpips: torch.nn.Module | None = None) -> dict:
+    cfg, _ = parse_config(EvalConfig, argv, PROG, description=__doc__.split("\n\n")[0])
+    try:
+        return evaluate(cfg, feature_extractor=feature_extractor, lpips=lpips)
+    except (data.DataError, ModelError, metrics.MetricError, PerceptionWeightsError) as e:
+        if PartialState().is_main_process:  # every rank hits the same check; one line is enough
+            fail(PROG, str(e))
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

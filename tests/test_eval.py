@@ -1,0 +1,241 @@
+"""eval_vae.py end to end on CPU: tiny models, a generated image folder, 1 vs 2 real DDP ranks, bad inputs."""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+import data
+import eval_vae
+from vae import metrics
+from vae.models import build_vae, load_vae
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_IMAGES = 5  # odd: a 2-rank run that padded its last batch would count 6
+
+
+class PooledColour(torch.nn.Module):
+    """Stand-in FID feature network: uint8 (B, 3, H, W) -> 4×4 pooled colours (48-d)."""
+
+    num_features = 48
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x.float() / 255.0, 4).flatten(1)
+
+
+def write_random_inception(path: str) -> None:
+    """A random-weight Inception v3 in torch-fidelity's file format (its real weights can't be downloaded here)."""
+    from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
+
+    with pytest.MonkeyPatch.context() as mp:
+        # Build the architecture without its weights: skip the download and the load.
+        mp.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: {})
+        mp.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    gen = torch.Generator().manual_seed(0)
+    state = net.state_dict()
+    for name, tensor in state.items():
+        if name.endswith("conv.weight"):  # He init keeps activations alive through ~50 random layers
+            fan_in = tensor[0].numel()
+            tensor.copy_(torch.randn(tensor.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+    torch.save(state, path)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """An image folder of NUM_IMAGES photos (various sizes), a tiny model, a baseline checkpoint folder."""
+    root = tmp_path_factory.mktemp("eval")
+    images = root / "images"
+    photos = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket(), skdata.immunohistochemistry()]
+    for i, (photo, size) in enumerate(zip(photos[:NUM_IMAGES], [(48, 40), (40, 56), (37, 37), (64, 44), (40, 40)])):
+        sub = images / ("a" if i % 2 else "b")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo).resize(size, Image.Resampling.BILINEAR).save(sub / f"img{i}.png")
+    torch.manual_seed(0)
+    build_vae("tiny").save_pretrained(root / "model")
+    torch.manual_seed(1)
+    # A training checkpoint folder with a 4-channel VAE: loads through vae/ like the trainer writes it.
+    build_vae("tiny", latent_channels=4).save_pretrained(root / "run" / "checkpoint-3" / "vae")
+    (root / "empty").mkdir()
+    write_random_inception(str(root / "inception.pth"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def random_lpips():
+    """Built once: a random VGG16 takes seconds to initialise on a busy CPU."""
+    from losses.perceptual import build_lpips
+
+    torch.manual_seed(0)
+    return build_lpips(pretrained=False)
+
+
+def base_args(ws, out: str, *extra: str) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(ws / "model"),
+        "--dataset", str(ws / "images"),
+        "--resolution", "32",
+        "--batch_size", "2",
+        "--num_workers", "0",
+        "--perception_weights", "random",
+        "--output_dir", str(ws / out),
+        *extra,
+    ]  # fmt: skip
+
+
+def test_end_to_end_table_json_images(workspace, random_lpips, capsys):
+    ws = workspace
+    argv = base_args(ws, "out_e2e", "--baseline", str(ws / "run" / "checkpoint-3"), "--save_images", "--grid_images", "3")
+    result = eval_vae.main(argv, feature_extractor=PooledColour(), lpips=random_lpips)
+    stdout = capsys.readouterr().out
+
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    assert lines[0] == f"| images validation {NUM_IMAGES}, 32² | rFID | PSNR | SSIM | LPIPS (RANDOM VGG, not LPIPS) |"
+    assert lines[2].startswith("| model | ") and lines[3].startswith("| checkpoint-3 | ")
+    assert "RANDOM VGG16" in stdout and "Protocol default: latent=mean, uint8=round, ssim_window=uniform" in stdout
+
+    with open(ws / "out_e2e" / "eval.json") as f:
+        saved = json.load(f)
+    assert saved["num_images"] == NUM_IMAGES and saved["models"][0]["role"] == "model"
+    assert [m["latent_channels"] for m in saved["models"]] == [8, 4]
+    for m in saved["models"]:
+        assert m["metrics"]["rfid"]["value"] is not None and m["metrics"]["rfid"]["value"] >= 0
+        for name in ("psnr", "ssim", "lpips"):
+            assert m["metrics"][name]["count"] == NUM_IMAGES and m["metrics"][name]["std"] >= 0
+    assert saved["protocol"]["lpips_weights"] == "random" and "custom feature extractor" in saved["protocol"]["rfid"]
+    assert set(saved["versions"]) >= {"torch", "diffusers", "torchmetrics"}
+    assert saved["models"][0]["metrics"] == result["models"][0]["metrics"]
+    assert (ws / "out_e2e" / "eval.md").read_text().startswith("| images validation")
+
+    # Images: reference + one folder per model, every image once; the grid has 3 rows of 3.
+    for folder in ("reference", "model", "checkpoint-3"):
+        assert len(os.listdir(ws / "out_e2e" / "images" / folder)) == NUM_IMAGES
+    grid = Image.open(ws / "out_e2e" / "grid.png")
+    assert grid.size == (2 + 3 * 34, 2 + 3 * 34)
+
+    # Independent recomputation with scikit-image: the same crops, the posterior mean, skimage metrics.
+    stream = data.build_eval_stream(str(ws / "images"), 32, interpolation="bilinear")
+    vae = load_vae(str(ws / "model")).eval()
+    psnrs, ssims, keys = [], [], []
+    with torch.no_grad():
+        for sample in stream:
+            x = sample["pixel_values"][None]
+            rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+            a = ((x[0].permute(1, 2, 0).double().numpy() + 1) / 2).clip(0, 1)
+            b = ((rec[0].permute(1, 2, 0).double().numpy() + 1) / 2).clip(0, 1)
+            psnrs.append(peak_signal_noise_ratio(a, b, data_range=1))
+            ssims.append(structural_similarity(a, b, data_range=1, channel_axis=-1))
+            keys.append(sample["key"])
+            if sample["key"] == "a/img1.png":  # the saved reference PNG is the rounded uint8 crop
+                png = np.asarray(Image.open(ws / "out_e2e" / "images" / "reference" / "a__img1.png.png"))
+                want = np.floor(((x[0].permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1) * 255 + 0.5).astype(np.uint8)
+                np.testing.assert_array_equal(png, want)
+    assert len(keys) == NUM_IMAGES
+    got = saved["models"][0]["metrics"]
+    assert got["psnr"]["mean"] == pytest.approx(np.mean(psnrs), abs=1e-4)
+    assert got["psnr"]["std"] == pytest.approx(np.std(psnrs), abs=1e-4)
+    assert got["ssim"]["mean"] == pytest.approx(np.mean(ssims), abs=1e-5)
+
+
+def test_seed_protocol_is_recorded_and_sampling_is_reproducible(workspace, random_lpips, capsys):
+    ws = workspace
+    argv = base_args(ws, "out_seed", "--protocol", "seed", "--max_samples", "3", "--grid_images", "0", "--no-fid")
+    first = eval_vae.main(argv, lpips=random_lpips)
+    second = eval_vae.main(argv + ["--batch_size", "3"], lpips=random_lpips)  # other batching, same noise per image
+    p = first["protocol"]
+    assert (p["name"], p["latent"], p["uint8"], p["ssim_window"], p["interpolation"]) == ("seed", "sample", "truncate", "uniform", "bilinear")
+    assert first["num_images"] == 3 and first["models"][0]["metrics"]["rfid"]["value"] is None
+    assert "skipped (--no-fid)" in p["rfid"] and "| model | – |" in capsys.readouterr().out
+    for name in ("psnr", "ssim", "lpips"):
+        assert second["models"][0]["metrics"][name]["mean"] == pytest.approx(first["models"][0]["metrics"][name]["mean"], rel=1e-5)
+
+
+def test_reconstruct_samples_per_image_noise():
+    torch.manual_seed(0)
+    vae = build_vae("tiny").eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    mean = eval_vae.reconstruct(vae, x, "mean", [], contextlib.nullcontext)
+    seeds = [eval_vae.image_noise_seed(0, k) for k in ("a.png", "b.png")]
+    sample = eval_vae.reconstruct(vae, x, "sample", seeds, contextlib.nullcontext)
+    assert not torch.allclose(sample, mean, atol=1e-4)
+    # image 1 alone gets the noise it got in the batch: depends on its key, not its batch position
+    alone = eval_vae.reconstruct(vae, x[1:], "sample", seeds[1:], contextlib.nullcontext)
+    torch.testing.assert_close(alone, sample[1:], rtol=1e-4, atol=1e-5)
+    other = eval_vae.reconstruct(vae, x, "sample", [eval_vae.image_noise_seed(1, k) for k in ("a.png", "b.png")], contextlib.nullcontext)
+    assert not torch.allclose(other, sample, atol=1e-4)
+
+
+def test_two_processes_match_one(workspace, capsys):
+    """Real 2-rank gloo DDP on CPU vs one process: same count (no padded duplicates), same metrics.
+
+    rFID goes through the real Inception loading code with a random-weight file in
+    torch-fidelity's format, and the seed protocol exercises the per-image latent noise.
+    """
+    ws = workspace
+    # 64-d Inception features: the same weights file and loading code, without a 2048² eigendecomposition on CPU.
+    fid = ["--inception_weights", str(ws / "inception.pth"), "--fid_features", "64"]
+    argv = base_args(ws, "out_1proc", "--protocol", "seed", *fid, "--grid_images", "2")
+    one = eval_vae.main(argv)
+    capsys.readouterr()
+
+    argv2 = base_args(ws, "out_2proc", "--protocol", "seed", *fid, "--grid_images", "2")
+    launch = [
+        os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "eval_vae.py"),
+    ]  # fmt: skip
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.run(launch + argv2, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("| model |") == 1 and "| rFID-64 |" in proc.stdout  # main process only
+    with open(ws / "out_2proc" / "eval.json") as f:
+        two = json.load(f)
+
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["num_images"] == one["num_images"] == NUM_IMAGES
+    m1, m2 = one["models"][0]["metrics"], two["models"][0]["metrics"]
+    for name in ("psnr", "ssim", "lpips"):
+        assert m2[name]["count"] == NUM_IMAGES
+        assert m2[name]["mean"] == pytest.approx(m1[name]["mean"], rel=1e-5)
+        assert m2[name]["std"] == pytest.approx(m1[name]["std"], rel=1e-4, abs=1e-7)
+    assert m1["rfid"]["value"] > 0
+    assert m2["rfid"]["value"] == pytest.approx(m1["rfid"]["value"], rel=1e-4)
+    assert "inception.pth" in two["protocol"]["inception_weights"]
+
+
+def _error_line(capsys, argv, monkeypatch=None) -> str:
+    with pytest.raises(SystemExit) as e:
+        eval_vae.main(argv)
+    assert e.value.code not in (0, None)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_inputs_fail_with_one_line(workspace, capsys, tmp_path, monkeypatch):
+    ws = workspace
+    err = _error_line(capsys, base_args(ws, "bad") + ["--dataset", str(ws / "empty")])
+    assert "no image files" in err
+    fid_ok = ["--inception_weights", str(ws / "inception.pth")]
+    err = _error_line(capsys, base_args(ws, "bad", *fid_ok) + ["--pretrained_model_name_or_path", str(ws / "nowhere")])
+    assert "nowhere" in err and "does not exist" in err
+    err = _error_line(capsys, base_args(ws, "bad", *fid_ok) + ["--baseline", "no-such-org/no-such-vae"])
+    assert "no-such-org/no-such-vae" in err
+    err = _error_line(capsys, base_args(ws, "bad", *fid_ok) + ["--resolution", "30"])
+    assert "multiple of 8" in err
+    err = _error_line(capsys, base_args(ws, "bad") + ["--inception_weights", str(tmp_path / "missing.pth")])
+    assert "missing.pth" in err and "Inception" in err
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    err = _error_line(capsys, base_args(ws, "bad"))
+    assert metrics.INCEPTION_WEIGHTS_FILE in err and str(tmp_path / "hub") in err
+    err = _error_line(capsys, base_args(ws, "bad") + ["--protocol", "seed", "--latent", "mean"])
+    assert "--protocol seed" in err
+    assert not (ws / "bad").exists()  # nothing written before the checks
+
