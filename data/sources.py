@@ -232,7 +232,8 @@ def _as_bytes_array(paths: list[str]) -> np.ndarray:
 def _split_dir(spec: SourceSpec, kind: str) -> str:
     choices = SPLITS[kind]
     if spec.split not in choices:
-        raise DataError(f"source '{spec.name}': split {spec.split!r} is not one of {sorted(choices)} for a {kind} folder")
+        raise DataError(f"source '{spec.name}': split {spec.split!r} is not one of {sorted(choices)} "
+                        f"for a {kind} folder")
     return choices[spec.split]
 
 
@@ -326,7 +327,8 @@ def _resolve_table(spec: SourceSpec, kind: str, index: int) -> ResolvedSource:
         ds = _load_table_source(kind, files)
         features = ds.features
     except Exception as exc:  # noqa: BLE001 - any reader failure is a configuration error here
-        raise DataError(f"source '{spec.name}': cannot read {kind} shards {spec.path}: {_one_line_error(exc)}") from None
+        raise DataError(f"source '{spec.name}': cannot read {kind} shards {spec.path}: "
+                        f"{_one_line_error(exc)}") from None
     return ResolvedSource(spec, index, kind, files=_as_bytes_array(files), image_columns=_image_columns(features, spec))
 
 
@@ -418,14 +420,14 @@ def _table_record(example, columns, source):
     return {"bytes": data, "path": path if data is None else None, "key": str(key), "source": source}
 
 
-def _keep_every(example, index, node, num_nodes):
-    return index % num_nodes == node
+def _keep_every(example, index, part, num_parts):
+    return index % num_parts == part
 
 
 def _split_examples(ds, part: int, num_parts: int):
     # Example-level split, only for sources with fewer shards than parts: every reader goes
     # through the whole source and keeps one record in num_parts.
-    return ds.filter(_keep_every, with_indices=True, fn_kwargs={"node": part, "num_nodes": num_parts})
+    return ds.filter(_keep_every, with_indices=True, fn_kwargs={"part": part, "num_parts": num_parts})
 
 
 def _split(ds, part: int, num_parts: int):
@@ -466,7 +468,10 @@ def open_records(src: ResolvedSource, *, rank: int = 0, world_size: int = 1, wor
             gen_kwargs={"shards": [files[rank::world_size][worker::num_workers]], "root": src.root,
                         "source": src.index})
 
-    ds = src.hub if src.kind == "hub" else _load_table_source(src.kind, src.files[_order(len(src.files), order_seed)])
+    if src.kind == "hub":
+        ds = src.hub  # shard order fixed: reordering a hub dataset's shards needs datasets' private API
+    else:
+        ds = _load_table_source(src.kind, src.files[_order(len(src.files), order_seed)])
     features = ds.features
     for column in src.image_columns:
         if features is not None and isinstance(features.get(column), Image):

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from .sources import DataError, ResolvedSource, SourceSpec, open_records, parse_source, resolve_source, resolve_sources
-from .transforms import MAX_IMAGE_PIXELS, BadImageError, eval_transform, load_image, train_transform
+from .transforms import (INTERPOLATIONS, MAX_IMAGE_PIXELS, BadImageError, eval_transform, load_image,
+                         train_transform)
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class ImageStream(torch.utils.data.IterableDataset):
             raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
         if stopping_strategy not in STOPPING_STRATEGIES:
             raise DataError(f"stopping_strategy {stopping_strategy!r} is not one of {list(STOPPING_STRATEGIES)}")
+        if interpolation not in INTERPOLATIONS:
+            raise DataError(f"interpolation {interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
         if shuffle_block < 1 or resolution < 1:
             raise DataError(f"shuffle_block ({shuffle_block}) and resolution ({resolution}) must be >= 1")
         self.sources = sources
