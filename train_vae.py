@@ -234,7 +234,20 @@ class Trainer:
             self.ema.load_state_dict(loaded.state_dict())
             self.ema.to(self.device)
 
+    def check_replicas(self) -> None:
+        """DDP keeps every rank's weights identical; verify it (one gather per checkpoint) rather than trust it."""
+        if self.accelerator.num_processes == 1:
+            return
+        params = list(self.vae.parameters()) + list(self.loss_fn.discriminator.parameters())
+        checksum = torch.stack([p.detach().double().sum() for p in params]).to(self.device)  # (n_tensors,)
+        gathered = self.accelerator.gather(checksum[None])  # (world, n_tensors)
+        if not bool((gathered == gathered[0]).all()):
+            raise RuntimeError(f"ranks hold different weights at step {self.state.global_step}: DDP is out of sync")
+        logger.info(f"weights identical across {self.accelerator.num_processes} ranks at step {self.state.global_step}",
+                    main_process_only=True)
+
     def save_checkpoint(self) -> None:
+        self.check_replicas()
         checkpointing.save(self.accelerator, self.cfg.output_dir, self.state.global_step, self._extra_state(),
                            self.dataloader.state_dict(), self.cfg.checkpoints_total_limit)
 
@@ -265,7 +278,7 @@ class Trainer:
             fast = self.cfg.adaptive_weight_mode == "fast"
             loss, logs = self.loss_fn.generator_loss(
                 x, recon, mean, logvar, step,
-                last_layer_weight=self.vae.decoder.conv_out.weight,
+                last_layer_weight=self.vae.decoder.conv_out,
                 last_layer_input=self.last_layer_input.value if fast else None,
                 discriminator=self.loss_fn.discriminator)
         logs = {f"loss/{k}": v for k, v in logs.items()}
@@ -314,11 +327,18 @@ class Trainer:
         per_step = cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
         progress = tqdm(total=cfg.max_train_steps, initial=st.global_step, disable=not acc.is_main_process, desc="steps")
         data_iter = iter(self.dataloader)
+        self.model.train()
+        self.loss_fn.train()
+        try:
+            self._loop(data_iter, per_step, progress)
+        finally:
+            progress.close()  # so that an error message starts on a line of its own
+
+    def _loop(self, data_iter, per_step: int, progress) -> None:
+        cfg, acc, st = self.cfg, self.accelerator, self.state
         skipped_images = torch.zeros(len(self.stream.source_names), dtype=torch.long)
         log_sums: dict[str, torch.Tensor] = {}
         log_count, tic, images_since = 0, time.perf_counter(), 0
-        self.model.train()
-        self.loss_fn.train()
         while st.global_step < cfg.max_train_steps:
             step = st.global_step
             for _ in range(cfg.gradient_accumulation_steps):
@@ -362,7 +382,6 @@ class Trainer:
                 acc.wait_for_everyone()
             if st.global_step % cfg.checkpointing_steps == 0 or done:
                 self.save_checkpoint()
-        progress.close()
 
     def _update_skip_counts(self, skipped_images: torch.Tensor) -> None:
         totals = self.accelerator.reduce(skipped_images.to(self.device), reduction="sum").cpu()
@@ -438,7 +457,10 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.init_trackers(cfg.tracker_project_name, config={k: str(v) if isinstance(v, list) else v for k, v in to_dict(cfg).items()})
     accelerator.wait_for_everyone()
     trainer.maybe_resume()
-    trainer.run()
+    try:
+        trainer.run()
+    except FloatingPointError as e:
+        fail(PROG, str(e))
     accelerator.wait_for_everyone()
     trainer.export()
     accelerator.end_training()
