@@ -173,7 +173,7 @@ def test_reconstruct_samples_per_image_noise():
     assert not torch.allclose(other, sample, atol=1e-4)
 
 
-def test_two_processes_match_one(workspace, capsys):
+def test_two_processes_match_one(workspace, random_lpips, capsys):
     """Real 2-rank gloo DDP on CPU vs one process: same count (no padded duplicates), same metrics.
 
     rFID goes through the real Inception loading code with a random-weight file in
@@ -183,7 +183,7 @@ def test_two_processes_match_one(workspace, capsys):
     # 64-d Inception features: the same weights file and loading code, without a 2048² eigendecomposition on CPU.
     fid = ["--inception_weights", str(ws / "inception.pth"), "--fid_features", "64"]
     argv = base_args(ws, "out_1proc", "--protocol", "seed", *fid, "--grid_images", "2")
-    one = eval_vae.main(argv)
+    one = eval_vae.main(argv, lpips=random_lpips)  # built as each rank builds it: manual_seed(0), random VGG
     capsys.readouterr()
 
     argv2 = base_args(ws, "out_2proc", "--protocol", "seed", *fid, "--grid_images", "2")

@@ -5,33 +5,15 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState, PartialState
 from diffusers import AutoencoderKL
-from PIL import Image
 from safetensors.torch import load_file
 
 import train_vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def smooth_image(rng: np.random.Generator, h: int = 40, w: int = 48) -> Image.Image:
-    """Low-frequency colour fields: learnable by a tiny VAE in a few steps, unlike noise."""
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    channels = [np.sin(rng.uniform(1, 4) * xx + rng.uniform(1, 4) * yy + rng.uniform(0, 6)) for _ in range(3)]
-    return Image.fromarray(((np.stack(channels, -1) + 1) * 127.5).astype(np.uint8))
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(10):
-        smooth_image(rng).save(root / f"{i:03d}.png")
-    return str(root)
 
 
 def tiny_args(folder, out, steps, **extra):

@@ -1,0 +1,116 @@
+"""Presets, loading, latent-channel surgery (--init_from) and decoder-only training."""
+
+import json
+import os
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+from test_train import run_main, tiny_args
+from vae.models import ModelError, build_vae, count_parameters, init_from_pretrained, load_vae
+
+
+def test_transfusion_preset_size_and_latent_shape():
+    vae = build_vae("transfusion")
+    assert count_parameters(vae) == pytest.approx(83.7e6, rel=0.002)
+    assert vae.config.latent_channels == 8 and list(vae.config.block_out_channels) == [128, 256, 512, 512]
+    with torch.no_grad():
+        posterior = vae.encode(torch.zeros(1, 3, 256, 256)).latent_dist
+    assert posterior.mean.shape == (1, 8, 32, 32)
+
+
+def test_tiny_preset_keeps_the_8x_geometry():
+    vae = build_vae("tiny", latent_channels=16)
+    with torch.no_grad():
+        z = vae.encode(torch.zeros(2, 3, 32, 32)).latent_dist.mean
+        x = vae.decode(z).sample
+    assert z.shape == (2, 16, 4, 4) and x.shape == (2, 3, 32, 32)
+
+
+def test_unknown_preset_and_model_path_are_clear_errors(tmp_path):
+    with pytest.raises(ModelError, match="unknown model preset 'nope'"):
+        build_vae("nope")
+    with pytest.raises(ModelError, match="does not exist"):
+        load_vae(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="holds no AutoencoderKL"):
+        load_vae(str(tmp_path / "empty"))
+
+
+def test_load_vae_accepts_training_checkpoint_folders(tmp_path):
+    vae = build_vae("tiny")
+    vae.save_pretrained(tmp_path / "checkpoint-5" / "vae")
+    loaded = load_vae(str(tmp_path / "checkpoint-5"))
+    for (k, a), b in zip(vae.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_channel_surgery_4_to_8_copies_every_matching_tensor():
+    torch.manual_seed(0)
+    source = build_vae("tiny", latent_channels=4)
+    target = build_vae("tiny", latent_channels=8)
+    fresh = {k: v.clone() for k, v in target.state_dict().items()}
+    report = init_from_pretrained(target, source)
+    src, dst = source.state_dict(), target.state_dict()
+    latent_facing = {"encoder.conv_out", "quant_conv", "post_quant_conv", "decoder.conv_in"}
+    assert {name.rsplit(".", 1)[0] for name in report.adapted} == latent_facing
+    assert len(report.copied) == len(dst) - len(report.adapted)
+    for name in report.copied:
+        assert torch.equal(dst[name], src[name]), name
+    # encoder.conv_out stacks (mean, logvar): old mean rows 0..3 -> 0..3, old logvar rows 4..7 -> 8..11.
+    w_new, w_old = dst["encoder.conv_out.weight"], src["encoder.conv_out.weight"]
+    assert torch.equal(w_new[:4], w_old[:4]) and torch.equal(w_new[8:12], w_old[4:8])
+    assert torch.equal(w_new[4:8], fresh["encoder.conv_out.weight"][4:8])  # new channels keep their init
+    # decoder.conv_in reads the latent: the first 4 input channels come from the source.
+    assert torch.equal(dst["decoder.conv_in.weight"][:, :4], src["decoder.conv_in.weight"])
+    assert torch.equal(dst["decoder.conv_in.weight"][:, 4:], fresh["decoder.conv_in.weight"][:, 4:])
+    assert torch.equal(dst["quant_conv.weight"][:4, :4], src["quant_conv.weight"][:4, :4])
+    assert torch.equal(dst["quant_conv.weight"][8:12, 8:12], src["quant_conv.weight"][4:8, 4:8])
+    assert torch.equal(dst["post_quant_conv.weight"][:4, :4], src["post_quant_conv.weight"])
+
+
+def test_surgery_without_adaptation_reinitialises_latent_layers():
+    source, target = build_vae("tiny", latent_channels=4), build_vae("tiny", latent_channels=8)
+    fresh = target.state_dict()["decoder.conv_in.weight"].clone()
+    report = init_from_pretrained(target, source, adapt_latent=False)
+    assert "decoder.conv_in.weight" in report.reinitialized and not report.adapted
+    assert torch.equal(target.state_dict()["decoder.conv_in.weight"], fresh)
+
+
+def test_surgery_rejects_other_architecture_changes():
+    source = build_vae("tiny")
+    target = AutoencoderKL(**{**dict(build_vae("tiny").config), "in_channels": 4, "out_channels": 4})
+    with pytest.raises(ModelError, match="only the latent-facing layers may differ"):
+        init_from_pretrained(target, source)
+    with pytest.raises(ModelError, match="architectures differ"):
+        init_from_pretrained(build_vae("small"), source)
+
+
+def test_init_from_4_channels_trains_to_8_and_reconstructs(image_folder, tmp_path):
+    """A 4-channel pretrained VAE becomes an 8-channel one whose held-out PSNR improves in a few steps."""
+    torch.manual_seed(1)
+    build_vae("tiny", latent_channels=4).save_pretrained(tmp_path / "sd_like")
+    run_main(tiny_args(image_folder, tmp_path / "run", 16, init_from=tmp_path / "sd_like", latent_channels=8,
+                       lpips_weight=0, disc_start=1000, validation_steps=16, checkpointing_steps=16,
+                       train_batch_size=4, num_validation_images=4))
+    state = json.loads((tmp_path / "run" / "checkpoint-16" / "trainer_state.json").read_text())
+    assert state["last_metrics"]["psnr"] > state["initial_metrics"]["psnr"] + 1.0, state
+    assert AutoencoderKL.from_pretrained(tmp_path / "run").config.latent_channels == 8
+
+
+def test_train_decoder_only_keeps_the_encoder_bit_identical(image_folder, tmp_path):
+    torch.manual_seed(2)
+    build_vae("tiny").save_pretrained(tmp_path / "pretrained")
+    source = load_file(tmp_path / "pretrained" / "diffusion_pytorch_model.safetensors")
+    run_main(tiny_args(image_folder, tmp_path / "run", 3, init_from=tmp_path / "pretrained", train_decoder_only=True))
+    trained = load_file(tmp_path / "run" / "checkpoint-3" / "vae" / "diffusion_pytorch_model.safetensors")
+    frozen = [k for k in source if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(source[k], trained[k]) for k in frozen)
+    decoder = [k for k in source if k.startswith(("decoder.", "post_quant_conv."))]
+    assert any(not torch.equal(source[k], trained[k]) for k in decoder), "the decoder did not train"
+    # The optimizer holds exactly the decoder's parameters.
+    opt = torch.load(tmp_path / "run" / "checkpoint-3" / "optimizer.bin", weights_only=True)
+    n_params = sum(len(group["params"]) for group in opt["param_groups"])
+    assert n_params == len([k for k in decoder if not k.endswith(("running_mean", "running_var"))])
