@@ -13,12 +13,16 @@ protocols differ. Every choice is a flag here and is written into the output:
                             which loses a grey level even on references
   --ssim_window {uniform,gaussian}  scikit-image's default 7×7 (the seed) or Wang et al.'s
                             11-tap Gaussian σ 1.5
-  --protocol seed           all three as the seed: sample, truncate, uniform
-Fixed by the protocol: Resize(R) shorter side + CenterCrop(R); PSNR and SSIM per image on
-float [0, 1] clipped (data_range 1, float64, equal to scikit-image), averaged; LPIPS-VGG v0.1
-per image on the unclipped [-1, 1] tensors; rFID = FID between the uint8 reference crops (real)
-and the uint8 reconstructions (fake) with torchmetrics + torch-fidelity's Inception v3 pool3.
-Means are over images, std is the population std (np.std, as the seed prints).
+  --interpolation {bilinear,bicubic}  the shorter-side resize filter; bilinear = torchvision's
+                            Resize on PIL images, as the seed
+  --protocol seed           all of them as the seed: sample, truncate, uniform, bilinear
+Fixed: Resize(R) shorter side + CenterCrop(R); PSNR and SSIM per image on float [0, 1]
+clipped (data_range 1, float64, equal to scikit-image), averaged; LPIPS-VGG v0.1 per image on
+the unclipped [-1, 1] tensors, as the seed; rFID = FID between the uint8 reference crops (real)
+and the uint8 reconstructions (fake), the very images --save_images writes, with torchmetrics
+and torch-fidelity's Inception v3 pool3 (the seed ran pytorch-fid on its PNG folders: the same
+TF Inception weights, a slightly different resize to 299). Means are over images, std is the
+population std (np.std, as the seed prints).
 
 Side effects (stdout, JSON, the table, the grid) happen on the main process only; with
 --save_images each rank writes the PNGs of its own images (disjoint files) rather than
@@ -30,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import re
 import sys
@@ -48,7 +51,6 @@ from vae.config import ConfigError, arg, fail, parse_config, to_dict
 from vae.models import ModelError, load_vae
 
 PROG = "eval_vae.py"
-logger = logging.getLogger(__name__)
 
 # The seed's choices (SPEC.md "Faults in the anchors": eval encodes a sampled latent and makes
 # uint8 by truncation; scikit-image's default SSIM window; torchvision's Resize, i.e. PIL
@@ -57,7 +59,6 @@ PROTOCOLS = {
     "default": {"latent": "mean", "uint8": "round", "ssim_window": "uniform", "interpolation": "bilinear"},
     "seed": {"latent": "sample", "uint8": "truncate", "ssim_window": "uniform", "interpolation": "bilinear"},
 }
-METRIC_NAMES = ("rfid", "psnr", "ssim", "lpips")
 
 
 @dataclass
@@ -99,6 +100,8 @@ class EvalConfig:
             raise ConfigError(f"--batch_size must be >= 1, got {self.batch_size}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ConfigError(f"--max_samples must be >= 1, got {self.max_samples}")
+        if self.ssim_window == "gaussian" and self.resolution < 16:
+            raise ConfigError("--ssim_window gaussian needs --resolution >= 16 (an 11×11 window)")
         if self.num_workers < 0 or self.grid_images < 0:
             raise ConfigError("--num_workers and --grid_images must be >= 0")
         if self.protocol == "seed":
@@ -108,7 +111,7 @@ class EvalConfig:
                     raise ConfigError(f"--protocol seed means --{key} {value}; drop --{key} {given} or the --protocol flag")
 
     def resolved_protocol(self) -> dict[str, str]:
-        """latent / uint8 / ssim_window after applying --protocol defaults."""
+        """latent / uint8 / ssim_window / interpolation after applying --protocol defaults."""
         base = PROTOCOLS[self.protocol]
         return {key: getattr(self, key) or base[key] for key in base}
 
@@ -301,80 +304,81 @@ def markdown_table(result: dict) -> str:
 # ----------------------------------------------------------------------------------------
 
 
-def evaluate(
-    cfg: EvalConfig,
-    feature_extractor: torch.nn.Module | None = None,
-    lpips: torch.nn.Module | None = None,
-    accelerator: Accelerator | None = None,
-) -> dict:
-    """Run the evaluation; returns the result dict (also written as JSON) on every process.
+class Evaluator:
+    """Holds what one evaluation needs; `run` goes over this rank's images, `result` gathers them."""
 
-    Raises data.DataError, ModelError, metrics.MetricError or PerceptionWeightsError (one line)
-    before any image is processed. `feature_extractor` replaces Inception for rFID (tests only);
-    `lpips` is a prebuilt LPIPS module matching cfg.perception_weights (several runs in one process).
-    """
-    # Mixed precision is our own autocast rather than Accelerator's, so several evaluations can
-    # run in one process (AcceleratorState is a singleton that refuses a second setting).
-    accelerator = accelerator or Accelerator()
-    device, is_main = accelerator.device, accelerator.is_main_process
-    mixed_precision = cfg.mixed_precision or accelerator.mixed_precision or "no"
-    chosen = cfg.resolved_protocol()
+    def __init__(self, cfg: EvalConfig, accelerator: Accelerator, feature_extractor=None, lpips=None):
+        self.cfg, self.accelerator = cfg, accelerator
+        self.device = accelerator.device
+        self.protocol = cfg.resolved_protocol()
+        self.mixed_precision = cfg.mixed_precision or accelerator.mixed_precision or "no"
 
-    # Cheap checks first: data, FID weights, models, LPIPS weights — all fail with one line.
-    source = dataset_source(cfg)
-    data.validate_sources([source])
-    inception_path = metrics.resolve_inception_weights(cfg.inception_weights) if cfg.fid and feature_extractor is None else None
-    models = load_models(cfg)
-    if lpips is None:
-        if cfg.perception_weights == "random":
-            torch.manual_seed(cfg.seed)  # the same random VGG on every rank and in every run
-        lpips = build_lpips(pretrained=cfg.perception_weights == "pretrained")
-    lpips = lpips.to(device)
-    if cfg.perception_weights == "random" and is_main:
-        print("WARNING: LPIPS uses a RANDOM VGG16 backbone (--perception_weights random): its numbers are NOT LPIPS.", flush=True)
-    fids = build_fids(len(models), cfg, inception_path, feature_extractor)
-    evaluated = [
-        Evaluated(label, path, role, vae.to(device), fid.to(device) if fid is not None else None)
-        for (label, path, role, vae), fid in zip(models, fids)
-    ]
-    record = protocol_record(cfg, chosen, mixed_precision, inception_path)
-    if cfg.fid and feature_extractor is not None:
-        record["rfid"] += " [custom feature extractor instead of Inception]"
+        # Cheap checks first — data, FID weights, models, LPIPS weights — each fails with one line.
+        self.source = dataset_source(cfg)
+        data.validate_sources([self.source])
+        use_inception = cfg.fid and feature_extractor is None
+        self.inception_path = metrics.resolve_inception_weights(cfg.inception_weights) if use_inception else None
+        models = load_models(cfg)
+        if lpips is None:
+            if cfg.perception_weights == "random":
+                torch.manual_seed(cfg.seed)  # the same random VGG on every rank and in every run
+            lpips = build_lpips(pretrained=cfg.perception_weights == "pretrained")
+        self.lpips = lpips.to(self.device)
+        fids = build_fids(len(models), cfg, self.inception_path, feature_extractor)
+        self.models = [
+            Evaluated(label, path, role, vae.to(self.device), fid.to(self.device) if fid is not None else None)
+            for (label, path, role, vae), fid in zip(models, fids)
+        ]
+        self.record = protocol_record(cfg, self.protocol, self.mixed_precision, self.inception_path)
+        if cfg.fid and feature_extractor is not None:
+            self.record["rfid"] += " [custom feature extractor instead of Inception]"
 
-    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+        # Our own autocast rather than Accelerator's: AcceleratorState is a process-wide
+        # singleton that refuses a second setting, and tests run several evaluations.
+        amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mixed_precision)
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
 
-    stream = data.build_eval_stream(
-        source,
-        cfg.resolution,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        max_samples=cfg.max_samples,
-        interpolation=chosen["interpolation"],
-    )
-    # Not accelerator.prepare'd: the stream already gives each rank its own images, and
-    # prepare would pad the last batch with duplicates.
-    loader = data.make_dataloader(stream, cfg.batch_size, cfg.num_workers)
+        self.per_image: list[tuple[str, dict[str, dict[str, float]]]] = []  # (key, {label: {metric: value}})
+        self.grid_rows: list[tuple[str, list[torch.Tensor]]] = []
+        self.skipped = 0
+        self.seconds = 0.0
 
-    per_image: list[tuple[str, dict[str, dict[str, float]]]] = []
-    grid_rows: list[tuple[str, list[torch.Tensor]]] = []
-    skipped = 0
-    start = time.perf_counter()
-    for batch in loader:
-        x = batch["pixel_values"].to(device, torch.float32)  # (B, 3, R, R) in [-1, 1]
-        keys = list(batch["key"])
-        skipped += int(batch["skipped"].sum())  # (B, sources): unreadable files met before each image
-        ref_u8 = metrics.to_uint8(x, chosen["uint8"])
+    def loader(self):
+        stream = data.build_eval_stream(
+            self.source,
+            self.cfg.resolution,
+            rank=self.accelerator.process_index,
+            world_size=self.accelerator.num_processes,
+            max_samples=self.cfg.max_samples,
+            interpolation=self.protocol["interpolation"],
+        )
+        # Not accelerator.prepare'd: the stream already gives each rank its own images, and
+        # prepare would pad the last batch with duplicates.
+        return data.make_dataloader(stream, self.cfg.batch_size, self.cfg.num_workers)
+
+    def run(self) -> None:
+        start = time.perf_counter()
+        for batch in self.loader():
+            self.skipped += int(batch["skipped"].sum())  # (B, sources): unreadable files met before each image
+            self.evaluate_batch(batch["pixel_values"].to(self.device, torch.float32), list(batch["key"]))
+        self.seconds = time.perf_counter() - start
+
+    @torch.no_grad()
+    def evaluate_batch(self, x: torch.Tensor, keys: list[str]) -> None:
+        """x: (B, 3, R, R) in [-1, 1]; every model reconstructs the same images."""
+        cfg, protocol = self.cfg, self.protocol
+        ref_u8 = metrics.to_uint8(x, protocol["uint8"])  # (B, 3, R, R) uint8, as saved and fed to FID
         noise_seeds = [image_noise_seed(cfg.seed, k) for k in keys]
-        values = {k: {} for k in keys}
+        values: dict[str, dict] = {k: {} for k in keys}
         recons_u8 = []
-        for m in evaluated:
-            recon = reconstruct(m.vae, x, chosen["latent"], noise_seeds, autocast)
+        for m in self.models:
+            recon = reconstruct(m.vae, x, protocol["latent"], noise_seeds, self.autocast)
             m.nonfinite += int((~torch.isfinite(recon).flatten(1).all(dim=1)).sum())
-            scores = metrics.reconstruction_metrics(x, recon, lpips=lpips, ssim_window=chosen["ssim_window"])
+            scores = metrics.reconstruction_metrics(x, recon, lpips=self.lpips, ssim_window=protocol["ssim_window"])
+            scores = {name: v.tolist() for name, v in scores.items()}
             for i, k in enumerate(keys):
-                values[k][m.label] = {name: float(v[i]) for name, v in scores.items()}
-            rec_u8 = metrics.to_uint8(recon, chosen["uint8"])
+                values[k][m.label] = {name: v[i] for name, v in scores.items()}
+            rec_u8 = metrics.to_uint8(recon, protocol["uint8"])
             recons_u8.append(rec_u8)
             if m.fid is not None:
                 m.fid.update(ref_u8, real=True)
@@ -383,55 +387,76 @@ def evaluate(
                 save_pngs(os.path.join(cfg.output_dir, "images", safe_name(m.label)), keys, rec_u8)
         if cfg.save_images:
             save_pngs(os.path.join(cfg.output_dir, "images", "reference"), keys, ref_u8)
-        per_image.extend(values.items())
-        for i, k in enumerate(keys):
-            if len(grid_rows) < cfg.grid_images:
-                grid_rows.append((k, [ref_u8[i].cpu()] + [r[i].cpu() for r in recons_u8]))
-    local_seconds = time.perf_counter() - start
+        self.per_image.extend(values.items())
+        for i, k in enumerate(keys[: max(0, cfg.grid_images - len(self.grid_rows))]):
+            self.grid_rows.append((k, [ref_u8[i].cpu()] + [r[i].cpu() for r in recons_u8]))
 
-    # Every image was evaluated on exactly one rank; gather them all (no padding to remove).
-    per_image = gather_object(per_image)
-    grid_rows = gather_object(grid_rows)
-    skipped_all = gather_object([skipped])
-    seconds = max(gather_object([local_seconds]))
-    rfids = [finish_fid(m.fid, is_main) if m.fid is not None else None for m in evaluated]
-    nonfinite = [sum(gather_object([m.nonfinite])) for m in evaluated]
+    def result(self) -> tuple[dict, list]:
+        """Gather every rank's images (collectives: all ranks call this); rFID only on the main process."""
+        is_main = self.accelerator.is_main_process
+        # Every image was evaluated on exactly one rank: gather, no padding to remove.
+        per_image = sorted(gather_object(self.per_image))
+        grid_rows = sorted(gather_object(self.grid_rows), key=lambda row: row[0])[: self.cfg.grid_images]
+        skipped = sum(gather_object([self.skipped]))
+        seconds = max(gather_object([self.seconds]))
+        nonfinite = [sum(gather_object([m.nonfinite])) for m in self.models]
+        rfids = [finish_fid(m.fid, is_main) if m.fid is not None else None for m in self.models]
 
-    keys = [k for k, _ in per_image]
-    if len(set(keys)) != len(keys):
-        raise RuntimeError(f"{len(keys) - len(set(keys))} images were evaluated twice across ranks")
-    result = {
-        "dataset": cfg.dataset,
-        "dataset_name": source.name,
-        "split": cfg.split,
-        "resolution": cfg.resolution,
-        "num_images": len(keys),
-        "skipped_images": int(sum(skipped_all)),
-        "world_size": accelerator.num_processes,
-        "seconds": seconds,
-        "images_per_second": len(keys) / seconds if seconds > 0 else None,
-        "protocol": record,
-        "models": [],
-        "versions": versions(),
-        "config": to_dict(cfg),
-    }
-    for m, rfid, bad in zip(evaluated, rfids, nonfinite):
-        acc = metrics.MeanStd()
-        for _, per_model in sorted(per_image):
-            acc.update(**{name: [v] for name, v in per_model[m.label].items()})
-        summary = acc.summary()
-        result["models"].append(
-            {
-                "label": m.label,
-                "path": m.path,
-                "role": m.role,
-                "latent_channels": m.vae.config.latent_channels,
-                "nonfinite_reconstructions": bad,
-                "metrics": {"rfid": {"value": rfid, "count": len(keys) if cfg.fid else 0}, **summary},
-            }
-        )
-    if is_main:
-        write_outputs(cfg, result, sorted(grid_rows, key=lambda r: r[0])[: cfg.grid_images])
+        keys = [k for k, _ in per_image]
+        if len(set(keys)) != len(keys):
+            raise RuntimeError(f"{len(keys) - len(set(keys))} images were evaluated twice across ranks")
+        result = {
+            "dataset": self.cfg.dataset,
+            "dataset_name": self.source.name,
+            "split": self.cfg.split,
+            "resolution": self.cfg.resolution,
+            "num_images": len(keys),
+            "skipped_images": skipped,
+            "world_size": self.accelerator.num_processes,
+            "seconds": seconds,
+            "images_per_second": len(keys) / seconds if seconds > 0 else None,
+            "protocol": self.record,
+            "models": [],
+            "versions": versions(),
+            "config": to_dict(self.cfg),
+        }
+        for m, rfid, bad in zip(self.models, rfids, nonfinite):
+            acc = metrics.MeanStd()
+            for _, per_model in per_image:
+                acc.update(**{name: [v] for name, v in per_model[m.label].items()})
+            result["models"].append(
+                {
+                    "label": m.label,
+                    "path": m.path,
+                    "role": m.role,
+                    "latent_channels": m.vae.config.latent_channels,
+                    "nonfinite_reconstructions": bad,
+                    "metrics": {"rfid": {"value": rfid, "count": len(keys) if m.fid is not None else 0}, **acc.summary()},
+                }
+            )
+        return result, grid_rows
+
+
+def evaluate(
+    cfg: EvalConfig,
+    feature_extractor: torch.nn.Module | None = None,
+    lpips: torch.nn.Module | None = None,
+    accelerator: Accelerator | None = None,
+) -> dict:
+    """Run the evaluation; returns the result dict (also written as JSON; rFID only on the main process).
+
+    Raises data.DataError, ModelError, metrics.MetricError or PerceptionWeightsError (one line)
+    before any image is processed. `feature_extractor` replaces Inception for rFID (tests only);
+    `lpips` is a prebuilt LPIPS module matching cfg.perception_weights (several runs in one process).
+    """
+    accelerator = accelerator or Accelerator()
+    evaluator = Evaluator(cfg, accelerator, feature_extractor, lpips)
+    if cfg.perception_weights == "random" and accelerator.is_main_process:
+        print("WARNING: LPIPS uses a RANDOM VGG16 backbone (--perception_weights random): its numbers are NOT LPIPS.", flush=True)
+    evaluator.run()
+    result, grid_rows = evaluator.result()
+    if accelerator.is_main_process:
+        write_outputs(cfg, result, grid_rows)
     accelerator.wait_for_everyone()
     return result
 

@@ -171,12 +171,13 @@ class Trainer:
             vae.to(memory_format=torch.channels_last)
         self.vae = vae
         self.last_layer_input = InputCapture(vae.decoder.conv_out)
-        self.heldout_images = load_images(heldout, cfg.resolution, cfg.num_validation_images)
+        self.heldout_images = load_images(heldout, cfg.resolution, cfg.num_validation_images, cfg.interpolation)
         self.heldout_source = heldout
 
         self.stream = data.build_train_stream(
             sources, cfg.resolution, seed=cfg.seed, rank=accelerator.process_index,
-            world_size=accelerator.num_processes, shuffle_block=cfg.shuffle_block, random_flip=cfg.random_flip)
+            world_size=accelerator.num_processes, shuffle_block=cfg.shuffle_block, random_flip=cfg.random_flip,
+            interpolation=cfg.interpolation)
         # Its own generator: creating the iterator must not draw from the global RNG, or a resumed
         # run's posterior samples would differ from an uninterrupted run's.
         self.dataloader = data.make_dataloader(

@@ -28,7 +28,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 import data
-from test_train import ROOT, run_main, smooth_image, tensors_of, tiny_args
+from test_train import ROOT, run_main, tensors_of, tiny_args
 from vae import checkpointing
 
 SCRIPT = os.path.join(ROOT, "train_vae.py")
@@ -36,15 +36,6 @@ SCRIPT = os.path.join(ROOT, "train_vae.py")
 CHECKPOINT_FILES = ("trainer_state.json", "data_state_0.pt", "random_states_0.pkl", "optimizer.bin", "optimizer_1.bin",
                     "scheduler.bin", "scheduler_1.bin", "discriminator.safetensors", "vae/config.json",
                     "vae/diffusion_pytorch_model.safetensors")
-
-
-@pytest.fixture(scope="module")
-def good_images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("good")
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        smooth_image(rng).save(root / f"{i:03d}.png")
-    return str(root)
 
 
 # ----------------------------------------------------------------------------------------
@@ -142,14 +133,14 @@ def check_after_kill(out, resumed_at: int | None) -> int | None:
     return newest
 
 
-def test_kill_9_at_random_moments_then_resume_latest(good_images, tmp_path, fork_server):
+def test_kill_9_at_random_moments_then_resume_latest(image_folder, tmp_path, fork_server):
     """Six SIGKILLs in a row on one output folder (at start, as a save begins, during saves, between
     saves); each restart with `--resume_from_checkpoint latest` continues from the newest complete
     checkpoint, and the last run ends with the weights of a run that was never interrupted."""
     out, ref = tmp_path / "killed", tmp_path / "reference"
-    argv = tiny_args(good_images, out, KILL_MAX_STEPS, checkpointing_steps=1, checkpoints_total_limit=KILL_LIMIT,
+    argv = tiny_args(image_folder, out, KILL_MAX_STEPS, checkpointing_steps=1, checkpoints_total_limit=KILL_LIMIT,
                      resume_from_checkpoint="latest", latent_stats_samples=2)
-    ref_argv = tiny_args(good_images, ref, KILL_MAX_STEPS, checkpointing_steps=1, checkpoints_total_limit=KILL_LIMIT,
+    ref_argv = tiny_args(image_folder, ref, KILL_MAX_STEPS, checkpointing_steps=1, checkpoints_total_limit=KILL_LIMIT,
                          latent_stats_samples=2)
     # The uninterrupted reference runs beside the kills: each process uses one thread, there are two cores.
     reference = start_script(fork_server, ref_argv, tmp_path / "reference.log")
@@ -241,7 +232,8 @@ def png_header(width: int, height: int) -> bytes:
 def bad_corpus() -> dict[str, tuple[bytes, str]]:
     """file name -> (bytes, expected decision): 'skip' (counted) or 'rgb' (converted and trained on)."""
     rng = np.random.default_rng(1)
-    photo = smooth_image(rng)  # 48 x 40
+    yy, xx = np.mgrid[0:40, 0:48]
+    photo = Image.fromarray(np.stack([xx * 5, yy * 6, (xx + yy) * 3], -1).astype(np.uint8))  # 48 x 40
     noise = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
     truncated = encode(noise, "JPEG", quality=95)
     palette = photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
@@ -267,10 +259,10 @@ def bad_corpus() -> dict[str, tuple[bytes, str]]:
 
 
 @pytest.fixture(scope="module")
-def mixed_folder(tmp_path_factory, good_images):
+def mixed_folder(tmp_path_factory, image_folder):
     """The good images, the corpus, and a file without an image extension (never listed, never counted)."""
     root = tmp_path_factory.mktemp("corpus") / "mixed"
-    shutil.copytree(good_images, root)
+    shutil.copytree(image_folder, root)
     for name, (content, _) in bad_corpus().items():
         (root / name).write_bytes(content)
     (root / "notes.txt").write_text("not an image")
@@ -316,7 +308,7 @@ def test_training_goes_on_over_bad_files_and_counts_them(mixed_folder, tmp_path,
     corpus = bad_corpus()
     bad = sorted(name for name, (_, decision) in corpus.items() if decision == "skip")
     good = len(os.listdir(mixed_folder)) - 1 - len(bad)  # minus notes.txt
-    assert good == 8 + len(corpus) - len(bad)
+    assert good == 10 + len(corpus) - len(bad)
     # Stop right after the first pass over the folder has reported every bad file once (and no second
     # pass has begun reporting), so the count must be exactly the number of bad files.
     for seed in range(10):
@@ -361,31 +353,31 @@ class CodeOnUnpickle:
 
 
 @pytest.fixture(scope="module")
-def one_step_checkpoint(good_images, tmp_path_factory):
+def one_step_checkpoint(image_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("one_step")
-    run_main(tiny_args(good_images, out, 1, checkpointing_steps=1))
+    run_main(tiny_args(image_folder, out, 1, checkpointing_steps=1))
     return out / "checkpoint-1"
 
 
 @pytest.mark.parametrize("name", ["data_state_0.pt", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"])
-def test_resume_refuses_a_pickle_that_runs_code(name, one_step_checkpoint, good_images, tmp_path):
+def test_resume_refuses_a_pickle_that_runs_code(name, one_step_checkpoint, image_folder, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(one_step_checkpoint, out / "checkpoint-1")
     marker = tmp_path / "code_ran"
     torch.save({"state": {}, "payload": CodeOnUnpickle(str(marker))}, out / "checkpoint-1" / name)
     with pytest.raises((pickle.UnpicklingError, SystemExit)) as refused:
-        run_main(tiny_args(good_images, out, 2, checkpointing_steps=1, resume_from_checkpoint="latest"))
+        run_main(tiny_args(image_folder, out, 2, checkpointing_steps=1, resume_from_checkpoint="latest"))
     if refused.type is SystemExit:
         assert refused.value.code not in (0, None)
     assert not marker.exists()
     assert not (out / "checkpoint-2").exists() and not (out / "config.json").exists()
 
 
-def test_resume_from_a_partial_folder_is_one_line(good_images, tmp_path, capsys):
+def test_resume_from_a_partial_folder_is_one_line(image_folder, tmp_path, capsys):
     partial = tmp_path / "checkpoint-3.tmp"
     partial.mkdir()
     with pytest.raises(SystemExit) as exit_info:
-        run_main(tiny_args(good_images, tmp_path, 4, resume_from_checkpoint=str(partial)))
+        run_main(tiny_args(image_folder, tmp_path, 4, resume_from_checkpoint=str(partial)))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("train_vae.py: error:") and "is not a complete checkpoint folder" in err[-1]

@@ -173,7 +173,7 @@ def test_export_latent_statistics_and_token_never_written(image_folder, tmp_path
     assert secret not in captured.out + captured.err
     # scaling/shift factors are the statistics of sampled latents of the held-out images.
     vae = AutoencoderKL.from_pretrained(tmp_path)
-    images = torch.stack([s["pixel_values"] for s in data.build_eval_stream(data.parse_source(image_folder), 32, max_samples=6)])
+    images = torch.stack([s["pixel_values"] for s in data.build_eval_stream(data.parse_source(image_folder), 32, max_samples=6, interpolation="bilinear")])
     with torch.no_grad():
         z = vae.encode(images).latent_dist.sample(generator=torch.Generator().manual_seed(0))
     assert vae.config.shift_factor == pytest.approx(z.mean().item(), abs=1e-5)

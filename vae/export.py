@@ -104,7 +104,7 @@ def push_to_hub(cfg) -> None:
 
 def export_model(cfg, vae: AutoencoderKL, heldout_source, state, sources) -> None:
     device = next(vae.parameters()).device
-    images = load_images(heldout_source, cfg.resolution, cfg.latent_stats_samples).to(device)
+    images = load_images(heldout_source, cfg.resolution, cfg.latent_stats_samples, cfg.interpolation).to(device)
     stats = latent_statistics(vae, images, cfg.train_batch_size, seed=cfg.seed)
     vae.register_to_config(**stats)
     vae.save_pretrained(cfg.output_dir, safe_serialization=True)

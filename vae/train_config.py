@@ -49,6 +49,7 @@ class TrainConfig:
     validation_source: str | None = arg(None, "held-out images for in-training metrics and latent statistics (same syntax as --source)")
     resolution: int = arg(256, "training crop size (divisible by 8)")
     random_flip: bool = arg(False, "random horizontal flips (the recipe uses none)")
+    interpolation: str = arg("bilinear", "shorter-side resize filter (bilinear = torchvision's Resize, as the seed)", choices=("bilinear", "bicubic"))
     shuffle_block: int = arg(1000, "images per exactly-resumable shuffle block")
     dataloader_num_workers: int = arg(4, "DataLoader worker processes per rank")
     num_validation_images: int = arg(8, "held-out images in the fixed validation batch")

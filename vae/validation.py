@@ -15,9 +15,9 @@ import data
 from vae.metrics import psnr, ssim
 
 
-def load_images(source, resolution: int, count: int) -> torch.Tensor:
+def load_images(source, resolution: int, count: int, interpolation: str = "bilinear") -> torch.Tensor:
     """The first `count` images of a source, eval transform (Resize + CenterCrop): (N, 3, R, R) in [-1, 1]."""
-    stream = data.build_eval_stream(source, resolution, max_samples=count)
+    stream = data.build_eval_stream(source, resolution, max_samples=count, interpolation=interpolation)
     images = [sample["pixel_values"] for sample in stream]
     if not images:
         raise data.DataError(f"held-out source {source.path!r} yielded no readable images")
