@@ -225,6 +225,8 @@ def test_bad_inputs_fail_with_one_line(workspace, capsys, tmp_path, monkeypatch)
     ws = workspace
     err = _error_line(capsys, base_args(ws, "bad") + ["--dataset", str(ws / "empty")])
     assert "no image files" in err
+    err = _error_line(capsys, base_args(ws, "bad") + ["--dataset", "no-such-org/no-such-dataset"])
+    assert "no-such-org/no-such-dataset" in err
     fid_ok = ["--inception_weights", str(ws / "inception.pth")]
     err = _error_line(capsys, base_args(ws, "bad", *fid_ok) + ["--pretrained_model_name_or_path", str(ws / "nowhere")])
     assert "nowhere" in err and "does not exist" in err
@@ -241,3 +243,20 @@ def test_bad_inputs_fail_with_one_line(workspace, capsys, tmp_path, monkeypatch)
     assert "--protocol seed" in err
     assert not (ws / "bad").exists()  # nothing written before the checks
 
+
+
+def test_inception_file_loads_like_torch_fidelity(workspace):
+    """build_fid reads torch-fidelity's file format and resizes as torch-fidelity does (TF1 bilinear, no antialias)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    path = str(workspace / "inception.pth")
+    fid = metrics.build_fid(weights_path=path, features=64)
+    reference = FeatureExtractorInceptionV3("inception-v3-compat", ["64"], feature_extractor_weights_path=path)
+    images = torch.randint(0, 256, (2, 3, 400, 352), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    ours, theirs = fid.inception(images), reference(images)[0]
+    assert ours.shape == (2, 64) and ours.abs().sum() > 0
+    torch.testing.assert_close(ours, theirs)
+    with pytest.raises(metrics.MetricError, match="cannot load Inception weights"):
+        bad = workspace / "not_inception.pth"
+        torch.save({"weight": torch.zeros(1)}, bad)
+        metrics.build_fid(weights_path=str(bad))
