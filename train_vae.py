@@ -34,10 +34,10 @@ import data
 from losses import TransfusionLoss
 from losses.perceptual import PerceptionWeightsError
 from vae import checkpointing, export
-from vae.validation import held_out_metrics, load_images, log_images, save_grid
 from vae.config import fail, parse_config, to_dict
 from vae.models import ModelError, build_vae, init_from_pretrained, load_vae
 from vae.train_config import TrainConfig, apply_demo_defaults
+from vae.validation import held_out_metrics, load_images, log_images, save_grid
 
 PROG = "train_vae.py"
 logger = get_logger(__name__)
@@ -92,7 +92,11 @@ def requires_grad(module: nn.Module, flag: bool) -> None:
 
 
 def build_data(cfg: TrainConfig):
-    """(train sources, held-out source, whether the held-out set is really held out)."""
+    """(training sources, held-out source); one clear DataError for anything unusable.
+
+    Without --validation_source the held-out batch comes from the first training source
+    (centre crops of its first images), i.e. not truly held out: pass one for honest metrics.
+    """
     if cfg.is_demo:
         train, heldout = data.demo_sources(os.path.join(cfg.output_dir, "demo_data"))
         sources = [train]
@@ -210,7 +214,7 @@ class Trainer:
 
     # -- checkpoint hooks: the VAE as a diffusers folder, D and EMA beside it ---------------
     def _save_hook(self, models, weights, output_dir):
-        for i, model in enumerate(models):
+        for model in models:
             unwrapped = self.accelerator.unwrap_model(model)
             if self.accelerator.is_main_process:
                 if isinstance(unwrapped, VAEForTraining) or hasattr(unwrapped, "_orig_mod"):
@@ -351,7 +355,7 @@ class Trainer:
                 with acc.accumulate(self.model, self.disc):
                     recon, logs, g_ok = self.generator_step(x, step)
                     d_ok = True
-                    if step >= cfg.disc_start and cfg.gan_weight > 0:
+                    if self.loss_fn.gan_active(step):
                         d_logs, d_ok = self.discriminator_step(x, recon, step)
                         logs.update(d_logs)
             st.global_step += 1
