@@ -63,27 +63,44 @@ PROTOCOLS = {
 
 @dataclass
 class EvalConfig:
-    pretrained_model_name_or_path: str = arg("", help="the VAE to evaluate: diffusers folder, training output or checkpoint-N folder, or hub id")
+    # What to evaluate, on what.
+    pretrained_model_name_or_path: str = arg(
+        "", help="the VAE to evaluate: diffusers folder, training output or checkpoint-N folder, or hub id"
+    )
+    baseline: list[str] = arg([], help="a baseline VAE evaluated on the same images (repeatable)")
     dataset: str = arg("", help="hub dataset id or local folder (ImageNet/COCO/FFHQ seed layouts or a plain image folder)")
     split: str = arg("validation", help="dataset split")
     dataset_config: str | None = arg(None, help="hub dataset config name")
     image_column: str = arg("auto", help="image column of a hub / parquet dataset")
     resolution: int = arg(256, help="Resize shorter side + CenterCrop to this size; divisible by 8")
     max_samples: int | None = arg(None, help="evaluate only the first N images (deterministic order)")
-    baseline: list[str] = arg([], help="a baseline VAE evaluated on the same images (repeatable)")
-    batch_size: int = arg(16, help="images per batch and process")
-    num_workers: int = arg(2, help="DataLoader workers per process")
-    mixed_precision: str | None = arg(None, choices=("no", "fp16", "bf16"), help="autocast for encode/decode; default: the accelerate launch setting, else no")
-    protocol: str = arg("default", choices=tuple(PROTOCOLS), help="default = mean latent, rounding, uniform SSIM; seed = sample, truncate, uniform")
-    latent: str | None = arg(None, choices=("mean", "sample"), help="decode the posterior mean or a (seeded) sample; default from --protocol")
+    # Protocol: every choice that changes the numbers.
+    protocol: str = arg(
+        "default", choices=tuple(PROTOCOLS), help="default: mean, round, uniform, bilinear; seed: sample, truncate, uniform, bilinear"
+    )
+    latent: str | None = arg(None, choices=("mean", "sample"), help="decode the posterior mean or a seeded sample; default from --protocol")
     uint8: str | None = arg(None, choices=("round", "truncate"), help="float -> uint8 for PNGs and FID; default from --protocol")
     ssim_window: str | None = arg(None, choices=("uniform", "gaussian"), help="SSIM window; default from --protocol")
-    interpolation: str | None = arg(None, choices=("bilinear", "bicubic"), help="PIL filter of the shorter-side resize; default from --protocol (bilinear, as torchvision's Resize)")
-    seed: int = arg(0, help="seed of the per-image latent noise (--latent sample)")
+    interpolation: str | None = arg(
+        None, choices=("bilinear", "bicubic"), help="PIL filter of the shorter-side resize; default from --protocol"
+    )
+    seed: int = arg(0, help="seed of the per-image latent noise (--latent sample) and of a random LPIPS VGG")
     fid: bool = arg(True, help="compute rFID (--no-fid skips it; recorded in the output)")
-    fid_features: int = arg(2048, choices=(2048, 768, 192, 64), help="Inception layer for rFID: 2048 = pool3 (the standard); 64/192/768 for quick checks only")
-    inception_weights: str | None = arg(None, help="torch-fidelity Inception file; default: <torch hub dir>/checkpoints/" + metrics.INCEPTION_WEIGHTS_FILE)
-    perception_weights: str = arg("pretrained", choices=("pretrained", "random"), help="LPIPS VGG weights; random = offline smoke runs only, NOT LPIPS")
+    fid_features: int = arg(
+        2048, choices=(2048, 768, 192, 64), help="Inception layer for rFID: 2048 = pool3, the standard; others for quick checks only"
+    )
+    inception_weights: str | None = arg(
+        None, help=f"torch-fidelity Inception file; default: <torch hub dir>/checkpoints/{metrics.INCEPTION_WEIGHTS_FILE}"
+    )
+    perception_weights: str = arg(
+        "pretrained", choices=("pretrained", "random"), help="LPIPS VGG weights; random = offline smoke runs only, NOT LPIPS"
+    )
+    # Infrastructure.
+    batch_size: int = arg(16, help="images per batch and process")
+    num_workers: int = arg(2, help="DataLoader workers per process")
+    mixed_precision: str | None = arg(
+        None, choices=("no", "fp16", "bf16"), help="autocast for encode/decode; default: the accelerate launch setting, else no"
+    )
     output_dir: str = arg("eval-out", help="where the JSON, the table, the grid and PNGs go")
     output_json: str | None = arg(None, help="JSON results path (default: <output_dir>/eval.json)")
     save_images: bool = arg(False, help="save reference and reconstruction PNGs (the uint8 images FID sees)")
