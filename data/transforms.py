@@ -102,8 +102,12 @@ def resize_shorter_side(img: Image.Image, size: int, interpolation: str = "bicub
     width, height = img.size
     if min(width, height) == size:
         return img
-    scale = size / min(width, height)
-    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+    # The long side as torchvision's Resize(int) computes it (truncated, not rounded), so our
+    # crops are pixel-identical to the seed's.
+    if width <= height:
+        new_size = (size, int(size * height / width))
+    else:
+        new_size = (int(size * width / height), size)
     return img.resize(new_size, INTERPOLATIONS[interpolation])
 
 

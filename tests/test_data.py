@@ -585,3 +585,14 @@ def test_demo_sources_are_real_photos_and_idempotent(tmp_path):
     validate_sources([train, heldout])
     image = np.asarray(Image.open(os.path.join(train.path, "astronaut.png")))
     assert image.shape == (512, 512, 3) and image.std() > 20  # a photograph, not a flat fill
+
+
+@pytest.mark.parametrize("size", [(500, 375), (333, 500), (1024, 683), (37, 53)])
+def test_eval_transform_is_pixel_identical_to_torchvision_resize_centercrop(size):
+    """The seed's eval crop: torchvision Resize(R) (bilinear on PIL) + CenterCrop(R) + [-1, 1]."""
+    import torchvision.transforms as T
+
+    rng = np.random.default_rng(sum(size))
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    reference = T.Compose([T.Resize(64), T.CenterCrop(64), T.PILToTensor()])(img).float() / 127.5 - 1
+    assert torch.equal(eval_transform(img, 64, interpolation="bilinear"), reference)
