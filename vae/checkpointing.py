@@ -15,6 +15,7 @@ import shutil
 import tempfile
 
 import torch
+from accelerate.utils import load as accelerate_load
 
 from vae.config import fail
 
@@ -106,5 +107,27 @@ def load_extra(path: str, rank: int, world_size: int) -> tuple[dict, dict]:
     if saved_world != world_size:
         fail("train_vae.py", f"{path} was written by {saved_world} processes; resume it with the same number "
                              f"(got {world_size}) so every rank continues its own data stream")
-    data_state = torch.load(os.path.join(path, f"data_state_{rank}.pt"), weights_only=True)
+    # accelerate's load_state skips an RNG file it cannot read (a damaged file, or a pickle that would
+    # run code) with one info line and carries on: the run would go on drawing other random numbers
+    # than the one it claims to continue. Read it again here and stop instead.
+    rng = _read_pickle(os.path.join(path, f"random_states_{rank}.pkl"), accelerate_load)
+    if not isinstance(rng, dict) or "torch_manual_seed" not in rng:
+        fail("train_vae.py", f"refused to resume from {path}: random_states_{rank}.pkl holds no RNG state")
+    data_state = _read_pickle(os.path.join(path, f"data_state_{rank}.pt"), lambda f: torch.load(f, weights_only=True))
     return extra, data_state
+
+
+def _read_pickle(file: str, load):
+    """`load` is a weights_only loader: a file that would import or call anything is refused, in one line."""
+    try:
+        return load(file)
+    except Exception as e:  # noqa: BLE001 - refused pickle, damaged zip, missing file: all end the resume
+        fail("train_vae.py", f"refused to resume from {file}: {load_error(e)}")
+
+
+def load_error(e: Exception) -> str:
+    """One line for a failed checkpoint load (torch's weights_only refusal is a page of advice)."""
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+    if unsafe:
+        return f"it would load {unsafe.group(1)} (weights_only unpickling refuses anything but tensors and plain data)"
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
