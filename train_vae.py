@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import sys
 import time
 from dataclasses import dataclass, field
@@ -267,7 +268,10 @@ class Trainer:
             if self.cfg.resume_from_checkpoint:
                 logger.info("no checkpoint to resume from: starting a new run", main_process_only=True)
             return
-        self.accelerator.load_state(path)
+        try:
+            self.accelerator.load_state(path)
+        except pickle.UnpicklingError as e:  # accelerate loads with weights_only: a pickle that would run code
+            fail(PROG, f"refused to resume from {path}: {checkpointing.load_error(e)}")
         extra, data_state = checkpointing.load_extra(path, self.accelerator.process_index, self.accelerator.num_processes)
         lecam = extra.pop("lecam", {})
         self.loss_fn.lecam.load_state_dict({k: torch.tensor(v) for k, v in lecam.items()})
@@ -386,6 +390,8 @@ class Trainer:
                     st.last_metrics = self.validate(st.global_step)
                 acc.wait_for_everyone()
             if st.global_step % cfg.checkpointing_steps == 0 or done:
+                self._update_skip_counts(skipped_images)  # the checkpoint holds every skip so far
+                skipped_images.zero_()
                 self.save_checkpoint()
 
     def _update_skip_counts(self, skipped_images: torch.Tensor) -> None:

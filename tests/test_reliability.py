@@ -179,13 +179,6 @@ def test_training_goes_on_over_bad_files_and_counts_them(mixed_folder, tmp_path,
     AutoencoderKL.from_pretrained(tmp_path)
 
 
-class SkipCountBehind(Exception):
-    """A checkpoint's trainer state counts fewer bad files than its data stream has skipped."""
-
-
-@pytest.mark.xfail(strict=True, raises=SkipCountBehind,
-                   reason="train_vae.py adds skip counts to the trainer state only at logging steps: a checkpoint "
-                          "between two of them, and every run resumed from it, under-counts")
 def test_every_checkpoint_holds_the_skips_so_far(mixed_folder, tmp_path):
     run_main(tiny_args(mixed_folder, tmp_path, 6, checkpointing_steps=1, logging_steps=100))
     counts = {}  # step -> (trainer state's count, data stream's count)
@@ -195,8 +188,8 @@ def test_every_checkpoint_holds_the_skips_so_far(mixed_folder, tmp_path):
         in_stream = sum(torch.load(ckpt / "data_state_0.pt", weights_only=True)["dataset_state"]["skipped"])
         counts[step] = (state["skipped_images"].get("mixed", 0), in_stream)
     assert counts[5][1] > 0, f"no bad file before the last checkpoint between logging steps: {counts}"
-    if any(ours != theirs for ours, theirs in counts.values()):
-        raise SkipCountBehind(f"(trainer state, data stream) skip counts per checkpoint: {counts}")
+    assert all(ours == theirs for ours, theirs in counts.values()), \
+        f"(trainer state, data stream) skip counts per checkpoint: {counts}"
 
 
 # ----------------------------------------------------------------------------------------
