@@ -148,8 +148,10 @@ def build_loss(cfg: TrainConfig) -> TransfusionLoss:
 
 
 def build_optimizer(cfg: TrainConfig, params, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    # fused Adam is one kernel per step on CUDA; elsewhere PyTorch picks foreach.
-    kw = dict(lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, fused=device.type == "cuda" or None)
+    # Fused Adam: one kernel per step on CUDA, and on CPU 3.3× faster than the default for-loop
+    # for 83.7 M parameters (benchmarks/README.md).
+    kw = dict(lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+              fused=device.type in ("cuda", "cpu") or None)
     if cfg.adam_weight_decay > 0:
         return torch.optim.AdamW(params, weight_decay=cfg.adam_weight_decay, **kw)
     return torch.optim.Adam(params, **kw)
