@@ -22,7 +22,7 @@ random-weight LPIPS-VGG and MoCo (same cost as the real ones). Variants (--varia
   ours_channels_last  ours with --channels_last
   ours_compile        ours with --torch_compile (slow first step; inductor draws its own posterior
                       noise, so its first-step losses differ from the others)
-  ours_fused_adam     ours with torch.optim.Adam(fused=True) (train_vae asks fused on CUDA only)
+  ours_fused_adam     ours with torch.optim.Adam(fused=True) (what build_optimizer now picks on CUDA and CPU)
   ours_foreach_adam   ours with torch.optim.Adam(foreach=True)
   ours_nosync         ours whose _update never reads the gradient norm on the host: fused Adam's
                       found_inf skips a non-finite step on the device instead
