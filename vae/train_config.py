@@ -135,6 +135,9 @@ class TrainConfig:
             raise ConfigError("--push_to_hub needs --hub_model_id")
         if self.mixture == "transfusion" and not self.data_root:
             raise ConfigError("--mixture transfusion needs --data_root (the folder holding ImageNet/, COCO/, FFHQ/)")
+        if self.torch_compile and self.adaptive_weight_mode == "reference":
+            raise ConfigError("--torch_compile needs --adaptive_weight_mode fast (the reference mode's "
+                              "retain_graph backward fails on compiled graphs)")
         if self.source and self.mixture:
             raise ConfigError("give either --source (repeatable) or --mixture, not both")
 
