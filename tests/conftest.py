@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -25,3 +26,13 @@ def image_folder(tmp_path_factory):
     for i in range(10):
         smooth_image(rng).save(root / f"{i:03d}.png")
     return str(root)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: OpenMP threads spinning on 2 cores shared with other work made
+    these tests 2-4x slower (modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -38,13 +38,7 @@ from vae import checkpointing
 SCRIPT = os.path.join(ROOT, "train_vae.py")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread in this process too: OpenMP spinning on two shared cores made runs 3-4x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)
