@@ -12,7 +12,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 import data
-from vae.metrics import psnr, ssim
+from vae.metrics import reconstruction_metrics
 
 
 def load_images(source, resolution: int, count: int, interpolation: str = "bilinear") -> torch.Tensor:
@@ -36,13 +36,10 @@ def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch_size: int) -> to
 
 @torch.no_grad()
 def held_out_metrics(vae: AutoencoderKL, images: torch.Tensor, perceptual: nn.Module | None, batch_size: int):
-    """({psnr, ssim[, lpips]} means over the batch, reconstructions)."""
+    """({psnr, ssim[, lpips]} means over the batch, reconstructions), via the evaluator's metrics."""
     recon = reconstruct(vae, images, batch_size)
-    x01, r01 = (images.float() + 1) / 2, (recon + 1) / 2
-    metrics = {"psnr": psnr(r01, x01).mean().item(), "ssim": ssim(r01, x01).mean().item()}
-    if perceptual is not None:
-        metrics["lpips"] = perceptual(recon, images.float()).float().mean().item()
-    return metrics, recon
+    per_image = reconstruction_metrics(images.float(), recon, lpips=perceptual)
+    return {k: v.mean().item() for k, v in per_image.items()}, recon
 
 
 def save_grid(images: torch.Tensor, recon: torch.Tensor, path: str) -> torch.Tensor:
