@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vae.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 KINDS = ("auto", "hub", "folder", "imagenet", "coco", "ffhq", "parquet", "webdataset")
@@ -47,7 +49,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MIXTURES_DIR = Path(__file__).resolve().parent / "mixtures"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with the data configuration, reported in one line before training starts."""
 
 

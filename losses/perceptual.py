@@ -16,6 +16,8 @@ import lpips
 import torch
 from torch import nn
 
+from vae.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -24,7 +26,7 @@ VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 _VGG_HINT = "copy torchvision's VGG16 file there or pass --perception_weights random"
 
 
-class PerceptionWeightsError(RuntimeError):
+class PerceptionWeightsError(UserError, RuntimeError):
     """Weights of a frozen perception network (VGG16 for LPIPS, MoCo for ID) are missing or wrong."""
 
 

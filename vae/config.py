@@ -16,8 +16,10 @@ import types
 import typing
 from typing import Any
 
+from vae.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad flag or value; the message is one line meant for the user."""
 
 

@@ -21,12 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vae.errors import UserError
+
 # torch-fidelity's release file name; torchvision-style caches keep it under <hub dir>/checkpoints/.
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 
 
-class MetricError(ValueError):
+class MetricError(UserError, ValueError):
     """A metric that cannot be built (e.g. missing Inception weights); one-line message."""
 
 

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import AutoencoderKL
 
+from vae.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model preset, config or checkpoint that cannot be used (one-line message)."""
 
 
