@@ -184,7 +184,7 @@ class Trainer:
         self.stream = data.build_train_stream(
             sources, cfg.resolution, seed=cfg.seed, rank=accelerator.process_index,
             world_size=accelerator.num_processes, shuffle_block=cfg.shuffle_block, random_flip=cfg.random_flip,
-            interpolation=cfg.interpolation)
+            interpolation=cfg.interpolation, crop_mode=cfg.crop_mode)
         # Its own generator: creating the iterator must not draw from the global RNG, or a resumed
         # run's posterior samples would differ from an uninterrupted run's.
         self.dataloader = data.make_dataloader(

@@ -52,6 +52,7 @@ class TrainConfig:
     validation_source: str | None = arg(None, "held-out images for in-training metrics and latent statistics (same syntax as --source)")
     resolution: int = arg(256, "training crop size (divisible by 8)")
     random_flip: bool = arg(False, "random horizontal flips (the recipe uses none)")
+    crop_mode: str = arg("resize", "training crops: resize (shorter side -> resolution, random crop; the recipe), native (a random window at the image's own scale), random_scale (shorter side resized to a random size between resolution and native, then a random crop)", choices=("resize", "native", "random_scale"))
     interpolation: str = arg("bilinear", "shorter-side resize filter (bilinear = torchvision's Resize, as the seed)", choices=("bilinear", "bicubic"))
     shuffle_block: int = arg(1000, "images per exactly-resumable shuffle block")
     dataloader_num_workers: int = arg(4, "DataLoader worker processes per rank")
