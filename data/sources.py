@@ -178,10 +178,6 @@ class ResolvedSource:
     def name(self) -> str:
         return self.spec.name
 
-    @property
-    def num_files(self) -> int:
-        return 0 if self.files is None else len(self.files)
-
 
 def _is_glob(path: str) -> bool:
     return any(ch in path for ch in "*?[")

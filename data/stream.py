@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .sources import DataError, ResolvedSource, SourceSpec, open_records, parse_source, resolve_source, resolve_sources
-from .transforms import (INTERPOLATIONS, MAX_IMAGE_PIXELS, BadImageError, eval_transform, load_image,
+from .transforms import (CROP_MODES, INTERPOLATIONS, MAX_IMAGE_PIXELS, BadImageError, eval_transform, load_image,
                          train_transform)
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ class ImageStream(torch.utils.data.IterableDataset):
     def __init__(self, sources: list[ResolvedSource], resolution: int, *, train: bool, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle_block: int = 1000, random_flip: bool = False,
                  infinite: bool = True, stopping_strategy: str = "all_exhausted", max_samples: int | None = None,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS, interpolation: str = "bicubic"):
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, interpolation: str = "bilinear",
+                 crop_mode: str = "resize"):
         super().__init__()
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -86,6 +87,8 @@ class ImageStream(torch.utils.data.IterableDataset):
             raise DataError(f"stopping_strategy {stopping_strategy!r} is not one of {list(STOPPING_STRATEGIES)}")
         if interpolation not in INTERPOLATIONS:
             raise DataError(f"interpolation {interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
+        if crop_mode not in CROP_MODES:
+            raise DataError(f"crop_mode {crop_mode!r} is not one of {list(CROP_MODES)}")
         if shuffle_block < 1 or resolution < 1:
             raise DataError(f"shuffle_block ({shuffle_block}) and resolution ({resolution}) must be >= 1")
         self.sources = sources
@@ -102,17 +105,13 @@ class ImageStream(torch.utils.data.IterableDataset):
         self.max_samples = max_samples
         self.max_image_pixels = max_image_pixels
         self.interpolation = interpolation
-        self.epoch = 0
+        self.crop_mode = crop_mode  # train only; eval always resizes + centre-crops
         self._pending: dict | None = None  # a loaded state, used by the next __iter__
         self._live: dict | None = None  # the state of the running iteration
 
     # -----------------------------------------------------------------------------------------
     # State
     # -----------------------------------------------------------------------------------------
-
-    def set_epoch(self, epoch: int) -> None:
-        """Epoch a fresh iteration starts at (finite streams: call once per pass, like DistributedSampler)."""
-        self.epoch = int(epoch)
 
     def _fresh_state(self) -> dict:
         worker, num_workers = _worker()
@@ -122,7 +121,7 @@ class ImageStream(torch.utils.data.IterableDataset):
             "node": {"rank": self.rank, "world_size": self.world_size, "worker": worker, "num_workers": num_workers},
             "seed": self.seed,
             "shuffle_block": self.shuffle_block,
-            "epoch": self.epoch,
+            "epoch": 0,
             "block": 0,  # blocks finished in this epoch
             "offset": 0,  # records of the current block consumed (yielded or skipped)
             "upstream": None,  # HF state_dict at the start of the current block; None = epoch start
@@ -182,7 +181,7 @@ class ImageStream(torch.utils.data.IterableDataset):
         if self.train:
             rng = np.random.default_rng(derive_seed(self.seed, _CROP, *rng_parts))
             pixels = train_transform(image, self.resolution, rng, random_flip=self.random_flip,
-                                     interpolation=self.interpolation)
+                                     interpolation=self.interpolation, crop_mode=self.crop_mode)
         else:
             pixels = eval_transform(image, self.resolution, interpolation=self.interpolation)
         return {"pixel_values": pixels, "source": torch.tensor(record["source"], dtype=torch.int64),
@@ -260,18 +259,18 @@ def _as_specs(sources) -> list[SourceSpec]:
 def build_train_stream(sources, resolution: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
                        shuffle_block: int = 1000, random_flip: bool = False, infinite: bool = True,
                        stopping_strategy: str = "all_exhausted", max_image_pixels: int = MAX_IMAGE_PIXELS,
-                       interpolation: str = "bicubic") -> ImageStream:
-    """The weighted training mixture for one rank: shuffled, random crops, endless by default."""
+                       interpolation: str = "bilinear", crop_mode: str = "resize") -> ImageStream:
+    """The weighted training mixture for one rank: shuffled, random crops (`crop_mode`), endless by default."""
     resolved = resolve_sources(_as_specs(sources))
     return ImageStream(resolved, resolution, train=True, seed=seed, rank=rank, world_size=world_size,
                        shuffle_block=shuffle_block, random_flip=random_flip, infinite=infinite,
                        stopping_strategy=stopping_strategy, max_image_pixels=max_image_pixels,
-                       interpolation=interpolation)
+                       interpolation=interpolation, crop_mode=crop_mode)
 
 
 def build_eval_stream(source: SourceSpec | str, resolution: int, *, rank: int = 0, world_size: int = 1,
                       max_samples: int | None = None, max_image_pixels: int = MAX_IMAGE_PIXELS,
-                      interpolation: str = "bicubic") -> ImageStream:
+                      interpolation: str = "bilinear") -> ImageStream:
     """One source, each image once across ranks and workers, sorted order, center crops.
 
     `max_samples` keeps the first images of the whole source (before the split across ranks).

@@ -1,12 +1,19 @@
 """Decoding any image file into RGB, and the train / eval crops.
 
-Train: Resize(shorter side -> R) -> RandomCrop(R) -> [-1, 1], optional horizontal flip.
+Train (`crop_mode`):
+  resize        Resize(shorter side -> R) -> RandomCrop(R)   (the recipe; torchvision's Resize + RandomCrop)
+  native        RandomCrop(R) at the image's own scale, no resampling (images with a side < R are
+                first resized so the shorter side is R)
+  random_scale  Resize(shorter side -> S), S uniform in [R, native shorter side] -> RandomCrop(R)
+then -> [-1, 1], optional horizontal flip.
 Eval:  Resize(shorter side -> R) -> CenterCrop(R) -> [-1, 1].
 
-Resizing uses PIL's bicubic filter, which is antialiased when downscaling (its support grows
-with the scale factor), the same pixels as torchvision's `Resize(R, BICUBIC)` on PIL images.
-Images smaller than R are upscaled the same way. The crop position and the flip come from a
-numpy Generator the caller passes in, so a resumed stream can redraw exactly the same crop.
+Resizing defaults to PIL's bilinear filter, the default of torchvision's `Resize` on PIL images
+(which the reference implementation, lavinal712/AutoencoderKL branch transfusion_vae, uses);
+PIL's filters are antialiased when downscaling (their support grows with the scale factor).
+Images smaller than R are upscaled the same way. Every random choice (scale, crop position,
+flip) comes from a numpy Generator the caller passes in, so a resumed stream can redraw exactly
+the same crop.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .sources import DataError
+
 # An explicit limit instead of relying on PIL's global: images above it are skipped as bad files.
 # The value is PIL's own warning threshold (about 9459 x 9459); PIL's DecompressionBombWarning is
 # also turned into a skip, so raising this alone does not admit bigger images.
@@ -26,6 +35,8 @@ MAX_IMAGE_PIXELS = 89_478_485
 
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
                   "lanczos": Image.Resampling.LANCZOS}
+
+CROP_MODES = ("resize", "native", "random_scale")
 
 WHITE = (255, 255, 255)
 
@@ -97,13 +108,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
 # Geometry
 # ---------------------------------------------------------------------------------------------
 
-def resize_shorter_side(img: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
+def resize_shorter_side(img: Image.Image, size: int, interpolation: str = "bilinear") -> Image.Image:
     """Resize so the shorter side is exactly `size` (up or down), keeping the aspect ratio."""
     width, height = img.size
     if min(width, height) == size:
         return img
     # The long side as torchvision's Resize(int) computes it (truncated, not rounded), so our
-    # crops are pixel-identical to the seed's.
+    # crops are pixel-identical to torchvision's.
     if width <= height:
         new_size = (size, int(size * height / width))
     else:
@@ -118,10 +129,23 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return tensor.float().div_(127.5).sub_(1.0)
 
 
-def train_transform(img: Image.Image, resolution: int, rng: np.random.Generator, *,
-                    random_flip: bool = False, interpolation: str = "bicubic") -> torch.Tensor:
-    """Resize(shorter side) -> RandomCrop -> optional flip -> (3, R, R) in [-1, 1]."""
-    img = resize_shorter_side(img, resolution, interpolation)
+def random_scale_size(width: int, height: int, resolution: int, rng: np.random.Generator) -> int:
+    """The shorter side random_scale resizes to: uniform integer in [R, native shorter side] (R if smaller)."""
+    return int(rng.integers(resolution, max(resolution, min(width, height)) + 1))
+
+
+def train_transform(img: Image.Image, resolution: int, rng: np.random.Generator, *, random_flip: bool = False,
+                    interpolation: str = "bilinear", crop_mode: str = "resize") -> torch.Tensor:
+    """Scale per `crop_mode` -> RandomCrop -> optional flip -> (3, R, R) in [-1, 1]."""
+    if crop_mode == "resize":
+        img = resize_shorter_side(img, resolution, interpolation)
+    elif crop_mode == "native":
+        if min(img.size) < resolution:
+            img = resize_shorter_side(img, resolution, interpolation)
+    elif crop_mode == "random_scale":
+        img = resize_shorter_side(img, random_scale_size(*img.size, resolution, rng), interpolation)
+    else:
+        raise DataError(f"crop_mode {crop_mode!r} is not one of {list(CROP_MODES)}")
     width, height = img.size
     left = int(rng.integers(0, width - resolution + 1))
     top = int(rng.integers(0, height - resolution + 1))
@@ -133,7 +157,7 @@ def train_transform(img: Image.Image, resolution: int, rng: np.random.Generator,
     return to_tensor(img)
 
 
-def eval_transform(img: Image.Image, resolution: int, *, interpolation: str = "bicubic") -> torch.Tensor:
+def eval_transform(img: Image.Image, resolution: int, *, interpolation: str = "bilinear") -> torch.Tensor:
     """Resize(shorter side) -> CenterCrop -> (3, R, R) in [-1, 1]."""
     img = resize_shorter_side(img, resolution, interpolation)
     width, height = img.size
