@@ -1,11 +1,13 @@
 """Train the Transfusion VAE (diffusers AutoencoderKL) with Accelerate.
 
-    accelerate launch train_vae.py --mixture transfusion --data_root /data --output_dir vae-out
+    accelerate launch train_vae.py --mixture transfusion --data_root /data \
+        --validation_source /data/ImageNet/val --output_dir vae-out
     python train_vae.py                 # no data flags: the offline demo on bundled photographs
 
-Reads top to bottom: parse -> build -> prepare -> loop -> export. One optimizer step per
-batch for the autoencoder (G) and, from `--disc_start`, one for the discriminator (D) on
-the detached reconstruction of the same batch.
+Reads top to bottom: parse -> build -> prepare -> loop -> export. Each training step is
+`Trainer.train_step`: one optimizer step for the autoencoder (G) and, from `--disc_start`, one
+for the discriminator (D) on the detached reconstruction of the same batch. The recipe, its
+normalisation and the evaluation protocol are written down in docs/recipe.md.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import math
 import os
 import pickle
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,12 +39,27 @@ from losses import TransfusionLoss
 from losses.perceptual import PerceptionWeightsError
 from vae import checkpointing, export
 from vae.config import fail, parse_config, to_dict
+from vae.errors import CheckpointError, UserError
 from vae.models import ModelError, build_vae, init_from_pretrained, load_vae
 from vae.train_config import TrainConfig, apply_demo_defaults
-from vae.validation import held_out_metrics, load_images, log_images, save_grid
+from vae.validation import held_out_metrics, log_images, save_grid
 
 PROG = "train_vae.py"
+# EX_TEMPFAIL ("try again later"): a preemption signal stopped the run after it wrote a checkpoint;
+# `--resume_from_checkpoint latest` continues it exactly.
+PREEMPTED_EXIT_CODE = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+METRICS_LOG = "metrics.jsonl"
+CURVES_PNG = "training_curves.png"
 logger = get_logger(__name__)
+
+
+class TrainingDivergedError(UserError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class Preempted(Exception):
+    """A stop signal arrived; a checkpoint of the last finished step has been written."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -62,17 +80,6 @@ class VAEForTraining(nn.Module):
         return recon, posterior.mean, posterior.logvar
 
 
-class InputCapture:
-    """Forward hook keeping the input of a layer (decoder.conv_out) for the fast adaptive weight."""
-
-    def __init__(self, module: nn.Module):
-        self.value: torch.Tensor | None = None
-        module.register_forward_hook(self)
-
-    def __call__(self, module, inputs, output):
-        self.value = inputs[0]
-
-
 @dataclass
 class TrainerState:
     """What a checkpoint needs beyond models, optimizers, schedulers and RNG (JSON-serialisable)."""
@@ -87,28 +94,61 @@ class TrainerState:
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
+class StopSignals:
+    """Remembers SIGTERM / SIGUSR1 (SLURM preemption and time limits, Kubernetes, spot instances).
+
+    The handler only sets a flag: the loop finishes the step in flight, every rank agrees to stop
+    (a rank that got no signal learns it from the others), a checkpoint is written and the
+    process exits with PREEMPTED_EXIT_CODE.
+    """
+
+    def __init__(self):
+        self.received = 0
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+
 def requires_grad(module: nn.Module, flag: bool) -> None:
     for p in module.parameters():
         p.requires_grad_(flag)
 
 
-def build_data(cfg: TrainConfig):
-    """(training sources, held-out source); one clear DataError for anything unusable.
+# ----------------------------------------------------------------------------------------
+# Builders: each callable on its own (tests and benchmarks build a Trainer without data)
+# ----------------------------------------------------------------------------------------
 
-    Without --validation_source the held-out batch comes from the first training source
-    (centre crops of its first images), i.e. not truly held out: pass one for honest metrics.
+
+def build_data(cfg: TrainConfig):
+    """(training sources, held-out sources, whether the held-out images are disjoint from training).
+
+    Without --validation_source the held-out images are a seeded sample of the training mixture
+    (in proportion to its weights): spread over the data, but not disjoint from it.
     """
     if cfg.is_demo:
-        train, heldout = data.demo_sources(os.path.join(cfg.output_dir, "demo_data"))
-        sources = [train]
-    elif cfg.mixture:
-        sources = data.load_mixture(cfg.mixture, data_root=cfg.data_root)
+        train, heldout = data.demo_sources(os.path.join(cfg.output_dir, "demo_data"), cfg.resolution)
+        sources, heldout_sources, disjoint = [train], [heldout], True
     else:
-        sources = [data.parse_source(s) for s in cfg.source]
-    if not cfg.is_demo:
-        heldout = data.parse_source(cfg.validation_source) if cfg.validation_source else sources[0]
-    data.validate_sources(sources + ([heldout] if heldout not in sources else []))
-    return sources, heldout
+        if cfg.mixture:
+            sources = data.load_mixture(cfg.mixture, data_root=cfg.data_root)
+        else:
+            sources = [data.parse_source(s) for s in cfg.source]
+        if cfg.validation_source:
+            heldout_sources, disjoint = [data.parse_source(cfg.validation_source)], True
+        else:
+            heldout_sources, disjoint = sources, False
+    data.validate_sources(sources + [s for s in heldout_sources if s not in sources])
+    return sources, heldout_sources, disjoint
 
 
 def build_autoencoder(cfg: TrainConfig) -> AutoencoderKL:
@@ -116,6 +156,11 @@ def build_autoencoder(cfg: TrainConfig) -> AutoencoderKL:
     if cfg.init_from:
         report = init_from_pretrained(vae, load_vae(cfg.init_from))
         logger.info(report.summary(), main_process_only=True)
+        fresh = [n for n in report.adapted + report.reinitialized if n.startswith(("encoder.", "quant_conv."))]
+        if cfg.train_decoder_only and fresh:
+            # A frozen encoder whose new latent channels are random would feed the decoder noise forever.
+            raise ModelError(f"--train_decoder_only would freeze encoder layers that --init_from could not copy "
+                             f"({', '.join(fresh)}: the latent channel count changed); train the encoder too")
     frozen = list(cfg.freeze) + (["encoder.", "quant_conv."] if cfg.train_decoder_only else [])
     for name, p in vae.named_parameters():
         if any(name.startswith(prefix) for prefix in frozen):
@@ -126,8 +171,9 @@ def build_autoencoder(cfg: TrainConfig) -> AutoencoderKL:
 
 
 def build_loss(cfg: TrainConfig) -> TransfusionLoss:
-    """The loss module (LPIPS, MoCo and the discriminator inside); 'auto' perception weights fall
-    back to random ones, loudly, when the pretrained files are not available."""
+    """The loss module (LPIPS, MoCo and the discriminator inside). 'auto' perception weights fall
+    back to random ones, loudly, when the pretrained files are not available; `loss.perception_weights`
+    records which were used."""
     kw = dict(
         l1_weight=cfg.l1_weight, lpips_weight=cfg.lpips_weight, gan_weight=cfg.gan_weight,
         id_weight=cfg.id_weight, kl_weight=cfg.kl_weight, disc_start=cfg.disc_start,
@@ -136,15 +182,18 @@ def build_loss(cfg: TrainConfig) -> TransfusionLoss:
         moco_weights=cfg.id_checkpoint, id_feature=cfg.id_feature,
     )
     if cfg.perception_weights != "auto":
-        return TransfusionLoss(perception_weights=cfg.perception_weights, **kw)
-    try:
-        return TransfusionLoss(perception_weights="pretrained", **kw)
-    except PerceptionWeightsError as e:
-        bar = "!" * 88
-        logging.getLogger(__name__).warning(
-            f"\n{bar}\n!! pretrained perception weights unavailable: {e}\n"
-            f"!! -> LPIPS-VGG and MoCo use RANDOM weights: fine for the demo, meaningless for a real run.\n{bar}")
-        return TransfusionLoss(perception_weights="random", **kw)
+        loss, used = TransfusionLoss(perception_weights=cfg.perception_weights, **kw), cfg.perception_weights
+    else:
+        try:
+            loss, used = TransfusionLoss(perception_weights="pretrained", **kw), "pretrained"
+        except PerceptionWeightsError as e:
+            bar = "!" * 88
+            logging.getLogger(__name__).warning(
+                f"\n{bar}\n!! pretrained perception weights unavailable: {e}\n"
+                f"!! -> LPIPS-VGG and MoCo use RANDOM weights: fine for the demo, meaningless for a real run.\n{bar}")
+            loss, used = TransfusionLoss(perception_weights="random", **kw), "random"
+    loss.perception_weights = used if (loss.perceptual is not None or loss.identity is not None) else "none"
+    return loss
 
 
 def build_optimizer(cfg: TrainConfig, params, lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -157,56 +206,81 @@ def build_optimizer(cfg: TrainConfig, params, lr: float, device: torch.device) -
     return torch.optim.Adam(params, **kw)
 
 
+def build_schedules(cfg: TrainConfig, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer):
+    """LR schedules. D is stepped only once the GAN is on, so its schedule spans the steps from
+    disc_start to the end: warm-up and decay then happen where D actually trains."""
+    sched_g = get_scheduler(cfg.lr_scheduler, opt_g, num_warmup_steps=cfg.lr_warmup_steps,
+                            num_training_steps=cfg.max_train_steps)
+    sched_d = get_scheduler(cfg.lr_scheduler, opt_d, num_warmup_steps=cfg.lr_warmup_steps,
+                            num_training_steps=max(cfg.max_train_steps - cfg.disc_start, 1))
+    return sched_g, sched_d
+
+
+def build_dataloader(cfg: TrainConfig, accelerator: Accelerator, sources):
+    """(stream, StatefulDataLoader) of this rank's share of the training mixture."""
+    stream = data.build_train_stream(
+        sources, cfg.resolution, seed=cfg.seed, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, shuffle_block=cfg.shuffle_block, random_flip=cfg.random_flip,
+        interpolation=cfg.interpolation, crop_mode=cfg.crop_mode)
+    # Its own generator: creating the iterator must not draw from the global RNG, or a resumed
+    # run's posterior samples would differ from an uninterrupted run's.
+    loader = data.make_dataloader(
+        stream, cfg.train_batch_size, num_workers=cfg.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed), pin_memory=accelerator.device.type == "cuda",
+        persistent_workers=cfg.dataloader_num_workers > 0)
+    return stream, loader
+
+
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
+    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, cfg.logging_dir))
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to, project_config=project,
+        step_scheduler_with_optimizer=False)
+    if cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
 # ----------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------
 
 
 class Trainer:
-    """Holds the prepared objects; `run()` is the loop, the rest are its named steps."""
+    """The prepared models, optimizers and schedules; `train_step` is one step, `fit` the loop.
+
+    Built without data, so tests and benchmarks call `train_step` on their own tensors.
+    """
 
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator):
         self.cfg, self.accelerator = cfg, accelerator
         self.device = accelerator.device
         self.state = TrainerState()
+        self.stream = self.dataloader = self.heldout_images = None
+        self.heldout_disjoint = True
 
-        sources, heldout = build_data(cfg)
-        self.sources = sources
         self.loss_fn = build_loss(cfg).to(self.device)
         vae = build_autoencoder(cfg)
         if cfg.channels_last:
             vae.to(memory_format=torch.channels_last)
         self.vae = vae
-        self.last_layer_input = InputCapture(vae.decoder.conv_out)
-        self.heldout_images = load_images(heldout, cfg.resolution, cfg.num_validation_images, cfg.interpolation)
-        self.heldout_source = heldout
-
-        self.stream = data.build_train_stream(
-            sources, cfg.resolution, seed=cfg.seed, rank=accelerator.process_index,
-            world_size=accelerator.num_processes, shuffle_block=cfg.shuffle_block, random_flip=cfg.random_flip,
-            interpolation=cfg.interpolation, crop_mode=cfg.crop_mode)
-        # Its own generator: creating the iterator must not draw from the global RNG, or a resumed
-        # run's posterior samples would differ from an uninterrupted run's.
-        self.dataloader = data.make_dataloader(
-            self.stream, cfg.train_batch_size, num_workers=cfg.dataloader_num_workers,
-            generator=torch.Generator().manual_seed(cfg.seed), pin_memory=self.device.type == "cuda",
-            persistent_workers=cfg.dataloader_num_workers > 0)
+        self.loss_fn.watch(vae.decoder.conv_out, fast=cfg.adaptive_weight_mode == "fast")
 
         g_params = [p for p in vae.parameters() if p.requires_grad]
         if not g_params:
             raise ModelError("every autoencoder parameter is frozen: nothing to train")
         disc = self.loss_fn.discriminator
-        self.opt_g = build_optimizer(cfg, g_params, cfg.learning_rate, self.device)
-        self.opt_d = build_optimizer(cfg, disc.parameters(), cfg.disc_learning_rate or cfg.learning_rate, self.device)
-        sched = dict(num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps)
-        sched_g = get_scheduler(cfg.lr_scheduler, self.opt_g, **sched)
-        sched_d = get_scheduler(cfg.lr_scheduler, self.opt_d, **sched)
+        opt_g = build_optimizer(cfg, g_params, cfg.learning_rate, self.device)
+        opt_d = build_optimizer(cfg, disc.parameters(), cfg.disc_learning_rate or cfg.learning_rate, self.device)
+        sched_g, sched_d = build_schedules(cfg, opt_g, opt_d)
 
         model = VAEForTraining(vae)
         if cfg.torch_compile:
             model = torch.compile(model)
         (self.model, self.disc, self.opt_g, self.opt_d, self.sched_g, self.sched_d) = accelerator.prepare(
-            model, disc, self.opt_g, self.opt_d, sched_g, sched_d)
+            model, disc, opt_g, opt_d, sched_g, sched_d)
 
         self.ema = None
         if cfg.use_ema:
@@ -214,6 +288,17 @@ class Trainer:
             self.ema.to(self.device)
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
+
+    def attach_data(self, sources, heldout_sources, heldout_disjoint: bool) -> None:
+        """The training stream of this rank, and the fixed held-out batch (a seeded sample spread over the data)."""
+        cfg = self.cfg
+        self.sources, self.heldout_sources, self.heldout_disjoint = sources, heldout_sources, heldout_disjoint
+        self.stream, self.dataloader = build_dataloader(cfg, self.accelerator, sources)
+        self.heldout_images, _ = data.sample_images(heldout_sources, cfg.num_validation_images, cfg.resolution,
+                                                    seed=cfg.seed, interpolation=cfg.interpolation)
+        if not heldout_disjoint:
+            logger.warning("no --validation_source: the held-out images are sampled from the training mixture, "
+                           "so held-out metrics are not on unseen images", main_process_only=True)
 
     # -- checkpoint hooks: the VAE as a diffusers folder, D and EMA beside it ---------------
     def _save_hook(self, models, weights, output_dir):
@@ -273,28 +358,64 @@ class Trainer:
         try:
             self.accelerator.load_state(path)
         except pickle.UnpicklingError as e:  # accelerate loads with weights_only: a pickle that would run code
-            fail(PROG, f"refused to resume from {path}: {checkpointing.load_error(e)}")
+            raise CheckpointError(f"refused to resume from {path}: {checkpointing.load_error(e)}") from None
         extra, data_state = checkpointing.load_extra(path, self.accelerator.process_index, self.accelerator.num_processes)
         lecam = extra.pop("lecam", {})
         self.loss_fn.lecam.load_state_dict({k: torch.tensor(v) for k, v in lecam.items()})
         self.state = TrainerState(**extra)
         self.dataloader.load_state_dict(data_state)
+        if self.accelerator.is_main_process:
+            self._truncate_metrics_log(self.state.global_step)
         logger.info(f"resumed from {path} at step {self.state.global_step}", main_process_only=True)
 
-    # -- one optimizer step ------------------------------------------------------------------
+    # -- one training step -------------------------------------------------------------------
+    def train_step(self, batch: torch.Tensor | list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """One optimizer step: G on every micro-batch, then D on its detached reconstruction once the GAN is on.
+
+        batch: (B, 3, R, R) in [-1, 1], or a list of `gradient_accumulation_steps` such micro-batches.
+        A step whose loss or gradient is non-finite changes nothing: weights, optimizer states and
+        schedules (see `_update`), D's BatchNorm buffers and LeCAM's EMAs stay as they were; it is
+        counted in `state`. Returns the last micro-batch's logs as detached 0-d tensors.
+        """
+        micro_batches = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+        if len(micro_batches) != self.cfg.gradient_accumulation_steps:
+            raise ValueError(f"train_step got {len(micro_batches)} micro-batches for "
+                             f"gradient_accumulation_steps={self.cfg.gradient_accumulation_steps}")
+        gan_buffers = list(self.loss_fn.discriminator.buffers()) + list(self.loss_fn.lecam.buffers())
+        before = [b.detach().clone() for b in gan_buffers]  # BatchNorm statistics and LeCAM EMAs: a few KiB
+        g_ok = d_ok = True
+        for x in micro_batches:
+            x = x.to(self.device, non_blocking=True)
+            if self.cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self.accelerator.accumulate(self.model, self.disc):
+                recon, logs, g_ok = self.generator_step(x, step)
+                if self.loss_fn.gan_active(step):
+                    d_logs, d_ok = self.discriminator_step(x, recon, step)
+                    logs.update(d_logs)
+        st = self.state
+        st.skipped_g_steps += not g_ok
+        st.skipped_d_steps += not d_ok
+        st.nonfinite_streak = 0 if (g_ok and d_ok) else st.nonfinite_streak + 1
+        if not (g_ok and d_ok):
+            # The forward passes already moved D's BatchNorm statistics and LeCAM's EMAs, maybe to NaN:
+            # undo them, or a NaN would stay there for good (and go into every later checkpoint).
+            for buffer, saved in zip(gan_buffers, before):
+                buffer.copy_(saved)
+        if self.ema is not None and g_ok:
+            self.ema.step(self.vae.parameters())
+        return logs
+
     def generator_step(self, x: torch.Tensor, step: int):
         requires_grad(self.loss_fn.discriminator, False)  # D is a constant in the G step
         with self.accelerator.autocast():
             recon, mean, logvar = self.model(x)
-            fast = self.cfg.adaptive_weight_mode == "fast"
-            loss, logs = self.loss_fn.generator_loss(
-                x, recon, mean, logvar, step,
-                last_layer_weight=self.vae.decoder.conv_out,
-                last_layer_input=self.last_layer_input.value if fast else None,
-                discriminator=self.loss_fn.discriminator)
+            # The unwrapped D: the G step needs only ∂D(x̂)/∂x̂, never D's parameter gradients, so DDP
+            # must not expect (and wait for) a gradient all-reduce of D here. The D step uses self.disc.
+            loss, logs = self.loss_fn.generator_loss(x, recon, mean, logvar, step,
+                                                     discriminator=self.loss_fn.discriminator)
         logs = {f"loss/{k}": v for k, v in logs.items()}
         self.accelerator.backward(loss)
-        self.last_layer_input.value = None
         applied = self._update(self.model, self.opt_g, self.sched_g, logs, "grad_norm/generator")
         return recon.detach(), logs, applied
 
@@ -331,94 +452,89 @@ class Trainer:
         return applied
 
     # -- the loop ----------------------------------------------------------------------------
-    def run(self) -> None:
+    def fit(self) -> None:
+        """Train to max_train_steps. Raises Preempted (after a checkpoint) when a stop signal arrives."""
         cfg, acc, st = self.cfg, self.accelerator, self.state
         if acc.is_main_process and not st.initial_metrics:
             st.initial_metrics = self.validate(st.global_step)
-        per_step = cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
         progress = tqdm(total=cfg.max_train_steps, initial=st.global_step, disable=not acc.is_main_process, desc="steps")
-        data_iter = iter(self.dataloader)
         self.model.train()
         self.loss_fn.train()
         try:
-            self._loop(data_iter, per_step, progress)
+            with StopSignals() as signals:
+                self._loop(iter(self.dataloader), progress, signals)
         finally:
             progress.close()  # so that an error message starts on a line of its own
 
-    def _loop(self, data_iter, per_step: int, progress) -> None:
+    def _loop(self, data_iter, progress, signals: StopSignals) -> None:
         cfg, acc, st = self.cfg, self.accelerator, self.state
+        per_step = cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
         skipped_images = torch.zeros(len(self.stream.source_names), dtype=torch.long)
-        log_sums: dict[str, torch.Tensor] = {}
-        log_count, tic, images_since = 0, time.perf_counter(), 0
+        window = LogWindow()
         while st.global_step < cfg.max_train_steps:
-            step = st.global_step
+            micro_batches = []
             for _ in range(cfg.gradient_accumulation_steps):
                 batch = next(data_iter)
                 skipped_images += batch["skipped"].sum(0)
-                x = batch["pixel_values"].to(self.device, non_blocking=True)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with acc.accumulate(self.model, self.disc):
-                    recon, logs, g_ok = self.generator_step(x, step)
-                    d_ok = True
-                    if self.loss_fn.gan_active(step):
-                        d_logs, d_ok = self.discriminator_step(x, recon, step)
-                        logs.update(d_logs)
+                micro_batches.append(batch["pixel_values"])
+            logs = self.train_step(micro_batches, st.global_step)
             st.global_step += 1
             st.images_seen += per_step
-            images_since += per_step
-            st.skipped_g_steps += not g_ok
-            st.skipped_d_steps += not d_ok
-            st.nonfinite_streak = 0 if (g_ok and d_ok) else st.nonfinite_streak + 1
-            if self.ema is not None and g_ok:
-                self.ema.step(self.vae.parameters())
-            for k, v in logs.items():
-                log_sums[k] = log_sums.get(k, 0) + v.detach().float()
-            log_count += 1
+            window.add(logs, per_step)
             progress.update(1)
             if st.nonfinite_streak >= cfg.max_nonfinite_steps:
-                raise FloatingPointError(
+                raise TrainingDivergedError(
                     f"{st.nonfinite_streak} consecutive steps had a non-finite loss or gradient (step {st.global_step}); "
                     "stopping. The last checkpoint is intact: lower the learning rate or use bf16, then resume.")
             done = st.global_step == cfg.max_train_steps
-            if st.global_step % cfg.logging_steps == 0 or done:
+            stop = self._stop_requested(signals)
+            if st.global_step % cfg.logging_steps == 0 or done or stop:
                 self._update_skip_counts(skipped_images)
                 skipped_images.zero_()
-                elapsed = time.perf_counter() - tic
-                self.log_scalars(log_sums, log_count, images_since / max(elapsed, 1e-9), progress)
-                log_sums, log_count, tic, images_since = {}, 0, time.perf_counter(), 0
-            if st.global_step % cfg.validation_steps == 0 or done:
+                self.log_scalars(window, progress)
+                window = LogWindow()
+            if (st.global_step % cfg.validation_steps == 0 or done) and not stop:
                 if acc.is_main_process:
                     st.last_metrics = self.validate(st.global_step)
                 acc.wait_for_everyone()
-            if st.global_step % cfg.checkpointing_steps == 0 or done:
+            if st.global_step % cfg.checkpointing_steps == 0 or done or stop:
                 self._update_skip_counts(skipped_images)  # the checkpoint holds every skip so far
                 skipped_images.zero_()
                 self.save_checkpoint()
+            if stop:
+                raise Preempted(f"stopped by signal {stop} at step {st.global_step}; the checkpoint of this step "
+                                f"is written: resume with --resume_from_checkpoint latest")
+
+    def _stop_requested(self, signals: StopSignals) -> int:
+        """The signal any rank received (0 = none); every rank gets the same answer."""
+        flag = torch.tensor([signals.received], device=self.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.gather(flag).max()
+        return int(flag.item())
 
     def _update_skip_counts(self, skipped_images: torch.Tensor) -> None:
         totals = self.accelerator.reduce(skipped_images.to(self.device), reduction="sum").cpu()
         for name, n in zip(self.stream.source_names, totals.tolist()):
             self.state.skipped_images[name] = self.state.skipped_images.get(name, 0) + int(n)
 
-    def log_scalars(self, sums: dict, count: int, img_per_s: float, progress) -> None:
-        names = sorted(sums)
-        # One collective for all terms: average over steps here, then over ranks.
-        values = self.accelerator.reduce(torch.stack([sums[k] / count for k in names]), reduction="mean").tolist() if names else []
-        scalars = dict(zip(names, values))
+    def log_scalars(self, window: "LogWindow", progress) -> None:
+        scalars = window.means(self.accelerator)
         st = self.state
         scalars.update({
-            "perf/images_per_s": img_per_s * self.accelerator.num_processes,
+            "perf/images_per_s": window.images_per_s() * self.accelerator.num_processes,
             "lr/generator": self.sched_g.get_last_lr()[0],
+            "lr/discriminator": self.sched_d.get_last_lr()[0],
             "skipped/g_steps": st.skipped_g_steps, "skipped/d_steps": st.skipped_d_steps,
             **{f"skipped/images/{k}": v for k, v in st.skipped_images.items()},
         })
         self.accelerator.log(scalars, step=st.global_step)
         if self.accelerator.is_main_process:
-            progress.set_postfix(loss=f"{scalars.get('loss/total', float('nan')):.4g}", img_s=f"{scalars['perf/images_per_s']:.1f}")
+            self._append_metrics(st.global_step, scalars)
+            progress.set_postfix(loss=f"{scalars.get('loss/total', float('nan')):.4g}",
+                                 img_s=f"{scalars['perf/images_per_s']:.1f}")
 
     def validate(self, step: int) -> dict[str, float]:
-        """Held-out PSNR/SSIM/LPIPS (EMA weights when on) and a reconstruction grid; main process only."""
+        """Held-out PSNR/SSIM/LPIPS (EMA weights when on), a reconstruction grid, the curves; main process only."""
         vae = self.eval_vae()
         images = self.heldout_images.to(self.device)
         with self.accelerator.autocast():
@@ -427,8 +543,33 @@ class Trainer:
         grid = save_grid(images, recon, path)
         self.accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=step)
         log_images(self.accelerator, grid, step)
-        logger.info(f"step {step}: held-out " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), main_process_only=True)
+        self._append_metrics(step, {f"validation/{k}": v for k, v in metrics.items()})
+        self.plot_curves()
+        logger.info(f"step {step}: held-out " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+                    main_process_only=True)
         return metrics
+
+    # -- the run's own record: metrics.jsonl and training_curves.png ---------------------------
+    def _append_metrics(self, step: int, scalars: dict) -> None:
+        with open(os.path.join(self.cfg.output_dir, METRICS_LOG), "a") as f:
+            f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+    def _truncate_metrics_log(self, step: int) -> None:
+        """After a resume: drop what the interrupted run logged past its checkpoint (it is trained again)."""
+        path = os.path.join(self.cfg.output_dir, METRICS_LOG)
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+    def plot_curves(self) -> str | None:
+        from vae.curves import plot_training_curves  # matplotlib: imported only when a plot is drawn
+
+        gan_start = self.cfg.disc_start if self.cfg.gan_weight > 0 and self.cfg.disc_start < self.cfg.max_train_steps else None
+        return plot_training_curves(os.path.join(self.cfg.output_dir, METRICS_LOG),
+                                    os.path.join(self.cfg.output_dir, CURVES_PNG), gan_start=gan_start)
 
     def eval_vae(self) -> AutoencoderKL:
         """The weights to evaluate and export: an EMA copy when on, else the live model."""
@@ -441,42 +582,67 @@ class Trainer:
     def export(self) -> None:
         if not self.accelerator.is_main_process:
             return
+        self.plot_curves()
         vae = copy.deepcopy(self.eval_vae()).eval()
-        export.export_model(self.cfg, vae, self.heldout_source, self.state, self.sources)
+        export.export_model(self.cfg, vae, self.heldout_sources, self.state, self.sources)
+
+
+class LogWindow:
+    """Sums of the logged terms since the last log line; each key averaged over the steps that logged it."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.images = 0
+        self.start = time.perf_counter()
+
+    def add(self, logs: dict[str, torch.Tensor], images: int) -> None:
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.images += images
+
+    def means(self, accelerator: Accelerator) -> dict[str, float]:
+        names = sorted(self.sums)
+        if not names:
+            return {}
+        # One collective for all terms: average over steps here, then over ranks.
+        local = torch.stack([self.sums[k] / self.counts[k] for k in names])
+        return dict(zip(names, accelerator.reduce(local, reduction="mean").tolist()))
+
+    def images_per_s(self) -> float:
+        return self.images / max(time.perf_counter() - self.start, 1e-9)
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg, explicit = parse_config(TrainConfig, argv, PROG, description=__doc__.split("\n\n")[0])
     cfg = apply_demo_defaults(cfg, explicit)
-    checkpointing.check_writable(cfg.output_dir, PROG)
-    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, cfg.logging_dir))
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
-        log_with=None if cfg.report_to == "none" else cfg.report_to, project_config=project,
-        step_scheduler_with_optimizer=False)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if cfg.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    set_seed(cfg.seed)
     try:
+        checkpointing.check_writable(cfg.output_dir)
+        accelerator = build_accelerator(cfg)
+        set_seed(cfg.seed)
+        sources, heldout_sources, disjoint = build_data(cfg)
         trainer = Trainer(cfg, accelerator)
-    except (data.DataError, ModelError, PerceptionWeightsError) as e:
+        trainer.attach_data(sources, heldout_sources, disjoint)
+        if accelerator.is_main_process:
+            checkpointing.clean_partial(cfg.output_dir)
+            with open(os.path.join(cfg.output_dir, "train_config.json"), "w") as f:
+                json.dump(to_dict(cfg), f, indent=2)
+            tracker_config = {k: str(v) if isinstance(v, list) else v for k, v in to_dict(cfg).items()}
+            accelerator.init_trackers(cfg.tracker_project_name, config=tracker_config)
+        accelerator.wait_for_everyone()
+        trainer.maybe_resume()
+        trainer.fit()
+        accelerator.wait_for_everyone()
+        trainer.export()
+        accelerator.end_training()
+    except UserError as e:
         fail(PROG, str(e))
-    if accelerator.is_main_process:
-        checkpointing.clean_partial(cfg.output_dir)
-        with open(os.path.join(cfg.output_dir, "train_config.json"), "w") as f:
-            json.dump(to_dict(cfg), f, indent=2)
-        accelerator.init_trackers(cfg.tracker_project_name, config={k: str(v) if isinstance(v, list) else v for k, v in to_dict(cfg).items()})
-    accelerator.wait_for_everyone()
-    trainer.maybe_resume()
-    try:
-        trainer.run()
-    except FloatingPointError as e:
-        fail(PROG, str(e))
-    accelerator.wait_for_everyone()
-    trainer.export()
-    accelerator.end_training()
+    except Preempted as e:
+        logger.warning(str(e))
+        accelerator.end_training()
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
 
 
 if __name__ == "__main__":

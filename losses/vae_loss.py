@@ -72,7 +72,7 @@ def _call_without_param_grads(module: nn.Module, x: torch.Tensor) -> torch.Tenso
 
 
 class TransfusionLoss(nn.Module):
-    """L_VAE = L1 + 1.0·LPIPS + 0.5·λ·L_GAN + 0.2·L_ID + 1e-6·L_KL (SPEC.md "Loss", the seed's normalisation).
+    """L_VAE = L1 + 1.0·LPIPS + 0.5·λ·L_GAN + 0.2·L_ID + 1e-6·L_KL (normalisation: docs/recipe.md, "Loss").
 
     perception_weights "pretrained" loads VGG16 (torch hub cache) and MoCo (`moco_weights`, path
     or URL); "random" builds both random, for offline smoke runs. `perceptual`, `identity` and
@@ -136,6 +136,23 @@ class TransfusionLoss(nn.Module):
         self.identity = identity
         self.discriminator = NLayerDiscriminator() if discriminator is None else discriminator
         self.lecam = LeCamEMA(lecam_decay)
+        self._watched: nn.Conv2d | None = None
+        self._watched_input: torch.Tensor | None = None
+        self._watch_fast = False
+
+    def watch(self, last_layer: nn.Conv2d, fast: bool = True) -> None:
+        """Measure λ on `last_layer` (the decoder's conv_out) in every `generator_loss` call.
+
+        fast=True registers a forward hook that keeps the layer's input, which turns on the
+        fast path (see `generator_loss`); fast=False measures λ with two `autograd.grad` calls
+        on the layer's weight, as the reference implementation does. Same values either way.
+        """
+        self._watched, self._watch_fast = last_layer, fast
+        if fast:
+            last_layer.register_forward_hook(self._keep_input)
+
+    def _keep_input(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self._watched_input = inputs[0]
 
     def train(self, mode: bool = True) -> "TransfusionLoss":
         """Train mode reaches the discriminator only; the perception nets stay in eval."""
@@ -165,27 +182,33 @@ class TransfusionLoss(nn.Module):
         logvar: torch.Tensor,
         global_step: int,
         *,
-        last_layer_weight: nn.Conv2d | torch.Tensor,
-        last_layer_input: torch.Tensor | None = None,
         discriminator: nn.Module | None = None,
+        last_layer_weight: nn.Conv2d | torch.Tensor | None = None,
+        last_layer_input: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Autoencoder loss nll + kl_weight·KL + gan_weight·ramp·λ·g; returns (loss, logs).
 
         inputs / reconstructions: (B, 3, H, W) in [−1, 1]; mean / logvar: the posterior's (B, C, h, w).
-        last_layer_weight: decoder.conv_out (the module: its geometry is used) or its weight
+        last_layer_weight: default the layer given to `watch`. Else decoder.conv_out (the module: its geometry is used) or its weight
         (then taken as stride 1, padding k//2, like diffusers' conv_out); λ is measured on it.
-        last_layer_input: the input of decoder.conv_out captured by a forward hook, which turns
-        on the fast path. `reconstructions` must then be that conv's output (a dtype cast
+        last_layer_input: the input of decoder.conv_out (default: what `watch(..., fast=True)`
+        captured in the forward that made `reconstructions`, released here), which turns on the fast path. `reconstructions` must then be that conv's output (a dtype cast
         aside). The fast path back-propagates once through LPIPS/MoCo and once through D to x̂
         only, gets ∇_W from the conv's input, and returns a surrogate with the same value and
         the same autoencoder gradients as the direct path, which back-propagates through the
         perception nets and D three times (two autograd.grad for λ, then the caller's backward).
         discriminator: defaults to self.discriminator; gradients never reach its parameters.
 
-        With autograd off (evaluation) λ is 0, as in the seed. Logs: total, nll, kl, gan (g),
+        With autograd off (evaluation) λ is 0, as in the reference implementation. Logs: total, nll, kl, gan (g),
         adaptive_weight (λ), gan_factor (gan_weight·ramp) and the raw terms l1 (mean |x − x̂|),
         lpips (mean per image) and id, each a detached float32 0-d tensor.
         """
+        if last_layer_weight is None:
+            if self._watched is None:
+                raise ValueError("generator_loss needs last_layer_weight, or a layer given to watch() first")
+            last_layer_weight = self._watched
+            if self._watch_fast and last_layer_input is None:
+                last_layer_input, self._watched_input = self._watched_input, None
         disc = self.discriminator if discriminator is None else discriminator
         active = self.gan_active(global_step)
         factor = self.gan_weight * gan_ramp(global_step, self.disc_start, self.gan_ramp_steps) if active else 0.0
@@ -247,7 +270,7 @@ class TransfusionLoss(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Hinge D loss on D(x) and D(x̂.detach()) (+ lecam_weight·LeCAM); returns (loss, logs).
 
-        Real and fake go through D in separate calls, as in the seed, so BatchNorm normalises
+        Real and fake go through D in separate calls, as in the reference implementation, so BatchNorm normalises
         each with its own batch statistics. Before disc_start (see gan_active) D is not called
         and the loss is a constant 0 without a graph: skip the D backward and step then.
         Logs: loss, logits_real, logits_fake (mean logits), lecam.

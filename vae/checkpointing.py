@@ -17,20 +17,20 @@ import tempfile
 import torch
 from accelerate.utils import load as accelerate_load
 
-from vae.config import fail
+from vae.errors import CheckpointError, UserError
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 
 
-def check_writable(output_dir: str, prog: str) -> None:
+def check_writable(output_dir: str) -> None:
     """Fail with one line now rather than after hours of training."""
     try:
         os.makedirs(output_dir, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=output_dir):
             pass
     except OSError as e:
-        fail(prog, f"output folder {output_dir!r} is not writable ({e.strerror or e})")
+        raise UserError(f"output folder {output_dir!r} is not writable ({e.strerror or e})") from None
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -53,7 +53,7 @@ def resolve(output_dir: str, resume: str | None) -> str | None:
         found = list_checkpoints(output_dir)
         return found[-1][1] if found else None
     if not os.path.isfile(os.path.join(resume, TRAINER_STATE)):
-        fail("train_vae.py", f"--resume_from_checkpoint {resume!r} is not a complete checkpoint folder")
+        raise CheckpointError(f"--resume_from_checkpoint {resume!r} is not a complete checkpoint folder")
     return resume
 
 
@@ -105,14 +105,14 @@ def load_extra(path: str, rank: int, world_size: int) -> tuple[dict, dict]:
         extra = json.load(f)
     saved_world = extra.pop("world_size", world_size)
     if saved_world != world_size:
-        fail("train_vae.py", f"{path} was written by {saved_world} processes; resume it with the same number "
-                             f"(got {world_size}) so every rank continues its own data stream")
+        raise CheckpointError(f"{path} was written by {saved_world} processes; resume it with the same number "
+                              f"(got {world_size}) so every rank continues its own data stream")
     # accelerate's load_state skips an RNG file it cannot read (a damaged file, or a pickle that would
     # run code) with one info line and carries on: the run would go on drawing other random numbers
     # than the one it claims to continue. Read it again here and stop instead.
     rng = _read_pickle(os.path.join(path, f"random_states_{rank}.pkl"), accelerate_load)
     if not isinstance(rng, dict) or "torch_manual_seed" not in rng:
-        fail("train_vae.py", f"refused to resume from {path}: random_states_{rank}.pkl holds no RNG state")
+        raise CheckpointError(f"refused to resume from {path}: random_states_{rank}.pkl holds no RNG state")
     data_state = _read_pickle(os.path.join(path, f"data_state_{rank}.pt"), lambda f: torch.load(f, weights_only=True))
     return extra, data_state
 
@@ -122,7 +122,7 @@ def _read_pickle(file: str, load):
     try:
         return load(file)
     except Exception as e:  # noqa: BLE001 - refused pickle, damaged zip, missing file: all end the resume
-        fail("train_vae.py", f"refused to resume from {file}: {load_error(e)}")
+        raise CheckpointError(f"refused to resume from {file}: {load_error(e)}") from None
 
 
 def load_error(e: Exception) -> str:
