@@ -48,12 +48,12 @@ class TrainConfig:
     # --- data ---
     source: list[str] = arg([], "a data source, repeatable: a path/hub id or 'name=..,path=..,weight=..,split=..,kind=..,config=..,image_column=..'")
     mixture: str | None = arg(None, "mixture file (YAML/JSON) or a ready-made name ('transfusion' with --data_root)")
-    data_root: str | None = arg(None, "folder holding ImageNet/, COCO/ and FFHQ/ in the seed's layouts (for --mixture transfusion)")
+    data_root: str | None = arg(None, "folder holding ImageNet/, COCO/ and FFHQ/ in the reference implementation's layouts (docs/recipe.md) (for --mixture transfusion)")
     validation_source: str | None = arg(None, "held-out images for in-training metrics and latent statistics (same syntax as --source)")
     resolution: int = arg(256, "training crop size (divisible by 8)")
     random_flip: bool = arg(False, "random horizontal flips (the recipe uses none)")
     crop_mode: str = arg("resize", "training crops: resize (shorter side -> resolution, random crop; the recipe), native (a random window at the image's own scale), random_scale (shorter side resized to a random size between resolution and native, then a random crop)", choices=("resize", "native", "random_scale"))
-    interpolation: str = arg("bilinear", "shorter-side resize filter (bilinear = torchvision's Resize, as the seed)", choices=("bilinear", "bicubic"))
+    interpolation: str = arg("bilinear", "shorter-side resize filter (bilinear = torchvision's Resize, as the reference implementation)", choices=("bilinear", "bicubic"))
     shuffle_block: int = arg(1000, "images per exactly-resumable shuffle block")
     dataloader_num_workers: int = arg(4, "DataLoader worker processes per rank")
     num_validation_images: int = arg(8, "held-out images in the fixed validation batch")
@@ -70,8 +70,8 @@ class TrainConfig:
     lecam_decay: float = arg(0.999, "EMA decay of LeCAM's logit anchors")
     perception_weights: str = arg("pretrained", "LPIPS-VGG and MoCo weights: pretrained (required for real runs), random (smoke tests), auto (pretrained when cached, else random, loudly)", choices=("pretrained", "random", "auto"))
     id_checkpoint: str = arg(MOCO_V2_URL, "MoCo v2/v3 ResNet-50 checkpoint file or URL for the ID loss")
-    id_feature: str = arg("projection", "ID features: the 128-d MoCo projection with MSE (seed) or 2048-d pooled with cosine", choices=("projection", "pooled"))
-    adaptive_weight_mode: str = arg("fast", "fast: last-layer gradients derived from one backward through LPIPS/MoCo/D; reference: the seed's autograd.grad on the last layer (same values)", choices=("fast", "reference"))
+    id_feature: str = arg("projection", "ID features: the 128-d MoCo projection with MSE (the recipe) or 2048-d pooled with cosine", choices=("projection", "pooled"))
+    adaptive_weight_mode: str = arg("fast", "fast: last-layer gradients derived from one backward through LPIPS/MoCo/D; reference: the reference implementation's autograd.grad on the last layer (same values)", choices=("fast", "reference"))
     # --- optimisation ---
     learning_rate: float = arg(1e-4, "Adam learning rate of the autoencoder")
     disc_learning_rate: float | None = arg(None, "Adam learning rate of the discriminator (default: --learning_rate)")
@@ -105,6 +105,9 @@ class TrainConfig:
     push_to_hub: bool = arg(False, "upload the exported model to the Hub (token from HF_TOKEN or `hf auth login`)")
     hub_model_id: str | None = arg(None, "Hub repository, e.g. user/transfusion-vae")
     hub_private: bool = arg(False, "create the Hub repository as private")
+    hub_strategy: str = arg("end", "end: upload the exported model once, at the end; every_save: also upload each checkpoint's exported model (not optimizer states) in the background", choices=("end", "every_save"))
+    license: str = arg("other", "license in the model card's metadata (weights trained on ImageNet/FFHQ are usually non-commercial)")
+    init_discriminator: str | None = arg(None, "start the discriminator from an exported one: a folder holding discriminator/ (or the discriminator/ folder itself) or a Hub id")
 
     def validate(self) -> None:
         positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "logging_steps",
