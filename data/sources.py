@@ -1,6 +1,7 @@
 """Where images come from: source specs, mixture files, validation, and raw record streams.
 
-A source is a hub dataset id, a local folder in one of the seed's layouts (ImageNet, COCO, FFHQ)
+A source is a hub dataset id, a local folder in one of the reference implementation's layouts
+(lavinal712/AutoencoderKL, branch transfusion_vae: ImageNet, COCO, FFHQ)
 or any image folder, a glob of parquet shards, or a glob of webdataset `.tar` shards. Every
 source becomes a Hugging Face streaming `IterableDataset` of *raw* records
 
@@ -13,7 +14,6 @@ shuffle block holds file names or compressed bytes, never decoded pixels.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import math
@@ -401,7 +401,8 @@ def _folder_records(shards, root, source):
             yield {"bytes": None, "path": os.path.join(root, rel), "key": rel, "source": source}
 
 
-def _table_record(example, columns, source):
+def _image_value(example, columns):
+    """(bytes, path, original key) of a table / hub example's first non-empty image column."""
     value = None
     for column in columns:  # webdataset samples may carry .jpg in one sample and .png in another
         value = example.get(column)
@@ -414,8 +415,123 @@ def _table_record(example, columns, source):
         data = bytes(value)
     elif isinstance(value, str):
         path = value
-    key = example.get("__key__") or path or (hashlib.sha1(data).hexdigest()[:16] if data else "")
-    return {"bytes": data, "path": path if data is None else None, "key": str(key), "source": source}
+    return data, path, example.get("__key__") or path or ""
+
+
+def _record_key(prefix: str, index: int, original: str) -> str:
+    """'<source>/<shard>/<row>:<original key>': unique even when images or `__key__`s repeat."""
+    return f"{prefix}/{index}:{original}" if original else f"{prefix}/{index}"
+
+
+def _hub_record(example, index, columns, source, prefix):
+    data, path, original = _image_value(example, columns)
+    return {"bytes": data, "path": path if data is None else None, "key": _record_key(prefix, index, str(original)),
+            "source": source}
+
+
+def shard_labels(files) -> list[str]:
+    """Short unique names of shard files for record keys: paths relative to their common folder."""
+    files = [f.decode("utf-8") if isinstance(f, bytes) else str(f) for f in files]
+    if len(files) == 1:
+        return [os.path.basename(files[0])]
+    root = os.path.commonpath([os.path.dirname(f) for f in files])
+    return [os.path.relpath(f, root).replace(os.sep, "/") for f in files]
+
+
+def _kept(row: int, keep) -> bool:
+    return keep is None or row % keep[1] == keep[0]
+
+
+def _parquet_records(files, labels, row_groups, columns, name, source, keep):
+    import pyarrow.parquet as pq
+
+    for file, label, group in zip(files, labels, row_groups):
+        reader = pq.ParquetFile(file)
+        sizes = [reader.metadata.row_group(g).num_rows for g in range(reader.num_row_groups)]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
+        available = set(reader.schema_arrow.names)
+        wanted = [c for c in dict.fromkeys(list(columns) + ["__key__"]) if c in available]
+        for g in (range(reader.num_row_groups) if group < 0 else [group]):
+            row = starts[g]
+            # Small batches: a row group of large images is never held in memory all at once.
+            for batch in reader.iter_batches(batch_size=64, row_groups=[g], columns=wanted):
+                table = batch.to_pydict()
+                for i in range(batch.num_rows):
+                    if _kept(row + i, keep):
+                        data, path, original = _image_value({c: table[c][i] for c in table}, columns)
+                        yield {"bytes": data, "path": path if data is None else None, "source": source,
+                               "key": _record_key(f"{name}/{label}", row + i, str(original))}
+                row += batch.num_rows
+
+
+def _webdataset_samples(file: str, columns):
+    """(key, {field: bytes}) per sample of a tar shard, grouped the webdataset way (consecutive members
+    sharing the name up to the first dot of the base name); hidden and '__' members are skipped, as
+    datasets' own reader does. Only the image fields are read."""
+    import tarfile
+
+    current, fields = None, {}
+    with tarfile.open(file, mode="r|*") as tar:
+        for member in tar:
+            if not member.isreg() or os.path.basename(member.name).startswith((".", "__")):
+                continue
+            match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", member.name)
+            if not match:
+                continue
+            key, field_name = match.groups()
+            if current is not None and key != current:
+                yield current, fields
+                fields = {}
+            current = key
+            if field_name in columns:
+                fields[field_name] = tar.extractfile(member).read()
+            tar.members = []  # a streaming read must not keep every member's header
+    if current is not None:
+        yield current, fields
+
+
+def _webdataset_records(files, labels, columns, name, source, keep):
+    for file, label in zip(files, labels):
+        for index, (key, fields) in enumerate(_webdataset_samples(file, columns)):
+            if _kept(index, keep):
+                data, _, _ = _image_value(fields, columns)
+                yield {"bytes": data, "path": None, "source": source,
+                       "key": _record_key(f"{name}/{label}", index, key)}
+
+
+def _row_group_units(units):
+    """Parquet units (file, label, -1 = whole file) -> one unit per row group."""
+    import pyarrow.parquet as pq
+
+    return [(file, label, g) for file, label, group in units
+            for g in (range(pq.ParquetFile(file).num_row_groups) if group < 0 else [group])]
+
+
+def _split_units(units, part: int, num_parts: int, keep, kind: str):
+    """Part `part` of `num_parts`: whole shard files when there are enough (parquet: else row
+    groups), else every row index r with r % num_parts == part in every shard (`keep`)."""
+    if num_parts == 1:
+        return units, keep
+    if keep is not None:  # already split by rows: r % n == k, then every num_parts-th of those
+        return units, (keep[0] + keep[1] * part, keep[1] * num_parts)
+    if len(units) < num_parts and kind == "parquet":
+        units = _row_group_units(units)
+    if len(units) >= num_parts:
+        return units[part::num_parts], None
+    return units, (part, num_parts)
+
+
+def _table_dataset(src: ResolvedSource, units, keep):
+    import datasets
+
+    files, labels, groups = (list(column) for column in zip(*units))
+    kwargs = {"files": files, "labels": labels, "columns": tuple(src.image_columns), "name": src.name,
+              "source": src.index, "keep": keep}
+    if src.kind == "parquet":
+        kwargs["row_groups"] = groups
+    generator = _parquet_records if src.kind == "parquet" else _webdataset_records
+    # Lists in gen_kwargs are datasets' shards: one per unit, so a resume re-reads one unit at most.
+    return datasets.IterableDataset.from_generator(generator, features=raw_features(), gen_kwargs=kwargs)
 
 
 def _keep_every(example, index, part, num_parts):
@@ -429,7 +545,7 @@ def _split_examples(ds, part: int, num_parts: int):
 
 
 def _split(ds, part: int, num_parts: int):
-    """Part `part` of `num_parts` disjoint parts of a table/hub source: whole shards when possible."""
+    """Part `part` of `num_parts` disjoint parts of a hub source: whole shards when possible."""
     if num_parts == 1:
         return ds
     if ds.num_shards < num_parts:
@@ -452,6 +568,11 @@ def open_records(src: ResolvedSource, *, rank: int = 0, world_size: int = 1, wor
     `order_seed` permutes the file / shard order (the same permutation on every rank, so the
     parts stay disjoint); None keeps the sorted order. `max_samples` cuts the source to its
     first records before splitting (evaluation).
+
+    Record keys are unique by construction: folders use the file's relative path; parquet and
+    webdataset '<source>/<shard file>/<row in shard>:<original key>' (the same whatever the
+    number of ranks); hub datasets '<source>/<row>:<original key>' with max_samples, else
+    '<source>/part<i>of<n>/<row in part>:<original key>' (i, n: this reader among ranks x workers).
     """
     import datasets
     from datasets import Image
@@ -466,19 +587,32 @@ def open_records(src: ResolvedSource, *, rank: int = 0, world_size: int = 1, wor
             gen_kwargs={"shards": [files[rank::world_size][worker::num_workers]], "root": src.root,
                         "source": src.index})
 
-    if src.kind == "hub":
-        ds = src.hub  # shard order fixed: reordering a hub dataset's shards needs datasets' private API
-    else:
-        ds = _load_table_source(src.kind, src.files[_order(len(src.files), order_seed)])
+    if src.kind in ("parquet", "webdataset"):
+        files = [f.decode("utf-8") for f in src.files]
+        labels = shard_labels(files)
+        units = [(files[i], labels[i], -1) for i in _order(len(files), order_seed)]
+        if max_samples is not None:
+            ds = _table_dataset(src, units, None).take(max_samples)
+            return _split_examples(_split_examples(ds, rank, world_size), worker, num_workers)
+        keep = None
+        for part, num_parts in ((rank, world_size), (worker, num_workers)):
+            units, keep = _split_units(units, part, num_parts, keep, src.kind)
+        return _table_dataset(src, units, keep)
+
+    ds = src.hub  # shard order fixed: reordering a hub dataset's shards needs datasets' private API
     features = ds.features
     for column in src.image_columns:
         if features is not None and isinstance(features.get(column), Image):
             ds = ds.cast_column(column, Image(decode=False))  # keep the bytes; decode after shuffling
+    to_record = dict(function=_hub_record, with_indices=True, features=raw_features(),
+                     remove_columns=list(features) if features is not None else None)
+    columns = {"columns": src.image_columns, "source": src.index}
     if max_samples is not None:
-        ds = ds.take(max_samples)
+        # Indexed before the split across ranks: the same key whatever the number of ranks.
+        ds = ds.take(max_samples).map(fn_kwargs={**columns, "prefix": src.name}, **to_record)
         ds = _split_examples(_split_examples(ds, rank, world_size), worker, num_workers)
     else:
         ds = _split(_split(ds, rank, world_size), worker, num_workers)
-    ds = ds.map(_table_record, fn_kwargs={"columns": src.image_columns, "source": src.index},
-                remove_columns=list(features) if features is not None else None, features=raw_features())
+        part = f"{src.name}/part{rank * num_workers + worker}of{world_size * num_workers}"
+        ds = ds.map(fn_kwargs={**columns, "prefix": part}, **to_record)
     return ds if features is not None else ds.select_columns(list(raw_features()))

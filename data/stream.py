@@ -25,8 +25,8 @@ Crops and flips are drawn from an RNG seeded from (seed, node, epoch, sample ord
 resumed stream yields identical tensors. With `infinite=True` a finished interleave starts the
 next epoch (new file order, new source-choice and block RNGs).
 
-Cost to know about: when an interleaved iterator over parquet shards (also most hub datasets)
-closes, datasets sleeps 5 s (`datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN`, a workaround
+Cost to know about: when an interleaved iterator over a hub dataset's parquet shards closes,
+datasets sleeps 5 s (`datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN`, a workaround
 for apache/arrow#45214) - once per epoch and worker here.
 """
 

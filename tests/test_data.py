@@ -4,6 +4,7 @@ Everything runs offline on tiny images written into tmp_path.
 """
 
 import io
+import itertools
 import json
 import math
 import os
@@ -34,7 +35,7 @@ def short_arrow_shutdown_sleep(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers that write tiny images and the seed's layouts
+# Helpers that write tiny images and the ImageNet / COCO / FFHQ folder layouts
 # ---------------------------------------------------------------------------------------------
 
 def image_bytes(color=(200, 30, 60), size=(24, 18), fmt="JPEG", mode="RGB") -> bytes:
@@ -260,7 +261,7 @@ def test_eval_ranks_split_the_first_max_samples(tmp_path, kind):
         first = [f"{i}.png" for i in range(5)]
     else:
         path = make_parquet(str(tmp_path / "p"), files=3, rows=3)
-        first = [f"pq{f}_{r}.jpg" for f in range(3) for r in range(3)][:5]
+        first = [f"e/part-{f:03d}.parquet/{r}:pq{f}_{r}.jpg" for f in range(3) for r in range(3)][:5]
     spec = SourceSpec("e", path)
     parts = [keys_of(build_eval_stream(spec, 16, rank=r, world_size=2, max_samples=5)) for r in range(2)]
     assert not set(parts[0]) & set(parts[1])
@@ -287,7 +288,9 @@ def test_hub_branch_with_a_decoding_image_feature(tmp_path):
         src = ResolvedSource(spec, 0, "hub", hub=hub, image_columns=["image"])
         parts.append(keys_of(ImageStream([src], 16, train=False, rank=rank, world_size=2, infinite=False)))
     assert not set(parts[0]) & set(parts[1])
-    assert sorted(parts[0] + parts[1]) == sorted(f"pq{f}_{r}.jpg" for f in range(2) for r in range(3))
+    assert all(key.startswith(f"hubby/part{rank}of2/") for rank in range(2) for key in parts[rank])
+    originals = sorted(key.split(":", 1)[1] for key in parts[0] + parts[1])
+    assert originals == sorted(f"pq{f}_{r}.jpg" for f in range(2) for r in range(3))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,10 +592,173 @@ def test_demo_sources_are_real_photos_and_idempotent(tmp_path):
 
 @pytest.mark.parametrize("size", [(500, 375), (333, 500), (1024, 683), (37, 53)])
 def test_eval_transform_is_pixel_identical_to_torchvision_resize_centercrop(size):
-    """The seed's eval crop: torchvision Resize(R) (bilinear on PIL) + CenterCrop(R) + [-1, 1]."""
+    """The reference eval crop: torchvision Resize(R) (bilinear on PIL) + CenterCrop(R) + [-1, 1]."""
     import torchvision.transforms as T
 
     rng = np.random.default_rng(sum(size))
     img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     reference = T.Compose([T.Resize(64), T.CenterCrop(64), T.PILToTensor()])(img).float() / 127.5 - 1
     assert torch.equal(eval_transform(img, 64, interpolation="bilinear"), reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training crop modes
+# ---------------------------------------------------------------------------------------------
+
+def as_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(3, R, R) in [-1, 1] -> (R, R, 3) uint8, exactly inverting to_tensor."""
+    return np.round((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)
+
+
+def windows_of(big: np.ndarray, small: np.ndarray) -> list[tuple[int, int]]:
+    """Every (top, left) where `small` sits pixel-exactly inside `big`."""
+    views = np.lib.stride_tricks.sliding_window_view(big, small.shape)[:, :, 0]
+    return [tuple(int(v) for v in p) for p in np.argwhere((views == small).all(axis=(2, 3, 4)))]
+
+
+def noise_image(width, height, seed=0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("size", [(90, 70), (333, 200), (50, 120)])
+def test_resize_crop_mode_is_torchvision_resize_then_random_crop(size):
+    import torchvision.transforms.functional as TF
+
+    img = noise_image(*size, seed=sum(size))
+    for seed in range(4):
+        ours = train_transform(img, 32, np.random.default_rng(seed), crop_mode="resize")
+        assert torch.equal(ours, train_transform(img, 32, np.random.default_rng(seed)))  # the default
+        resized = TF.resize(img, 32)  # bilinear, shorter side -> 32, as torchvision's Resize(32)
+        draws = np.random.default_rng(seed)
+        left = int(draws.integers(0, resized.width - 32 + 1))
+        top = int(draws.integers(0, resized.height - 32 + 1))
+        reference = TF.pil_to_tensor(TF.crop(resized, top, left, 32, 32)).float() / 127.5 - 1
+        assert torch.equal(ours, reference)
+
+
+def test_native_crop_mode_is_an_exact_window_without_resampling():
+    img = noise_image(90, 70, seed=1)
+    big = np.asarray(img)
+    positions = set()
+    for seed in range(6):
+        crop = as_uint8(train_transform(img, 16, np.random.default_rng(seed), crop_mode="native"))
+        found = windows_of(big, crop)
+        assert len(found) == 1, found  # noise: a window occurs once
+        positions.add(found[0])
+    assert len(positions) > 1  # the window position is random
+    # A side below the resolution: shorter side resized up to R first (bilinear), then a window.
+    import torchvision.transforms.functional as TF
+
+    small = noise_image(10, 30, seed=2)
+    crop = as_uint8(train_transform(small, 16, np.random.default_rng(0), crop_mode="native"))
+    assert crop.shape == (16, 16, 3) and windows_of(np.asarray(TF.resize(small, 16)), crop)
+
+
+def test_random_scale_size_stays_between_resolution_and_native():
+    from data.transforms import random_scale_size
+
+    draws = [random_scale_size(40, 19, 16, np.random.default_rng(s)) for s in range(300)]
+    assert set(draws) == {16, 17, 18, 19}  # uniform over [R, shorter side], both ends included
+    assert min(np.bincount(draws)[16:]) > 40  # ~75 each
+    assert {random_scale_size(12, 50, 16, np.random.default_rng(s)) for s in range(20)} == {16}  # never below R
+    assert {random_scale_size(16, 16, 16, np.random.default_rng(s)) for s in range(20)} == {16}
+
+
+def test_random_scale_crop_mode_is_a_crop_of_a_resize_to_the_drawn_size():
+    import torchvision.transforms.functional as TF
+
+    from data.transforms import random_scale_size
+
+    img = noise_image(120, 64, seed=3)
+    sizes = set()
+    for seed in range(6):
+        size = random_scale_size(*img.size, 16, np.random.default_rng(seed))  # the transform's first draw
+        sizes.add(size)
+        assert 16 <= size <= 64
+        crop = as_uint8(train_transform(img, 16, np.random.default_rng(seed), crop_mode="random_scale"))
+        assert windows_of(np.asarray(TF.resize(img, size)), crop), size
+    assert len(sizes) > 1
+
+
+def test_crop_mode_is_validated_up_front(tmp_path):
+    make_folder(str(tmp_path / "f"))
+    with pytest.raises(DataError, match="crop_mode"):
+        build_train_stream([SourceSpec("f", str(tmp_path / "f"))], 16, crop_mode="centre")
+    from data import CROP_MODES
+
+    assert CROP_MODES == ("resize", "native", "random_scale")
+
+
+def test_native_stream_yields_windows_and_resumes_exactly(tmp_path):
+    folder = tmp_path / "native"
+    originals = {}
+    for i in range(5):
+        img = noise_image(40 + 7 * i, 30 + 3 * i, seed=50 + i)
+        write(str(folder / f"{i}.png"), b"")
+        img.save(folder / f"{i}.png")
+        originals[f"{i}.png"] = np.asarray(img)
+
+    def stream():
+        return build_train_stream([SourceSpec("n", str(folder))], 16, seed=4, shuffle_block=3, random_flip=False,
+                                  crop_mode="native")
+
+    reference = list(itertools.islice(iter(stream()), 14))  # crosses two epochs of 5 images
+    for sample in reference:
+        assert windows_of(originals[sample["key"]], as_uint8(sample["pixel_values"]))
+    first = stream()
+    iterator = iter(first)
+    for _ in range(6):
+        next(iterator)
+    state = first.state_dict()
+    resumed = stream()
+    resumed.load_state_dict(state)
+    _assert_same(reference[6:], list(itertools.islice(iter(resumed), 8)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Record keys: unique by construction
+# ---------------------------------------------------------------------------------------------
+
+def make_repetitive_sources(root):
+    """Two tar shards repeating the same __key__s, a parquet file holding byte-identical images."""
+    os.makedirs(f"{root}/wds", exist_ok=True)
+    for s in range(2):
+        with tarfile.open(f"{root}/wds/shard-{s}.tar", "w") as tar:
+            for i in range(3):
+                payload = textured_bytes(300 + 10 * s + i)
+                info = tarfile.TarInfo(f"sample_{i}.jpg")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    same = textured_bytes(7)
+    rows = [{"bytes": same, "path": None}, {"bytes": same, "path": None}, {"bytes": textured_bytes(8), "path": None}]
+    os.makedirs(f"{root}/pq", exist_ok=True)
+    pq.write_table(pa.table({"image": rows}), f"{root}/pq/dup.parquet", row_group_size=1)  # 3 row groups
+    return SourceSpec("wds", f"{root}/wds/*.tar"), SourceSpec("pq", f"{root}/pq/*.parquet")
+
+
+def test_record_keys_are_unique_when_images_or_keys_repeat(tmp_path):
+    wds, parquet = make_repetitive_sources(str(tmp_path))
+    for spec, count in ((wds, 6), (parquet, 3)):
+        keys = keys_of(build_eval_stream(spec, 16))
+        assert len(keys) == count == len(set(keys)), keys
+        assert all(k.startswith(f"{spec.name}/") for k in keys)
+        for world_size in (2, 3):  # across ranks: each row once, under the same key as on one rank
+            parts = [keys_of(build_eval_stream(spec, 16, rank=r, world_size=world_size)) for r in range(world_size)]
+            assert sorted(sum(parts, [])) == sorted(keys)
+    keys = keys_of(build_eval_stream(wds, 16))
+    assert sorted(keys) == sorted(f"wds/shard-{s}.tar/{i}:sample_{i}" for s in range(2) for i in range(3))
+    assert sorted(keys_of(build_eval_stream(parquet, 16))) == [f"pq/dup.parquet/{r}" for r in range(3)]
+    # Training: the two ranks' parts are disjoint and cover every row (parquet split by row group).
+    both = [keys_of(build_train_stream([parquet], 16, rank=r, world_size=2, infinite=False)) for r in range(2)]
+    assert not set(both[0]) & set(both[1]) and sorted(both[0] + both[1]) == [f"pq/dup.parquet/{r}" for r in range(3)]
+
+
+def test_eval_over_repeated_keys_yields_every_row_once(tmp_path):
+    wds, parquet = make_repetitive_sources(str(tmp_path))
+    batches = list(make_dataloader(build_eval_stream(wds, 16), batch_size=4))
+    pixels = {key: image for batch in batches for key, image in zip(batch["key"], batch["pixel_values"])}
+    assert sum(len(batch["key"]) for batch in batches) == len(pixels) == 6
+    for s in range(2):  # the same __key__ in both shards, different images behind it
+        assert not torch.equal(pixels[f"wds/shard-0.tar/{s}:sample_{s}"], pixels[f"wds/shard-1.tar/{s}:sample_{s}"])
+    rows = {s["key"]: s["pixel_values"] for s in build_eval_stream(parquet, 16)}
+    assert len(rows) == 3 and torch.equal(rows["pq/dup.parquet/0"], rows["pq/dup.parquet/1"])
