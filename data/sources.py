@@ -445,7 +445,7 @@ def _kept(row: int, keep) -> bool:
 def _parquet_records(files, labels, row_groups, columns, name, source, keep):
     import pyarrow.parquet as pq
 
-    for file, label, group in zip(files, labels, row_groups):
+    for file, label, group in zip(files, labels, row_groups, strict=True):
         reader = pq.ParquetFile(file)
         sizes = [reader.metadata.row_group(g).num_rows for g in range(reader.num_row_groups)]
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
@@ -470,7 +470,7 @@ def _webdataset_samples(file: str, columns):
     datasets' own reader does. Only the image fields are read."""
     import tarfile
 
-    current, fields = None, {}
+    current, found = None, {}
     with tarfile.open(file, mode="r|*") as tar:
         for member in tar:
             if not member.isreg() or os.path.basename(member.name).startswith((".", "__")):
@@ -480,21 +480,21 @@ def _webdataset_samples(file: str, columns):
                 continue
             key, field_name = match.groups()
             if current is not None and key != current:
-                yield current, fields
-                fields = {}
+                yield current, found
+                found = {}
             current = key
             if field_name in columns:
-                fields[field_name] = tar.extractfile(member).read()
+                found[field_name] = tar.extractfile(member).read()
             tar.members = []  # a streaming read must not keep every member's header
     if current is not None:
-        yield current, fields
+        yield current, found
 
 
 def _webdataset_records(files, labels, columns, name, source, keep):
-    for file, label in zip(files, labels):
-        for index, (key, fields) in enumerate(_webdataset_samples(file, columns)):
+    for file, label in zip(files, labels, strict=True):
+        for index, (key, found) in enumerate(_webdataset_samples(file, columns)):
             if _kept(index, keep):
-                data, _, _ = _image_value(fields, columns)
+                data, _, _ = _image_value(found, columns)
                 yield {"bytes": data, "path": None, "source": source,
                        "key": _record_key(f"{name}/{label}", index, key)}
 
@@ -524,7 +524,7 @@ def _split_units(units, part: int, num_parts: int, keep, kind: str):
 def _table_dataset(src: ResolvedSource, units, keep):
     import datasets
 
-    files, labels, groups = (list(column) for column in zip(*units))
+    files, labels, groups = (list(column) for column in zip(*units, strict=True))
     kwargs = {"files": files, "labels": labels, "columns": tuple(src.image_columns), "name": src.name,
               "source": src.index, "keep": keep}
     if src.kind == "parquet":

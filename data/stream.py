@@ -40,8 +40,15 @@ import numpy as np
 import torch
 
 from .sources import DataError, ResolvedSource, SourceSpec, open_records, parse_source, resolve_source, resolve_sources
-from .transforms import (CROP_MODES, INTERPOLATIONS, MAX_IMAGE_PIXELS, BadImageError, eval_transform, load_image,
-                         train_transform)
+from .transforms import (
+    CROP_MODES,
+    INTERPOLATIONS,
+    MAX_IMAGE_PIXELS,
+    BadImageError,
+    eval_transform,
+    load_image,
+    train_transform,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -72,7 +72,7 @@ def load_image(source: bytes | str | os.PathLike, max_pixels: int = MAX_IMAGE_PI
                 return to_rgb(img)
     except BadImageError:
         raise
-    except Exception as exc:  # noqa: BLE001 - decoders of untrusted files raise anything
+    except Exception as exc:  # decoders of untrusted files raise anything
         # (OSError, SyntaxError, struct.error, ZeroDivisionError, DecompressionBomb*...), and
         # one bad file in a million must never stop a run; the caller counts it as skipped.
         raise BadImageError(f"{type(exc).__name__}: {exc}") from exc
@@ -147,8 +147,8 @@ def train_transform(img: Image.Image, resolution: int, rng: np.random.Generator,
     else:
         raise DataError(f"crop_mode {crop_mode!r} is not one of {list(CROP_MODES)}")
     width, height = img.size
-    left = int(rng.integers(0, width - resolution + 1))
-    top = int(rng.integers(0, height - resolution + 1))
+    left = rng.integers(0, width - resolution + 1).item()
+    top = rng.integers(0, height - resolution + 1).item()
     img = img.crop((left, top, left + resolution, top + resolution))
     # Draw the flip even when disabled so the crop sequence doesn't depend on the flag.
     flip = bool(rng.integers(0, 2))
@@ -161,6 +161,6 @@ def eval_transform(img: Image.Image, resolution: int, *, interpolation: str = "b
     """Resize(shorter side) -> CenterCrop -> (3, R, R) in [-1, 1]."""
     img = resize_shorter_side(img, resolution, interpolation)
     width, height = img.size
-    left = int(round((width - resolution) / 2.0))  # torchvision's CenterCrop rounding
-    top = int(round((height - resolution) / 2.0))
+    left = round((width - resolution) / 2.0)  # torchvision's CenterCrop rounding
+    top = round((height - resolution) / 2.0)
     return to_tensor(img.crop((left, top, left + resolution, top + resolution)))

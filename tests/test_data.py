@@ -19,8 +19,21 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (BadImageError, DataError, SourceSpec, build_eval_stream, build_train_stream, demo_sources,
-                  detect_kind, load_image, load_mixture, make_dataloader, parse_source, to_rgb, validate_sources)
+from data import (
+    BadImageError,
+    DataError,
+    SourceSpec,
+    build_eval_stream,
+    build_train_stream,
+    demo_sources,
+    detect_kind,
+    load_image,
+    load_mixture,
+    make_dataloader,
+    parse_source,
+    to_rgb,
+    validate_sources,
+)
 from data.transforms import eval_transform, train_transform
 
 
@@ -141,7 +154,7 @@ def keys_of(stream):
 # Layouts
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("layout, kind, split, expected", [
+@pytest.mark.parametrize(("layout", "kind", "split", "expected"), [
     ("imagenet", "imagenet", "train", 6),
     ("imagenet", "imagenet", "val", 4),
     ("coco", "coco", "train2017", 5),
@@ -204,10 +217,10 @@ def test_mixture_proportions_match_weights(tmp_path):
     stream = build_train_stream(sources, 8, seed=3, shuffle_block=16)
     n = 2000
     counts = np.zeros(3, int)
-    for _, sample in zip(range(n), stream):
+    for _, sample in zip(range(n), stream, strict=False):  # the stream is endless
         counts[int(sample["source"])] += 1
     total = sum(weights.values())
-    for count, weight in zip(counts, weights.values()):
+    for count, weight in zip(counts, weights.values(), strict=True):
         p = weight / total
         sigma = math.sqrt(n * p * (1 - p))
         # 4.5 binomial standard deviations: a correct sampler fails this once in ~150,000 runs.
@@ -317,7 +330,7 @@ def _batches(iterator, count):
 
 def _assert_same(expected, actual):
     assert len(expected) == len(actual)
-    for a, b in zip(expected, actual):
+    for a, b in zip(expected, actual, strict=True):
         assert a["key"] == b["key"]
         assert torch.equal(a["source"], b["source"])
         assert torch.equal(a["skipped"], b["skipped"])
@@ -330,7 +343,7 @@ def _roundtrip(state, tmp_path):
     return torch.load(path, weights_only=True)  # plain Python types only
 
 
-@pytest.mark.parametrize("num_workers, persistent", [(0, False), (2, False), (2, True)])
+@pytest.mark.parametrize(("num_workers", "persistent"), [(0, False), (2, False), (2, True)])
 def test_resume_twice_gives_the_same_batches(resume_sources, tmp_path, num_workers, persistent):
     def loader():
         stream = build_train_stream(resume_sources, 16, seed=11, shuffle_block=5, random_flip=True)
@@ -432,7 +445,7 @@ def test_bad_records_in_parquet_and_webdataset_are_skipped(tmp_path):
         assert stream.state_dict()["skipped"] == [1]
 
 
-@pytest.mark.parametrize("data, reason", [
+@pytest.mark.parametrize(("data", "reason"), [
     (b"", "empty"),
     (b"just text", "UnidentifiedImageError"),
     (image_bytes(size=(64, 64))[:200], "(?i)truncated"),
@@ -744,7 +757,7 @@ def test_record_keys_are_unique_when_images_or_keys_repeat(tmp_path):
         assert all(k.startswith(f"{spec.name}/") for k in keys)
         for world_size in (2, 3):  # across ranks: each row once, under the same key as on one rank
             parts = [keys_of(build_eval_stream(spec, 16, rank=r, world_size=world_size)) for r in range(world_size)]
-            assert sorted(sum(parts, [])) == sorted(keys)
+            assert sorted(itertools.chain(*parts)) == sorted(keys)
     keys = keys_of(build_eval_stream(wds, 16))
     assert sorted(keys) == sorted(f"wds/shard-{s}.tar/{i}:sample_{i}" for s in range(2) for i in range(3))
     assert sorted(keys_of(build_eval_stream(parquet, 16))) == [f"pq/dup.parquet/{r}" for r in range(3)]
@@ -756,7 +769,7 @@ def test_record_keys_are_unique_when_images_or_keys_repeat(tmp_path):
 def test_eval_over_repeated_keys_yields_every_row_once(tmp_path):
     wds, parquet = make_repetitive_sources(str(tmp_path))
     batches = list(make_dataloader(build_eval_stream(wds, 16), batch_size=4))
-    pixels = {key: image for batch in batches for key, image in zip(batch["key"], batch["pixel_values"])}
+    pixels = {key: image for batch in batches for key, image in zip(batch["key"], batch["pixel_values"], strict=True)}
     assert sum(len(batch["key"]) for batch in batches) == len(pixels) == 6
     for s in range(2):  # the same __key__ in both shards, different images behind it
         assert not torch.equal(pixels[f"wds/shard-0.tar/{s}:sample_{s}"], pixels[f"wds/shard-1.tar/{s}:sample_{s}"])
