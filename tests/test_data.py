@@ -775,3 +775,93 @@ def test_eval_over_repeated_keys_yields_every_row_once(tmp_path):
         assert not torch.equal(pixels[f"wds/shard-0.tar/{s}:sample_{s}"], pixels[f"wds/shard-1.tar/{s}:sample_{s}"])
     rows = {s["key"]: s["pixel_values"] for s in build_eval_stream(parquet, 16)}
     assert len(rows) == 3 and torch.equal(rows["pq/dup.parquet/0"], rows["pq/dup.parquet/1"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out samples spread over the data
+# ---------------------------------------------------------------------------------------------
+
+def make_many_classes(root, classes=20, per_class=5):
+    for c in range(classes):
+        for i in range(per_class):
+            write(f"{root}/train/n{c:08d}/n{c:08d}_{i}.JPEG", textured_bytes(1000 + 10 * c + i, size=(20, 16)))
+    return root
+
+
+def test_sample_images_covers_the_whole_folder_and_is_reproducible(tmp_path):
+    from data import sample_images
+
+    spec = SourceSpec("imagenet", make_many_classes(str(tmp_path / "ImageNet")))
+    images, keys = sample_images([spec], 16, 16, seed=0)
+    assert images.shape == (16, 3, 16, 16) and images.dtype == torch.float32
+    assert images.min() >= -1 and images.max() <= 1 and len(keys) == len(set(keys)) == 16
+    classes = {key.split("/")[1] for key in keys}
+    assert len(classes) >= 5  # 16 draws over 20 classes: a first-N sample would cover 4
+    first_files = keys_of(build_eval_stream(spec, 16, max_samples=16))
+    assert {k.split("/", 1)[1] for k in keys} != set(first_files)
+    again, again_keys = sample_images([spec], 16, 16, seed=0)
+    assert again_keys == keys and torch.equal(again, images)
+    assert sample_images([spec], 16, 16, seed=1)[1] != keys
+    # Each image is the eval transform (resize + centre crop) of the file its key names.
+    root = os.path.join(spec.path, "train")
+    for image, key in zip(images[:3], keys[:3], strict=True):
+        assert torch.equal(image, eval_transform(load_image(os.path.join(root, key.split("/", 1)[1])), 16))
+
+
+def test_sample_images_splits_count_by_weight_and_skips_bad_files(tmp_path):
+    from data import sample_images
+    from data.sample import split_count
+
+    assert split_count(10, [3.0, 1.0]) == [8, 2]  # 7.5 / 2.5: the tie goes to the earlier source
+    assert split_count(7, [1.0, 1.0, 1.0]) == [3, 2, 2]
+    assert split_count(5, [1.0, 0.0]) == [5, 0]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for i in range(30):
+        write(f"{a}/{i:02d}.png", image_bytes(colour(i), size=(12, 12), fmt="PNG"))
+        write(f"{b}/{i:02d}.png", image_bytes(colour(100 + i), size=(12, 12), fmt="PNG"))
+    for i in range(5):
+        write(f"{a}/bad{i}.jpg", b"not an image")
+    images, keys = sample_images([SourceSpec("a", a, weight=3.0), SourceSpec("b", b, weight=1.0)], 12, 8, seed=2)
+    assert [k.split("/")[0] for k in keys] == ["a"] * 9 + ["b"] * 3
+    assert not any("bad" in k for k in keys) and len(images) == 12
+    with pytest.raises(DataError, match="only 30 readable"):
+        sample_images([SourceSpec("a", a)], 31, 8)
+
+
+def test_sample_images_from_parquet_and_webdataset_shards(tmp_path):
+    from data import sample_images
+
+    parquet = make_parquet(str(tmp_path / "pq"), files=4, rows=6, row_group_size=2, bad_rows={(1, 1)})
+    tars = make_webdataset(str(tmp_path / "wds"), shards=5, per_shard=4, bad_members={(2, 0)})
+    for spec, total in ((SourceSpec("pq", parquet), 23), (SourceSpec("wds", tars), 19)):
+        images, keys = sample_images([spec], 10, 16, seed=3)
+        assert len(set(keys)) == 10 and images.shape == (10, 3, 16, 16)
+        assert len({k.split("/")[1] for k in keys}) >= 3  # spread over the shards
+        assert sample_images([spec], 10, 16, seed=3)[1] == keys
+        reference = {s["key"]: s["pixel_values"] for s in build_eval_stream(spec, 16)}
+        assert len(reference) == total
+        for image, key in zip(images, keys, strict=True):  # the same key and pixels as the eval stream's
+            assert torch.equal(image, reference[key])
+        assert len(sample_images([spec], total, 16)[1]) == total  # every readable image, bad ones replaced
+        with pytest.raises(DataError, match="readable"):
+            sample_images([spec], total + 1, 16)
+
+
+def test_sample_images_from_a_hub_style_dataset(tmp_path, monkeypatch):
+    import datasets
+
+    import data.sample
+    from data.sources import ResolvedSource
+
+    make_parquet(str(tmp_path / "pq"), files=3, rows=4, row_group_size=2)
+    files = sorted(str(p) for p in (tmp_path / "pq").glob("*.parquet"))
+    hub = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
+    hub = hub.cast_column("image", datasets.Image())
+    monkeypatch.setattr(data.sample, "resolve_source",
+                        lambda spec, index: ResolvedSource(spec, index, "hub", hub=hub, image_columns=["image"]))
+    spec = SourceSpec("hubby", "someone/something", kind="hub")
+    images, keys = data.sample.sample_images([spec], 5, 16, seed=1)
+    assert len(set(keys)) == 5 and images.shape == (5, 3, 16, 16)
+    assert len({k.split("/")[1] for k in keys}) >= 3  # several of the 6 row-group shards
+    assert data.sample.sample_images([spec], 5, 16, seed=1)[1] == keys
+    assert len(data.sample.sample_images([spec], 12, 16)[1]) == 12
