@@ -3,8 +3,9 @@
 tests/test_losses.py compares the two paths inside the loss module, on a hand-run autoencoder.
 Here the real Trainer runs them: the forward hook on decoder.conv_out must capture the input of
 the conv that produced the reconstruction under the trainer's own options (channels-last,
-gradient checkpointing, bf16 autocast, a frozen encoder), and a few whole G + D steps must keep
-the two modes on the same trajectory.
+gradient checkpointing, bf16 autocast, a frozen encoder), a few `Trainer.train_step` calls (G then
+D) must keep the two modes on the same trajectory, and the loss must not keep the captured
+activation past the step.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from accelerate.utils import set_seed
 from PIL import Image
 
 import train_vae
+from losses import vae_loss
 from vae.train_config import TrainConfig
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,9 +49,21 @@ def accelerator_for():
 
 def make_trainer(folder, out, accelerator, mode, **extra):
     cfg = TrainConfig(
-        source=[folder], model_config="tiny", resolution=32, train_batch_size=2, disc_start=0,
-        perception_weights="random", report_to="none", output_dir=str(out), dataloader_num_workers=0,
-        num_validation_images=2, shuffle_block=4, learning_rate=1e-4, adaptive_weight_mode=mode, **extra)
+        source=[folder],
+        model_config="tiny",
+        resolution=32,
+        train_batch_size=2,
+        disc_start=0,
+        perception_weights="random",
+        report_to="none",
+        output_dir=str(out),
+        dataloader_num_workers=0,
+        num_validation_images=2,
+        shuffle_block=4,
+        learning_rate=1e-4,
+        adaptive_weight_mode=mode,
+        **extra,
+    )
     cfg.validate()
     set_seed(0)  # identical weights (VAE, D, random LPIPS and MoCo) in both modes
     trainer = train_vae.Trainer(cfg, accelerator)
@@ -72,19 +85,26 @@ def record_generator_grads(trainer) -> list[dict[str, torch.Tensor]]:
     return record
 
 
+def count_fast_lambda(monkeypatch) -> list[int]:
+    """Count the fast path's ∇_W computations (two per G step with the GAN on; none in reference mode)."""
+    calls, original = [0], vae_loss.conv_weight_grad
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(vae_loss, "conv_weight_grad", counted)
+    return calls
+
+
 def run_steps(trainer, x, steps):
-    """Trainer._loop's body for `steps` batches (G then D), same posterior noise in both modes."""
+    """`steps` calls of Trainer.train_step (G then D) on x, same posterior noise in both modes."""
     torch.manual_seed(1)
     history = []
-    if trainer.cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
     for step in range(steps):
-        with trainer.accelerator.accumulate(trainer.model, trainer.disc):
-            recon, logs, g_ok = trainer.generator_step(x, step)
-            d_logs, d_ok = trainer.discriminator_step(x, recon, step)
-        assert g_ok and d_ok
-        assert trainer.last_layer_input.value is None  # the captured activation is not kept past the step
-        logs.update(d_logs)
+        logs = trainer.train_step(x, step)
+        assert trainer.state.skipped_g_steps == trainer.state.skipped_d_steps == 0
+        assert trainer.loss_fn._watched_input is None  # the captured activation is not kept past the step
         history.append({k: v.float() for k, v in logs.items()})
     return history
 
@@ -99,15 +119,20 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_fast_and_reference_modes_give_the_same_step(case, image_folder, tmp_path, accelerator_for):
+def test_fast_and_reference_modes_give_the_same_step(case, image_folder, tmp_path, accelerator_for, monkeypatch):
     extra, precision = CASES[case]
     accelerator = accelerator_for(precision)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    fast_lambda = count_fast_lambda(monkeypatch)
     runs = {}
     for mode in ("reference", "fast"):
         trainer = make_trainer(image_folder, tmp_path / mode, accelerator, mode, **extra)
         grads = record_generator_grads(trainer)
-        history = run_steps(trainer, x, 1 if precision == "bf16" else 3)
+        steps = 1 if precision == "bf16" else 3
+        calls_before = fast_lambda[0]
+        history = run_steps(trainer, x, steps)
+        # The fast mode must really take the fast path (the hook captured conv_out's input), the reference never.
+        assert fast_lambda[0] - calls_before == (2 * steps if mode == "fast" else 0)
         runs[mode] = history, grads
     (hist_ref, grads_ref), (hist_fast, grads_fast) = runs["reference"], runs["fast"]
 
@@ -117,7 +142,13 @@ def test_fast_and_reference_modes_give_the_same_step(case, image_folder, tmp_pat
     bf16 = precision == "bf16"
     assert hist_ref[0]["loss/gan_factor"].item() == 0.5 and hist_ref[0]["loss/adaptive_weight"].item() > 0
     for key in keys:
-        torch.testing.assert_close(hist_fast[0][key], hist_ref[0][key], rtol=1e-3 if bf16 else 1e-5, atol=0, msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(
+            hist_fast[0][key],
+            hist_ref[0][key],
+            rtol=1e-3 if bf16 else 1e-5,
+            atol=0,
+            msg=lambda m, key=key: f"{key}: {m}",
+        )
     first_ref, first_fast = grads_ref[0], grads_fast[0]
     assert set(first_ref) == set(first_fast) and "decoder.conv_out.weight" in first_ref
     if extra.get("train_decoder_only"):
@@ -132,12 +163,18 @@ def test_fast_and_reference_modes_give_the_same_step(case, image_folder, tmp_pat
         scale = max(g.abs().max() for g in first_ref.values())
         for name, g in first_ref.items():
             # atol: parameters whose true gradient is 0 (attention key biases) carry rounding noise only.
-            torch.testing.assert_close(first_fast[name], g, rtol=1e-4, atol=1e-6 * scale,
-                                       msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(
+                first_fast[name], g, rtol=1e-4, atol=1e-6 * scale, msg=lambda m, name=name: f"{name}: {m}"
+            )
     # Later steps: Adam moves every weight by about ±lr whatever the gradient's size, so rounding
     # differences grow step by step (chaotically in bf16): a loose check that the trajectories stay together.
     if not bf16:
         for step in (1, 2):
             for key in keys:
-                torch.testing.assert_close(hist_fast[step][key], hist_ref[step][key], rtol=1e-2, atol=0,
-                                           msg=lambda m, step=step, key=key: f"step {step} {key}: {m}")
+                torch.testing.assert_close(
+                    hist_fast[step][key],
+                    hist_ref[step][key],
+                    rtol=1e-2,
+                    atol=0,
+                    msg=lambda m, step=step, key=key: f"step {step} {key}: {m}",
+                )
