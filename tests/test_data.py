@@ -591,16 +591,48 @@ def test_validate_sources_errors_are_one_line(tmp_path):
     validate_sources([ok])
 
 
-def test_demo_sources_are_real_photos_and_idempotent(tmp_path):
-    train, heldout = demo_sources(str(tmp_path / "demo"))
-    names = sorted(os.listdir(train.path)), sorted(os.listdir(heldout.path))
-    assert len(names[0]) == 6 and len(names[1]) == 2 and not set(names[0]) & set(names[1])
-    stamp = os.path.getmtime(os.path.join(heldout.path, names[1][0]))
-    assert demo_sources(str(tmp_path / "demo")) == (train, heldout)
-    assert os.path.getmtime(os.path.join(heldout.path, names[1][0])) == stamp
+def test_demo_heldout_crops_come_from_photos_never_trained_on(tmp_path):
+    import skimage.data
+
+    from data.demo import HELDOUT_CROPS, train_files
+
+    train, heldout = demo_sources(str(tmp_path / "demo"), 32)
+    train_names, crop_names = sorted(os.listdir(train.path)), sorted(os.listdir(heldout.path))
+    assert heldout.path.endswith("heldout_32") and len(crop_names) >= 16
+    trained_photos = {name for name, _ in train_files().values()}
+    crop_photos = {name.rsplit("_", 1)[0] for name in crop_names}
+    assert crop_photos == set(HELDOUT_CROPS) and not crop_photos & trained_photos
+    assert {n.removesuffix(".png").removesuffix("_mirrored") for n in train_names} == trained_photos
+    # Colour-dominated training set, held-out crops both colour and grey.
+    def is_grey(path):
+        pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        return np.abs(pixels - pixels.mean(axis=2, keepdims=True)).max() <= 1
+
+    grey_train = sum(is_grey(os.path.join(train.path, n)) for n in train_names)
+    assert grey_train * 2 < len(train_names)
+    grey_crops = [is_grey(os.path.join(heldout.path, n)) for n in crop_names]
+    assert any(grey_crops) and not all(grey_crops)
+    # Pixels: every crop is the window of its own photograph centred at the listed fractions, and
+    # no training file is one of those photographs.
+    train_arrays = [np.asarray(Image.open(os.path.join(train.path, n))) for n in train_names]
+    for photo_name, centres in HELDOUT_CROPS.items():
+        photo = np.asarray(to_rgb(Image.fromarray(getattr(skimage.data, photo_name)())))
+        height, width = photo.shape[:2]
+        for i, (fx, fy) in enumerate(centres):
+            crop = np.asarray(Image.open(os.path.join(heldout.path, f"{photo_name}_{i}.png")))
+            left = min(max(round(fx * width - 16), 0), width - 32)
+            top = min(max(round(fy * height - 16), 0), height - 32)
+            assert np.array_equal(crop, photo[top:top + 32, left:left + 32])
+        assert not any(a.shape == photo.shape and np.array_equal(a, photo) for a in train_arrays)
+    astronaut = np.asarray(Image.open(os.path.join(train.path, "astronaut.png")))
+    assert np.array_equal(astronaut, skimage.data.astronaut())  # full photographs, unresampled
+    assert np.array_equal(np.asarray(Image.open(os.path.join(train.path, "astronaut_mirrored.png"))),
+                          astronaut[:, ::-1])
+    # Idempotent: nothing is rewritten by a second call.
+    stamp = os.path.getmtime(os.path.join(heldout.path, crop_names[0]))
+    assert demo_sources(str(tmp_path / "demo"), 32) == (train, heldout)
+    assert os.path.getmtime(os.path.join(heldout.path, crop_names[0])) == stamp
     validate_sources([train, heldout])
-    image = np.asarray(Image.open(os.path.join(train.path, "astronaut.png")))
-    assert image.shape == (512, 512, 3) and image.std() > 20  # a photograph, not a flat fill
 
 
 @pytest.mark.parametrize("size", [(500, 375), (333, 500), (1024, 683), (37, 53)])
