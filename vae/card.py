@@ -1,0 +1,233 @@
+"""The model card (README.md) of an exported Transfusion VAE, built with huggingface_hub's ModelCard.
+
+Everything comes in as plain values, so the card can be rebuilt from a finished folder or a test
+without a trainer. Local data paths appear in the body by their last component only, and the
+loading snippet uses the Hub id or a relative path: a card never carries this machine's paths.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+from huggingface_hub import ModelCard, ModelCardData
+
+TAGS = ["diffusers", "autoencoder", "vae", "transfusion", "autoencoderkl"]
+# The loss terms and schedule a card reports, named as TrainConfig's fields.
+RECIPE_KEYS = ("l1_weight", "lpips_weight", "gan_weight", "id_weight", "kl_weight", "disc_start", "gan_ramp_steps",
+               "adaptive_weight_max", "lecam_weight")
+# Images shown when the export folder holds them.
+IMAGES = (("training_curves.png", "Training curves"),
+          ("reconstructions.png", "Held-out inputs (top row) and reconstructions (bottom row)"))
+
+
+def _source_fields(source) -> dict:
+    """name, path, split, weight, kind of a data.SourceSpec or a mapping with those keys."""
+    get = source.get if isinstance(source, Mapping) else (lambda key, default=None: getattr(source, key, default))
+    out = {"name": get("name"), "path": str(get("path", "")), "split": get("split"), "weight": get("weight", 1.0),
+           "kind": get("kind", "auto")}
+    if out["kind"] in (None, "auto"):
+        from data import detect_kind  # only for SourceSpecs that left the kind to detection
+
+        out["kind"] = detect_kind(out["path"])
+    return out
+
+
+def public_path(path: str) -> str:
+    """A local path as a card may show it: relative paths as given, absolute ones by their last component(s)."""
+    path = str(path).rstrip("/") or "/"
+    if not os.path.isabs(path) and not path.startswith("~"):
+        return path
+    head, tail = os.path.split(path)
+    if any(ch in tail for ch in "*?["):  # a shard glob: keep the folder it globs in
+        tail = f"{os.path.basename(head)}/{tail}"
+    return f".../{tail}"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def _recipe_lines(recipe: Mapping) -> list[str]:
+    r = {k: recipe.get(k) for k in RECIPE_KEYS}
+    terms = [f"{_fmt(r['l1_weight'])}·L1", f"{_fmt(r['lpips_weight'])}·LPIPS-VGG",
+             f"{_fmt(r['gan_weight'])}·λ·GAN", f"{_fmt(r['id_weight'])}·ID (MoCo v2)", f"{_fmt(r['kl_weight'])}·KL"]
+    ramp = r["gan_ramp_steps"] or 0
+    lines = [
+        "L = " + " + ".join(terms),
+        f"- GAN: pix2pix NLayer PatchGAN (hinge loss), on from step {r['disc_start']}"
+        + (f", generator weight ramped linearly over {ramp} steps" if ramp else ", switched on at once (as the recipe)")
+        + (f"; adaptive weight λ clamped to {_fmt(r['adaptive_weight_max'])}" if r["adaptive_weight_max"] else ""),
+        "- ID term: " + ("on" if (r["id_weight"] or 0) > 0 else "**off** (`id_weight` 0)"),
+    ]
+    if r["lecam_weight"]:
+        lines.append(f"- LeCAM regularisation of the discriminator: weight {_fmt(r['lecam_weight'])}")
+    return lines
+
+
+def _metrics_table(initial: Mapping, final: Mapping) -> str:
+    names = list(final) + [k for k in initial if k not in final]
+    if not names:
+        return "_No held-out metrics were recorded._"
+    rows = [f"| {k} | {_fmt(initial.get(k, float('nan')))} | {_fmt(final.get(k, float('nan')))} |" for k in names]
+    return "\n".join(["| metric | step 0 | final |", "|---|---|---|", *rows])
+
+
+def _latent_section(stats: Mapping | None) -> str:
+    if not stats:
+        return "_Latent statistics were not computed._"
+    rows = [f"| {c} | {m:.4f} | {s:.4f} |"
+            for c, (m, s) in enumerate(zip(stats["latents_mean"], stats["latents_std"], strict=True))]
+    return "\n".join([
+        f"Sampled latents z ~ q(z|x) of {stats['num_images']} images ({stats.get('images', 'held-out images')}), "
+        f"seed {stats['seed']}:",
+        "",
+        f"- overall mean μ = {stats['mean']:.6f}, std σ = {stats['std']:.6f}",
+        f"- `shift_factor` = μ = {stats['shift_factor']:.6f}, `scaling_factor` = 1/σ = {stats['scaling_factor']:.6f} "
+        "(in `config.json`)",
+        "- `config.json` holds no `latents_mean` / `latents_std`: diffusers' SDXL-family pipelines would otherwise "
+        "normalise twice. The per-channel statistics are in `latent_stats.json`:",
+        "",
+        "| channel | mean | std |",
+        "|---|---|---|",
+        *rows,
+    ])
+
+
+def build_model_card(
+    *,
+    folder: str | None = None,
+    repo_id: str | None = None,
+    license: str = "other",
+    base_model: str | None = None,
+    sources: Sequence = (),
+    heldout_name: str | None = None,
+    heldout_disjoint: bool = True,
+    num_validation_images: int | None = None,
+    recipe: Mapping | None = None,
+    steps: int = 0,
+    images_seen: int = 0,
+    batch_size: int | None = None,
+    num_processes: int = 1,
+    gradient_accumulation_steps: int = 1,
+    resolution: int | None = None,
+    vae_config: Mapping | None = None,
+    num_parameters: int | None = None,
+    perception_weights: str = "pretrained",
+    metrics_initial: Mapping | None = None,
+    metrics_final: Mapping | None = None,
+    latent_stats: Mapping | None = None,
+    has_discriminator: bool = False,
+) -> ModelCard:
+    """The card of an exported model.
+
+    folder: the export folder (its basename names a local model; images in it are embedded).
+    repo_id: the Hub repository when pushed (metadata and loading snippet use it), else None.
+    base_model: the `--init_from` hub id or path (metadata only when it is a hub id), else None.
+    sources: data.SourceSpec objects or mappings (name, path, split, weight, kind); hub ids go into
+        the `datasets` metadata, local sources are listed in the body only.
+    perception_weights: what the LPIPS/MoCo nets actually were, "pretrained" or "random".
+    heldout_disjoint: False when the held-out images come from the training data.
+    latent_stats: the dict `vae.export.latent_statistics` returns (plus "images": how they were drawn).
+    """
+    recipe = dict(recipe or {})
+    vae_config = dict(vae_config or {})
+    rows = [_source_fields(s) for s in sources]
+    hub_datasets = [r["path"] for r in rows if r["kind"] == "hub"]
+    base_is_hub = bool(base_model) and not os.path.exists(base_model) and not base_model.startswith((".", "/", "~"))
+    data = ModelCardData(
+        license=license, library_name="diffusers", tags=list(TAGS),
+        base_model=base_model if base_is_hub else None, datasets=hub_datasets or None,
+    )
+    name = repo_id or (os.path.basename(os.path.abspath(folder)) if folder else "transfusion-vae")
+    load_from = repo_id or (f"./{name}" if folder else ".")
+    random_nets = perception_weights != "pretrained"
+
+    head = [f"# {name.split('/')[-1]}", ""]
+    if random_nets:
+        head += [f"> **WARNING: the LPIPS (VGG16) and MoCo perception nets were {perception_weights.upper()} "
+                 "during training. This model is a smoke test, not a usable autoencoder.**", ""]
+    if not heldout_disjoint:
+        head += ["> **Note:** the held-out images are not disjoint from the training data (they come from a "
+                 "training source), so the held-out metrics below flatter the model.", ""]
+    head += [
+        "A diffusers `AutoencoderKL` trained with the Transfusion VAE recipe "
+        "([Transfusion, arXiv 2408.11039](https://arxiv.org/abs/2408.11039), app. A; reference implementation "
+        "[lavinal712/AutoencoderKL, branch transfusion_vae]"
+        "(https://github.com/lavinal712/AutoencoderKL/tree/transfusion_vae))."
+        + (f" Initialised from `{public_path(base_model)}`." if base_model else ""),
+    ]
+
+    factor = 2 ** (len(vae_config.get("block_out_channels", ())) - 1) if vae_config.get("block_out_channels") else None
+    model = [
+        "## Model", "",
+        f"- latent channels: {vae_config.get('latent_channels')}"
+        + (f", downsampling ×{factor}" if factor else "")
+        + (f" ({resolution}² → {resolution // factor}²×{vae_config.get('latent_channels')})"
+           if factor and resolution else ""),
+        f"- block_out_channels: {list(vae_config.get('block_out_channels', ()))}, "
+        f"layers_per_block: {vae_config.get('layers_per_block')}"
+        + (f", {num_parameters / 1e6:.1f} M parameters" if num_parameters else ""),
+    ]
+    if has_discriminator:
+        model.append("- `discriminator/`: the PatchGAN discriminator at the end of training (`model.safetensors` + "
+                     "`config.json`), for fine-tuning with its GAN term warm (`--init_discriminator`)")
+
+    per_step = (batch_size or 0) * num_processes * gradient_accumulation_steps
+    training = [
+        "## Training", "",
+        *_recipe_lines(recipe), "",
+        f"- perception nets (LPIPS-VGG, MoCo): **{perception_weights}**",
+        f"- steps: {steps}, images seen: {images_seen}, resolution: {resolution}²",
+        f"- batch: {batch_size} per device × {num_processes} process(es) × {gradient_accumulation_steps} "
+        f"accumulation = {per_step} images per step",
+    ]
+
+    mixture = ["## Data mixture", ""]
+    if rows:
+        total = sum(float(r["weight"]) for r in rows) or 1.0
+        mixture += ["| source | path | split | weight | probability |", "|---|---|---|---|---|"]
+        for r in rows:
+            where = (f"[{r['path']}](https://huggingface.co/datasets/{r['path']})" if r["kind"] == "hub"
+                     else f"`{public_path(r['path'])}` (local {r['kind']})")
+            mixture.append(f"| {r['name']} | {where} | {r['split'] or '–'} | {float(r['weight']):g} "
+                           f"| {float(r['weight']) / total:.3f} |")
+    else:
+        mixture.append("_Not recorded._")
+
+    heldout = [
+        "## Held-out reconstruction (posterior mean"
+        + (f", {num_validation_images} images" if num_validation_images else "")
+        + (f", source {heldout_name}" if heldout_name else "") + ")", "",
+        ("Held out: disjoint from the training data." if heldout_disjoint
+         else "**Not disjoint from the training data.**"),
+        "",
+        _metrics_table(metrics_initial or {}, metrics_final or {}),
+    ]
+    if random_nets:
+        heldout += ["", "LPIPS here is computed with the same random VGG: only its trend means anything."]
+    images = []
+    for filename, caption in IMAGES:
+        if folder and os.path.isfile(os.path.join(folder, filename)):
+            images += [f"![{caption}]({filename})", "", caption, ""]
+
+    usage = [
+        "## Latent statistics", "",
+        _latent_section(latent_stats), "",
+        "## Use", "",
+        "```python",
+        "from diffusers import AutoencoderKL",
+        "",
+        f'vae = AutoencoderKL.from_pretrained("{load_from}")'
+        + ("" if repo_id else "  # the folder holding this card"),
+        "posterior = vae.encode(images).latent_dist      # images in [-1, 1], (B, 3, H, W)",
+        "latents = (posterior.sample() - vae.config.shift_factor) * vae.config.scaling_factor  # mean 0, std 1",
+        "recon = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample",
+        "```",
+    ]
+    sections = [head, model, training, mixture, heldout + ([""] + images if images else []), usage]
+    body = "\n\n".join("\n".join(s).rstrip() for s in sections)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
