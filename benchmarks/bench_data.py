@@ -33,8 +33,16 @@ from PIL import Image
 
 import data
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket",
-          "stereo_motorcycle")
+PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "rocket",
+    "stereo_motorcycle",
+)
 
 
 def write_images(folder: str, fmt: str, n: int, width: int, height: int, seed: int = 0) -> None:
@@ -81,8 +89,13 @@ def loader_rates(folder: str, resolution: int, batch_size: int, workers: int, im
     """The training data path: time to the first batch, then steady images/s over `images` images."""
     source = data.SourceSpec(name=os.path.basename(folder), path=folder, kind="folder")
     stream = data.build_train_stream([source], resolution, seed=0, shuffle_block=1000)
-    loader = data.make_dataloader(stream, batch_size, num_workers=workers,
-                                  generator=torch.Generator().manual_seed(0), persistent_workers=workers > 0)
+    loader = data.make_dataloader(
+        stream,
+        batch_size,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(0),
+        persistent_workers=workers > 0,
+    )
     tic = time.perf_counter()
     it = iter(loader)
     next(it)
@@ -116,9 +129,12 @@ def transport_rates(resolution: int, batch_size: int, workers: int, images: int,
     dtypes = {"float32": torch.float32, "uint8": torch.uint8}
     rates = {name: [] for name in dtypes}
     for r in range(rounds):
-        for name in (list(dtypes) if r % 2 == 0 else list(dtypes)[::-1]):
-            loader = torch.utils.data.DataLoader(_Repeat(torch.zeros(3, resolution, resolution, dtype=dtypes[name])),
-                                                 batch_size=batch_size, num_workers=workers)
+        for name in list(dtypes) if r % 2 == 0 else list(dtypes)[::-1]:
+            loader = torch.utils.data.DataLoader(
+                _Repeat(torch.zeros(3, resolution, resolution, dtype=dtypes[name])),
+                batch_size=batch_size,
+                num_workers=workers,
+            )
             it = iter(loader)
             next(it)
             n = max(1, images // batch_size)
@@ -135,8 +151,8 @@ def measure_step(preset: str, resolution: int, batch_size: int) -> float:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_train_step
 
-    argv = ["--preset", preset, "--resolution", str(resolution), "--batch_size", str(batch_size),
-            "--variants", "ours", "--baseline", "ours", "--steps", "2", "--rounds", "1", "--warmup", "1"]
+    argv = ["--preset", preset, "--resolution", str(resolution), "--batch_size", str(batch_size)]
+    argv += ["--variants", "ours", "--baseline", "ours", "--steps", "2", "--rounds", "1", "--warmup", "1"]
     result = bench_train_step.main(argv)
     return result["runs"][0]["rows"][0]["images_per_s"]
 
@@ -150,11 +166,17 @@ def main(argv=None) -> None:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--workers", default="0,1,2", help="comma list of DataLoader worker counts")
     p.add_argument("--formats", default="jpeg,png")
-    p.add_argument("--images", type=int, default=None, help="images timed per setting and round (default: --num_images)")
+    p.add_argument(
+        "--images", type=int, default=None, help="images timed per setting and round (default: --num_images)"
+    )
     p.add_argument("--rounds", type=int, default=2, help="alternating measurement rounds (median)")
-    p.add_argument("--step_images_per_s", type=float, default=None, help="what the training step consumes; measured when absent")
+    p.add_argument(
+        "--step_images_per_s", type=float, default=None, help="what the training step consumes; measured when absent"
+    )
     p.add_argument("--step_preset", default="small", help="preset of the measured step")
-    p.add_argument("--step_resolution", type=int, default=None, help="resolution of the measured step (default --resolution)")
+    p.add_argument(
+        "--step_resolution", type=int, default=None, help="resolution of the measured step (default --resolution)"
+    )
     p.add_argument("--step_batch_size", type=int, default=2)
     p.add_argument("--margin", type=float, default=1.5, help="'keeps up' needs loader rate >= margin × step rate")
     p.add_argument("--dir", default=None, help="image folder root to reuse (default: a temporary one)")
@@ -168,15 +190,18 @@ def main(argv=None) -> None:
         folder = os.path.join(root, fmt)
         if not (os.path.isdir(folder) and len(os.listdir(folder)) >= args.num_images):
             write_images(folder, fmt, args.num_images, args.width, args.height)
-    print(f"{args.num_images} {args.width}×{args.height} images per format in {root}; crop {args.resolution}², "
-          f"batch {args.batch_size}; {os.cpu_count()} CPUs", flush=True)
+    print(
+        f"{args.num_images} {args.width}×{args.height} images per format in {root}; crop {args.resolution}², "
+        f"batch {args.batch_size}; {os.cpu_count()} CPUs",
+        flush=True,
+    )
 
     # Rounds alternate the settings (forward, then backward) so that load from other processes hits
     # them alike; each figure is the median over rounds.
     settings = [(fmt, None) for fmt in formats] + [(fmt, w) for fmt in formats for w in workers]
     measured = {key: [] for key in settings}
     for r in range(args.rounds):
-        for fmt, w in (settings if r % 2 == 0 else settings[::-1]):
+        for fmt, w in settings if r % 2 == 0 else settings[::-1]:
             folder = os.path.join(root, fmt)
             if w is None:
                 measured[fmt, w].append(raw_rates(folder, args.resolution, repeats=1))
@@ -189,16 +214,25 @@ def main(argv=None) -> None:
     for fmt in formats:
         folder = os.path.join(root, fmt)
         size_kb = statistics.fmean(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / 1024
-        print(f"{fmt:>5} raw (1 core, no DataLoader): {size_kb:.0f} KB/file, decode {median((fmt, None), 'decode_ms'):.2f} ms, "
-              f"resize+crop+tensor {median((fmt, None), 'transform_ms'):.2f} ms -> "
-              f"{median((fmt, None), 'images_per_s'):.0f} img/s", flush=True)
-    rows = [(fmt, w, {k: median((fmt, w), k) for k in ("first_batch_s", "images_per_s", "per_worker")})
-            for fmt in formats for w in workers]
+        print(
+            f"{fmt:>5} raw (1 core, no DataLoader): {size_kb:.0f} KB/file, decode {median((fmt, None), 'decode_ms'):.2f} ms, "
+            f"resize+crop+tensor {median((fmt, None), 'transform_ms'):.2f} ms -> "
+            f"{median((fmt, None), 'images_per_s'):.0f} img/s",
+            flush=True,
+        )
+    rows = [
+        (fmt, w, {k: median((fmt, w), k) for k in ("first_batch_s", "images_per_s", "per_worker")})
+        for fmt in formats
+        for w in workers
+    ]
 
     for w in [w for w in workers if w > 0][:1]:
         t = transport_rates(args.resolution, args.batch_size, w, 4 * images, args.rounds)
-        print(f"transport only ({w} worker, ready {args.resolution}² samples): float32 {t['float32']:.0f} img/s, "
-              f"uint8 {t['uint8']:.0f} img/s", flush=True)
+        print(
+            f"transport only ({w} worker, ready {args.resolution}² samples): float32 {t['float32']:.0f} img/s, "
+            f"uint8 {t['uint8']:.0f} img/s",
+            flush=True,
+        )
 
     step_rate = args.step_images_per_s
     step_note = "given"
@@ -207,11 +241,15 @@ def main(argv=None) -> None:
         step_rate = measure_step(args.step_preset, res, args.step_batch_size)
         step_note = f"measured: preset {args.step_preset}, {res}², batch {args.step_batch_size}"
     print(f"\ntraining step consumes {step_rate:.2f} img/s ({step_note})")
-    print(f"  {'format':<7}{'workers':>8}{'first batch':>13}{'img/s':>9}{'per worker':>12}{'× step':>9}  keeps up (≥{args.margin}×)?")
+    print(
+        f"  {'format':<7}{'workers':>8}{'first batch':>13}{'img/s':>9}{'per worker':>12}{'× step':>9}  keeps up (≥{args.margin}×)?"
+    )
     for fmt, w, rate in rows:
         ratio = rate["images_per_s"] / step_rate
-        print(f"  {fmt:<7}{w:>8}{rate['first_batch_s']:>12.2f}s{rate['images_per_s']:>9.1f}{rate['per_worker']:>12.1f}"
-              f"{ratio:>8.1f}×  {'yes' if ratio >= args.margin else 'NO'}")
+        print(
+            f"  {fmt:<7}{w:>8}{rate['first_batch_s']:>12.2f}s{rate['images_per_s']:>9.1f}{rate['per_worker']:>12.1f}"
+            f"{ratio:>8.1f}×  {'yes' if ratio >= args.margin else 'NO'}"
+        )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,10 @@ def write_random_inception(path: str, seed: int = 0) -> None:
     from torch_fidelity import feature_extractor_inceptionv3 as tfi
 
     # Build the architecture only: no download, no weight loading.
-    with mock.patch.object(tfi, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
+    with (
+        mock.patch.object(tfi, "load_state_dict_from_url", return_value={}),
+        mock.patch.object(tfi.FeatureExtractorInceptionV3, "load_state_dict", return_value=None),
+    ):
         net = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     g = torch.Generator().manual_seed(seed)
     state = net.state_dict()
@@ -72,8 +74,12 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (1: shared cores)")
-    p.add_argument("--end_to_end", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run eval_vae.main on a folder of photographs")
+    p.add_argument(
+        "--end_to_end",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run eval_vae.main on a folder of photographs",
+    )
     p.add_argument("--preset", default="small", help="model preset of the end-to-end run")
     p.add_argument("--num_images", type=int, default=32, help="images of the end-to-end run")
     args = p.parse_args(argv)
@@ -85,7 +91,8 @@ def main(argv=None) -> None:
     g = torch.Generator().manual_seed(0)
     shape = (args.batch_size, 3, args.resolution, args.resolution)
     x = (torch.rand(shape, generator=g) * 2 - 1).to(device)
-    y = (x + 0.1 * torch.randn(shape, generator=g).to(device)).clamp(-1.2, 1.2)  # a reconstruction, slightly out of range
+    # A reconstruction: x plus noise, slightly out of range.
+    y = (x + 0.1 * torch.randn(shape, generator=g).to(device)).clamp(-1.2, 1.2)
     x_u8, y_u8 = metrics.to_uint8(x), metrics.to_uint8(y)
 
     lpips = build_lpips(pretrained=False).to(device)
@@ -118,7 +125,7 @@ def main(argv=None) -> None:
         for fn in tasks.values():  # warm-up
             fn()
         for r in range(args.rounds):
-            for name in (names if r % 2 == 0 else names[::-1]):
+            for name in names if r % 2 == 0 else names[::-1]:
                 synchronize(device)
                 tic = time.perf_counter()
                 for _ in range(args.batches):
@@ -133,8 +140,10 @@ def main(argv=None) -> None:
                 timed_compute[label] = time.perf_counter() - tic
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
-    print(f"torch {torch.__version__} | {where} | {args.resolution}² | batch {args.batch_size} | "
-          f"{args.batches} batches × {args.rounds} rounds per metric | random weights")
+    print(
+        f"torch {torch.__version__} | {where} | {args.resolution}² | batch {args.batch_size} | "
+        f"{args.batches} batches × {args.rounds} rounds per metric | random weights"
+    )
     print(f"  {'metric':<30}{'img/s':>10}{'ms/image':>10}")
     for name in names:
         s = statistics.fmean(seconds[name]) / args.batch_size
@@ -158,17 +167,19 @@ def end_to_end(args, tmp: str, inception_path: str | None) -> None:
     model = os.path.join(tmp, "model")
     torch.manual_seed(0)
     build_vae(args.preset).save_pretrained(model)
-    argv = ["--pretrained_model_name_or_path", model, "--dataset", images, "--resolution", str(args.resolution),
-            "--batch_size", str(args.batch_size), "--num_workers", "0", "--perception_weights", "random",
-            "--output_dir", os.path.join(tmp, "eval-out"), "--grid_images", "0"]
+    argv = ["--pretrained_model_name_or_path", model, "--dataset", images, "--resolution", str(args.resolution)]
+    argv += ["--batch_size", str(args.batch_size), "--num_workers", "0", "--perception_weights", "random"]
+    argv += ["--output_dir", os.path.join(tmp, "eval-out"), "--grid_images", "0"]
     extractor = None
     if inception_path:
         argv += ["--inception_weights", inception_path]
     else:
         extractor = TinyFeatures()
     result = eval_vae.main(argv, feature_extractor=extractor)
-    print(f"eval_vae end to end: preset {args.preset}, {result['num_images']} images at {args.resolution}², "
-          f"{result['images_per_second']:.2f} img/s ({result['seconds']:.1f} s; encode + decode + PSNR/SSIM/LPIPS/rFID)")
+    print(
+        f"eval_vae end to end: preset {args.preset}, {result['num_images']} images at {args.resolution}², "
+        f"{result['images_per_second']:.2f} img/s ({result['seconds']:.1f} s; encode + decode + PSNR/SSIM/LPIPS/rFID)"
+    )
 
 
 if __name__ == "__main__":

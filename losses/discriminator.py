@@ -1,4 +1,7 @@
-"""pix2pix NLayer PatchGAN discriminator, the one taming-transformers and the seed use."""
+"""pix2pix NLayer PatchGAN discriminator, as taming-transformers and the reference implementation use it.
+
+Architecture and init: docs/recipe.md, section "Discriminator".
+"""
 
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ def _init_weights(module: nn.Module) -> None:
 class NLayerDiscriminator(nn.Module):
     """PatchGAN: k4 convs, 3 → 64 (s2) → 128 (s2) → 256 (s2) → 512 (s1) → 1 (s1); 256² in, 30×30 logits out.
 
-    Parameter names (`main.<i>.*`) match taming-transformers, so the seed's discriminator
-    weights load as they are.
+    Parameter names (`main.<i>.*`) match taming-transformers, so discriminator weights of that code family
+    (the reference implementation's included) load as they are.
     """
 
     def __init__(self, in_channels: int = 3, base_channels: int = 64, n_layers: int = 3):

@@ -1,4 +1,4 @@
-"""Pure loss terms of the Transfusion VAE recipe; each one is a formula from SPEC.md "Loss".
+"""Pure loss terms of the Transfusion VAE recipe; each one is a formula of docs/recipe.md, section "Loss".
 
 Every function here is stateless and returns float32 tensors: the sums over C·H·W of a
 256² image (196,608 terms) are too coarse in bf16, so inputs are upcast before reducing.
@@ -20,7 +20,9 @@ def reconstruction_nll(
     lpips_weight: float = 1.0,
     id_weight: float = 0.2,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The seed's nll: Σ_{C,H,W} r / B with r = l1·|x − x̂| + lpips·LPIPS_b + id·ID and logvar 0.
+    """The recipe's nll: Σ_{C,H,W} r / B with r = l1·|x − x̂| + lpips·LPIPS_b + id·ID and logvar 0.
+
+    docs/recipe.md, section "Loss", gives the normalisation and where it comes from.
 
     LPIPS (one value per image) and ID (one scalar) are broadcast over the C·H·W pixels
     before the sum, so each weighs C·H·W times its value; that scale is what the 1e-6 KL
@@ -99,7 +101,7 @@ def conv_weight_grad(layer_input: torch.Tensor, conv: nn.Conv2d, grad_output: to
 def gan_ramp(step: int, disc_start: int, ramp_steps: int) -> float:
     """GAN gate: 0 before disc_start, then (step − disc_start)/ramp_steps capped at 1.
 
-    ramp_steps 0 gives the seed's hard gate: 1 from disc_start on.
+    ramp_steps 0 gives the recipe's hard gate (the reference implementation's): 1 from disc_start on.
     """
     if step < disc_start:
         return 0.0

@@ -1,8 +1,9 @@
 """ID loss: distance between MoCo ResNet-50 features of x̂ and of x (Transfusion's "L_ID").
 
-The seed's recipe: kornia bicubic resize to 224 (Gaussian antialias), [−1, 1] → ImageNet
-normalisation, the full MoCo v2 `encoder_q` output (128-d projection, not normalised),
-MSE. MoCo v3 ResNet-50 checkpoints load too (256-d projection).
+The recipe (docs/recipe.md, section "ID loss"), as the reference implementation has it: kornia
+bicubic resize to 224 (Gaussian antialias), [−1, 1] → ImageNet normalisation, the full MoCo v2
+`encoder_q` output (128-d projection, not normalised), MSE. MoCo v3 ResNet-50 checkpoints load
+too (256-d projection).
 """
 
 from __future__ import annotations
@@ -116,7 +117,9 @@ def load_moco(path_or_url: str | os.PathLike = MOCO_V2_800EP_URL) -> nn.Module:
 
 
 def moco_resize(x: torch.Tensor, size: int = 224) -> torch.Tensor:
-    """The seed's resize: kornia bicubic, align_corners=True, Gaussian antialias when shrinking.
+    """The reference implementation's resize: kornia bicubic, align_corners=True, Gaussian antialias when shrinking.
+
+    docs/recipe.md, section "ID loss".
 
     Not F.interpolate(antialias=True): kornia blurs with σ = (f − 1)/2 and then samples plain
     bicubic, a different kernel (up to 1.2 apart on 256² images).
@@ -129,7 +132,7 @@ def moco_resize(x: torch.Tensor, size: int = 224) -> torch.Tensor:
 class IdentityLoss(FrozenEval):
     """MSE (or 1 − cos) between MoCo features of x̂ and x; x's features under no_grad, gradient to x̂ only.
 
-    feature="projection": the encoder's full output (MoCo v2: 128-d), MSE — the seed.
+    feature="projection": the encoder's full output (MoCo v2: 128-d), MSE — the recipe.
     feature="pooled": the 2048-d average-pooled trunk features, 1 − cosine, mean over batch.
     """
 

@@ -80,7 +80,7 @@ class FrozenEval(nn.Module):
             p.requires_grad_(False)
         self.train(False)
 
-    def train(self, mode: bool = True) -> "FrozenEval":
+    def train(self, mode: bool = True) -> FrozenEval:
         return super().train(False)
 
 

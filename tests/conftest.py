@@ -36,3 +36,95 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# Helpers shared by several test modules. Test modules must not import each other (a module's
+# import would also collect its tests' module-level state), so these live here as fixtures.
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_args(folder, out, steps, **extra) -> list[str]:
+    """train_vae.py argv for a seconds-long CPU run: tiny preset, 32², random perception nets, no ID term."""
+    args = {
+        "source": folder,
+        "model_config": "tiny",
+        "resolution": 32,
+        "train_batch_size": 2,
+        "max_train_steps": steps,
+        "disc_start": 1,
+        "perception_weights": "random",
+        "id_weight": 0,
+        "output_dir": str(out),
+        "checkpointing_steps": 2,
+        "validation_steps": 100,
+        "logging_steps": 1,
+        "dataloader_num_workers": 0,
+        "report_to": "none",
+        "num_validation_images": 2,
+        "latent_stats_samples": 4,
+        "shuffle_block": 4,
+        "learning_rate": 1e-3,
+    }
+    args.update(extra)
+    argv = []
+    for key, value in args.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def _run_main(argv: list[str]) -> None:
+    """train_vae.main in this process, with accelerate's singletons reset around it."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    import train_vae
+
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state()
+    try:
+        train_vae.main(argv)
+    finally:
+        for state in (AcceleratorState, GradientState, PartialState):
+            state._reset_state()
+
+
+def _tensors_of(checkpoint) -> dict[str, torch.Tensor]:
+    """Every tensor of a training checkpoint folder: VAE, discriminator and both optimizers' state."""
+    from safetensors.torch import load_file
+
+    vae_file = os.path.join(checkpoint, "vae", "diffusion_pytorch_model.safetensors")
+    out = {f"vae.{k}": v for k, v in load_file(vae_file).items()}
+    out.update({f"disc.{k}": v for k, v in load_file(os.path.join(checkpoint, "discriminator.safetensors")).items()})
+    for name in ("optimizer.bin", "optimizer_1.bin"):
+        state = torch.load(os.path.join(checkpoint, name), weights_only=True)["state"]
+        for pid, slots in state.items():
+            for slot, value in slots.items():
+                out[f"{name}.{pid}.{slot}"] = torch.as_tensor(value)
+    return out
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> str:
+    """Absolute path of the repository root."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_args():
+    """`tiny_args(folder, out, steps, **flags)` -> train_vae.py argv of a tiny CPU run; flags override."""
+    return _tiny_args
+
+
+@pytest.fixture(scope="session")
+def run_main():
+    """`run_main(argv)`: train_vae.main in this process, accelerate's singletons reset around it."""
+    return _run_main
+
+
+@pytest.fixture(scope="session")
+def tensors_of():
+    """`tensors_of(checkpoint_dir)` -> {name: tensor} of its VAE, discriminator and optimizer states."""
+    return _tensors_of

@@ -39,7 +39,6 @@ from losses import identity as identity_module
 from losses import perceptual as perceptual_module
 from losses.vae_loss import LeCamEMA, _as_conv
 
-
 # ----------------------------------------------------------------------------- fixtures
 
 
@@ -242,7 +241,11 @@ def test_discriminator_shape_and_init():
     convs = [m for m in d.modules() if isinstance(m, nn.Conv2d)]
     norms = [m for m in d.modules() if isinstance(m, nn.BatchNorm2d)]
     assert [(c.in_channels, c.out_channels, c.stride[0]) for c in convs] == [
-        (3, 64, 2), (64, 128, 2), (128, 256, 2), (256, 512, 1), (512, 1, 1)
+        (3, 64, 2),
+        (64, 128, 2),
+        (128, 256, 2),
+        (256, 512, 1),
+        (512, 1, 1),
     ]
     assert [c.bias is None for c in convs] == [False, True, True, True, False]
     assert all(c.kernel_size == (4, 4) and c.padding == (1, 1) for c in convs)
@@ -271,7 +274,11 @@ def test_fast_path_matches_direct_path(lpips_random, moco_random):
         loss_fn.discriminator.zero_grad(set_to_none=True)
         reconstructions, mean, logvar, conv_in = autoencode(vae, x)
         loss, logs = loss_fn.generator_loss(
-            x, reconstructions, mean, logvar, step,
+            x,
+            reconstructions,
+            mean,
+            logvar,
+            step,
             last_layer_weight=vae.decoder.conv_out if fast else vae.decoder.conv_out.weight,
             last_layer_input=conv_in if fast else None,
         )
@@ -322,8 +329,13 @@ def test_gan_off_before_disc_start_calls_no_discriminator(fast):
     x = images()
     reconstructions, mean, logvar, conv_in = autoencode(vae, x)
     loss, logs = loss_fn.generator_loss(
-        x, reconstructions, mean, logvar, 9,
-        last_layer_weight=vae.decoder.conv_out, last_layer_input=conv_in if fast else None,
+        x,
+        reconstructions,
+        mean,
+        logvar,
+        9,
+        last_layer_weight=vae.decoder.conv_out,
+        last_layer_input=conv_in if fast else None,
     )
     d_loss, d_logs = loss_fn.discriminator_loss(x, reconstructions, 9)
     assert disc.calls == 0
@@ -515,7 +527,7 @@ def test_load_moco_from_hub_cache_by_url(empty_hub, moco_v2_checkpoint):
 
 
 def test_load_moco_offline_without_file_is_a_clear_error(empty_hub):
-    with pytest.raises(PerceptionWeightsError, match="moco_v2_800ep_pretrain.pth.tar"):
+    with pytest.raises(PerceptionWeightsError, match=r"moco_v2_800ep_pretrain\.pth\.tar"):
         load_moco(MOCO_V2_800EP_URL)
 
 
@@ -563,7 +575,7 @@ def test_load_moco_refuses_malicious_pickle(tmp_path):
 
 
 def _gaussian_then_bicubic(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Independent re-statement of the seed's resize: Gaussian σ = (f − 1)/2, reflect pad, bicubic align_corners."""
+    """Independent re-statement of the reference's resize: Gaussian σ = (f − 1)/2, reflect pad, bicubic align_corners."""
     factor = x.shape[-1] / size
     sigma = max((factor - 1) / 2, 0.001)
     k = int(max(4 * sigma, 3))

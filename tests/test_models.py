@@ -1,14 +1,12 @@
 """Presets, loading, latent-channel surgery (--init_from) and decoder-only training."""
 
 import json
-import os
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
-from test_train import run_main, tiny_args
 from vae.models import ModelError, build_vae, count_parameters, init_from_pretrained, load_vae
 
 
@@ -43,7 +41,7 @@ def test_load_vae_accepts_training_checkpoint_folders(tmp_path):
     vae = build_vae("tiny")
     vae.save_pretrained(tmp_path / "checkpoint-5" / "vae")
     loaded = load_vae(str(tmp_path / "checkpoint-5"))
-    for (k, a), b in zip(vae.state_dict().items(), loaded.state_dict().values()):
+    for (k, a), b in zip(vae.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
 
 
@@ -88,19 +86,31 @@ def test_surgery_rejects_other_architecture_changes():
         init_from_pretrained(build_vae("small"), source)
 
 
-def test_init_from_4_channels_trains_to_8_and_reconstructs(image_folder, tmp_path):
+def test_init_from_4_channels_trains_to_8_and_reconstructs(image_folder, tmp_path, tiny_args, run_main):
     """A 4-channel pretrained VAE becomes an 8-channel one whose held-out PSNR improves in a few steps."""
     torch.manual_seed(1)
     build_vae("tiny", latent_channels=4).save_pretrained(tmp_path / "sd_like")
-    run_main(tiny_args(image_folder, tmp_path / "run", 16, init_from=tmp_path / "sd_like", latent_channels=8,
-                       lpips_weight=0, disc_start=1000, validation_steps=16, checkpointing_steps=16,
-                       train_batch_size=4, num_validation_images=4))
+    run_main(
+        tiny_args(
+            image_folder,
+            tmp_path / "run",
+            16,
+            init_from=tmp_path / "sd_like",
+            latent_channels=8,
+            lpips_weight=0,
+            disc_start=1000,
+            validation_steps=16,
+            checkpointing_steps=16,
+            train_batch_size=4,
+            num_validation_images=4,
+        )
+    )
     state = json.loads((tmp_path / "run" / "checkpoint-16" / "trainer_state.json").read_text())
     assert state["last_metrics"]["psnr"] > state["initial_metrics"]["psnr"] + 1.0, state
     assert AutoencoderKL.from_pretrained(tmp_path / "run").config.latent_channels == 8
 
 
-def test_train_decoder_only_keeps_the_encoder_bit_identical(image_folder, tmp_path):
+def test_train_decoder_only_keeps_the_encoder_bit_identical(image_folder, tmp_path, tiny_args, run_main):
     torch.manual_seed(2)
     build_vae("tiny").save_pretrained(tmp_path / "pretrained")
     source = load_file(tmp_path / "pretrained" / "diffusion_pytorch_model.safetensors")

@@ -38,8 +38,8 @@ def _levels(channels: tuple[int, ...], layers: int, latent: int, groups: int, si
     )
 
 
-# Transfusion (arXiv 2408.11039, app. A): 256² -> 32×32×8, attention only in the mid block,
-# ≈ 83.7 M parameters. "small" keeps the 8× geometry at a size a laptop CPU can train (the
+# Transfusion (arXiv 2408.11039; docs/recipe.md, section "Model"): 256² -> 32×32×8, attention only
+# in the mid block, ≈ 83.7 M parameters. "small" keeps the 8× geometry at a size a laptop CPU can train (the
 # offline demo); "tiny" is for unit tests.
 PRESETS: dict[str, dict] = {
     "transfusion": _levels((128, 256, 512, 512), 2, 8, 32, 256),
@@ -57,9 +57,7 @@ def build_vae(preset: str, latent_channels: int | None = None) -> AutoencoderKL:
             config = json.load(f)
         config = {k: v for k, v in config.items() if not k.startswith("_")}
     else:
-        raise ModelError(
-            f"unknown model preset {preset!r}: use one of {sorted(PRESETS)} or a path to a JSON config"
-        )
+        raise ModelError(f"unknown model preset {preset!r}: use one of {sorted(PRESETS)} or a path to a JSON config")
     if latent_channels is not None:
         config["latent_channels"] = latent_channels
     try:
@@ -92,12 +90,10 @@ def load_vae(path: str, subfolder: str | None = None, dtype: torch.dtype | None 
     subfolder = subfolder or found_sub
     try:
         vae = AutoencoderKL.from_pretrained(location, subfolder=subfolder, torch_dtype=dtype)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load AutoencoderKL from {path!r}: {first}") from None
     return vae
-
-
 
 
 @dataclass
@@ -109,7 +105,10 @@ class InitReport:
     def summary(self) -> str:
         lines = [f"init_from: copied {len(self.copied)} tensors exactly"]
         if self.adapted:
-            lines.append("  adapted (overlapping latent channels copied, the rest freshly initialised): " + ", ".join(self.adapted))
+            lines.append(
+                "  adapted (overlapping latent channels copied, the rest freshly initialised): "
+                + ", ".join(self.adapted)
+            )
         if self.reinitialized:
             lines.append("  re-initialised: " + ", ".join(self.reinitialized))
         return "\n".join(lines)
@@ -135,9 +134,10 @@ def _channel_index(kind: str | None, size: int, latent: int, overlap: int) -> to
 def _copy_overlap(dst: torch.Tensor, src: torch.Tensor, module: str, old_latent: int, new_latent: int) -> None:
     """Copy the channels that exist in both models into a latent-facing tensor (weight or bias)."""
     overlap = min(old_latent, new_latent)
-    kinds = _LATENT_DIMS[module][: dst.ndim]
-    index_dst = [_channel_index(k, n, new_latent, overlap) for k, n in zip(kinds, dst.shape)]
-    index_src = [_channel_index(k, n, old_latent, overlap) for k, n in zip(kinds, src.shape)]
+    kinds = _LATENT_DIMS[module][: dst.ndim]  # (out, in) of a weight, (out,) of a bias; kernel dims untouched
+    n = len(kinds)
+    index_dst = [_channel_index(k, size, new_latent, overlap) for k, size in zip(kinds, dst.shape[:n], strict=True)]
+    index_src = [_channel_index(k, size, old_latent, overlap) for k, size in zip(kinds, src.shape[:n], strict=True)]
     block = src.index_select(0, index_src[0])
     if len(kinds) > 1:
         block = block.index_select(1, index_src[1])
