@@ -54,8 +54,8 @@ def test_readme_points_at_the_recipe_and_the_quick_loop():
     readme = read("README.md")
     assert os.path.isfile(os.path.join(ROOT, "docs", "recipe.md"))
     assert "docs/recipe.md" in readme, "the README must link the recipe (docs/recipe.md)"
-    assert '-m "not e2e"' in readme, "the README must give the quick unit loop (pytest -m \"not e2e\")"
-    assert 'e2e: ' in read("pyproject.toml"), "the e2e marker must stay registered"
+    assert '-m "not e2e"' in readme, 'the README must give the quick unit loop (pytest -m "not e2e")'
+    assert "e2e: " in read("pyproject.toml"), "the e2e marker must stay registered"
 
 
 def requirement_pins(name: str) -> dict[str, str]:
