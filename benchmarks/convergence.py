@@ -1,0 +1,475 @@
+"""Time to quality: held-out PSNR / SSIM / LPIPS against training time, our trainer against the reference loop.
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/convergence.py              # 2 × 20 min of training
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/convergence.py --minutes 2  # a quick look
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/convergence.py --smoke      # seconds, tiny preset (CI)
+
+Two runs train the same autoencoder from the same initial weights, on the same batches in the same
+order (two data iterators built identically: native-scale crops of the bundled photographs,
+`data.demo_sources`), with the same loss (random-weight LPIPS, ID term off, GAN from --disc_start
+with --gan_ramp_steps, λ clamp, lr, batch) and the same posterior noise stream (each run keeps its
+own copy of torch's RNG state):
+
+  ours       train_vae.Trainer(cfg, accelerator).train_step with the trainer's defaults: fast λ,
+             frozen perception nets, an AE and a D update on every batch
+  reference  the reference loop of benchmarks/bench_train_step.py (ReferenceStep.train_batch): λ by
+             two autograd.grad, perception nets with requires_grad, real features with a graph, plain
+             Adam and, after disc_start, the reference's schedule: the AE on even batches, D on odd
+             ones on a fresh reconstruction of that batch (--reference_schedule every_batch: AE
+             then D on every batch instead)
+
+Both runs count steps in batches (the GAN switch-on and ramp reach them at the same batch). Each
+gets --minutes of its own training time (data loading included, evaluation excluded). They run
+interleaved in one process, --slice_s seconds of one then of the other (order swapped every
+round), so load from other processes on a shared machine hits both alike. Every --eval_every_s of
+a run's training time, and at 25 / 50 / 100 % of the budget, its held-out PSNR / SSIM / LPIPS are
+measured by vae.validation.held_out_metrics (posterior mean, as the trainer's validation) on the
+same fixed crops of photographs never trained on, with one random-weight LPIPS net for both.
+
+Prints (and writes to --out_dir: convergence.txt, convergence.json with every point, convergence.png
+with the curves) the metrics at 25 / 50 / 100 % of the budget, the batches and updates each run did,
+and the time-to-PSNR ratio: the training time ours needs to reach the reference loop's final PSNR
+(linear interpolation between evaluation points) divided by the reference loop's total training
+time. Below 1 ours gets there sooner; the target is ≤ 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+import data
+import train_vae
+from bench_train_step import ReferenceStep, build_trainer, synchronize
+from losses.perceptual import build_lpips
+from vae.train_config import DEMO_DEFAULTS, TrainConfig
+from vae.validation import held_out_metrics, load_images
+
+RUNS = ("ours", "reference")
+FRACTIONS = (0.25, 0.5, 1.0)  # of the budget: the table's rows
+METRICS = ("psnr", "ssim", "lpips")
+FIRST_STEP_KEYS = ("loss/total", "loss/nll", "loss/kl", "loss/gan", "loss/adaptive_weight")
+# --smoke: what CI can afford; explicit flags still win.
+SMOKE = dict(
+    preset="tiny",
+    resolution=32,
+    batch_size=2,
+    minutes=0.1,
+    eval_every_s=2.0,
+    slice_s=1.0,
+    num_heldout=4,
+    eval_batch_size=4,
+)
+DEFAULTS = dict(
+    preset="small",
+    resolution=64,
+    batch_size=DEMO_DEFAULTS["train_batch_size"],
+    minutes=20.0,
+    eval_every_s=60.0,
+    slice_s=10.0,
+    num_heldout=32,
+    eval_batch_size=16,
+)
+
+
+@dataclass
+class Run:
+    """One of the two trainings and its own clock, counters, RNG state and evaluation points."""
+
+    name: str
+    step: Callable[[torch.Tensor, int], dict]  # (batch on the device, batch index) -> logs
+    vae: torch.nn.Module
+    batches: Iterator[torch.Tensor]
+    rng: dict = field(default_factory=dict)
+    train_s: float = 0.0
+    batches_done: int = 0
+    ae_updates: int = 0
+    d_updates: int = 0
+    first_batch_sum: float | None = None
+    first_logs: dict = field(default_factory=dict)
+    points: list[dict] = field(default_factory=list)
+    marks: list[float] = field(default_factory=list)  # training times (s) still to evaluate at, ascending
+
+
+# ----------------------------------------------------------------------------------------
+# Building the two runs
+# ----------------------------------------------------------------------------------------
+
+
+def train_config(args) -> TrainConfig:
+    """The one configuration both runs are built from."""
+    cfg = TrainConfig(
+        model_config=args.preset,
+        resolution=args.resolution,
+        train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        disc_start=args.disc_start,
+        gan_ramp_steps=args.gan_ramp_steps,
+        perception_weights="random",
+        id_weight=0.0,
+        crop_mode="native",
+        shuffle_block=DEMO_DEFAULTS["shuffle_block"],
+        dataloader_num_workers=0,
+        mixed_precision=args.mixed_precision,
+        report_to="none",
+        seed=args.seed,
+        output_dir=args.out_dir,
+    )
+    cfg.validate()
+    return cfg
+
+
+def batch_stream(cfg: TrainConfig, accelerator: Accelerator, train_source) -> Iterator[torch.Tensor]:
+    """The trainer's own data loader over the training photographs: endless (B, 3, R, R) batches in [-1, 1]."""
+    _, loader = train_vae.build_dataloader(cfg, accelerator, [train_source])
+    return (batch["pixel_values"] for batch in loader)
+
+
+def save_rng(run: Run, device: torch.device) -> None:
+    run.rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        run.rng["cuda"] = torch.cuda.get_rng_state(device)
+
+
+def load_rng(run: Run, device: torch.device) -> None:
+    torch.set_rng_state(run.rng["cpu"])
+    if "cuda" in run.rng:
+        torch.cuda.set_rng_state(run.rng["cuda"], device)
+
+
+def build_runs(args, accelerator: Accelerator, train_source) -> dict[str, Run]:
+    """Both runs from one seed: identical initial weights, data order and posterior noise stream."""
+    cfg = train_config(args)
+    device = accelerator.device
+    set_seed(args.seed)
+    trainer = build_trainer(cfg, accelerator)  # the trainer's defaults: fast λ, frozen nets, AE and D every batch
+    set_seed(args.seed)
+    reference = ReferenceStep(cfg, accelerator, alternating=args.reference_schedule == "alternating")
+    runs = {
+        "ours": Run("ours", trainer.train_step, trainer.vae, batch_stream(cfg, accelerator, train_source)),
+        "reference": Run(
+            "reference", reference.train_batch, reference.vae, batch_stream(cfg, accelerator, train_source)
+        ),
+    }
+    for run in runs.values():
+        torch.manual_seed(args.seed + 1)  # the same noise stream for both, kept apart from here on
+        save_rng(run, device)
+    return runs
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ----------------------------------------------------------------------------------------
+# Training in interleaved slices, evaluation on the run's own clock
+# ----------------------------------------------------------------------------------------
+
+
+def evaluate(run: Run, images: torch.Tensor, lpips, args, accelerator: Accelerator) -> None:
+    metrics, _ = held_out_metrics(run.vae, images, lpips, args.eval_batch_size, autocast=accelerator.autocast)
+    run.points.append(
+        {
+            "train_s": run.train_s,
+            "batches": run.batches_done,
+            "ae_updates": run.ae_updates,
+            "d_updates": run.d_updates,
+            **metrics,
+        }
+    )
+    while run.marks and run.marks[0] <= run.train_s:
+        run.marks.pop(0)
+    shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in METRICS if k in metrics)
+    print(f"{run.name:<10} {run.train_s:8.1f} s  {run.batches_done:6d} batches  {shown}", flush=True)
+
+
+def train_slice(
+    run: Run, seconds: float, budget_s: float, images: torch.Tensor, lpips, args, accelerator: Accelerator
+) -> None:
+    """Train `run` for `seconds` of its own training time (never past its budget), evaluating at its marks."""
+    device = accelerator.device
+    load_rng(run, device)
+    end = min(run.train_s + seconds, budget_s)
+    while run.train_s < end:
+        synchronize(device)
+        tic = time.perf_counter()
+        x = next(run.batches).to(device)
+        logs = run.step(x, run.batches_done)
+        synchronize(device)
+        run.train_s += time.perf_counter() - tic
+        if run.batches_done == 0:
+            run.first_batch_sum = float(x.double().sum())
+            run.first_logs = {k: float(v) for k, v in logs.items()}
+        run.batches_done += 1
+        run.ae_updates += any(k.startswith("loss/") for k in logs)
+        run.d_updates += any(k.startswith("disc/") for k in logs)
+        if run.marks and run.train_s >= run.marks[0]:
+            evaluate(run, images, lpips, args, accelerator)  # not on the run's clock
+    save_rng(run, device)
+
+
+def train_interleaved(
+    runs: dict[str, Run], budget_s: float, images: torch.Tensor, lpips, args, accelerator: Accelerator
+) -> None:
+    marks = sorted(
+        {
+            *(k * args.eval_every_s for k in range(1, math.ceil(budget_s / args.eval_every_s))),
+            *(f * budget_s for f in FRACTIONS),
+        }
+    )
+    for run in runs.values():
+        run.marks = list(marks)
+        evaluate(run, images, lpips, args, accelerator)  # t = 0: the same weights, so the same numbers
+    order, rounds = list(runs.values()), 0
+    while any(run.train_s < budget_s for run in order):
+        for run in order if rounds % 2 == 0 else order[::-1]:
+            if run.train_s < budget_s:
+                train_slice(run, args.slice_s, budget_s, images, lpips, args, accelerator)
+        rounds += 1
+
+
+# ----------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------
+
+
+def time_to_reach(points: list[dict], target: float) -> float | None:
+    """Training time at which PSNR first reaches `target`, linear between evaluation points; None if never."""
+    if points and points[0]["psnr"] >= target:
+        return points[0]["train_s"]
+    for prev, cur in itertools.pairwise(points):
+        if cur["psnr"] >= target:
+            frac = (target - prev["psnr"]) / (cur["psnr"] - prev["psnr"])
+            return prev["train_s"] + frac * (cur["train_s"] - prev["train_s"])
+    return None
+
+
+def point_at(points: list[dict], seconds: float) -> dict:
+    """The first evaluation at or after `seconds` of training time (the one that mark triggered)."""
+    return next((p for p in points if p["train_s"] >= seconds - 1e-9), points[-1])
+
+
+def first_step_check(runs: dict[str, Run]) -> dict:
+    """Whether both runs took their first batch on the same images with the same AE losses."""
+    ours, ref = runs["ours"], runs["reference"]
+    diffs = [
+        abs(ours.first_logs[k] - ref.first_logs[k]) / max(abs(ref.first_logs[k]), 1e-12)
+        for k in FIRST_STEP_KEYS
+        if k in ours.first_logs and k in ref.first_logs
+    ]
+    return {
+        "same_first_batch": ours.first_batch_sum == ref.first_batch_sum,
+        "max_rel_diff_first_step_losses": max(diffs) if diffs else None,
+    }
+
+
+def summarize(runs: dict[str, Run], budget_s: float, args, header: str) -> tuple[str, dict]:
+    ours, ref = runs["ours"], runs["reference"]
+    lines = [
+        header,
+        "",
+        f"  {'budget':>6}  {'run':<10}{'train time':>11}{'batches':>9}{'AE upd':>8}{'D upd':>7}"
+        f"{'PSNR':>8}{'SSIM':>8}{'LPIPS':>8}",
+    ]
+    table = []
+    for frac in FRACTIONS:
+        for i, run in enumerate((ours, ref)):
+            p = point_at(run.points, frac * budget_s)
+            table.append({"fraction": frac, "run": run.name, **p})
+            label = f"{100 * frac:.0f}%" if i == 0 else ""
+            lines.append(
+                f"  {label:>6}  {run.name:<10}{p['train_s']:>10.1f}s{p['batches']:>9}{p['ae_updates']:>8}"
+                f"{p['d_updates']:>7}{p['psnr']:>8.2f}{p['ssim']:>8.4f}{p.get('lpips', math.nan):>8.4f}"
+            )
+    target = ref.points[-1]["psnr"]
+    ref_total = ref.points[-1]["train_s"]
+    t_ours = time_to_reach(ours.points, target)
+    ratio = None if t_ours is None else t_ours / ref_total
+    lines.append("")
+    if ratio is None:
+        lines.append(
+            f"time-to-PSNR: ours never reached the reference loop's final PSNR {target:.2f} dB within its "
+            f"{ours.train_s:.0f} s (its best: {max(p['psnr'] for p in ours.points):.2f} dB)"
+        )
+    else:
+        lines.append(
+            f"time-to-PSNR ratio: ours reached the reference loop's final PSNR {target:.2f} dB after "
+            f"{t_ours:.1f} s; reference total {ref_total:.1f} s -> {ratio:.2f} (target <= 0.5)"
+        )
+    for run in (ours, ref):
+        lines.append(
+            f"{run.name}: {run.batches_done} batches ({run.batches_done / run.train_s:.3f}/s), "
+            f"{run.ae_updates} AE updates, {run.d_updates} D updates in {run.train_s:.1f} s of training"
+        )
+    check = first_step_check(runs)
+    lines.append(
+        f"first batch identical: {'yes' if check['same_first_batch'] else 'NO'}; first-step AE losses "
+        f"max rel diff {check['max_rel_diff_first_step_losses']:.2e}; initial PSNR "
+        f"{ours.points[0]['psnr']:.4f} / {ref.points[0]['psnr']:.4f}"
+    )
+    result = {
+        "header": header,
+        "config": {k: v for k, v in vars(args).items() if k != "smoke"} | {"smoke": args.smoke},
+        "budget_s": budget_s,
+        "table": table,
+        "time_to_psnr": {"target_psnr": target, "ours_s": t_ours, "reference_total_s": ref_total, "ratio": ratio},
+        "first_step": check,
+        "runs": {
+            run.name: {
+                "train_s": run.train_s,
+                "batches": run.batches_done,
+                "ae_updates": run.ae_updates,
+                "d_updates": run.d_updates,
+                "first_step_logs": run.first_logs,
+                "points": run.points,
+            }
+            for run in (ours, ref)
+        },
+    }
+    return "\n".join(lines), result
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, color in zip(RUNS, ("tab:blue", "tab:orange"), strict=True):
+        points = result["runs"][name]["points"]
+        minutes = [p["train_s"] / 60 for p in points]
+        for ax, key in zip(axes, METRICS, strict=True):
+            if key in points[0]:
+                ax.plot(minutes, [p[key] for p in points], marker=".", color=color, label=name)
+    ttp = result["time_to_psnr"]
+    axes[0].axhline(ttp["target_psnr"], color="gray", linestyle="--", linewidth=0.8, label="reference's final PSNR")
+    if ttp["ours_s"] is not None:
+        axes[0].axvline(
+            ttp["ours_s"] / 60,
+            color="tab:blue",
+            linestyle=":",
+            linewidth=0.8,
+            label=f"ours reaches it (ratio {ttp['ratio']:.2f})",
+        )
+    for ax, key in zip(axes, METRICS, strict=True):
+        ax.set_xlabel("training time (min, evaluation excluded)")
+        ax.set_ylabel(
+            {"psnr": "held-out PSNR (dB)", "ssim": "held-out SSIM", "lpips": "held-out LPIPS (random VGG)"}[key]
+        )
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(result["header"].split("\n")[0], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--smoke", action="store_true", help=f"CI: {', '.join(f'{k} {v}' for k, v in SMOKE.items())} unless given"
+    )
+    p.add_argument("--minutes", type=float, default=None, help="training time per run (default 20)")
+    p.add_argument("--preset", default=None, help="vae.models preset (default small)")
+    p.add_argument("--resolution", type=int, default=None, help="crop size (default 64)")
+    p.add_argument("--batch_size", type=int, default=None, help=f"default {DEFAULTS['batch_size']}, the demo's")
+    p.add_argument("--lr", type=float, default=DEMO_DEFAULTS["learning_rate"], help="Adam lr of AE and D (the demo's)")
+    p.add_argument("--disc_start", type=int, default=0, help="batch at which the GAN switches on (both runs)")
+    p.add_argument(
+        "--gan_ramp_steps",
+        type=int,
+        default=0,
+        help="ramp the GAN weight over this many batches after disc_start (0: at once, the trainer's default)",
+    )
+    p.add_argument(
+        "--reference_schedule",
+        default="alternating",
+        choices=("alternating", "every_batch"),
+        help="the reference loop after disc_start: AE and D on alternate batches (the reference's) or both "
+        "on every batch",
+    )
+    p.add_argument("--eval_every_s", type=float, default=None, help="evaluate every N s of a run's training time (60)")
+    p.add_argument("--slice_s", type=float, default=None, help="training seconds of one run before switching (10)")
+    p.add_argument("--num_heldout", type=int, default=None, help="held-out crops to evaluate on (32)")
+    p.add_argument("--eval_batch_size", type=int, default=None, help="(16)")
+    p.add_argument("--mixed_precision", default="no", choices=("no", "bf16"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 1 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--out_dir", default=None, help="default outputs/convergence (outputs/convergence_smoke with --smoke)"
+    )
+    args = p.parse_args(argv)
+    for key, value in (SMOKE if args.smoke else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.out_dir is None:
+        args.out_dir = os.path.join("outputs", "convergence_smoke" if args.smoke else "convergence")
+    if args.minutes <= 0 or args.eval_every_s <= 0 or args.slice_s <= 0:
+        p.error("--minutes, --eval_every_s and --slice_s must be positive")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    os.makedirs(args.out_dir, exist_ok=True)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.device == "cpu")
+    device = accelerator.device
+    budget_s = 60 * args.minutes
+
+    train_source, heldout_source = data.demo_sources(os.path.join(args.out_dir, "demo_data"), args.resolution)
+    images = load_images(heldout_source, args.resolution, args.num_heldout).to(device)
+    torch.manual_seed(args.seed + 2)
+    lpips = build_lpips(pretrained=False).to(device)  # one random-weight net: both runs measured alike
+    runs = build_runs(args, accelerator, train_source)
+    if not same_weights(runs["ours"].vae, runs["reference"].vae):
+        raise RuntimeError("the two runs do not start from the same autoencoder weights")
+
+    n_params = sum(p.numel() for p in runs["ours"].vae.parameters()) / 1e6
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
+    header = (
+        f"convergence: preset {args.preset} ({n_params:.1f} M), {args.resolution}² native crops of the demo "
+        f"photographs, batch {args.batch_size}, lr {args.lr:g}, GAN from batch {args.disc_start} "
+        f"(ramp {args.gan_ramp_steps}), {args.minutes:g} min of training per run\n"
+        f"{name} | torch {torch.__version__} | {args.mixed_precision} | random LPIPS, ID off | reference "
+        f"schedule {args.reference_schedule} | interleaved {args.slice_s:g} s slices | held-out: "
+        f"{len(images)} crops of photographs never trained on, every {args.eval_every_s:g} s"
+    )
+    print(header, flush=True)
+    wall = time.perf_counter()
+    train_interleaved(runs, budget_s, images, lpips, args, accelerator)
+    text, result = summarize(runs, budget_s, args, header)
+    result["wall_s"] = time.perf_counter() - wall
+    paths = {ext: os.path.join(args.out_dir, f"convergence.{ext}") for ext in ("txt", "json", "png")}
+    text += f"\nwall time {result['wall_s']:.0f} s; wrote {', '.join(paths.values())}"
+    print(text, flush=True)
+    with open(paths["txt"], "w") as f:
+        f.write(text + "\n")
+    with open(paths["json"], "w") as f:
+        json.dump(result, f, indent=2)
+    plot(result, paths["png"])
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

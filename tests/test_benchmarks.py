@@ -1,0 +1,126 @@
+"""The benchmarks still run against the trainer: the convergence benchmark end to end (smoke), its two
+runs starting alike, its time-to-PSNR arithmetic, and bench_train_step's first-step agreement."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from PIL import Image
+
+import data
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import bench_train_step  # benchmarks/ is not a package: its scripts import their neighbours
+import convergence
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FIRST_STEP_KEYS = ("loss/total", "loss/nll", "loss/kl", "loss/gan", "loss/adaptive_weight")
+
+
+def reset_accelerate():
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    """Each test builds its own Accelerator: reset accelerate's process-wide singletons around it."""
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+def test_time_to_reach_interpolates_between_evaluations():
+    points = [{"train_s": 0.0, "psnr": 10.0}, {"train_s": 10.0, "psnr": 12.0}, {"train_s": 20.0, "psnr": 14.0}]
+    assert convergence.time_to_reach(points, 13.0) == pytest.approx(15.0)
+    assert convergence.time_to_reach(points, 12.0) == pytest.approx(10.0)
+    assert convergence.time_to_reach(points, 9.0) == 0.0
+    assert convergence.time_to_reach(points, 14.5) is None
+    # The first crossing counts, not a later one after a dip.
+    dip = [*points[:2], {"train_s": 20.0, "psnr": 11.0}, {"train_s": 30.0, "psnr": 13.0}]
+    assert convergence.time_to_reach(dip, 11.5) == pytest.approx(7.5)
+
+
+def test_both_loops_start_from_the_same_weights_batch_and_losses(tmp_path):
+    args = convergence.parse_args(["--smoke", "--out_dir", str(tmp_path)])
+    accelerator = Accelerator(cpu=True)
+    train, _ = data.demo_sources(str(tmp_path / "demo_data"), args.resolution)
+    runs = convergence.build_runs(args, accelerator, train)
+    ours, ref = runs["ours"], runs["reference"]
+    assert convergence.same_weights(ours.vae, ref.vae)
+    logs = {}
+    for run in (ours, ref):
+        x = next(run.batches)
+        assert x.shape == (args.batch_size, 3, args.resolution, args.resolution)
+        convergence.load_rng(run, accelerator.device)  # each run's own noise stream, as in the benchmark
+        logs[run.name] = x, run.step(x, 0)
+    (x_ours, logs_ours), (x_ref, logs_ref) = logs["ours"], logs["reference"]
+    assert torch.equal(x_ours, x_ref)
+    assert "disc/loss" in logs_ours and not any(k.startswith("disc/") for k in logs_ref)  # batch 0: the AE's
+    assert logs_ours["loss/adaptive_weight"] > 0  # the GAN is on from batch 0: λ is compared too
+    for key in FIRST_STEP_KEYS:
+        torch.testing.assert_close(logs_ours[key], logs_ref[key], rtol=1e-5, atol=0, msg=lambda m, k=key: f"{k}: {m}")
+    # The second batch is the same for both as well; the reference loop spends it on D.
+    x_ours, x_ref = next(ours.batches), next(ref.batches)
+    assert torch.equal(x_ours, x_ref) and not torch.equal(x_ours, logs["ours"][0])
+    assert set(ref.step(x_ref, 1)) == {f"disc/{k}" for k in ("loss", "logits_real", "logits_fake", "lecam")}
+
+
+@pytest.mark.e2e
+def test_convergence_smoke_writes_table_json_and_curves(tmp_path, capsys):
+    out = tmp_path / "out"
+    result = convergence.main(["--smoke", "--minutes", "0.05", "--out_dir", str(out)])
+    printed = capsys.readouterr().out
+    for line in ("budget", "time-to-PSNR", "first batch identical: yes"):
+        assert line in printed
+    with open(out / "convergence.json") as f:
+        saved = json.load(f)
+    assert saved["time_to_psnr"] == result["time_to_psnr"]
+    budget = saved["budget_s"]
+    assert budget == pytest.approx(3.0)
+    for name in ("ours", "reference"):
+        run = saved["runs"][name]
+        points = run["points"]
+        assert len(points) >= 3 and points[0]["train_s"] == 0 and points[-1]["train_s"] >= budget
+        assert all(a["train_s"] < b["train_s"] for a, b in itertools.pairwise(points))
+        assert all(set(p) >= {"psnr", "ssim", "lpips", "batches", "ae_updates", "d_updates"} for p in points)
+        assert run["batches"] == points[-1]["batches"] > 0 and run["ae_updates"] > 0
+    ours, ref = saved["runs"]["ours"], saved["runs"]["reference"]
+    assert ours["points"][0] == ref["points"][0]  # the same initial weights, measured alike
+    assert ours["ae_updates"] == ours["d_updates"] == ours["batches"]  # ours: AE and D on every batch
+    assert ref["ae_updates"] + ref["d_updates"] == ref["batches"]  # the reference: one or the other
+    assert saved["first_step"]["same_first_batch"] and saved["first_step"]["max_rel_diff_first_step_losses"] <= 1e-5
+    assert [(row["fraction"], row["run"]) for row in saved["table"]] == [
+        (f, n) for f in (0.25, 0.5, 1.0) for n in ("ours", "reference")
+    ]
+    ttp = saved["time_to_psnr"]
+    assert ttp["target_psnr"] == ref["points"][-1]["psnr"]
+    assert ttp["ratio"] is None or ttp["ratio"] == pytest.approx(ttp["ours_s"] / ttp["reference_total_s"])
+    assert (out / "convergence.txt").read_text().startswith("convergence: preset tiny")
+    with Image.open(out / "convergence.png") as png:
+        assert png.size[0] > 500 and png.size[1] > 200
+
+
+@pytest.mark.e2e
+def test_bench_train_step_variants_agree_on_the_first_step():
+    """The trainer's step and the reference loop: same weights, batch and noise give the same first-step losses."""
+    variants = ["ours", "reference", "reference_alternating", "ours_foreach_adam"]  # + the optimizer swap
+    argv = ["--preset", "tiny", "--resolution", "32", "--batch_size", "2", "--device", "cpu"]
+    argv += ["--steps", "1", "--rounds", "1", "--variants", ",".join(variants)]
+    result = bench_train_step.main(argv)
+    losses = result["first_step_losses"]
+    assert list(losses) == variants
+    for name in variants[1:]:
+        for key in (*FIRST_STEP_KEYS, "disc/loss"):
+            if key in losses[name]:  # reference_alternating's D loss is on another reconstruction
+                assert losses[name][key] == pytest.approx(losses["ours"][key], rel=1e-5), (name, key)
+    assert "disc/loss" not in losses["reference_alternating"]
+    assert [row["variant"] for row in result["runs"][0]["rows"]] == variants
