@@ -58,6 +58,7 @@ def _recipe_lines(recipe: Mapping) -> list[str]:
     ramp = r["gan_ramp_steps"] or 0
     lines = [
         "L = " + " + ".join(terms),
+        "",
         f"- GAN: pix2pix NLayer PatchGAN (hinge loss), on from step {r['disc_start']}"
         + (f", generator weight ramped linearly over {ramp} steps" if ramp else ", switched on at once (as the recipe)")
         + (f"; adaptive weight λ clamped to {_fmt(r['adaptive_weight_max'])}" if r["adaptive_weight_max"] else ""),
@@ -193,7 +194,9 @@ def build_model_card(
         for r in rows:
             where = (f"[{r['path']}](https://huggingface.co/datasets/{r['path']})" if r["kind"] == "hub"
                      else f"`{public_path(r['path'])}` (local {r['kind']})")
-            mixture.append(f"| {r['name']} | {where} | {r['split'] or '–'} | {float(r['weight']):g} "
+            weight = float(r["weight"])
+            shown = str(int(weight)) if weight.is_integer() else f"{weight:g}"
+            mixture.append(f"| {r['name']} | {where} | {r['split'] or '–'} | {shown} "
                            f"| {float(r['weight']) / total:.3f} |")
     else:
         mixture.append("_Not recorded._")
