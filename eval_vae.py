@@ -5,28 +5,30 @@
     accelerate launch --multi_gpu eval_vae.py ...            # each rank evaluates its own images
 
 Different VAE papers and trainers report different numbers for the same model because their
-protocols differ. Every choice is a flag here and is written into the output:
+protocols differ. Every choice is a flag here and is written into the output. "The reference"
+below is the reference implementation (lavinal712/AutoencoderKL, branch transfusion_vae):
   --latent {mean,sample}    decode the posterior mean (default; deterministic) or a sample
-                            (the seed; seeded per image, so any batch size / rank count gives
-                            the same noise)
-  --uint8 {round,truncate}  how [-1, 1] becomes the uint8 PNG / FID input; the seed truncates,
-                            which loses a grey level even on references
-  --ssim_window {uniform,gaussian}  scikit-image's default 7×7 (the seed) or Wang et al.'s
+                            (the reference; seeded per image, so any batch size / rank count
+                            gives the same noise)
+  --uint8 {round,truncate}  how [-1, 1] becomes the uint8 PNG / FID input; the reference
+                            truncates, which loses a grey level even on references
+  --ssim_window {uniform,gaussian}  scikit-image's default 7×7 (the reference) or Wang et al.'s
                             11-tap Gaussian σ 1.5
   --interpolation {bilinear,bicubic}  the shorter-side resize filter; bilinear = torchvision's
-                            Resize on PIL images, as the seed
-  --protocol seed           all of them as the seed: sample, truncate, uniform, bilinear
+                            Resize on PIL images, as the reference
+  --protocol seed           all of them as the reference: sample, truncate, uniform, bilinear
 Fixed: Resize(R) shorter side + CenterCrop(R); PSNR and SSIM per image on float [0, 1]
 clipped (data_range 1, float64, equal to scikit-image), averaged; LPIPS-VGG v0.1 per image on
-the unclipped [-1, 1] tensors, as the seed; rFID = FID between the uint8 reference crops (real)
+the unclipped [-1, 1] tensors, as the reference; rFID = FID between the uint8 reference crops (real)
 and the uint8 reconstructions (fake), the very images --save_images writes, with torchmetrics
-and torch-fidelity's Inception v3 pool3 (the seed ran pytorch-fid on its PNG folders: the same
+and torch-fidelity's Inception v3 pool3 (the reference ran pytorch-fid on its PNG folders: the same
 TF Inception weights, a slightly different resize to 299). Means are over images, std is the
-population std (np.std, as the seed prints).
+population std (np.std, as the reference prints). The reconstruction path
+(vae.validation.reconstruct, image_metrics) is the trainer's: its held-out numbers equal these.
 
-Side effects (stdout, JSON, the table, the grid) happen on the main process only; with
---save_images each rank writes the PNGs of its own images (disjoint files) rather than
-funnelling 50k images through rank 0.
+Side effects (progress bar, stdout, JSON, the table, the grid, --update_model_card) happen on
+the main process only; with --save_images each rank writes the PNGs of its own images
+(disjoint files) rather than funnelling 50k images through rank 0.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -43,34 +46,24 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object
+from tqdm.auto import tqdm
 
 import data
-from losses.perceptual import PerceptionWeightsError, build_lpips
-from vae import fid as fid_backends
+from losses.perceptual import build_lpips
 from vae import metrics
 from vae.config import ConfigError, arg, fail, parse_config, to_dict
+from vae.errors import UserError
 from vae.models import ModelError, load_vae
+from vae.validation import image_metrics, reconstruct, save_grid
 
 PROG = "eval_vae.py"
 
-# The seed's choices (SPEC.md "Faults in the anchors": eval encodes a sampled latent and makes
+# "seed": the reference implementation's choices (its eval encodes a sampled latent and makes
 # uint8 by truncation; scikit-image's default SSIM window; torchvision's Resize, i.e. PIL
 # bilinear); ours default to the deterministic ones.
 PROTOCOLS = {
-    "default": {
-        "latent": "mean",
-        "uint8": "round",
-        "ssim_window": "uniform",
-        "interpolation": "bilinear",
-        "fid_backend": "torch-fidelity",
-    },
-    "seed": {
-        "latent": "sample",
-        "uint8": "truncate",
-        "ssim_window": "uniform",
-        "interpolation": "bilinear",
-        "fid_backend": "pytorch-fid",  # its eval.py runs `python -m pytorch_fid gt/ rec/` on PNG folders
-    },
+    "default": {"latent": "mean", "uint8": "round", "ssim_window": "uniform", "interpolation": "bilinear"},
+    "seed": {"latent": "sample", "uint8": "truncate", "ssim_window": "uniform", "interpolation": "bilinear"},
 }
 
 
@@ -81,7 +74,9 @@ class EvalConfig:
         "", help="the VAE to evaluate: diffusers folder, training output or checkpoint-N folder, or hub id"
     )
     baseline: list[str] = arg([], help="a baseline VAE evaluated on the same images (repeatable)")
-    dataset: str = arg("", help="hub dataset id or local folder (ImageNet/COCO/FFHQ seed layouts or a plain image folder)")
+    dataset: str = arg(
+        "", help="hub dataset id or local folder (ImageNet/COCO/FFHQ reference layouts or a plain image folder)"
+    )
     split: str = arg("validation", help="dataset split")
     dataset_config: str | None = arg(None, help="hub dataset config name")
     image_column: str = arg("auto", help="image column of a hub / parquet dataset")
@@ -89,10 +84,17 @@ class EvalConfig:
     max_samples: int | None = arg(None, help="evaluate only the first N images (deterministic order)")
     # Protocol: every choice that changes the numbers.
     protocol: str = arg(
-        "default", choices=tuple(PROTOCOLS), help="default: mean, round, uniform, bilinear; seed: sample, truncate, uniform, bilinear"
+        "default",
+        choices=tuple(PROTOCOLS),
+        help="default: mean, round, uniform, bilinear; seed (the reference implementation's): sample, truncate, "
+        "uniform, bilinear",
     )
-    latent: str | None = arg(None, choices=("mean", "sample"), help="decode the posterior mean or a seeded sample; default from --protocol")
-    uint8: str | None = arg(None, choices=("round", "truncate"), help="float -> uint8 for PNGs and FID; default from --protocol")
+    latent: str | None = arg(
+        None, choices=("mean", "sample"), help="decode the posterior mean or a seeded sample; default from --protocol"
+    )
+    uint8: str | None = arg(
+        None, choices=("round", "truncate"), help="float -> uint8 for PNGs and FID; default from --protocol"
+    )
     ssim_window: str | None = arg(None, choices=("uniform", "gaussian"), help="SSIM window; default from --protocol")
     interpolation: str | None = arg(
         None, choices=("bilinear", "bicubic"), help="PIL filter of the shorter-side resize; default from --protocol"
@@ -102,30 +104,31 @@ class EvalConfig:
     fid_features: int = arg(
         2048, choices=(2048, 768, 192, 64), help="Inception layer for rFID: 2048 = pool3, the standard; others for quick checks only"
     )
-    fid_backend: str | None = arg(
-        None,
-        choices=metrics.FID_BACKENDS,
-        help="rFID package, each with its own Inception file, resize and distance (pytorch-fid = the reference's); "
-        "default from --protocol (default: torch-fidelity, seed: pytorch-fid)",
-    )
     inception_weights: str | None = arg(
-        None,
-        help="Inception file of --fid_backend; default: <torch hub dir>/checkpoints/ + "
-        f"{', '.join(f'{fid_backends.BACKENDS[b].weights_file} ({b})' for b in metrics.FID_BACKENDS)}",
+        None, help=f"torch-fidelity Inception file; default: <torch hub dir>/checkpoints/{metrics.INCEPTION_WEIGHTS_FILE}"
     )
     perception_weights: str = arg(
-        "pretrained", choices=("pretrained", "random"), help="LPIPS VGG weights; random = offline smoke runs only, NOT LPIPS"
+        "pretrained",
+        choices=("pretrained", "random"),
+        help="LPIPS VGG weights; random = offline smoke runs only, NOT LPIPS",
     )
     # Infrastructure.
     batch_size: int = arg(16, help="images per batch and process")
     num_workers: int = arg(2, help="DataLoader workers per process")
     mixed_precision: str | None = arg(
-        None, choices=("no", "fp16", "bf16"), help="autocast for encode/decode; default: the accelerate launch setting, else no"
+        None,
+        choices=("no", "fp16", "bf16"),
+        help="autocast for encode/decode; default: the accelerate launch setting, else no",
     )
     output_dir: str = arg("eval-out", help="where the JSON, the table, the grid and PNGs go")
     output_json: str | None = arg(None, help="JSON results path (default: <output_dir>/eval.json)")
     save_images: bool = arg(False, help="save reference and reconstruction PNGs (the uint8 images FID sees)")
-    grid_images: int = arg(8, help="images in the comparison grid PNG (rows: reference, then each model); 0 = none")
+    grid_images: int = arg(
+        8, help="images in the comparison grid PNG (8 a row; rows: reference, then each model; labelled); 0 = none"
+    )
+    update_model_card: str | None = arg(
+        None, help="model folder whose README.md (model card) gets the results table and model-index metadata"
+    )
 
     def validate(self) -> None:
         if not self.pretrained_model_name_or_path:
@@ -133,7 +136,9 @@ class EvalConfig:
         if not self.dataset:
             raise ConfigError("--dataset is required")
         if self.resolution <= 0 or self.resolution % 8:
-            raise ConfigError(f"--resolution must be a positive multiple of 8 (the VAE downsamples 8×), got {self.resolution}")
+            raise ConfigError(
+                f"--resolution must be a positive multiple of 8 (the VAE downsamples 8×), got {self.resolution}"
+            )
         if self.batch_size < 1:
             raise ConfigError(f"--batch_size must be >= 1, got {self.batch_size}")
         if self.max_samples is not None and self.max_samples < 1:
@@ -142,18 +147,18 @@ class EvalConfig:
             raise ConfigError("--ssim_window gaussian needs --resolution >= 16 (an 11×11 window)")
         if self.num_workers < 0 or self.grid_images < 0:
             raise ConfigError("--num_workers and --grid_images must be >= 0")
+        if self.update_model_card is not None and not os.path.isdir(self.update_model_card):
+            raise ConfigError(f"--update_model_card {self.update_model_card!r} is not a folder")
         if self.protocol == "seed":
             for key, value in PROTOCOLS["seed"].items():
                 given = getattr(self, key)
                 if given is not None and given != value:
-                    raise ConfigError(f"--protocol seed means --{key} {value}; drop --{key} {given} or the --protocol flag")
-
-        backend = self.fid_backend or PROTOCOLS[self.protocol]["fid_backend"]
-        if self.fid and backend == "clean-fid" and self.fid_features != 2048:
-            raise ConfigError("--fid_backend clean-fid has only the 2048-d pool3 features; drop --fid_features")
+                    raise ConfigError(
+                        f"--protocol seed means --{key} {value}; drop --{key} {given} or the --protocol flag"
+                    )
 
     def resolved_protocol(self) -> dict[str, str]:
-        """latent / uint8 / ssim_window / interpolation / fid_backend after applying --protocol defaults."""
+        """latent / uint8 / ssim_window / interpolation after applying --protocol defaults."""
         base = PROTOCOLS[self.protocol]
         return {key: getattr(self, key) or base[key] for key in base}
 
@@ -192,20 +197,6 @@ def image_noise_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-@torch.no_grad()
-def reconstruct(vae, x: torch.Tensor, latent: str, noise_seeds: list[int], autocast) -> torch.Tensor:
-    """encode -> posterior mean or seeded sample -> decode; float32 (B, 3, H, W)."""
-    with autocast():
-        posterior = vae.encode(x).latent_dist  # mean/std: (B, C_lat, H/f, W/f)
-        z = posterior.mean
-        if latent == "sample":
-            shape = tuple(z.shape[1:])
-            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in noise_seeds])
-            z = posterior.mean + posterior.std * noise.to(z.device, z.dtype)
-        recon = vae.decode(z).sample  # (B, 3, H, W)
-    return recon.float()
-
-
 def safe_name(text: str) -> str:
     """A file name for an image key or model label ('val/n01/x.JPEG' -> 'val__n01__x.JPEG')."""
     return re.sub(r"[^\w.-]", "_", text.replace("/", "__"))
@@ -217,16 +208,6 @@ def save_pngs(folder: str, keys: list[str], images_u8: torch.Tensor) -> None:
     os.makedirs(folder, exist_ok=True)
     for key, img in zip(keys, images_u8.permute(0, 2, 3, 1).cpu().numpy()):  # (B, H, W, 3)
         Image.fromarray(img).save(os.path.join(folder, safe_name(key) + ".png"))
-
-
-def save_grid(path: str, rows: list[torch.Tensor]) -> None:
-    """rows: uint8 (N, 3, H, W) each; one row per tensor, 2-pixel white gaps."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    n = rows[0].shape[0]
-    grid = make_grid(torch.cat(rows), nrow=n, padding=2, pad_value=255)  # (3, H', W') uint8
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
 def dataset_source(cfg: EvalConfig):
@@ -245,7 +226,9 @@ def load_models(cfg: EvalConfig) -> list[tuple[str, str, str, torch.nn.Module]]:
         vae = load_vae(path)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         if cfg.resolution % factor:
-            raise ModelError(f"--resolution {cfg.resolution} is not divisible by {path!r}'s downsampling factor {factor}")
+            raise ModelError(
+                f"--resolution {cfg.resolution} is not divisible by {path!r}'s downsampling factor {factor}"
+            )
         out.append((label, path, role, vae.eval().requires_grad_(False)))
     return out
 
@@ -254,17 +237,12 @@ def build_fids(n: int, cfg: EvalConfig, inception_path: str | None, feature_extr
     """One FID metric per model sharing one feature network; synced explicitly (see finish_fid)."""
     if not cfg.fid:
         return [None] * n
-    backend = cfg.resolved_protocol()["fid_backend"]
-    first = metrics.build_fid(
-        inception_path, feature_extractor, features=cfg.fid_features, backend=backend, sync_on_compute=False
-    )
+    first = metrics.build_fid(inception_path, feature_extractor, features=cfg.fid_features, sync_on_compute=False)
     return [first] + [metrics.build_fid(feature_extractor=first.inception, sync_on_compute=False) for _ in range(n - 1)]
 
 
-def finish_fid(fid, is_main: bool, backend: str = "torch-fidelity") -> float | None:
+def finish_fid(fid, is_main: bool) -> float | None:
     """Sum FID states over ranks (a collective: every rank calls it), compute on the main process only.
-
-    The value is the --fid_backend package's own Fréchet distance of the summed statistics.
 
     The 2048×2048 eigen-decomposition takes seconds; one rank doing it is enough.
     """
@@ -273,32 +251,37 @@ def finish_fid(fid, is_main: bool, backend: str = "torch-fidelity") -> float | N
         return None
     if int(fid.real_features_num_samples) < 2:
         return None  # FID needs at least two images per side
-    return metrics.compute_fid(fid, backend)
+    return float(fid.compute())
 
 
 def protocol_record(cfg: EvalConfig, chosen: dict[str, str], mixed_precision: str, inception_path: str | None) -> dict:
     seed_like = chosen == PROTOCOLS["seed"]
+    res = cfg.resolution
+    noise = f"per-image torch.Generator seeded from sha256(seed={cfg.seed}, key)"
+    window = (
+        ", 7x7 uniform window, sample covariance)"
+        if chosen["ssim_window"] == "uniform"
+        else ", gaussian_weights, sigma 1.5, population covariance)"
+    )
+    random_vgg = f" (torch.manual_seed({cfg.seed}); NOT LPIPS, smoke runs only)"
     return {
         "name": "seed" if seed_like else ("default" if chosen == PROTOCOLS["default"] else "custom"),
         **chosen,
-        "latent_noise": f"per-image torch.Generator seeded from sha256(seed={cfg.seed}, key)" if chosen["latent"] == "sample" else None,
-        "preprocessing": f"Resize({cfg.resolution}, PIL {chosen['interpolation']}) shorter side + CenterCrop({cfg.resolution}), [-1, 1]",
-        "psnr": "per image on float [0,1] clipped, data_range 1, float64 (= skimage peak_signal_noise_ratio), mean over images",
-        "ssim": (
-            "per image on float [0,1] clipped, data_range 1, float64, channel mean, valid-region mean (= skimage structural_similarity"
-            + (", 7x7 uniform window, sample covariance)" if chosen["ssim_window"] == "uniform" else ", gaussian_weights, sigma 1.5, population covariance)")
-        ),
+        "latent_noise": noise if chosen["latent"] == "sample" else None,
+        "preprocessing": f"Resize({res}, PIL {chosen['interpolation']}) shorter side + CenterCrop({res}), [-1, 1]",
+        "psnr": "per image on float [0,1] clipped, data_range 1, float64 (= skimage peak_signal_noise_ratio), "
+        "mean over images",
+        "ssim": "per image on float [0,1] clipped, data_range 1, float64, channel mean, valid-region mean "
+        "(= skimage structural_similarity" + window,
         "lpips": f"lpips v0.1 vgg, {cfg.perception_weights} VGG16 trunk"
-        + (f" (torch.manual_seed({cfg.seed}); NOT LPIPS, smoke runs only)" if cfg.perception_weights == "random" else "")
+        + (random_vgg if cfg.perception_weights == "random" else "")
         + ", on [-1,1] decoder output (not clipped)",
         "rfid": (
-            f"{fid_backends.describe(chosen['fid_backend'], fid_layer(cfg.fid_features))}; mean and covariance "
-            "from float64 feature sums; "
+            f"torchmetrics FrechetInceptionDistance, torch-fidelity Inception v3 {fid_layer(cfg.fid_features)}, TF1 bilinear resize to 299; "
             f"real = uint8 reference crops, fake = uint8 reconstructions ({chosen['uint8']})"
             if cfg.fid
             else "skipped (--no-fid)"
         ),
-        "fid_backend_version": fid_backends.package_version(chosen["fid_backend"]),
         "inception_weights": inception_path,
         "lpips_weights": cfg.perception_weights,
         "std": "population std over images (np.std)",
@@ -330,7 +313,7 @@ def format_cell(value: float | None, digits: int = 3) -> str:
 
 
 def markdown_table(result: dict) -> str:
-    """SPEC.md's table: a row per model; the protocol under it."""
+    """The results table: a row per model; the protocol under it."""
     p = result["protocol"]
     lpips_head = "LPIPS" if p["lpips_weights"] == "pretrained" else "LPIPS (RANDOM VGG, not LPIPS)"
     title = f"{result['dataset_name']} {result['split']} {result['num_images']}, {result['resolution']}²"
@@ -346,6 +329,114 @@ def markdown_table(result: dict) -> str:
         f"{p['preprocessing']}, mixed_precision={p['mixed_precision']}, rFID: {p['rfid']}."
     )
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# Model card
+# ----------------------------------------------------------------------------------------
+
+CARD_TASK = "image-to-image"
+CARD_METRICS = (("rfid", "rFID"), ("psnr", "PSNR"), ("ssim", "SSIM"), ("lpips", "LPIPS"))
+
+
+class ModelCardError(UserError):
+    """A model card (README.md) that cannot be read or updated."""
+
+
+def load_card(folder: str):
+    """The folder's README.md as a huggingface_hub ModelCard, or a minimal diffusers card when there is none."""
+    import yaml
+    from huggingface_hub import ModelCard, ModelCardData
+
+    path = os.path.join(folder, "README.md")
+    if not os.path.isfile(path):
+        meta = ModelCardData(library_name="diffusers")
+        return ModelCard(f"---\n{meta.to_yaml()}\n---\n\n# {os.path.basename(os.path.abspath(folder))}\n")
+    try:
+        return ModelCard.load(path)  # an existing file: read locally, never fetched from the Hub
+    except (ValueError, OSError, yaml.YAMLError) as e:  # UnicodeDecodeError is a ValueError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelCardError(f"cannot read the model card {path!r}: {first[:200]}") from None
+
+
+def card_dataset(result: dict) -> tuple[str, str]:
+    """(dataset_type, dataset_name) for model-index: the hub id (or a local folder's name), and what was measured."""
+    return result["dataset_name"], f"{result['dataset_name']} {result['split']}, {result['resolution']}²"
+
+
+def card_eval_results(result: dict) -> list:
+    """model-index entries (huggingface_hub EvalResult) of the evaluated model (not the baselines).
+
+    Only numbers that mean what their name says: rFID with the standard 2048-d Inception features,
+    LPIPS with the pretrained VGG; PSNR and SSIM always (when finite).
+    """
+    from huggingface_hub import EvalResult
+
+    model = next(m for m in result["models"] if m["role"] == "model")
+    protocol = result["protocol"]
+    standard_fid = result["config"]["fid_features"] == 2048 and "custom feature extractor" not in protocol["rfid"]
+    values = {
+        "rfid": model["metrics"]["rfid"]["value"] if standard_fid else None,
+        "psnr": model["metrics"]["psnr"]["mean"],
+        "ssim": model["metrics"]["ssim"]["mean"],
+        "lpips": model["metrics"].get("lpips", {}).get("mean") if protocol["lpips_weights"] == "pretrained" else None,
+    }
+    dataset_type, dataset_name = card_dataset(result)
+    return [
+        EvalResult(
+            task_type=CARD_TASK,
+            task_name="Image reconstruction",
+            dataset_type=dataset_type,
+            dataset_name=dataset_name,
+            dataset_config=result["config"].get("dataset_config"),
+            dataset_split=result["split"],
+            metric_type=key,
+            metric_name=name,
+            metric_value=round(float(values[key]), 4),
+        )
+        for key, name in CARD_METRICS
+        if values[key] is not None and math.isfinite(values[key])
+    ]
+
+
+def card_section(result: dict, table: str) -> tuple[str, str, str]:
+    """(start marker, end marker, the section between them) of one dataset / split / resolution."""
+    dataset_type, dataset_name = card_dataset(result)
+    key = re.sub(r"[^\w./-]+", "_", f"{dataset_type} {result['split']} {result['resolution']}")
+    start, end = f"<!-- eval_vae results {key} -->", f"<!-- /eval_vae results {key} -->"
+    body = (
+        f"## Reconstruction: {dataset_name}\n\n"
+        f"{result['num_images']} images, evaluated with `eval_vae.py` (the JSON it writes holds every setting).\n\n"
+        f"{table}\n"
+    )
+    return start, end, body
+
+
+def update_model_card(folder: str, result: dict, table: str) -> str:
+    """Write the results into <folder>/README.md: a marked section (replaced on a re-run) and model-index metadata."""
+    card = load_card(folder)
+    start, end, body = card_section(result, table)
+    section = f"{start}\n{body}{end}"
+    text = card.text
+    if start in text and end in text.split(start, 1)[1]:
+        before, rest = text.split(start, 1)
+        text = before + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    card.text = text
+    new = card_eval_results(result)
+    replaced = {(r.task_type, r.dataset_type, r.dataset_name, r.dataset_split) for r in new}
+    kept = [
+        r
+        for r in (card.data.eval_results or [])
+        if (r.task_type, r.dataset_type, r.dataset_name, r.dataset_split) not in replaced
+    ]
+    card.data.eval_results = kept + new or None
+    if card.data.eval_results and not card.data.model_name:
+        card.data.model_name = os.path.basename(os.path.abspath(folder))  # model-index needs a name
+    path = os.path.join(folder, "README.md")
+    card.save(path)
+    return path
 
 
 # ----------------------------------------------------------------------------------------
@@ -366,10 +457,7 @@ class Evaluator:
         self.source = dataset_source(cfg)
         data.validate_sources([self.source])
         use_inception = cfg.fid and feature_extractor is None
-        backend = self.protocol["fid_backend"]
-        self.inception_path = (
-            metrics.resolve_inception_weights(cfg.inception_weights, backend) if use_inception else None
-        )
+        self.inception_path = metrics.resolve_inception_weights(cfg.inception_weights) if use_inception else None
         models = load_models(cfg)
         if lpips is None:
             if cfg.perception_weights == "random":
@@ -388,7 +476,9 @@ class Evaluator:
         # Our own autocast rather than Accelerator's: AcceleratorState is a process-wide
         # singleton that refuses a second setting, and tests run several evaluations.
         amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mixed_precision)
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+        self.autocast = contextlib.nullcontext
+        if amp_dtype:
+            self.autocast = lambda: torch.autocast(self.device.type, dtype=amp_dtype)
 
         self.per_image: list[tuple[str, dict[str, dict[str, float]]]] = []  # (key, {label: {metric: value}})
         self.grid_rows: list[tuple[str, list[torch.Tensor]]] = []
@@ -408,25 +498,57 @@ class Evaluator:
         # prepare would pad the last batch with duplicates.
         return data.make_dataloader(stream, self.cfg.batch_size, self.cfg.num_workers)
 
+    def expected_images(self, resolved) -> int | None:
+        """This rank's share of the images when known up front (folders; hub splits with a count), else None.
+
+        resolved: the stream's data.ResolvedSource (listed files or the opened hub split).
+        """
+        folder = resolved.root is not None and resolved.files is not None
+        total = len(resolved.files) if folder else None  # folder kinds: one file per image
+        if resolved.kind == "hub":
+            splits = getattr(getattr(resolved.hub, "info", None), "splits", None) or {}
+            total = getattr(splits.get(self.cfg.split), "num_examples", None)
+        if self.cfg.max_samples is not None:
+            total = self.cfg.max_samples if total is None else min(total, self.cfg.max_samples)
+        if total is None:
+            return None
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        return len(range(rank, total, world))  # round-robin split: rank r gets images r, r + world, ...
+
     def run(self) -> None:
+        is_main = self.accelerator.is_main_process
+        world = self.accelerator.num_processes
+        desc = "eval" if world == 1 else f"eval (rank 0 of {world})"
+        # Main process only: images/s and the ETA of its own share (the ranks split the images evenly).
+        loader = self.loader()
+        total = self.expected_images(loader.dataset.sources[0]) if is_main else None
+        progress = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, disable=not is_main)
         start = time.perf_counter()
-        for batch in self.loader():
+        for batch in loader:
             self.skipped += int(batch["skipped"].sum())  # (B, sources): unreadable files met before each image
             self.evaluate_batch(batch["pixel_values"].to(self.device, torch.float32), list(batch["key"]))
+            progress.update(len(batch["key"]))
         self.seconds = time.perf_counter() - start
+        progress.close()
 
     @torch.no_grad()
     def evaluate_batch(self, x: torch.Tensor, keys: list[str]) -> None:
         """x: (B, 3, R, R) in [-1, 1]; every model reconstructs the same images."""
         cfg, protocol = self.cfg, self.protocol
         ref_u8 = metrics.to_uint8(x, protocol["uint8"])  # (B, 3, R, R) uint8, as saved and fed to FID
-        noise_seeds = [image_noise_seed(cfg.seed, k) for k in keys]
+        latent = "mode" if protocol["latent"] == "mean" else "sample"
         values: dict[str, dict] = {k: {} for k in keys}
         recons_u8 = []
         for m in self.models:
-            recon = reconstruct(m.vae, x, protocol["latent"], noise_seeds, self.autocast)
+            # Fresh per-image generators for every model: each model decodes with the same noise.
+            generators = None
+            if latent == "sample":
+                generators = [torch.Generator().manual_seed(image_noise_seed(cfg.seed, k)) for k in keys]
+            recon = reconstruct(
+                m.vae, x, latent=latent, batch_size=len(x), generator=generators, autocast=self.autocast
+            )  # (B, 3, R, R) float32, unclamped
             m.nonfinite += int((~torch.isfinite(recon).flatten(1).all(dim=1)).sum())
-            scores = metrics.reconstruction_metrics(x, recon, lpips=self.lpips, ssim_window=protocol["ssim_window"])
+            scores = image_metrics(x, recon, lpips=self.lpips, ssim_window=protocol["ssim_window"])
             scores = {name: v.tolist() for name, v in scores.items()}
             for i, k in enumerate(keys):
                 values[k][m.label] = {name: v[i] for name, v in scores.items()}
@@ -452,8 +574,7 @@ class Evaluator:
         skipped = sum(gather_object([self.skipped]))
         seconds = max(gather_object([self.seconds]))
         nonfinite = [sum(gather_object([m.nonfinite])) for m in self.models]
-        backend = self.protocol["fid_backend"]
-        rfids = [finish_fid(m.fid, is_main, backend) if m.fid is not None else None for m in self.models]
+        rfids = [finish_fid(m.fid, is_main) if m.fid is not None else None for m in self.models]
 
         keys = [k for k, _ in per_image]
         if len(set(keys)) != len(keys):
@@ -484,7 +605,10 @@ class Evaluator:
                     "role": m.role,
                     "latent_channels": m.vae.config.latent_channels,
                     "nonfinite_reconstructions": bad,
-                    "metrics": {"rfid": {"value": rfid, "count": len(keys) if m.fid is not None else 0}, **acc.summary()},
+                    "metrics": {
+                        "rfid": {"value": rfid, "count": len(keys) if m.fid is not None else 0},
+                        **acc.summary(),
+                    },
                 }
             )
         return result, grid_rows
@@ -498,14 +622,19 @@ def evaluate(
 ) -> dict:
     """Run the evaluation; returns the result dict (also written as JSON; rFID only on the main process).
 
-    Raises data.DataError, ModelError, metrics.MetricError or PerceptionWeightsError (one line)
-    before any image is processed. `feature_extractor` replaces Inception for rFID (tests only);
+    Raises a vae.errors.UserError subclass (one line: data, model, metric weights, LPIPS weights,
+    model card) before any image is processed. `feature_extractor` replaces Inception for rFID (tests only);
     `lpips` is a prebuilt LPIPS module matching cfg.perception_weights (several runs in one process).
     """
     accelerator = accelerator or Accelerator()
     evaluator = Evaluator(cfg, accelerator, feature_extractor, lpips)
+    if cfg.update_model_card and accelerator.is_main_process:
+        load_card(cfg.update_model_card)  # an unreadable card fails now, not after the evaluation
     if cfg.perception_weights == "random" and accelerator.is_main_process:
-        print("WARNING: LPIPS uses a RANDOM VGG16 backbone (--perception_weights random): its numbers are NOT LPIPS.", flush=True)
+        print(
+            "WARNING: LPIPS uses a RANDOM VGG16 backbone (--perception_weights random): its numbers are NOT LPIPS.",
+            flush=True,
+        )
     evaluator.run()
     result, grid_rows = evaluator.result()
     if accelerator.is_main_process:
@@ -515,16 +644,21 @@ def evaluate(
 
 
 def write_outputs(cfg: EvalConfig, result: dict, grid_rows: list) -> None:
-    """Main process only: the table on stdout, the JSON, the table as .md, the comparison grid."""
+    """Main process only: the table on stdout, the JSON, the table as .md, the comparison grid, the model card."""
     os.makedirs(cfg.output_dir, exist_ok=True)
     table = markdown_table(result)
     print(table, flush=True)
     for m in result["models"]:
         if m["nonfinite_reconstructions"]:
-            print(f"WARNING: {m['label']}: {m['nonfinite_reconstructions']} reconstructions have NaN/inf pixels", flush=True)
+            bad = m["nonfinite_reconstructions"]
+            print(f"WARNING: {m['label']}: {bad} reconstructions have NaN/inf pixels", flush=True)
     if grid_rows:
-        save_grid(os.path.join(cfg.output_dir, "grid.png"), [torch.stack(r) for r in zip(*(row for _, row in grid_rows))])
-        result["grid"] = {"path": os.path.join(cfg.output_dir, "grid.png"), "rows": ["reference"] + [m["label"] for m in result["models"]]}
+        # The uint8 images FID sees: a row of references, then a row per model, 8 images a row.
+        reference, *recons = (torch.stack(tiles) for tiles in zip(*(row for _, row in grid_rows)))
+        labels = ["reference", *(m["label"] for m in result["models"])]
+        grid_path = os.path.join(cfg.output_dir, "grid.png")
+        save_grid(reference, recons, grid_path, labels=labels)
+        result["grid"] = {"path": grid_path, "rows": labels, "images": [key for key, _ in grid_rows]}
     with open(os.path.join(cfg.output_dir, "eval.md"), "w") as f:
         f.write(table + "\n")
     json_path = cfg.output_json or os.path.join(cfg.output_dir, "eval.json")
@@ -532,13 +666,19 @@ def write_outputs(cfg: EvalConfig, result: dict, grid_rows: list) -> None:
     with open(json_path, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {json_path}", flush=True)
+    if cfg.update_model_card:
+        print(f"wrote {update_model_card(cfg.update_model_card, result, table)}", flush=True)
 
 
-def main(argv: list[str] | None = None, feature_extractor: torch.nn.Module | None = None, lpips: torch.nn.Module | None = None) -> dict:
+def main(
+    argv: list[str] | None = None,
+    feature_extractor: torch.nn.Module | None = None,
+    lpips: torch.nn.Module | None = None,
+) -> dict:
     cfg, _ = parse_config(EvalConfig, argv, PROG, description=__doc__.split("\n\n")[0])
     try:
         return evaluate(cfg, feature_extractor=feature_extractor, lpips=lpips)
-    except (data.DataError, ModelError, metrics.MetricError, PerceptionWeightsError) as e:
+    except UserError as e:
         if PartialState().is_main_process:  # every rank hits the same check; one line is enough
             fail(PROG, str(e))
         raise SystemExit(2) from None

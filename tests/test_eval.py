@@ -1,6 +1,8 @@
-"""eval_vae.py end to end on CPU: tiny models, a generated image folder, 1 vs 2 real DDP ranks, bad inputs."""
+"""eval_vae.py end to end on CPU: tiny models, a generated image folder, 1 vs 2 real DDP ranks, bad inputs.
 
-import contextlib
+Also: the trainer's held-out metrics equal eval_vae.py's, and --update_model_card.
+"""
+
 import json
 import os
 import subprocess
@@ -17,6 +19,7 @@ import data
 import eval_vae
 from vae import metrics
 from vae.models import build_vae, load_vae
+from vae.validation import GRID_PAD, held_out_metrics, label_margin, load_images, reconstruct
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IMAGES = 5  # odd: a 2-rank run that padded its last batch would count 6
@@ -91,11 +94,15 @@ def base_args(ws, out: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_end_to_end_table_json_images(workspace, random_lpips, capsys):
     ws = workspace
-    argv = base_args(ws, "out_e2e", "--baseline", str(ws / "run" / "checkpoint-3"), "--save_images", "--grid_images", "3")
+    baseline = str(ws / "run" / "checkpoint-3")
+    argv = base_args(ws, "out_e2e", "--baseline", baseline, "--save_images", "--grid_images", "3")
     result = eval_vae.main(argv, feature_extractor=PooledColour(), lpips=random_lpips)
-    stdout = capsys.readouterr().out
+    captured = capsys.readouterr()
+    stdout = captured.out
+    assert f"{NUM_IMAGES}/{NUM_IMAGES}" in captured.err and "img/s" in captured.err  # the progress bar finished
 
     lines = [line for line in stdout.splitlines() if line.startswith("|")]
     assert lines[0] == f"| images validation {NUM_IMAGES}, 32² | rFID | PSNR | SSIM | LPIPS (RANDOM VGG, not LPIPS) |"
@@ -115,11 +122,14 @@ def test_end_to_end_table_json_images(workspace, random_lpips, capsys):
     assert saved["models"][0]["metrics"] == result["models"][0]["metrics"]
     assert (ws / "out_e2e" / "eval.md").read_text().startswith("| images validation")
 
-    # Images: reference + one folder per model, every image once; the grid has 3 rows of 3.
+    # Images: reference + one folder per model, every image once; the grid has 3 labelled rows of 3
+    # tiles, 32 px upscaled to 128.
     for folder in ("reference", "model", "checkpoint-3"):
         assert len(os.listdir(ws / "out_e2e" / "images" / folder)) == NUM_IMAGES
     grid = Image.open(ws / "out_e2e" / "grid.png")
-    assert grid.size == (2 + 3 * 34, 2 + 3 * 34)
+    margin = label_margin(["reference", "model", "checkpoint-3"], 128)
+    assert grid.size == (margin + GRID_PAD + 3 * (128 + GRID_PAD), GRID_PAD + 3 * (128 + GRID_PAD))
+    assert saved["grid"]["rows"] == ["reference", "model", "checkpoint-3"] and len(saved["grid"]["images"]) == 3
 
     # Independent recomputation with scikit-image: the same crops, the posterior mean, skimage metrics.
     stream = data.build_eval_stream(str(ws / "images"), 32, interpolation="bilinear")
@@ -145,34 +155,79 @@ def test_end_to_end_table_json_images(workspace, random_lpips, capsys):
     assert got["ssim"]["mean"] == pytest.approx(np.mean(ssims), abs=1e-5)
 
 
+@pytest.mark.e2e
 def test_seed_protocol_is_recorded_and_sampling_is_reproducible(workspace, random_lpips, capsys):
     ws = workspace
     argv = base_args(ws, "out_seed", "--protocol", "seed", "--max_samples", "3", "--grid_images", "0", "--no-fid")
     first = eval_vae.main(argv, lpips=random_lpips)
     second = eval_vae.main(argv + ["--batch_size", "3"], lpips=random_lpips)  # other batching, same noise per image
     p = first["protocol"]
-    assert (p["name"], p["latent"], p["uint8"], p["ssim_window"], p["interpolation"]) == ("seed", "sample", "truncate", "uniform", "bilinear")
+    chosen = (p["name"], p["latent"], p["uint8"], p["ssim_window"], p["interpolation"])
+    assert chosen == ("seed", "sample", "truncate", "uniform", "bilinear")
     assert first["num_images"] == 3 and first["models"][0]["metrics"]["rfid"]["value"] is None
     assert "skipped (--no-fid)" in p["rfid"] and "| model | – |" in capsys.readouterr().out
     for name in ("psnr", "ssim", "lpips"):
-        assert second["models"][0]["metrics"][name]["mean"] == pytest.approx(first["models"][0]["metrics"][name]["mean"], rel=1e-5)
+        want = first["models"][0]["metrics"][name]["mean"]
+        assert second["models"][0]["metrics"][name]["mean"] == pytest.approx(want, rel=1e-5)
+
+
+def _generators(seed: int, keys) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(eval_vae.image_noise_seed(seed, k)) for k in keys]
 
 
 def test_reconstruct_samples_per_image_noise():
     torch.manual_seed(0)
     vae = build_vae("tiny").eval()
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
-    mean = eval_vae.reconstruct(vae, x, "mean", [], contextlib.nullcontext)
-    seeds = [eval_vae.image_noise_seed(0, k) for k in ("a.png", "b.png")]
-    sample = eval_vae.reconstruct(vae, x, "sample", seeds, contextlib.nullcontext)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    mean = reconstruct(vae, x, latent="mode", batch_size=3)
+    with torch.no_grad():
+        direct = vae.decode(vae.encode(x).latent_dist.mean).sample
+    torch.testing.assert_close(mean, direct)
+    keys = ("a.png", "b.png", "c.png")
+    sample = reconstruct(vae, x, latent="sample", batch_size=3, generator=_generators(0, keys))
+    assert sample.dtype == torch.float32 and sample.shape == x.shape
     assert not torch.allclose(sample, mean, atol=1e-4)
-    # image 1 alone gets the noise it got in the batch: depends on its key, not its batch position
-    alone = eval_vae.reconstruct(vae, x[1:], "sample", seeds[1:], contextlib.nullcontext)
-    torch.testing.assert_close(alone, sample[1:], rtol=1e-4, atol=1e-5)
-    other = eval_vae.reconstruct(vae, x, "sample", [eval_vae.image_noise_seed(1, k) for k in ("a.png", "b.png")], contextlib.nullcontext)
+    # image 1 alone, or in batches of 2, gets the noise it got in the batch: its key decides, not its position
+    alone = reconstruct(vae, x[1:2], latent="sample", batch_size=1, generator=_generators(0, keys[1:2]))
+    torch.testing.assert_close(alone, sample[1:2], rtol=1e-4, atol=1e-5)
+    rebatched = reconstruct(vae, x, latent="sample", batch_size=2, generator=_generators(0, keys))
+    torch.testing.assert_close(rebatched, sample, rtol=1e-4, atol=1e-5)
+    other = reconstruct(vae, x, latent="sample", batch_size=3, generator=_generators(1, keys))
     assert not torch.allclose(other, sample, atol=1e-4)
+    # One generator for the whole batch also works; wrong counts and names are refused.
+    one = reconstruct(vae, x, latent="sample", batch_size=2, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(one, mean, atol=1e-4)
+    with pytest.raises(ValueError, match="generators"):
+        reconstruct(vae, x, latent="sample", batch_size=3, generator=_generators(0, keys[:2]))
+    with pytest.raises(ValueError, match="latent"):
+        reconstruct(vae, x, latent="mean", batch_size=3)
 
 
+def test_reconstruction_is_not_clamped():
+    """A decoder that overshoots [-1, 1] comes back as it is (LPIPS sees it; PSNR/SSIM clip themselves)."""
+    torch.manual_seed(0)
+    vae = build_vae("tiny").eval()
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.fill_(3.0)
+    recon = reconstruct(vae, torch.zeros(1, 3, 32, 32), latent="mode", batch_size=1)
+    assert recon.max() > 1.5
+
+
+@pytest.mark.e2e
+def test_held_out_metrics_equal_eval(workspace, random_lpips, capsys):
+    """The trainer's held-out numbers are eval_vae.py's for the same weights, images and batch size: exactly."""
+    ws = workspace
+    result = eval_vae.main(base_args(ws, "out_same", "--no-fid", "--grid_images", "0"), lpips=random_lpips)
+    capsys.readouterr()
+    images = load_images(data.SourceSpec(name="images", path=str(ws / "images")), 32, NUM_IMAGES, "bilinear")
+    vae = load_vae(str(ws / "model")).eval()
+    held_out, recon = held_out_metrics(vae, images, random_lpips, 2)
+    assert recon.shape == images.shape and recon.dtype == torch.float32
+    evaluated = {name: result["models"][0]["metrics"][name]["mean"] for name in ("psnr", "ssim", "lpips")}
+    assert held_out == evaluated  # exact floats, not approx
+
+
+@pytest.mark.e2e
 def test_two_processes_match_one(workspace, random_lpips, capsys):
     """Real 2-rank gloo DDP on CPU vs one process: same count (no padded duplicates), same metrics.
 
@@ -221,6 +276,7 @@ def _error_line(capsys, argv) -> str:
     return errors[0]
 
 
+@pytest.mark.e2e
 def test_bad_inputs_fail_with_one_line(workspace, capsys, tmp_path, monkeypatch):
     ws = workspace
     err = _error_line(capsys, base_args(ws, "bad") + ["--dataset", str(ws / "empty")])
@@ -241,6 +297,13 @@ def test_bad_inputs_fail_with_one_line(workspace, capsys, tmp_path, monkeypatch)
     assert metrics.INCEPTION_WEIGHTS_FILE in err and str(tmp_path / "hub") in err
     err = _error_line(capsys, base_args(ws, "bad") + ["--protocol", "seed", "--latent", "mean"])
     assert "--protocol seed" in err
+    err = _error_line(capsys, base_args(ws, "bad") + ["--update_model_card", str(tmp_path / "no-such-model")])
+    assert "--update_model_card" in err and "no-such-model" in err
+    broken = tmp_path / "broken_card"
+    broken.mkdir()
+    (broken / "README.md").write_text("---\nmodel-index: [unclosed\n---\n\ntext\n")
+    err = _error_line(capsys, base_args(ws, "bad", *fid_ok) + ["--update_model_card", str(broken)])
+    assert "model card" in err and "README.md" in err
     assert not (ws / "bad").exists()  # nothing written before the checks
 
 
@@ -260,3 +323,81 @@ def test_inception_file_loads_like_torch_fidelity(workspace):
         bad = workspace / "not_inception.pth"
         torch.save({"weight": torch.zeros(1)}, bad)
         metrics.build_fid(weights_path=str(bad))
+
+
+def _fake_result(psnr: float = 25.0, lpips_weights: str = "pretrained", fid_features: int = 2048) -> dict:
+    """The parts of an eval result the model card reads."""
+    def scores(rfid, psnr, ssim, lpips):
+        means = {"psnr": psnr, "ssim": ssim, "lpips": lpips}
+        return {"rfid": {"value": rfid}, **{k: {"mean": v, "std": 0.0, "count": 10} for k, v in means.items()}}
+
+    models = [
+        {"label": "model", "role": "model", "metrics": scores(1.25, psnr, 0.75, 0.1)},
+        {"label": "sd-vae", "role": "baseline", "metrics": scores(0.5, 30.0, 0.9, 0.05)},
+    ]
+    protocol = {"name": "default", "latent": "mean", "uint8": "round", "ssim_window": "uniform",
+                "preprocessing": "Resize + CenterCrop", "mixed_precision": "no", "lpips_weights": lpips_weights,
+                "rfid": "torchmetrics FrechetInceptionDistance"}  # fmt: skip
+    config = {"fid_features": fid_features, "dataset_config": None}
+    return {"dataset_name": "imagenet-1k", "split": "validation", "resolution": 256, "num_images": 10,
+            "protocol": protocol, "config": config, "models": models}  # fmt: skip
+
+
+def test_model_card_metadata_and_section(tmp_path):
+    from huggingface_hub import ModelCard
+
+    # Standard metrics go into model-index; only the evaluated model's, not the baseline's.
+    entries = {r.metric_type: r.metric_value for r in eval_vae.card_eval_results(_fake_result())}
+    assert entries == {"rfid": 1.25, "psnr": 25.0, "ssim": 0.75, "lpips": 0.1}
+    # A random-VGG "LPIPS" or an rFID on other Inception features is not published as such.
+    entries = {r.metric_type for r in eval_vae.card_eval_results(_fake_result(lpips_weights="random", fid_features=64))}
+    assert entries == {"psnr", "ssim"}
+
+    # No README yet: a minimal diffusers card is created.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    result = _fake_result()
+    path = eval_vae.update_model_card(str(fresh), result, eval_vae.markdown_table(result))
+    card = ModelCard.load(path)
+    assert card.data.library_name == "diffusers" and card.data.model_name == "fresh"
+    assert {r.metric_type for r in card.data.eval_results} == {"rfid", "psnr", "ssim", "lpips"}
+
+    # An existing card keeps its metadata, text and other evaluations; a re-run replaces its own section.
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "README.md").write_text("---\nlicense: mit\ntags:\n- vae\n---\n\n# My VAE\n\nIntro text.\n")
+    for psnr in (25.0, 26.5):
+        result = _fake_result(psnr=psnr)
+        eval_vae.update_model_card(str(folder), result, eval_vae.markdown_table(result))
+    other = {**_fake_result(psnr=20.0), "dataset_name": "coco", "resolution": 512}
+    eval_vae.update_model_card(str(folder), other, eval_vae.markdown_table(other))
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.license == "mit" and card.data.tags == ["vae"] and "Intro text." in card.text
+    psnrs = {(r.dataset_type, r.metric_value) for r in card.data.eval_results if r.metric_type == "psnr"}
+    assert psnrs == {("imagenet-1k", 26.5), ("coco", 20.0)}
+    assert card.text.count("## Reconstruction: imagenet-1k validation, 256²") == 1
+    assert card.text.count("| model | 1.250 | 26.500 |") == 1 and "25.500" not in card.text
+    assert card.text.count("## Reconstruction: coco validation, 512²") == 1
+    assert card.text.index("Intro text.") < card.text.index("## Reconstruction")
+
+
+@pytest.mark.e2e
+def test_update_model_card_end_to_end(workspace, random_lpips, capsys, tmp_path):
+    from huggingface_hub import ModelCard
+
+    ws = workspace
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    (folder / "README.md").write_text("# exported\n\nTrained on photos.\n")
+    argv = base_args(ws, "out_card", "--no-fid", "--grid_images", "0", "--max_samples", "2",
+                     "--update_model_card", str(folder))  # fmt: skip
+    for _ in range(2):
+        result = eval_vae.main(argv, lpips=random_lpips)
+    assert f"wrote {folder / 'README.md'}" in capsys.readouterr().out
+    card = ModelCard.load(folder / "README.md")
+    got = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    want = result["models"][0]["metrics"]
+    assert got == {"psnr": round(want["psnr"]["mean"], 4), "ssim": round(want["ssim"]["mean"], 4)}  # no random LPIPS
+    assert card.data.model_name == "exported" and card.data.library_name is None  # an existing card is not rewritten
+    assert card.text.count("<!-- eval_vae results") == 1 and card.text.count("| model |") == 1
+    assert "Trained on photos." in card.text and eval_vae.markdown_table(result) in card.text

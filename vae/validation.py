@@ -88,7 +88,9 @@ def reconstruct(
                 z = posterior.mean + posterior.std * noise.to(z.device, z.dtype)
             recon = vae.decode(z).sample  # (b, 3, H, W)
         out.append(recon.float())
-    return torch.cat(out)
+    # Standard layout whatever the decoder's (channels_last models): LPIPS's convolutions round
+    # differently per memory layout, and the trainer and the evaluator must get the same numbers.
+    return torch.cat(out).contiguous()
 
 
 @torch.no_grad()
@@ -101,8 +103,9 @@ def image_metrics(
     SSIM clip both to [0, 1]; LPIPS sees the unclamped float32 tensors. Runs outside any autocast
     the caller holds, so the numbers do not depend on the training precision.
     """
+    images, recon = images.float().contiguous(), recon.float().contiguous()  # one memory layout: same LPIPS bits
     with torch.autocast(images.device.type, enabled=False):
-        return reconstruction_metrics(images.float(), recon.float(), lpips=lpips, ssim_window=ssim_window)
+        return reconstruction_metrics(images, recon, lpips=lpips, ssim_window=ssim_window)
 
 
 @torch.no_grad()
