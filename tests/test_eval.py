@@ -232,7 +232,8 @@ def test_two_processes_match_one(workspace, random_lpips, capsys):
     """Real 2-rank gloo DDP on CPU vs one process: same count (no padded duplicates), same metrics.
 
     rFID goes through the real Inception loading code with a random-weight file in
-    torch-fidelity's format, and the seed protocol exercises the per-image latent noise.
+    torch-fidelity's format, and the reference implementation's protocol (--protocol seed) exercises
+    the per-image latent noise.
     """
     ws = workspace
     # 64-d Inception features: the same weights file and loading code, without a 2048² eigendecomposition on CPU.
