@@ -76,7 +76,6 @@ DEFAULTS = dict(
     resolution=64,
     batch_size=DEMO_DEFAULTS["train_batch_size"],
     minutes=20.0,
-    eval_every_s=60.0,
     slice_s=10.0,
     num_heldout=32,
     eval_batch_size=16,
@@ -406,9 +405,16 @@ def parse_args(argv=None):
         help="the reference loop after disc_start: AE and D on alternate batches (the reference's) or both "
         "on every batch",
     )
-    p.add_argument("--eval_every_s", type=float, default=None, help="evaluate every N s of a run's training time (60)")
+    p.add_argument(
+        "--eval_every_s",
+        type=float,
+        default=None,
+        help="evaluate every N s of a run's training time (default: 1/20 of the budget, 60 s for 20 min)",
+    )
     p.add_argument("--slice_s", type=float, default=None, help="training seconds of one run before switching (10)")
-    p.add_argument("--num_heldout", type=int, default=None, help="held-out crops to evaluate on (32)")
+    p.add_argument(
+        "--num_heldout", type=int, default=None, help="held-out crops to evaluate on, at most (32; the demo has 16)"
+    )
     p.add_argument("--eval_batch_size", type=int, default=None, help="(16)")
     p.add_argument("--mixed_precision", default="no", choices=("no", "bf16"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -421,6 +427,8 @@ def parse_args(argv=None):
     for key, value in (SMOKE if args.smoke else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.eval_every_s is None:
+        args.eval_every_s = 60 * args.minutes / 20
     if args.out_dir is None:
         args.out_dir = os.path.join("outputs", "convergence_smoke" if args.smoke else "convergence")
     if args.minutes <= 0 or args.eval_every_s <= 0 or args.slice_s <= 0:
