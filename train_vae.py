@@ -537,8 +537,8 @@ class Trainer:
         """Held-out PSNR/SSIM/LPIPS (EMA weights when on), a reconstruction grid, the curves; main process only."""
         vae = self.eval_vae()
         images = self.heldout_images.to(self.device)
-        with self.accelerator.autocast():
-            metrics, recon = held_out_metrics(vae, images, self.loss_fn.perceptual, self.cfg.train_batch_size)
+        metrics, recon = held_out_metrics(vae, images, self.loss_fn.perceptual, self.cfg.train_batch_size,
+                                          autocast=self.accelerator.autocast)
         path = os.path.join(self.cfg.output_dir, "samples", f"step_{step:07d}.png")
         grid = save_grid(images, recon, path)
         self.accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=step)

@@ -2,8 +2,8 @@
 # One script for the GPU machine (1× H200, 16 cores, no network): the Transfusion preset at 256²,
 # bf16, full loss (LPIPS-VGG, MoCo ResNet-50 with random weights: same cost), D on from step 0.
 #   1. our step at batch 8, 16, 32: img/s, MFU (3.1 TFLOP/image, 989 TFLOP/s bf16 peak), peak memory
-#   2. at batch 16: ours vs the seed's semantics (and the seed alternating G/D batches), and the
-#      speed ideas (reference λ, channels-last, cudnn.benchmark, no host sync, foreach Adam)
+#   2. at batch 16: ours vs the reference loop (and the reference alternating G/D batches), and the
+#      speed ideas (reference λ, channels-last, cudnn.benchmark, foreach Adam)
 #   3. COMPILE=1 only: ours vs ours + torch.compile (minutes of compilation)
 #   4. the data path (workers 0-8) against the step's img/s, and the eval metrics, when their
 #      packages are there
@@ -86,10 +86,10 @@ section "1. our step, batch sizes $BATCHES"
 # shellcheck disable=SC2086
 $PY benchmarks/bench_train_step.py $COMMON --variants ours --batch_sizes "$BATCHES" $SWEEP_STEPS --json "$OUT_DIR/sweep.json"
 
-section "2. ours vs the seed's semantics and the speed ideas, batch $CMP_BATCH"
+section "2. ours vs the reference loop and the speed ideas, batch $CMP_BATCH"
 # shellcheck disable=SC2086
-$PY benchmarks/bench_train_step.py $COMMON --batch_size "$CMP_BATCH" --baseline seed $CMP_STEPS \
-    --variants ours,seed,seed_alternating,ours_ref_lambda,ours_channels_last,ours_cudnn_benchmark,ours_nosync,ours_foreach_adam \
+$PY benchmarks/bench_train_step.py $COMMON --batch_size "$CMP_BATCH" --baseline reference $CMP_STEPS \
+    --variants ours,reference,reference_alternating,ours_ref_lambda,ours_channels_last,ours_cudnn_benchmark,ours_foreach_adam \
     --json "$OUT_DIR/compare.json"
 
 if [ "${COMPILE:-0}" = 1 ]; then

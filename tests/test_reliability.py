@@ -32,9 +32,9 @@ from PIL import Image
 from torchdata import stateful_dataloader  # noqa: F401 - same reason
 
 import data
-from test_train import ROOT, run_main, tensors_of, tiny_args
 from vae import checkpointing
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_vae.py")
 
 
@@ -154,7 +154,7 @@ def steps_for_one_pass_of_bad_files(folder: str, n_bad: int, seed: int, batch: i
     return None
 
 
-def test_training_goes_on_over_bad_files_and_counts_them(mixed_folder, tmp_path, caplog):
+def test_training_goes_on_over_bad_files_and_counts_them(mixed_folder, tmp_path, caplog, run_main, tiny_args):
     bad = sorted(name for name, (_, decision) in bad_corpus().items() if decision == "skip")
     # Stop right after the stream's first pass has reported every bad file once (a bad file is reported
     # with the next good image), so the count must be exactly the number of bad files.
@@ -173,7 +173,7 @@ def test_training_goes_on_over_bad_files_and_counts_them(mixed_folder, tmp_path,
     AutoencoderKL.from_pretrained(tmp_path)
 
 
-def test_every_checkpoint_holds_the_skips_so_far(mixed_folder, tmp_path):
+def test_every_checkpoint_holds_the_skips_so_far(mixed_folder, tmp_path, run_main, tiny_args):
     run_main(tiny_args(mixed_folder, tmp_path, 6, checkpointing_steps=1, logging_steps=100))
     counts = {}  # step -> (trainer state's count, data stream's count)
     for step in range(1, 7):
@@ -202,14 +202,15 @@ class CodeOnUnpickle:
 
 
 @pytest.fixture(scope="module")
-def one_step_checkpoint(image_folder, tmp_path_factory):
+def one_step_checkpoint(image_folder, tmp_path_factory, run_main, tiny_args):
     out = tmp_path_factory.mktemp("one_step")
     run_main(tiny_args(image_folder, out, 1, checkpointing_steps=1))
     return out / "checkpoint-1"
 
 
 @pytest.mark.parametrize("name", ["data_state_0.pt", "random_states_0.pkl", "optimizer.bin"])
-def test_resume_refuses_a_pickle_that_runs_code(name, one_step_checkpoint, image_folder, tmp_path, capsys):
+def test_resume_refuses_a_pickle_that_runs_code(name, one_step_checkpoint, image_folder, tmp_path, capsys, run_main,
+                                                tiny_args):
     out = tmp_path / "out"
     shutil.copytree(one_step_checkpoint, out / "checkpoint-1")
     marker = tmp_path / "code_ran"
@@ -227,7 +228,7 @@ def test_resume_refuses_a_pickle_that_runs_code(name, one_step_checkpoint, image
         assert name == "optimizer.bin" and "Weights only load failed" in str(refused.value)
 
 
-def test_resume_from_a_partial_folder_is_one_line(image_folder, tmp_path, capsys):
+def test_resume_from_a_partial_folder_is_one_line(image_folder, tmp_path, capsys, run_main, tiny_args):
     partial = tmp_path / "checkpoint-3.tmp"
     partial.mkdir()
     with pytest.raises(SystemExit) as exit_info:
@@ -237,7 +238,7 @@ def test_resume_from_a_partial_folder_is_one_line(image_folder, tmp_path, capsys
     assert err[-1].startswith("train_vae.py: error:") and "is not a complete checkpoint folder" in err[-1]
 
 
-def test_checkpoint_limit_below_one_is_refused(tmp_path, capsys):
+def test_checkpoint_limit_below_one_is_refused(tmp_path, capsys, run_main):
     with pytest.raises(SystemExit) as exit_info:
         run_main(["--output_dir", str(tmp_path), "--checkpoints_total_limit", "0"])
     assert exit_info.value.code == 2
@@ -373,7 +374,7 @@ def check_after_kill(out, resumed_at: int | None) -> int | None:
     return newest
 
 
-def test_kill_9_at_random_moments_then_resume_latest(image_folder, tmp_path, start_script):
+def test_kill_9_at_random_moments_then_resume_latest(image_folder, tmp_path, start_script, tiny_args, tensors_of):
     """Five SIGKILLs in a row on one output folder (during start-up, as a save begins, inside saves,
     between saves); every restart with `--resume_from_checkpoint latest` continues from the newest
     complete checkpoint, and the last run ends with the weights of a run that was never interrupted."""

@@ -16,47 +16,7 @@ import train_vae
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_args(folder, out, steps, **extra):
-    args = {
-        "source": folder, "model_config": "tiny", "resolution": 32, "train_batch_size": 2,
-        "max_train_steps": steps, "disc_start": 1, "perception_weights": "random", "id_weight": 0,
-        "output_dir": str(out), "checkpointing_steps": 2, "validation_steps": 100, "logging_steps": 1,
-        "dataloader_num_workers": 0, "report_to": "none", "num_validation_images": 2,
-        "latent_stats_samples": 4, "shuffle_block": 4, "learning_rate": 1e-3,
-    }
-    args.update(extra)
-    argv = []
-    for key, value in args.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif value is not None:
-            argv += [f"--{key}", str(value)]
-    return argv
-
-
-def run_main(argv):
-    """train_vae.main in this process, with accelerate's singletons reset around it."""
-    for state in (AcceleratorState, GradientState, PartialState):
-        state._reset_state()
-    try:
-        train_vae.main(argv)
-    finally:
-        for state in (AcceleratorState, GradientState, PartialState):
-            state._reset_state()
-
-
-def tensors_of(checkpoint):
-    out = {f"vae.{k}": v for k, v in load_file(os.path.join(checkpoint, "vae", "diffusion_pytorch_model.safetensors")).items()}
-    out.update({f"disc.{k}": v for k, v in load_file(os.path.join(checkpoint, "discriminator.safetensors")).items()})
-    for name in ("optimizer.bin", "optimizer_1.bin"):
-        state = torch.load(os.path.join(checkpoint, name), weights_only=True)["state"]
-        for pid, slots in state.items():
-            for slot, value in slots.items():
-                out[f"{name}.{pid}.{slot}"] = torch.as_tensor(value)
-    return out
-
-
-def test_resume_equals_uninterrupted_run(image_folder, tmp_path):
+def test_resume_equals_uninterrupted_run(image_folder, tmp_path, tiny_args, run_main, tensors_of):
     """2k steps in one go == k steps, resume, k steps: weights, D, both optimizers, EMA, data position."""
     extra = dict(use_ema=True, ema_decay=0.9)
     run_main(tiny_args(image_folder, tmp_path / "a", 6, **extra))
@@ -82,7 +42,7 @@ def test_resume_equals_uninterrupted_run(image_folder, tmp_path):
                            ta["disc.model.0.weight"] if "disc.model.0.weight" in ta else next(v for k, v in ta.items() if k.startswith("disc.") and v.is_floating_point()))
 
 
-def test_two_process_ddp_run(image_folder, tmp_path):
+def test_two_process_ddp_run(image_folder, tmp_path, tiny_args):
     """Real 2-rank DDP on CPU (gloo): G and D steps, checkpoints, identical replicas, loadable export."""
     out = tmp_path / "ddp"
     argv = tiny_args(image_folder, out, 4, id_weight=0.2, disc_start=2)
@@ -121,7 +81,7 @@ def _nan_from(monkeypatch, bad_steps):
     monkeypatch.setattr(TransfusionLoss, "generator_loss", patched)
 
 
-def test_nonfinite_step_is_skipped_and_counted(image_folder, tmp_path, monkeypatch):
+def test_nonfinite_step_is_skipped_and_counted(image_folder, tmp_path, monkeypatch, tiny_args, run_main, tensors_of):
     _nan_from(monkeypatch, lambda step: step == 2)
     run_main(tiny_args(image_folder, tmp_path, 4, checkpointing_steps=1))
     c2, c3, c4 = (tensors_of(tmp_path / f"checkpoint-{i}") for i in (2, 3, 4))
@@ -132,7 +92,7 @@ def test_nonfinite_step_is_skipped_and_counted(image_folder, tmp_path, monkeypat
     assert state["skipped_g_steps"] == 1 and state["global_step"] == 4
 
 
-def test_many_nonfinite_steps_stop_with_loadable_checkpoint(image_folder, tmp_path, monkeypatch, capsys):
+def test_many_nonfinite_steps_stop_with_loadable_checkpoint(image_folder, tmp_path, monkeypatch, capsys, tiny_args, run_main, tensors_of):
     _nan_from(monkeypatch, lambda step: step >= 2)
     with pytest.raises(SystemExit) as exit_info:
         run_main(tiny_args(image_folder, tmp_path, 10, max_nonfinite_steps=3))
@@ -147,7 +107,7 @@ def test_many_nonfinite_steps_stop_with_loadable_checkpoint(image_folder, tmp_pa
     assert all(torch.equal(c2[k], c4[k]) for k in c2 if k.startswith("vae."))
 
 
-def test_export_latent_statistics_and_token_never_written(image_folder, tmp_path, monkeypatch, capsys):
+def test_export_latent_statistics_and_token_never_written(image_folder, tmp_path, monkeypatch, capsys, tiny_args, run_main):
     import huggingface_hub
 
     import data
@@ -195,7 +155,7 @@ BAD_COMMAND_LINES = [
 
 
 @pytest.mark.parametrize("argv,message", BAD_COMMAND_LINES, ids=[a[0] for a, _ in BAD_COMMAND_LINES])
-def test_bad_command_line_is_one_line_before_any_model(argv, message, tmp_path, monkeypatch, capsys):
+def test_bad_command_line_is_one_line_before_any_model(argv, message, tmp_path, monkeypatch, capsys, run_main):
     def no_model(*a, **k):
         raise AssertionError("a model was built before the bad input was rejected")
 
@@ -208,7 +168,7 @@ def test_bad_command_line_is_one_line_before_any_model(argv, message, tmp_path, 
     assert len(err) == 1 and err[0].startswith("train_vae.py: error:") and message in err[0], err
 
 
-def test_unwritable_output_dir(tmp_path, capsys):
+def test_unwritable_output_dir(tmp_path, capsys, run_main):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     with pytest.raises(SystemExit):
