@@ -16,13 +16,18 @@ below is the reference implementation (lavinal712/AutoencoderKL, branch transfus
                             11-tap Gaussian σ 1.5
   --interpolation {bilinear,bicubic}  the shorter-side resize filter; bilinear = torchvision's
                             Resize on PIL images, as the reference
-  --protocol seed           all of them as the reference: sample, truncate, uniform, bilinear
+  --fid_backend {torch-fidelity,pytorch-fid,clean-fid}  the rFID package: its own Inception file,
+                            resize to 299 and Fréchet distance (vae/fid.py); the reference ran
+                            `python -m pytorch_fid gt/ rec/`, i.e. pytorch-fid
+  --protocol seed           all of them as the reference: sample, truncate, uniform, bilinear,
+                            pytorch-fid
 Fixed: Resize(R) shorter side + CenterCrop(R); PSNR and SSIM per image on float [0, 1]
 clipped (data_range 1, float64, equal to scikit-image), averaged; LPIPS-VGG v0.1 per image on
 the unclipped [-1, 1] tensors, as the reference; rFID = FID between the uint8 reference crops (real)
-and the uint8 reconstructions (fake), the very images --save_images writes, with torchmetrics
-and torch-fidelity's Inception v3 pool3 (the reference ran pytorch-fid on its PNG folders: the same
-TF Inception weights, a slightly different resize to 299). Means are over images, std is the
+and the uint8 reconstructions (fake), the very images --save_images writes, with the
+--fid_backend package's Inception v3 pool3 and Fréchet distance (torch-fidelity by default; the
+three share the TF Inception weights but resize to 299 differently, so their numbers differ:
+compare a table only with one made by the same backend). Means are over images, std is the
 population std (np.std, as the reference prints). The reconstruction path
 (vae.validation.reconstruct, image_metrics) is the trainer's: its held-out numbers equal these.
 
@@ -50,6 +55,7 @@ from tqdm.auto import tqdm
 
 import data
 from losses.perceptual import build_lpips
+from vae import fid as fid_backends
 from vae import metrics
 from vae.config import ConfigError, arg, fail, parse_config, to_dict
 from vae.errors import UserError
@@ -62,8 +68,20 @@ PROG = "eval_vae.py"
 # uint8 by truncation; scikit-image's default SSIM window; torchvision's Resize, i.e. PIL
 # bilinear); ours default to the deterministic ones.
 PROTOCOLS = {
-    "default": {"latent": "mean", "uint8": "round", "ssim_window": "uniform", "interpolation": "bilinear"},
-    "seed": {"latent": "sample", "uint8": "truncate", "ssim_window": "uniform", "interpolation": "bilinear"},
+    "default": {
+        "latent": "mean",
+        "uint8": "round",
+        "ssim_window": "uniform",
+        "interpolation": "bilinear",
+        "fid_backend": "torch-fidelity",
+    },
+    "seed": {
+        "latent": "sample",
+        "uint8": "truncate",
+        "ssim_window": "uniform",
+        "interpolation": "bilinear",
+        "fid_backend": "pytorch-fid",  # its eval.py runs `python -m pytorch_fid gt/ rec/` on PNG folders
+    },
 }
 
 
@@ -104,8 +122,16 @@ class EvalConfig:
     fid_features: int = arg(
         2048, choices=(2048, 768, 192, 64), help="Inception layer for rFID: 2048 = pool3, the standard; others for quick checks only"
     )
+    fid_backend: str | None = arg(
+        None,
+        choices=metrics.FID_BACKENDS,
+        help="rFID package, each with its own Inception file, resize and distance (pytorch-fid = the reference's); "
+        "default from --protocol (default: torch-fidelity, seed: pytorch-fid)",
+    )
     inception_weights: str | None = arg(
-        None, help=f"torch-fidelity Inception file; default: <torch hub dir>/checkpoints/{metrics.INCEPTION_WEIGHTS_FILE}"
+        None,
+        help="Inception file of --fid_backend; default: <torch hub dir>/checkpoints/ + "
+        f"{', '.join(f'{fid_backends.BACKENDS[b].weights_file} ({b})' for b in metrics.FID_BACKENDS)}",
     )
     perception_weights: str = arg(
         "pretrained",
@@ -157,8 +183,12 @@ class EvalConfig:
                         f"--protocol seed means --{key} {value}; drop --{key} {given} or the --protocol flag"
                     )
 
+        backend = self.fid_backend or PROTOCOLS[self.protocol]["fid_backend"]
+        if self.fid and backend == "clean-fid" and self.fid_features != 2048:
+            raise ConfigError("--fid_backend clean-fid has only the 2048-d pool3 features; drop --fid_features")
+
     def resolved_protocol(self) -> dict[str, str]:
-        """latent / uint8 / ssim_window / interpolation after applying --protocol defaults."""
+        """latent / uint8 / ssim_window / interpolation / fid_backend after applying --protocol defaults."""
         base = PROTOCOLS[self.protocol]
         return {key: getattr(self, key) or base[key] for key in base}
 
@@ -237,12 +267,17 @@ def build_fids(n: int, cfg: EvalConfig, inception_path: str | None, feature_extr
     """One FID metric per model sharing one feature network; synced explicitly (see finish_fid)."""
     if not cfg.fid:
         return [None] * n
-    first = metrics.build_fid(inception_path, feature_extractor, features=cfg.fid_features, sync_on_compute=False)
+    backend = cfg.resolved_protocol()["fid_backend"]
+    first = metrics.build_fid(
+        inception_path, feature_extractor, features=cfg.fid_features, backend=backend, sync_on_compute=False
+    )
     return [first] + [metrics.build_fid(feature_extractor=first.inception, sync_on_compute=False) for _ in range(n - 1)]
 
 
-def finish_fid(fid, is_main: bool) -> float | None:
+def finish_fid(fid, is_main: bool, backend: str = "torch-fidelity") -> float | None:
     """Sum FID states over ranks (a collective: every rank calls it), compute on the main process only.
+
+    The value is the --fid_backend package's own Fréchet distance of the summed statistics.
 
     The 2048×2048 eigen-decomposition takes seconds; one rank doing it is enough.
     """
@@ -251,7 +286,7 @@ def finish_fid(fid, is_main: bool) -> float | None:
         return None
     if int(fid.real_features_num_samples) < 2:
         return None  # FID needs at least two images per side
-    return float(fid.compute())
+    return metrics.compute_fid(fid, backend)
 
 
 def protocol_record(cfg: EvalConfig, chosen: dict[str, str], mixed_precision: str, inception_path: str | None) -> dict:
@@ -277,11 +312,13 @@ def protocol_record(cfg: EvalConfig, chosen: dict[str, str], mixed_precision: st
         + (random_vgg if cfg.perception_weights == "random" else "")
         + ", on [-1,1] decoder output (not clipped)",
         "rfid": (
-            f"torchmetrics FrechetInceptionDistance, torch-fidelity Inception v3 {fid_layer(cfg.fid_features)}, TF1 bilinear resize to 299; "
+            f"{fid_backends.describe(chosen['fid_backend'], fid_layer(cfg.fid_features))}; mean and covariance "
+            "from float64 feature sums; "
             f"real = uint8 reference crops, fake = uint8 reconstructions ({chosen['uint8']})"
             if cfg.fid
             else "skipped (--no-fid)"
         ),
+        "fid_backend_version": fid_backends.package_version(chosen["fid_backend"]),
         "inception_weights": inception_path,
         "lpips_weights": cfg.perception_weights,
         "std": "population std over images (np.std)",
@@ -457,7 +494,10 @@ class Evaluator:
         self.source = dataset_source(cfg)
         data.validate_sources([self.source])
         use_inception = cfg.fid and feature_extractor is None
-        self.inception_path = metrics.resolve_inception_weights(cfg.inception_weights) if use_inception else None
+        backend = self.protocol["fid_backend"]
+        self.inception_path = (
+            metrics.resolve_inception_weights(cfg.inception_weights, backend) if use_inception else None
+        )
         models = load_models(cfg)
         if lpips is None:
             if cfg.perception_weights == "random":
@@ -574,7 +614,8 @@ class Evaluator:
         skipped = sum(gather_object([self.skipped]))
         seconds = max(gather_object([self.seconds]))
         nonfinite = [sum(gather_object([m.nonfinite])) for m in self.models]
-        rfids = [finish_fid(m.fid, is_main) if m.fid is not None else None for m in self.models]
+        backend = self.protocol["fid_backend"]
+        rfids = [finish_fid(m.fid, is_main, backend) if m.fid is not None else None for m in self.models]
 
         keys = [k for k, _ in per_image]
         if len(set(keys)) != len(keys):
