@@ -1,6 +1,6 @@
 """Reconstruction metrics: PSNR, SSIM, LPIPS, rFID — batched torch, any device.
 
-The numbers follow the seed's evaluation protocol (SPEC.md, "Evaluation protocol"):
+The numbers follow the reference implementation's evaluation protocol (docs/recipe.md, "Evaluation protocol"):
 PSNR and SSIM per image on float [0, 1] clipped, with scikit-image's definitions
 (`peak_signal_noise_ratio(data_range=1)`, `structural_similarity(data_range=1,
 channel_axis=-1)`), re-implemented here in float64 torch so they run batched on the GPU
@@ -47,13 +47,13 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 def to_uint8(x: torch.Tensor, rounding: str = "round") -> torch.Tensor:
     """[-1, 1] float (B, 3, H, W) -> uint8 with the same shape, as saved to PNG and fed to FID.
 
-    "truncate" is the seed's conversion (`((x + 1) / 2).clip(0, 1) * 255` then `astype(uint8)`,
+    "truncate" is the reference implementation's conversion (`((x + 1) / 2).clip(0, 1) * 255` then `astype(uint8)`,
     in float32): a pixel that decodes to 199.9999 becomes 199, so even the reference images
     lose up to one grey level after the [-1, 1] round trip. "round" adds 0.5 before truncating.
     """
     if rounding not in ("round", "truncate"):
         raise ValueError(f"rounding must be 'round' or 'truncate', got {rounding!r}")
-    # Same float32 arithmetic as the seed (numpy on float32 arrays), so "truncate" matches it bit for bit.
+    # Same float32 arithmetic as the reference implementation (numpy on float32 arrays), so "truncate" matches it bit for bit.
     scaled = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0
     if rounding == "round":
         scaled = scaled + 0.5
@@ -93,7 +93,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: str = "uniform") -> torch.Ten
     """Per-image SSIM, (B,), of images (B, C, H, W) in [0, 1] (clipped), data_range 1, float64.
 
     window="uniform": `structural_similarity(a, b, data_range=1, channel_axis=-1)` — 7×7 box,
-    sample covariance (N/(N−1)); the seed's choice.
+    sample covariance (N/(N−1)); the reference implementation's choice.
     window="gaussian": the same with `gaussian_weights=True, sigma=1.5, use_sample_covariance=False`
     (Wang et al. 2004): 11-tap Gaussian, population covariance.
     Like scikit-image, the SSIM map is averaged over the region the window fits in entirely
@@ -144,7 +144,7 @@ def reconstruction_metrics(
 ) -> dict[str, torch.Tensor]:
     """Per-image PSNR, SSIM (and LPIPS when a module is given) of images in [-1, 1]; each (B,).
 
-    LPIPS sees the decoder output as is (not clipped), like the seed; PSNR/SSIM see [0, 1] clipped.
+    LPIPS sees the decoder output as is (not clipped), like the reference implementation; PSNR/SSIM see [0, 1] clipped.
     """
     ref, rec = to_unit(x), to_unit(x_hat)
     out = {"psnr": psnr(ref, rec), "ssim": ssim(ref, rec, window=ssim_window)}
