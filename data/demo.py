@@ -1,8 +1,10 @@
 """A tiny real-photo data set that works offline: the photographs shipped with scikit-image.
 
-Training: full photographs (written once as PNG), colour-dominated. Every colour photograph is
-written twice, as is and mirrored, so two of every three training files are colour: with mostly
-grey training data a small autoencoder learns to desaturate (a blue night sky came back brown).
+Training: full photographs (written once as PNG), colour-dominated and colour-balanced. Every
+colour photograph is written three times: as is and with its channels rotated (RGB -> GBR, BRG),
+so three of every four training files are colour and every channel sees the same colours. These
+photographs are mostly warm (an orange space suit, coffee, a red retina): trained on them as they
+are, a small autoencoder learns a red cast and brings a blue night sky back brown.
 Held out: fixed resolution² crops of four photographs never trained on (two colour, two grey),
 cut at hand-picked positions covering flat sky, fur, faces, lights, metal and grass.
 """
@@ -59,10 +61,15 @@ def _crop(photo: Image.Image, centre: tuple[float, float], resolution: int) -> I
     return photo.crop((left, top, left + resolution, top + resolution))
 
 
-def train_files() -> dict[str, tuple[str, bool]]:
-    """Training file name -> (photograph, mirrored)."""
-    files = {f"{name}.png": (name, False) for name in COLOUR_TRAIN + GREY_TRAIN}
-    files.update({f"{name}_mirrored.png": (name, True) for name in COLOUR_TRAIN})
+# Channel orders of the colour copies: as is, and rotated once and twice.
+CHANNEL_ROTATIONS = {"": (0, 1, 2), "_gbr": (1, 2, 0), "_brg": (2, 0, 1)}
+
+
+def train_files() -> dict[str, tuple[str, tuple[int, int, int]]]:
+    """Training file name -> (photograph, channel order)."""
+    files = {f"{name}{suffix}.png": (name, order) for name in COLOUR_TRAIN
+             for suffix, order in CHANNEL_ROTATIONS.items()}
+    files.update({f"{name}.png": (name, (0, 1, 2)) for name in GREY_TRAIN})
     return files
 
 
@@ -80,10 +87,10 @@ def demo_sources(cache_dir: str, resolution: int = 64) -> tuple[SourceSpec, Sour
     for stale in set(list_images(train_dir)) - set(wanted):  # left by an older demo: maybe a held-out photo
         with contextlib.suppress(FileNotFoundError):  # another rank removed it first
             os.remove(os.path.join(train_dir, stale))
-    for file, (name, mirrored) in wanted.items():
-        def image(name=name, mirrored=mirrored):
+    for file, (name, order) in wanted.items():
+        def image(name=name, order=order):
             photo = _photo(name)
-            return photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirrored else photo
+            return photo if order == (0, 1, 2) else Image.merge("RGB", [photo.getchannel(c) for c in order])
 
         _write_png(image, os.path.join(train_dir, file))
     heldout_dir = os.path.join(cache_dir, f"heldout_{resolution}")
