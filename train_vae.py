@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import pickle
+import shutil
 import signal
 import sys
 import time
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 import data
 from losses import TransfusionLoss
 from losses.perceptual import PerceptionWeightsError
-from vae import checkpointing, export
+from vae import checkpointing, export, hub
 from vae.config import fail, parse_config, to_dict
 from vae.errors import CheckpointError, UserError
 from vae.models import ModelError, build_vae, init_from_pretrained, load_vae
@@ -259,9 +260,14 @@ class Trainer:
         self.device = accelerator.device
         self.state = TrainerState()
         self.stream = self.dataloader = self.heldout_images = None
-        self.heldout_disjoint = True
+        self.sources, self.heldout_sources, self.heldout_disjoint = [], [], True
+        self.repo_id: str | None = None  # the Hub repository, once checked writable (main process)
+        self.pusher: hub.BackgroundPusher | None = None
 
         self.loss_fn = build_loss(cfg).to(self.device)
+        if cfg.init_discriminator:
+            export.load_discriminator(cfg.init_discriminator, self.loss_fn.discriminator)
+            logger.info(f"discriminator initialised from {cfg.init_discriminator}", main_process_only=True)
         vae = build_autoencoder(cfg)
         if cfg.channels_last:
             vae.to(memory_format=torch.channels_last)
@@ -343,6 +349,13 @@ class Trainer:
         self.check_replicas()
         checkpointing.save(self.accelerator, self.cfg.output_dir, self.state.global_step, self._extra_state(),
                            self.dataloader.state_dict(), self.cfg.checkpoints_total_limit)
+        if self.pusher is not None and self.accelerator.is_main_process:
+            # The exported model of this checkpoint (no optimizer states) goes up in the background;
+            # a failed upload is logged and the next save uploads everything again.
+            step = self.state.global_step
+            folder = os.path.join(self.cfg.output_dir, "hub_staging", f"step-{step}")
+            self.export_to(folder, repo_id=self.repo_id)
+            self.pusher.push(folder, f"Step {step}: exported model", cleanup=True)
 
     def _extra_state(self) -> dict:
         state = self.state.__dict__.copy()
@@ -580,11 +593,48 @@ class Trainer:
         return vae
 
     def export(self) -> None:
+        """The final model folder in --output_dir; then, with --push_to_hub, the upload (one line if it fails)."""
         if not self.accelerator.is_main_process:
             return
         self.plot_curves()
+        self.export_to(self.cfg.output_dir, repo_id=self.repo_id)
+        if self.pusher is not None:
+            self.pusher.finish()
+        if self.repo_id:
+            hub.push_folder(self.repo_id, self.cfg.output_dir, commit_message=f"Step {self.state.global_step}: "
+                            "exported model")
+
+    def export_to(self, folder: str, repo_id: str | None) -> dict:
+        """Write the VAE (EMA weights when on), its latent statistics, D and the model card into `folder`."""
+        cfg, st = self.cfg, self.state
         vae = copy.deepcopy(self.eval_vae()).eval()
-        export.export_model(self.cfg, vae, self.heldout_sources, self.state, self.sources)
+        how = "held-out images" if self.heldout_disjoint else "images sampled from the training mixture"
+        try:
+            images, _ = data.sample_images(self.heldout_sources, cfg.latent_stats_samples, cfg.resolution,
+                                           seed=cfg.seed, interpolation=cfg.interpolation)
+        except data.DataError as e:  # never lose a trained model over the statistics' sample
+            logger.warning(f"latent statistics from the {len(self.heldout_images)} held-out images only: {e}",
+                           main_process_only=True)
+            images = self.heldout_images
+        note = f"{len(images)} {how}, a seeded random sample (seed {cfg.seed})"
+        last_grid = os.path.join(cfg.output_dir, "samples", f"step_{st.global_step:07d}.png")
+        card = dict(
+            repo_id=repo_id, license=cfg.license, base_model=cfg.init_from, sources=self.sources,
+            heldout_name=", ".join(s.name for s in self.heldout_sources), heldout_disjoint=self.heldout_disjoint,
+            num_validation_images=len(self.heldout_images), recipe=to_dict(cfg), steps=st.global_step,
+            images_seen=st.images_seen, batch_size=cfg.train_batch_size,
+            num_processes=self.accelerator.num_processes, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            resolution=cfg.resolution, vae_config=dict(vae.config), num_parameters=sum(p.numel() for p in vae.parameters()),
+            perception_weights=self.loss_fn.perception_weights, metrics_initial=st.initial_metrics,
+            metrics_final=st.last_metrics)
+        if folder != cfg.output_dir:
+            for name in (CURVES_PNG,):
+                if os.path.isfile(os.path.join(cfg.output_dir, name)):
+                    os.makedirs(folder, exist_ok=True)
+                    shutil.copyfile(os.path.join(cfg.output_dir, name), os.path.join(folder, name))
+        return export.export_model(folder, vae, latent_images=images.to(self.device), images_note=note,
+                                   batch_size=cfg.train_batch_size, seed=cfg.seed,
+                                   discriminator=self.loss_fn.discriminator, reconstructions=last_grid, card=card)
 
 
 class LogWindow:
@@ -621,10 +671,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         checkpointing.check_writable(cfg.output_dir)
         accelerator = build_accelerator(cfg)
+        # A missing token or an unwritable repository ends the run now, not after days of training.
+        repo_id = hub.prepare_repo(cfg.hub_model_id, cfg.hub_private) if cfg.push_to_hub and accelerator.is_main_process else None
         set_seed(cfg.seed)
         sources, heldout_sources, disjoint = build_data(cfg)
         trainer = Trainer(cfg, accelerator)
         trainer.attach_data(sources, heldout_sources, disjoint)
+        trainer.repo_id = repo_id
+        if repo_id and cfg.hub_strategy == "every_save":
+            trainer.pusher = hub.BackgroundPusher(repo_id)
         if accelerator.is_main_process:
             checkpointing.clean_partial(cfg.output_dir)
             with open(os.path.join(cfg.output_dir, "train_config.json"), "w") as f:

@@ -1,10 +1,13 @@
 """The training script end to end: exact resume, 2-process DDP, NaN steps, export, the Hub token."""
 
+import concurrent.futures
 import json
 import os
+import types
 import subprocess
 import sys
 
+import huggingface_hub
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState, PartialState
@@ -16,6 +19,7 @@ import train_vae
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.e2e
 def test_resume_equals_uninterrupted_run(image_folder, tmp_path, tiny_args, run_main, tensors_of):
     """2k steps in one go == k steps, resume, k steps: weights, D, both optimizers, EMA, data position."""
     extra = dict(use_ema=True, ema_decay=0.9)
@@ -42,6 +46,7 @@ def test_resume_equals_uninterrupted_run(image_folder, tmp_path, tiny_args, run_
                            ta["disc.model.0.weight"] if "disc.model.0.weight" in ta else next(v for k, v in ta.items() if k.startswith("disc.") and v.is_floating_point()))
 
 
+@pytest.mark.e2e
 def test_two_process_ddp_run(image_folder, tmp_path, tiny_args):
     """Real 2-rank DDP on CPU (gloo): G and D steps, checkpoints, identical replicas, loadable export."""
     out = tmp_path / "ddp"
@@ -81,6 +86,7 @@ def _nan_from(monkeypatch, bad_steps):
     monkeypatch.setattr(TransfusionLoss, "generator_loss", patched)
 
 
+@pytest.mark.e2e
 def test_nonfinite_step_is_skipped_and_counted(image_folder, tmp_path, monkeypatch, tiny_args, run_main, tensors_of):
     _nan_from(monkeypatch, lambda step: step == 2)
     run_main(tiny_args(image_folder, tmp_path, 4, checkpointing_steps=1))
@@ -92,6 +98,7 @@ def test_nonfinite_step_is_skipped_and_counted(image_folder, tmp_path, monkeypat
     assert state["skipped_g_steps"] == 1 and state["global_step"] == 4
 
 
+@pytest.mark.e2e
 def test_many_nonfinite_steps_stop_with_loadable_checkpoint(image_folder, tmp_path, monkeypatch, capsys, tiny_args, run_main, tensors_of):
     _nan_from(monkeypatch, lambda step: step >= 2)
     with pytest.raises(SystemExit) as exit_info:
@@ -107,39 +114,155 @@ def test_many_nonfinite_steps_stop_with_loadable_checkpoint(image_folder, tmp_pa
     assert all(torch.equal(c2[k], c4[k]) for k in c2 if k.startswith("vae."))
 
 
-def test_export_latent_statistics_and_token_never_written(image_folder, tmp_path, monkeypatch, capsys, tiny_args, run_main):
-    import huggingface_hub
+class StubHub:
+    """Stands in for huggingface_hub.HfApi: records every call; uploads fail when told to."""
 
-    import data
+    def __init__(self, fail_uploads: bool = False):
+        self.calls, self.fail_uploads = [], fail_uploads
 
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id))
+        return types.SimpleNamespace(repo_id=repo_id)
+
+    def auth_check(self, repo_id, token=None, write=False):
+        self.calls.append(("auth_check", repo_id, write))
+
+    def upload_folder(self, *, folder_path, run_as_future=False, **kw):
+        files = sorted(os.path.relpath(os.path.join(d, f), folder_path) for d, _, fs in os.walk(folder_path) for f in fs)
+        self.calls.append(("upload_folder", folder_path, files, kw))
+        if self.fail_uploads:
+            error = ConnectionError("the Hub is unreachable")
+            if not run_as_future:
+                raise error
+            future = concurrent.futures.Future()
+            future.set_exception(error)
+            return future
+        result = types.SimpleNamespace(commit_url="https://huggingface.co/someone/tiny-vae/commit/0")
+        if not run_as_future:
+            return result
+        future = concurrent.futures.Future()
+        future.set_result(result)
+        return future
+
+    def uploads(self):
+        return [c for c in self.calls if c[0] == "upload_folder"]
+
+
+@pytest.fixture
+def stub_hub(monkeypatch):
+    from vae import hub
+
+    monkeypatch.setattr(hub, "hub_offline", lambda: False)
+    api = StubHub()
+    monkeypatch.setattr(hub, "_api", lambda given, token: api)
+    return api
+
+
+@pytest.mark.e2e
+def test_export_card_curves_and_every_save_uploads(image_folder, tmp_path, monkeypatch, capsys, tiny_args, run_main,
+                                                   stub_hub):
+    """A finished run: the model, D, latent_stats.json, curves and a card huggingface_hub parses; with
+    --hub_strategy every_save each checkpoint's export goes up too; the token is written nowhere."""
     secret = "hf_SECRETtoken1234567890"
     monkeypatch.setenv("HF_TOKEN", secret)
-    calls = {}
-
-    class Repo:
-        repo_id = "someone/tiny-vae"
-
-    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.setdefault("create", (repo_id, kw)) and Repo())
-    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
-    run_main(tiny_args(image_folder, tmp_path, 2, push_to_hub=True, hub_model_id="someone/tiny-vae",
-                       report_to="tensorboard", latent_stats_samples=6))
-    assert calls["upload"]["folder_path"] == str(tmp_path) and calls["upload"]["repo_id"] == "someone/tiny-vae"
-    assert "checkpoint-*" in calls["upload"]["ignore_patterns"]
+    run_main(tiny_args(image_folder, tmp_path, 4, push_to_hub=True, hub_model_id="someone/tiny-vae",
+                       hub_strategy="every_save", report_to="tensorboard", latent_stats_samples=6, validation_steps=2))
+    uploads = stub_hub.uploads()
+    assert [os.path.basename(u[1]) for u in uploads] == ["step-2", "step-4", os.path.basename(tmp_path)]
+    staged_files = uploads[0][2]
+    assert "config.json" in staged_files and "discriminator/model.safetensors" in staged_files
+    assert not any(f.startswith("checkpoint-") or f.endswith(".bin") for f in staged_files)  # no optimizer states
+    final = uploads[-1][3]
+    assert "checkpoint-*" in final["ignore_patterns"] and "hub_staging/**" in final["ignore_patterns"]
+    assert not (tmp_path / "hub_staging").exists() or not any((tmp_path / "hub_staging").iterdir())
     for folder, _, files in os.walk(tmp_path):
         for name in files:
             with open(os.path.join(folder, name), "rb") as f:
                 assert secret.encode() not in f.read(), os.path.join(folder, name)
     captured = capsys.readouterr()
     assert secret not in captured.out + captured.err
-    # scaling/shift factors are the statistics of sampled latents of the held-out images.
-    vae = AutoencoderKL.from_pretrained(tmp_path)
-    images = torch.stack([s["pixel_values"] for s in data.build_eval_stream(data.parse_source(image_folder), 32, max_samples=6, interpolation="bilinear")])
-    with torch.no_grad():
-        z = vae.encode(images).latent_dist.sample(generator=torch.Generator().manual_seed(0))
-    assert vae.config.shift_factor == pytest.approx(z.mean().item(), abs=1e-5)
-    assert vae.config.scaling_factor == pytest.approx(1 / z.std().item(), rel=1e-4)
-    card = (tmp_path / "README.md").read_text()
-    assert "library_name: diffusers" in card and "someone/tiny-vae" in card
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config.get("latents_mean") is None and config.get("latents_std") is None  # one latent convention
+    stats = json.loads((tmp_path / "latent_stats.json").read_text())
+    assert len(stats["latents_mean"]) == 8 and stats["num_images"] == 6
+    assert (tmp_path / "discriminator" / "model.safetensors").is_file()
+    assert (tmp_path / "training_curves.png").is_file()
+    card = huggingface_hub.ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.license == "other"
+    assert "training_curves.png" in card.text and "reconstructions.png" in card.text
+    assert "someone/tiny-vae" in card.text and str(tmp_path) not in card.text
+    assert "RANDOM" in card.text  # random perception nets, said loudly
+    assert "not disjoint" in card.text  # no --validation_source: held-out images come from the training data
+
+
+@pytest.mark.e2e
+def test_failing_final_upload_is_one_line_and_keeps_the_export(image_folder, tmp_path, monkeypatch, capsys, tiny_args,
+                                                               run_main, stub_hub):
+    monkeypatch.setenv("HF_TOKEN", "hf_token")
+    stub_hub.fail_uploads = True
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(tiny_args(image_folder, tmp_path, 4, push_to_hub=True, hub_model_id="someone/tiny-vae",
+                           hub_strategy="every_save"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("train_vae.py: error: ") and "hf upload someone/tiny-vae" in err[-1], err[-1]
+    assert len(stub_hub.uploads()) == 3  # both checkpoint uploads failed and training went on
+    assert AutoencoderKL.from_pretrained(tmp_path).config.latent_channels == 8  # the export is intact
+
+
+def test_push_to_hub_refused_before_any_model(image_folder, tmp_path, monkeypatch, capsys, tiny_args, run_main):
+    """Offline, or without a token: one line and exit 2 within seconds, nothing built or trained."""
+    from vae import hub
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was built before the Hub was checked")
+
+    monkeypatch.setattr(train_vae, "build_vae", no_model)
+    argv = tiny_args(image_folder, tmp_path, 4, push_to_hub=True, hub_model_id="someone/tiny-vae")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(argv)  # HF_HUB_OFFLINE=1 in every test
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["train_vae.py: error: cannot push to 'someone/tiny-vae': HF_HUB_OFFLINE is set (unset it, or drop "
+                   "--push_to_hub)"]
+
+    monkeypatch.setattr(hub, "hub_offline", lambda: False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "no Hugging Face token" in err[0], err
+    assert not list(tmp_path.glob("checkpoint-*"))
+
+
+@pytest.mark.e2e
+def test_init_discriminator_and_base_model_round_trip(image_folder, tmp_path, monkeypatch, tiny_args, run_main):
+    """The exported D starts a new run bit-identically; an --init_from hub id is the card's base_model."""
+    from accelerate import Accelerator
+
+    from vae.models import build_vae
+    from vae.train_config import TrainConfig
+
+    base = build_vae("tiny")
+    monkeypatch.setattr(train_vae, "load_vae", lambda location: base if location == "someone/base-vae" else None)
+    run_main(tiny_args(image_folder, tmp_path / "first", 2, init_from="someone/base-vae"))
+    card = huggingface_hub.ModelCard.load(tmp_path / "first" / "README.md")
+    assert card.data.base_model == "someone/base-vae"
+
+    exported = load_file(tmp_path / "first" / "discriminator" / "model.safetensors")
+    cfg = TrainConfig(source=[image_folder], model_config="tiny", resolution=32, perception_weights="random",
+                      id_weight=0.0, report_to="none", output_dir=str(tmp_path / "second"),
+                      init_discriminator=str(tmp_path / "first"))
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state()
+    trainer = train_vae.Trainer(cfg, Accelerator(cpu=True))
+    loaded = trainer.loss_fn.discriminator.state_dict()
+    assert loaded.keys() == exported.keys()
+    assert all(torch.equal(loaded[k], exported[k]) for k in exported)
+    fresh = train_vae.build_loss(cfg).discriminator.state_dict()
+    assert not all(torch.equal(fresh[k], exported[k]) for k in exported if exported[k].is_floating_point())
 
 
 BAD_COMMAND_LINES = [
