@@ -176,6 +176,14 @@ def test_card_of_a_local_init_from_has_no_base_model_metadata(tmp_path):
     assert "base_model" not in card.data.to_dict() and str(tmp_path) not in card.content
 
 
+def test_card_without_perception_terms_has_no_random_warning():
+    from vae.card import build_model_card
+
+    recipe = dict(card_args()["recipe"], lpips_weight=0.0, id_weight=0.0)
+    text = build_model_card(**card_args(perception_weights="none", recipe=recipe)).content
+    assert "WARNING" not in text and "LPIPS and ID terms are off" in text
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. the discriminator ships
 # ---------------------------------------------------------------------------------------------

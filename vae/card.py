@@ -130,7 +130,7 @@ def build_model_card(
     base_model: the `--init_from` hub id or path (metadata only when it is a hub id), else None.
     sources: data.SourceSpec objects or mappings (name, path, split, weight, kind); hub ids go into
         the `datasets` metadata, local sources are listed in the body only.
-    perception_weights: what the LPIPS/MoCo nets actually were, "pretrained" or "random".
+    perception_weights: what the LPIPS/MoCo nets actually were: "pretrained", "random", or "none" (both terms off).
     heldout_disjoint: False when the held-out images come from the training data.
     latent_stats: the dict `vae.export.latent_statistics` returns (plus "images": how they were drawn).
     """
@@ -145,11 +145,11 @@ def build_model_card(
     )
     name = repo_id or (os.path.basename(os.path.abspath(folder)) if folder else "transfusion-vae")
     load_from = repo_id or (f"./{name}" if folder else ".")
-    random_nets = perception_weights != "pretrained"
+    random_nets = perception_weights == "random"
 
     head = [f"# {name.split('/')[-1]}", ""]
     if random_nets:
-        head += [f"> **WARNING: the LPIPS (VGG16) and MoCo perception nets were {perception_weights.upper()} "
+        head += ["> **WARNING: the LPIPS (VGG16) and MoCo perception nets were RANDOM "
                  "during training. This model is a smoke test, not a usable autoencoder.**", ""]
     if not heldout_disjoint:
         head += ["> **Note:** the held-out images are not disjoint from the training data (they come from a "
@@ -181,7 +181,8 @@ def build_model_card(
     training = [
         "## Training", "",
         *_recipe_lines(recipe), "",
-        f"- perception nets (LPIPS-VGG, MoCo): **{perception_weights}**",
+        "- perception nets (LPIPS-VGG, MoCo): "
+        + ("none (the LPIPS and ID terms are off)" if perception_weights == "none" else f"**{perception_weights}**"),
         f"- steps: {steps}, images seen: {images_seen}, resolution: {resolution}²",
         f"- batch: {batch_size} per device × {num_processes} process(es) × {gradient_accumulation_steps} "
         f"accumulation = {per_step} images per step",
