@@ -5,6 +5,7 @@ status 75; resuming from that checkpoint gives the same weights as a run that wa
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def assert_same_checkpoint(a, b, tensors_of):
         torch.testing.assert_close(ta[key], tb[key], rtol=0, atol=0, msg=key)
 
 
-def test_sigusr1_checkpoints_the_current_step_and_resume_is_exact(image_folder, tmp_path, monkeypatch, capsys,
+def test_sigusr1_checkpoints_the_current_step_and_resume_is_exact(image_folder, tmp_path, monkeypatch, caplog,
                                                                   tiny_args, run_main, tensors_of):
     from losses import TransfusionLoss
 
@@ -46,7 +47,7 @@ def test_sigusr1_checkpoints_the_current_step_and_resume_is_exact(image_folder, 
     assert stopped.value.code == train_vae.PREEMPTED_EXIT_CODE == 75
     assert sorted(p.name for p in (tmp_path / "stopped").glob("checkpoint-*")) == ["checkpoint-3"]
     assert not (tmp_path / "stopped" / "config.json").exists()  # stopped, not finished: nothing exported
-    assert f"stopped by signal {int(signal.SIGUSR1)} at step 3" in capsys.readouterr().err
+    assert f"stopped by signal {int(signal.SIGUSR1)} at step 3" in caplog.text
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is gone with the run
 
     monkeypatch.setattr(TransfusionLoss, "generator_loss", original)
@@ -80,7 +81,7 @@ def test_sigterm_on_a_two_rank_run_then_resume_equals_uninterrupted(image_folder
     stopped.wait(timeout=300)
     log = (tmp_path / "stopped.log").read_text()
     assert "stopped by signal 15 at step" in log, log[-3000:]
-    assert "exitcode  : 75" in log or "exit code 75" in log.lower() or "75" in log
+    assert re.search(r"exitcode\s*:\s*75 ", log), log[-3000:]  # torchrun's report of each rank's exit status
     checkpoints = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "stopped").glob("checkpoint-*"))
     last = checkpoints[-1]
     assert 2 <= last < steps, checkpoints
