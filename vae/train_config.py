@@ -102,6 +102,7 @@ class TrainConfig:
     checkpoints_total_limit: int | None = arg(None, "keep at most this many checkpoints")
     resume_from_checkpoint: str | None = arg(None, "'latest' or a checkpoint folder")
     latent_stats_samples: int = arg(256, "held-out images used to compute scaling_factor / shift_factor at export")
+    # --- Hub ---
     push_to_hub: bool = arg(False, "upload the exported model to the Hub (token from HF_TOKEN or `hf auth login`)")
     hub_model_id: str | None = arg(None, "Hub repository, e.g. user/transfusion-vae")
     hub_private: bool = arg(False, "create the Hub repository as private")
