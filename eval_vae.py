@@ -120,7 +120,9 @@ class EvalConfig:
     seed: int = arg(0, help="seed of the per-image latent noise (--latent sample) and of a random LPIPS VGG")
     fid: bool = arg(True, help="compute rFID (--no-fid skips it; recorded in the output)")
     fid_features: int = arg(
-        2048, choices=(2048, 768, 192, 64), help="Inception layer for rFID: 2048 = pool3, the standard; others for quick checks only"
+        2048,
+        choices=(2048, 768, 192, 64),
+        help="Inception layer for rFID: 2048 = pool3, the standard; others for quick checks only",
     )
     fid_backend: str | None = arg(
         None,
@@ -236,7 +238,7 @@ def save_pngs(folder: str, keys: list[str], images_u8: torch.Tensor) -> None:
     from PIL import Image
 
     os.makedirs(folder, exist_ok=True)
-    for key, img in zip(keys, images_u8.permute(0, 2, 3, 1).cpu().numpy()):  # (B, H, W, 3)
+    for key, img in zip(keys, images_u8.permute(0, 2, 3, 1).cpu().numpy(), strict=False):  # (B, H, W, 3)
         Image.fromarray(img).save(os.path.join(folder, safe_name(key) + ".png"))
 
 
@@ -252,7 +254,7 @@ def load_models(cfg: EvalConfig) -> list[tuple[str, str, str, torch.nn.Module]]:
     paths = [cfg.pretrained_model_name_or_path, *cfg.baseline]
     roles = ["model"] + ["baseline"] * len(cfg.baseline)
     out = []
-    for label, path, role in zip(model_labels(paths), paths, roles):
+    for label, path, role in zip(model_labels(paths), paths, roles, strict=False):
         vae = load_vae(path)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         if cfg.resolution % factor:
@@ -332,9 +334,8 @@ def fid_layer(features: int) -> str:
 
 def versions() -> dict[str, str]:
     import diffusers
-    import torchmetrics
-
     import skimage
+    import torchmetrics
 
     return {
         "torch": torch.__version__,
@@ -507,7 +508,7 @@ class Evaluator:
         fids = build_fids(len(models), cfg, self.inception_path, feature_extractor)
         self.models = [
             Evaluated(label, path, role, vae.to(self.device), fid.to(self.device) if fid is not None else None)
-            for (label, path, role, vae), fid in zip(models, fids)
+            for (label, path, role, vae), fid in zip(models, fids, strict=False)
         ]
         self.record = protocol_record(cfg, self.protocol, self.mixed_precision, self.inception_path)
         if cfg.fid and feature_extractor is not None:
@@ -635,7 +636,7 @@ class Evaluator:
             "versions": versions(),
             "config": to_dict(self.cfg),
         }
-        for m, rfid, bad in zip(self.models, rfids, nonfinite):
+        for m, rfid, bad in zip(self.models, rfids, nonfinite, strict=False):
             acc = metrics.MeanStd()
             for _, per_model in per_image:
                 acc.update(**{name: [v] for name, v in per_model[m.label].items()})
@@ -695,7 +696,7 @@ def write_outputs(cfg: EvalConfig, result: dict, grid_rows: list) -> None:
             print(f"WARNING: {m['label']}: {bad} reconstructions have NaN/inf pixels", flush=True)
     if grid_rows:
         # The uint8 images FID sees: a row of references, then a row per model, 8 images a row.
-        reference, *recons = (torch.stack(tiles) for tiles in zip(*(row for _, row in grid_rows)))
+        reference, *recons = (torch.stack(tiles) for tiles in zip(*(row for _, row in grid_rows), strict=False))
         labels = ["reference", *(m["label"] for m in result["models"])]
         grid_path = os.path.join(cfg.output_dir, "grid.png")
         save_grid(reference, recons, grid_path, labels=labels)

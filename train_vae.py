@@ -160,8 +160,10 @@ def build_autoencoder(cfg: TrainConfig) -> AutoencoderKL:
         fresh = [n for n in report.adapted + report.reinitialized if n.startswith(("encoder.", "quant_conv."))]
         if cfg.train_decoder_only and fresh:
             # A frozen encoder whose new latent channels are random would feed the decoder noise forever.
-            raise ModelError(f"--train_decoder_only would freeze encoder layers that --init_from could not copy "
-                             f"({', '.join(fresh)}: the latent channel count changed); train the encoder too")
+            raise ModelError(
+                f"--train_decoder_only would freeze encoder layers that --init_from could not copy "
+                f"({', '.join(fresh)}: the latent channel count changed); train the encoder too"
+            )
     frozen = list(cfg.freeze) + (["encoder.", "quant_conv."] if cfg.train_decoder_only else [])
     for name, p in vae.named_parameters():
         if any(name.startswith(prefix) for prefix in frozen):
@@ -176,11 +178,18 @@ def build_loss(cfg: TrainConfig) -> TransfusionLoss:
     back to random ones, loudly, when the pretrained files are not available; `loss.perception_weights`
     records which were used."""
     kw = dict(
-        l1_weight=cfg.l1_weight, lpips_weight=cfg.lpips_weight, gan_weight=cfg.gan_weight,
-        id_weight=cfg.id_weight, kl_weight=cfg.kl_weight, disc_start=cfg.disc_start,
-        adaptive_weight_max=cfg.adaptive_weight_max, gan_ramp_steps=cfg.gan_ramp_steps,
-        lecam_weight=cfg.lecam_weight, lecam_decay=cfg.lecam_decay,
-        moco_weights=cfg.id_checkpoint, id_feature=cfg.id_feature,
+        l1_weight=cfg.l1_weight,
+        lpips_weight=cfg.lpips_weight,
+        gan_weight=cfg.gan_weight,
+        id_weight=cfg.id_weight,
+        kl_weight=cfg.kl_weight,
+        disc_start=cfg.disc_start,
+        adaptive_weight_max=cfg.adaptive_weight_max,
+        gan_ramp_steps=cfg.gan_ramp_steps,
+        lecam_weight=cfg.lecam_weight,
+        lecam_decay=cfg.lecam_decay,
+        moco_weights=cfg.id_checkpoint,
+        id_feature=cfg.id_feature,
     )
     if cfg.perception_weights != "auto":
         loss, used = TransfusionLoss(perception_weights=cfg.perception_weights, **kw), cfg.perception_weights
@@ -191,7 +200,8 @@ def build_loss(cfg: TrainConfig) -> TransfusionLoss:
             bar = "!" * 88
             logging.getLogger(__name__).warning(
                 f"\n{bar}\n!! pretrained perception weights unavailable: {e}\n"
-                f"!! -> LPIPS-VGG and MoCo use RANDOM weights: fine for the demo, meaningless for a real run.\n{bar}")
+                f"!! -> LPIPS-VGG and MoCo use RANDOM weights: fine for the demo, meaningless for a real run.\n{bar}"
+            )
             loss, used = TransfusionLoss(perception_weights="random", **kw), "random"
     loss.perception_weights = used if (loss.perceptual is not None or loss.identity is not None) else "none"
     return loss
@@ -200,8 +210,12 @@ def build_loss(cfg: TrainConfig) -> TransfusionLoss:
 def build_optimizer(cfg: TrainConfig, params, lr: float, device: torch.device) -> torch.optim.Optimizer:
     # Fused Adam: one kernel per step on CUDA, and on CPU 3.3× faster than the default for-loop
     # for 83.7 M parameters (benchmarks/README.md).
-    kw = dict(lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-              fused=device.type in ("cuda", "cpu") or None)
+    kw = dict(
+        lr=lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        fused=device.type in ("cuda", "cpu") or None,
+    )
     if cfg.adam_weight_decay > 0:
         return torch.optim.AdamW(params, weight_decay=cfg.adam_weight_decay, **kw)
     return torch.optim.Adam(params, **kw)
@@ -210,34 +224,55 @@ def build_optimizer(cfg: TrainConfig, params, lr: float, device: torch.device) -
 def build_schedules(cfg: TrainConfig, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer):
     """LR schedules. D is stepped only once the GAN is on, so its schedule spans the steps from
     disc_start to the end: warm-up and decay then happen where D actually trains."""
-    sched_g = get_scheduler(cfg.lr_scheduler, opt_g, num_warmup_steps=cfg.lr_warmup_steps,
-                            num_training_steps=cfg.max_train_steps)
-    sched_d = get_scheduler(cfg.lr_scheduler, opt_d, num_warmup_steps=cfg.lr_warmup_steps,
-                            num_training_steps=max(cfg.max_train_steps - cfg.disc_start, 1))
+    sched_g = get_scheduler(
+        cfg.lr_scheduler, opt_g, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps
+    )
+    sched_d = get_scheduler(
+        cfg.lr_scheduler,
+        opt_d,
+        num_warmup_steps=cfg.lr_warmup_steps,
+        num_training_steps=max(cfg.max_train_steps - cfg.disc_start, 1),
+    )
     return sched_g, sched_d
 
 
 def build_dataloader(cfg: TrainConfig, accelerator: Accelerator, sources):
     """(stream, StatefulDataLoader) of this rank's share of the training mixture."""
     stream = data.build_train_stream(
-        sources, cfg.resolution, seed=cfg.seed, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, shuffle_block=cfg.shuffle_block, random_flip=cfg.random_flip,
-        interpolation=cfg.interpolation, crop_mode=cfg.crop_mode)
+        sources,
+        cfg.resolution,
+        seed=cfg.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        shuffle_block=cfg.shuffle_block,
+        random_flip=cfg.random_flip,
+        interpolation=cfg.interpolation,
+        crop_mode=cfg.crop_mode,
+    )
     # Its own generator: creating the iterator must not draw from the global RNG, or a resumed
     # run's posterior samples would differ from an uninterrupted run's.
     loader = data.make_dataloader(
-        stream, cfg.train_batch_size, num_workers=cfg.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(cfg.seed), pin_memory=accelerator.device.type == "cuda",
-        persistent_workers=cfg.dataloader_num_workers > 0)
+        stream,
+        cfg.train_batch_size,
+        num_workers=cfg.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        pin_memory=accelerator.device.type == "cuda",
+        persistent_workers=cfg.dataloader_num_workers > 0,
+    )
     return stream, loader
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
-    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, cfg.logging_dir))
+    project = ProjectConfiguration(
+        project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, cfg.logging_dir)
+    )
     accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
-        log_with=None if cfg.report_to == "none" else cfg.report_to, project_config=project,
-        step_scheduler_with_optimizer=False)
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=project,
+        step_scheduler_with_optimizer=False,
+    )
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -286,7 +321,8 @@ class Trainer:
         if cfg.torch_compile:
             model = torch.compile(model)
         (self.model, self.disc, self.opt_g, self.opt_d, self.sched_g, self.sched_d) = accelerator.prepare(
-            model, disc, opt_g, opt_d, sched_g, sched_d)
+            model, disc, opt_g, opt_d, sched_g, sched_d
+        )
 
         self.ema = None
         if cfg.use_ema:
@@ -300,11 +336,15 @@ class Trainer:
         cfg = self.cfg
         self.sources, self.heldout_sources, self.heldout_disjoint = sources, heldout_sources, heldout_disjoint
         self.stream, self.dataloader = build_dataloader(cfg, self.accelerator, sources)
-        self.heldout_images, _ = data.sample_images(heldout_sources, cfg.num_validation_images, cfg.resolution,
-                                                    seed=cfg.seed, interpolation=cfg.interpolation)
+        self.heldout_images, _ = data.sample_images(
+            heldout_sources, cfg.num_validation_images, cfg.resolution, seed=cfg.seed, interpolation=cfg.interpolation
+        )
         if not heldout_disjoint:
-            logger.warning("no --validation_source: the held-out images are sampled from the training mixture, "
-                           "so held-out metrics are not on unseen images", main_process_only=True)
+            logger.warning(
+                "no --validation_source: the held-out images are sampled from the training mixture, "
+                "so held-out metrics are not on unseen images",
+                main_process_only=True,
+            )
 
     # -- checkpoint hooks: the VAE as a diffusers folder, D and EMA beside it ---------------
     def _save_hook(self, models, weights, output_dir):
@@ -342,13 +382,21 @@ class Trainer:
         gathered = self.accelerator.gather(checksum[None])  # (world, n_tensors)
         if not bool((gathered == gathered[0]).all()):
             raise RuntimeError(f"ranks hold different weights at step {self.state.global_step}: DDP is out of sync")
-        logger.info(f"weights identical across {self.accelerator.num_processes} ranks at step {self.state.global_step}",
-                    main_process_only=True)
+        logger.info(
+            f"weights identical across {self.accelerator.num_processes} ranks at step {self.state.global_step}",
+            main_process_only=True,
+        )
 
     def save_checkpoint(self) -> None:
         self.check_replicas()
-        checkpointing.save(self.accelerator, self.cfg.output_dir, self.state.global_step, self._extra_state(),
-                           self.dataloader.state_dict(), self.cfg.checkpoints_total_limit)
+        checkpointing.save(
+            self.accelerator,
+            self.cfg.output_dir,
+            self.state.global_step,
+            self._extra_state(),
+            self.dataloader.state_dict(),
+            self.cfg.checkpoints_total_limit,
+        )
         if self.pusher is not None and self.accelerator.is_main_process:
             # The exported model of this checkpoint (no optimizer states) goes up in the background;
             # a failed upload is logged and the next save uploads everything again.
@@ -372,7 +420,9 @@ class Trainer:
             self.accelerator.load_state(path)
         except pickle.UnpicklingError as e:  # accelerate loads with weights_only: a pickle that would run code
             raise CheckpointError(f"refused to resume from {path}: {checkpointing.load_error(e)}") from None
-        extra, data_state = checkpointing.load_extra(path, self.accelerator.process_index, self.accelerator.num_processes)
+        extra, data_state = checkpointing.load_extra(
+            path, self.accelerator.process_index, self.accelerator.num_processes
+        )
         lecam = extra.pop("lecam", {})
         self.loss_fn.lecam.load_state_dict({k: torch.tensor(v) for k, v in lecam.items()})
         self.state = TrainerState(**extra)
@@ -392,8 +442,10 @@ class Trainer:
         """
         micro_batches = list(batch) if isinstance(batch, (list, tuple)) else [batch]
         if len(micro_batches) != self.cfg.gradient_accumulation_steps:
-            raise ValueError(f"train_step got {len(micro_batches)} micro-batches for "
-                             f"gradient_accumulation_steps={self.cfg.gradient_accumulation_steps}")
+            raise ValueError(
+                f"train_step got {len(micro_batches)} micro-batches for "
+                f"gradient_accumulation_steps={self.cfg.gradient_accumulation_steps}"
+            )
         gan_buffers = list(self.loss_fn.discriminator.buffers()) + list(self.loss_fn.lecam.buffers())
         before = [b.detach().clone() for b in gan_buffers]  # BatchNorm statistics and LeCAM EMAs: a few KiB
         g_ok = d_ok = True
@@ -413,7 +465,7 @@ class Trainer:
         if not (g_ok and d_ok):
             # The forward passes already moved D's BatchNorm statistics and LeCAM's EMAs, maybe to NaN:
             # undo them, or a NaN would stay there for good (and go into every later checkpoint).
-            for buffer, saved in zip(gan_buffers, before):
+            for buffer, saved in zip(gan_buffers, before, strict=False):
                 buffer.copy_(saved)
         if self.ema is not None and g_ok:
             self.ema.step(self.vae.parameters())
@@ -425,8 +477,9 @@ class Trainer:
             recon, mean, logvar = self.model(x)
             # The unwrapped D: the G step needs only ∂D(x̂)/∂x̂, never D's parameter gradients, so DDP
             # must not expect (and wait for) a gradient all-reduce of D here. The D step uses self.disc.
-            loss, logs = self.loss_fn.generator_loss(x, recon, mean, logvar, step,
-                                                     discriminator=self.loss_fn.discriminator)
+            loss, logs = self.loss_fn.generator_loss(
+                x, recon, mean, logvar, step, discriminator=self.loss_fn.discriminator
+            )
         logs = {f"loss/{k}": v for k, v in logs.items()}
         self.accelerator.backward(loss)
         applied = self._update(self.model, self.opt_g, self.sched_g, logs, "grad_norm/generator")
@@ -470,7 +523,9 @@ class Trainer:
         cfg, acc, st = self.cfg, self.accelerator, self.state
         if acc.is_main_process and not st.initial_metrics:
             st.initial_metrics = self.validate(st.global_step)
-        progress = tqdm(total=cfg.max_train_steps, initial=st.global_step, disable=not acc.is_main_process, desc="steps")
+        progress = tqdm(
+            total=cfg.max_train_steps, initial=st.global_step, disable=not acc.is_main_process, desc="steps"
+        )
         self.model.train()
         self.loss_fn.train()
         try:
@@ -498,7 +553,8 @@ class Trainer:
             if st.nonfinite_streak >= cfg.max_nonfinite_steps:
                 raise TrainingDivergedError(
                     f"{st.nonfinite_streak} consecutive steps had a non-finite loss or gradient (step {st.global_step}); "
-                    "stopping. The last checkpoint is intact: lower the learning rate or use bf16, then resume.")
+                    "stopping. The last checkpoint is intact: lower the learning rate or use bf16, then resume."
+                )
             done = st.global_step == cfg.max_train_steps
             stop = self._stop_requested(signals)
             if st.global_step % cfg.logging_steps == 0 or done or stop:
@@ -515,8 +571,10 @@ class Trainer:
                 skipped_images.zero_()
                 self.save_checkpoint()
             if stop:
-                raise Preempted(f"stopped by signal {stop} at step {st.global_step}; the checkpoint of this step "
-                                f"is written: resume with --resume_from_checkpoint latest")
+                raise Preempted(
+                    f"stopped by signal {stop} at step {st.global_step}; the checkpoint of this step "
+                    f"is written: resume with --resume_from_checkpoint latest"
+                )
 
     def _stop_requested(self, signals: StopSignals) -> int:
         """The signal any rank received (0 = none); every rank gets the same answer."""
@@ -527,39 +585,45 @@ class Trainer:
 
     def _update_skip_counts(self, skipped_images: torch.Tensor) -> None:
         totals = self.accelerator.reduce(skipped_images.to(self.device), reduction="sum").cpu()
-        for name, n in zip(self.stream.source_names, totals.tolist()):
+        for name, n in zip(self.stream.source_names, totals.tolist(), strict=False):
             self.state.skipped_images[name] = self.state.skipped_images.get(name, 0) + int(n)
 
-    def log_scalars(self, window: "LogWindow", progress) -> None:
+    def log_scalars(self, window: LogWindow, progress) -> None:
         scalars = window.means(self.accelerator)
         st = self.state
-        scalars.update({
-            "perf/images_per_s": window.images_per_s() * self.accelerator.num_processes,
-            "lr/generator": self.sched_g.get_last_lr()[0],
-            "lr/discriminator": self.sched_d.get_last_lr()[0],
-            "skipped/g_steps": st.skipped_g_steps, "skipped/d_steps": st.skipped_d_steps,
-            **{f"skipped/images/{k}": v for k, v in st.skipped_images.items()},
-        })
+        scalars.update(
+            {
+                "perf/images_per_s": window.images_per_s() * self.accelerator.num_processes,
+                "lr/generator": self.sched_g.get_last_lr()[0],
+                "lr/discriminator": self.sched_d.get_last_lr()[0],
+                "skipped/g_steps": st.skipped_g_steps,
+                "skipped/d_steps": st.skipped_d_steps,
+                **{f"skipped/images/{k}": v for k, v in st.skipped_images.items()},
+            }
+        )
         self.accelerator.log(scalars, step=st.global_step)
         if self.accelerator.is_main_process:
             self._append_metrics(st.global_step, scalars)
-            progress.set_postfix(loss=f"{scalars.get('loss/total', float('nan')):.4g}",
-                                 img_s=f"{scalars['perf/images_per_s']:.1f}")
+            progress.set_postfix(
+                loss=f"{scalars.get('loss/total', float('nan')):.4g}", img_s=f"{scalars['perf/images_per_s']:.1f}"
+            )
 
     def validate(self, step: int) -> dict[str, float]:
         """Held-out PSNR/SSIM/LPIPS (EMA weights when on), a reconstruction grid, the curves; main process only."""
         vae = self.eval_vae()
         images = self.heldout_images.to(self.device)
-        metrics, recon = held_out_metrics(vae, images, self.loss_fn.perceptual, self.cfg.train_batch_size,
-                                          autocast=self.accelerator.autocast)
+        metrics, recon = held_out_metrics(
+            vae, images, self.loss_fn.perceptual, self.cfg.train_batch_size, autocast=self.accelerator.autocast
+        )
         path = os.path.join(self.cfg.output_dir, "samples", f"step_{step:07d}.png")
         grid = save_grid(images, recon, path)
         self.accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=step)
         log_images(self.accelerator, grid, step)
         self._append_metrics(step, {f"validation/{k}": v for k, v in metrics.items()})
         self.plot_curves()
-        logger.info(f"step {step}: held-out " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-                    main_process_only=True)
+        logger.info(
+            f"step {step}: held-out " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), main_process_only=True
+        )
         return metrics
 
     # -- the run's own record: metrics.jsonl and training_curves.png ---------------------------
@@ -580,9 +644,14 @@ class Trainer:
     def plot_curves(self) -> str | None:
         from vae.curves import plot_training_curves  # matplotlib: imported only when a plot is drawn
 
-        gan_start = self.cfg.disc_start if self.cfg.gan_weight > 0 and self.cfg.disc_start < self.cfg.max_train_steps else None
-        return plot_training_curves(os.path.join(self.cfg.output_dir, METRICS_LOG),
-                                    os.path.join(self.cfg.output_dir, CURVES_PNG), gan_start=gan_start)
+        gan_start = (
+            self.cfg.disc_start if self.cfg.gan_weight > 0 and self.cfg.disc_start < self.cfg.max_train_steps else None
+        )
+        return plot_training_curves(
+            os.path.join(self.cfg.output_dir, METRICS_LOG),
+            os.path.join(self.cfg.output_dir, CURVES_PNG),
+            gan_start=gan_start,
+        )
 
     def eval_vae(self) -> AutoencoderKL:
         """The weights to evaluate and export: an EMA copy when on, else the live model."""
@@ -601,8 +670,9 @@ class Trainer:
         if self.pusher is not None:
             self.pusher.finish()
         if self.repo_id:
-            hub.push_folder(self.repo_id, self.cfg.output_dir, commit_message=f"Step {self.state.global_step}: "
-                            "exported model")
+            hub.push_folder(
+                self.repo_id, self.cfg.output_dir, commit_message=f"Step {self.state.global_step}: exported model"
+            )
 
     def export_to(self, folder: str, repo_id: str | None) -> dict:
         """Write the VAE (EMA weights when on), its latent statistics, D and the model card into `folder`."""
@@ -610,31 +680,58 @@ class Trainer:
         vae = copy.deepcopy(self.eval_vae()).eval()
         how = "held-out images" if self.heldout_disjoint else "images sampled from the training mixture"
         try:
-            images, _ = data.sample_images(self.heldout_sources, cfg.latent_stats_samples, cfg.resolution,
-                                           seed=cfg.seed, interpolation=cfg.interpolation)
+            images, _ = data.sample_images(
+                self.heldout_sources,
+                cfg.latent_stats_samples,
+                cfg.resolution,
+                seed=cfg.seed,
+                interpolation=cfg.interpolation,
+            )
         except data.DataError as e:  # never lose a trained model over the statistics' sample
-            logger.warning(f"latent statistics from the {len(self.heldout_images)} held-out images only: {e}",
-                           main_process_only=True)
+            logger.warning(
+                f"latent statistics from the {len(self.heldout_images)} held-out images only: {e}",
+                main_process_only=True,
+            )
             images = self.heldout_images
         note = f"{len(images)} {how}, a seeded random sample (seed {cfg.seed})"
         last_grid = os.path.join(cfg.output_dir, "samples", f"step_{st.global_step:07d}.png")
         card = dict(
-            repo_id=repo_id, license=cfg.license, base_model=cfg.init_from, sources=self.sources,
-            heldout_name=", ".join(s.name for s in self.heldout_sources), heldout_disjoint=self.heldout_disjoint,
-            num_validation_images=len(self.heldout_images), recipe=to_dict(cfg), steps=st.global_step,
-            images_seen=st.images_seen, batch_size=cfg.train_batch_size,
-            num_processes=self.accelerator.num_processes, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            resolution=cfg.resolution, vae_config=dict(vae.config), num_parameters=sum(p.numel() for p in vae.parameters()),
-            perception_weights=self.loss_fn.perception_weights, metrics_initial=st.initial_metrics,
-            metrics_final=st.last_metrics)
+            repo_id=repo_id,
+            license=cfg.license,
+            base_model=cfg.init_from,
+            sources=self.sources,
+            heldout_name=", ".join(s.name for s in self.heldout_sources),
+            heldout_disjoint=self.heldout_disjoint,
+            num_validation_images=len(self.heldout_images),
+            recipe=to_dict(cfg),
+            steps=st.global_step,
+            images_seen=st.images_seen,
+            batch_size=cfg.train_batch_size,
+            num_processes=self.accelerator.num_processes,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            resolution=cfg.resolution,
+            vae_config=dict(vae.config),
+            num_parameters=sum(p.numel() for p in vae.parameters()),
+            perception_weights=self.loss_fn.perception_weights,
+            metrics_initial=st.initial_metrics,
+            metrics_final=st.last_metrics,
+        )
         if folder != cfg.output_dir:
             for name in (CURVES_PNG,):
                 if os.path.isfile(os.path.join(cfg.output_dir, name)):
                     os.makedirs(folder, exist_ok=True)
                     shutil.copyfile(os.path.join(cfg.output_dir, name), os.path.join(folder, name))
-        return export.export_model(folder, vae, latent_images=images.to(self.device), images_note=note,
-                                   batch_size=cfg.train_batch_size, seed=cfg.seed,
-                                   discriminator=self.loss_fn.discriminator, reconstructions=last_grid, card=card)
+        return export.export_model(
+            folder,
+            vae,
+            latent_images=images.to(self.device),
+            images_note=note,
+            batch_size=cfg.train_batch_size,
+            seed=cfg.seed,
+            discriminator=self.loss_fn.discriminator,
+            reconstructions=last_grid,
+            card=card,
+        )
 
 
 class LogWindow:
@@ -658,7 +755,7 @@ class LogWindow:
             return {}
         # One collective for all terms: average over steps here, then over ranks.
         local = torch.stack([self.sums[k] / self.counts[k] for k in names])
-        return dict(zip(names, accelerator.reduce(local, reduction="mean").tolist()))
+        return dict(zip(names, accelerator.reduce(local, reduction="mean").tolist(), strict=False))
 
     def images_per_s(self) -> float:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
@@ -672,7 +769,11 @@ def main(argv: list[str] | None = None) -> None:
         checkpointing.check_writable(cfg.output_dir)
         accelerator = build_accelerator(cfg)
         # A missing token or an unwritable repository ends the run now, not after days of training.
-        repo_id = hub.prepare_repo(cfg.hub_model_id, cfg.hub_private) if cfg.push_to_hub and accelerator.is_main_process else None
+        repo_id = (
+            hub.prepare_repo(cfg.hub_model_id, cfg.hub_private)
+            if cfg.push_to_hub and accelerator.is_main_process
+            else None
+        )
         set_seed(cfg.seed)
         sources, heldout_sources, disjoint = build_data(cfg)
         trainer = Trainer(cfg, accelerator)

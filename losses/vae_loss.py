@@ -103,8 +103,15 @@ class TransfusionLoss(nn.Module):
         super().__init__()
         if perception_weights not in ("pretrained", "random"):
             raise ValueError(f"perception_weights must be 'pretrained' or 'random', got {perception_weights!r}")
-        weights = dict(l1_weight=l1_weight, lpips_weight=lpips_weight, gan_weight=gan_weight, id_weight=id_weight,
-                       kl_weight=kl_weight, lecam_weight=lecam_weight, gan_ramp_steps=gan_ramp_steps)
+        weights = dict(
+            l1_weight=l1_weight,
+            lpips_weight=lpips_weight,
+            gan_weight=gan_weight,
+            id_weight=id_weight,
+            kl_weight=kl_weight,
+            lecam_weight=lecam_weight,
+            gan_ramp_steps=gan_ramp_steps,
+        )
         negative = [name for name, value in weights.items() if value < 0]
         if negative:
             raise ValueError(f"loss weights must be >= 0, got negative {negative}")
@@ -154,7 +161,7 @@ class TransfusionLoss(nn.Module):
     def _keep_input(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         self._watched_input = inputs[0]
 
-    def train(self, mode: bool = True) -> "TransfusionLoss":
+    def train(self, mode: bool = True) -> TransfusionLoss:
         """Train mode reaches the discriminator only; the perception nets stay in eval."""
         super().train(mode)
         for frozen in (self.perceptual, self.identity):

@@ -58,7 +58,9 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     images = root / "images"
     photos = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket(), skdata.immunohistochemistry()]
-    for i, (photo, size) in enumerate(zip(photos[:NUM_IMAGES], [(48, 40), (40, 56), (37, 37), (64, 44), (40, 40)])):
+    for i, (photo, size) in enumerate(
+        zip(photos[:NUM_IMAGES], [(48, 40), (40, 56), (37, 37), (64, 44), (40, 40)], strict=False)
+    ):
         sub = images / ("a" if i % 2 else "b")
         sub.mkdir(parents=True, exist_ok=True)
         Image.fromarray(photo).resize(size, Image.Resampling.BILINEAR).save(sub / f"img{i}.png")
@@ -308,7 +310,6 @@ def test_bad_inputs_fail_with_one_line(workspace, capsys, tmp_path, monkeypatch)
     assert not (ws / "bad").exists()  # nothing written before the checks
 
 
-
 def test_inception_file_loads_like_torch_fidelity(workspace):
     """build_fid reads torch-fidelity's file format and resizes as torch-fidelity does (TF1 bilinear, no antialias)."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -320,14 +321,15 @@ def test_inception_file_loads_like_torch_fidelity(workspace):
     ours, theirs = fid.inception(images), reference(images)[0]
     assert ours.shape == (2, 64) and ours.abs().sum() > 0
     torch.testing.assert_close(ours, theirs)
+    bad = workspace / "not_inception.pth"
+    torch.save({"weight": torch.zeros(1)}, bad)
     with pytest.raises(metrics.MetricError, match="cannot load Inception weights"):
-        bad = workspace / "not_inception.pth"
-        torch.save({"weight": torch.zeros(1)}, bad)
         metrics.build_fid(weights_path=str(bad))
 
 
 def _fake_result(psnr: float = 25.0, lpips_weights: str = "pretrained", fid_features: int = 2048) -> dict:
     """The parts of an eval result the model card reads."""
+
     def scores(rfid, psnr, ssim, lpips):
         means = {"psnr": psnr, "ssim": ssim, "lpips": lpips}
         return {"rfid": {"value": rfid}, **{k: {"mean": v, "std": 0.0, "count": 10} for k, v in means.items()}}

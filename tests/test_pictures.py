@@ -136,7 +136,7 @@ def test_curves_png_with_gan_start_in_every_panel(tmp_path):
     gan_lines = _gan_lines(fig)
     assert len(gan_lines) == len(panels)  # one per panel
     assert all(list(line.get_xdata()) == [60, 60] and line.get_linestyle() == "--" for line in gan_lines)
-    by_title = dict(zip(titles, panels))
+    by_title = dict(zip(titles, panels, strict=False))
     assert by_title["L1"].get_yscale() == "log" and by_title["GAN (generator)"].get_yscale() == "linear"
     # Without an explicit start, the first step with a positive GAN factor.
     assert curves.infer_gan_start(series) == 60

@@ -28,8 +28,9 @@ def assert_same_checkpoint(a, b, tensors_of):
         torch.testing.assert_close(ta[key], tb[key], rtol=0, atol=0, msg=key)
 
 
-def test_sigusr1_checkpoints_the_current_step_and_resume_is_exact(image_folder, tmp_path, monkeypatch, caplog,
-                                                                  tiny_args, run_main, tensors_of):
+def test_sigusr1_checkpoints_the_current_step_and_resume_is_exact(
+    image_folder, tmp_path, monkeypatch, caplog, tiny_args, run_main, tensors_of
+):
     from losses import TransfusionLoss
 
     run_main(tiny_args(image_folder, tmp_path / "whole", 6, checkpointing_steps=100))
@@ -51,14 +52,19 @@ def test_sigusr1_checkpoints_the_current_step_and_resume_is_exact(image_folder, 
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is gone with the run
 
     monkeypatch.setattr(TransfusionLoss, "generator_loss", original)
-    run_main(tiny_args(image_folder, tmp_path / "stopped", 6, checkpointing_steps=100,
-                       resume_from_checkpoint="latest"))
+    run_main(tiny_args(image_folder, tmp_path / "stopped", 6, checkpointing_steps=100, resume_from_checkpoint="latest"))
     assert_same_checkpoint(tmp_path / "whole" / "checkpoint-6", tmp_path / "stopped" / "checkpoint-6", tensors_of)
 
 
 def launch(argv, log):
-    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch",
-           "--config_file", os.path.join(ROOT, "accelerate_configs", "cpu_2proc.yaml"), "train_vae.py", *argv]
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "accelerate"),
+        "launch",
+        "--config_file",
+        os.path.join(ROOT, "accelerate_configs", "cpu_2proc.yaml"),
+        "train_vae.py",
+        *argv,
+    ]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
@@ -67,14 +73,17 @@ def test_sigterm_on_a_two_rank_run_then_resume_equals_uninterrupted(image_folder
     """SLURM sends SIGTERM to every task of the job step: here to both ranks of a real 2-process DDP run."""
     steps = 40
     argv = lambda out, **kw: tiny_args(image_folder, out, steps, checkpointing_steps=2, **kw)  # noqa: E731
-    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("whole", "stopped", "resumed")}
+    # Open for the whole test: the launched runs write into them.
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("whole", "stopped", "resumed")}  # noqa: SIM115
 
     stopped = launch(argv(tmp_path / "stopped"), logs["stopped"])
     deadline = time.time() + 300
     while not (tmp_path / "stopped" / "checkpoint-2").is_dir():
         assert stopped.poll() is None and time.time() < deadline, (tmp_path / "stopped.log").read_text()[-3000:]
         time.sleep(0.05)
-    workers = [p for p in psutil.Process(stopped.pid).children(recursive=True) if "train_vae.py" in " ".join(p.cmdline())]
+    workers = [
+        p for p in psutil.Process(stopped.pid).children(recursive=True) if "train_vae.py" in " ".join(p.cmdline())
+    ]
     assert len(workers) == 2
     for worker in workers:
         worker.send_signal(signal.SIGTERM)
@@ -92,9 +101,12 @@ def test_sigterm_on_a_two_rank_run_then_resume_equals_uninterrupted(image_folder
     resumed = launch(argv(tmp_path / "stopped", resume_from_checkpoint="latest"), logs["resumed"])
     assert whole.wait(timeout=600) == 0, (tmp_path / "whole.log").read_text()[-3000:]
     assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
-    assert f"resumed from {tmp_path / 'stopped' / f'checkpoint-{last}'} at step {last}" in \
-        (tmp_path / "resumed.log").read_text()
-    assert_same_checkpoint(tmp_path / "whole" / f"checkpoint-{steps}", tmp_path / "stopped" / f"checkpoint-{steps}",
-                           tensors_of)
+    assert (
+        f"resumed from {tmp_path / 'stopped' / f'checkpoint-{last}'} at step {last}"
+        in (tmp_path / "resumed.log").read_text()
+    )
+    assert_same_checkpoint(
+        tmp_path / "whole" / f"checkpoint-{steps}", tmp_path / "stopped" / f"checkpoint-{steps}", tensors_of
+    )
     for f in logs.values():
         f.close()

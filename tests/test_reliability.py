@@ -22,6 +22,7 @@ import struct
 import sys
 import time
 import zlib
+from pathlib import Path
 
 import datasets  # noqa: F401 - the trainer imports it lazily; imported here, the fork server holds it
 import numpy as np
@@ -45,14 +46,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def fork_server(request):
     """The fork server of the kill test, started with this module's first test so that its imports
     run beside the in-process tests (the kill test comes last)."""
-    if not any("start_script" in item.fixturenames and item.module.__name__ == __name__ for item in request.session.items):
+    if not any(
+        "start_script" in item.fixturenames and item.module.__name__ == __name__ for item in request.session.items
+    ):
         return None
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])  # torch, diffusers, accelerate, datasets and the trainer, once
     # Python 3.11's fork server ignores the sys.path it is sent: give it this module's folder through the
     # environment it starts with, or the preload fails silently and every run imports everything again.
     previous = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), ROOT] + ([previous] if previous else []))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.abspath(__file__)), ROOT] + ([previous] if previous else [])
+    )
     try:
         multiprocessing.forkserver.ensure_running()
     finally:
@@ -76,10 +81,15 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG that declares width x height RGB and holds no pixel data at all."""
+
     def chunk(tag, body):
         return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
 
 
 @functools.cache
@@ -110,8 +120,13 @@ def bad_corpus() -> dict[str, tuple[bytes, str]]:
     }
 
 
-SKIP_REASONS = {"truncated.jpg": "truncated", "zero_bytes.jpg": "cannot identify|empty", "text.png": "cannot identify",
-                "bomb_header.png": "DecompressionBomb|exceeds the limit", "bomb_data.png": "DecompressionBomb|exceeds the limit"}
+SKIP_REASONS = {
+    "truncated.jpg": "truncated",
+    "zero_bytes.jpg": "cannot identify|empty",
+    "text.png": "cannot identify",
+    "bomb_header.png": "DecompressionBomb|exceeds the limit",
+    "bomb_data.png": "DecompressionBomb|exceeds the limit",
+}
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +149,9 @@ def test_each_kind_is_skipped_or_converted_as_documented(mixed_folder, name):
         return
     img = data.load_image(path)
     assert img.mode == "RGB"
-    assert img.size == {"one_pixel.png": (1, 1), "animated.gif": (40, 40), "exif_rotated.jpg": (40, 48)}.get(name, (48, 40))
+    assert img.size == {"one_pixel.png": (1, 1), "animated.gif": (40, 40), "exif_rotated.jpg": (40, 48)}.get(
+        name, (48, 40)
+    )
     if name == "animated.gif":
         assert img.getpixel((0, 0)) == (255, 0, 0)  # the first frame
     if name == "palette_alpha.png":
@@ -182,8 +199,9 @@ def test_every_checkpoint_holds_the_skips_so_far(mixed_folder, tmp_path, run_mai
         in_stream = sum(torch.load(ckpt / "data_state_0.pt", weights_only=True)["dataset_state"]["skipped"])
         counts[step] = (state["skipped_images"].get("mixed", 0), in_stream)
     assert counts[5][1] > 0, f"no bad file before the last checkpoint between logging steps: {counts}"
-    assert all(ours == theirs for ours, theirs in counts.values()), \
+    assert all(ours == theirs for ours, theirs in counts.values()), (
         f"(trainer state, data stream) skip counts per checkpoint: {counts}"
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -209,8 +227,9 @@ def one_step_checkpoint(image_folder, tmp_path_factory, run_main, tiny_args):
 
 
 @pytest.mark.parametrize("name", ["data_state_0.pt", "random_states_0.pkl", "optimizer.bin"])
-def test_resume_refuses_a_pickle_that_runs_code(name, one_step_checkpoint, image_folder, tmp_path, capsys, run_main,
-                                                tiny_args):
+def test_resume_refuses_a_pickle_that_runs_code(
+    name, one_step_checkpoint, image_folder, tmp_path, capsys, run_main, tiny_args
+):
     out = tmp_path / "out"
     shutil.copytree(one_step_checkpoint, out / "checkpoint-1")
     marker = tmp_path / "code_ran"
@@ -254,6 +273,7 @@ def test_checkpoint_limit_below_one_is_refused(tmp_path, capsys, run_main):
 def test_folders_a_kill_can_leave_behind(tmp_path):
     """The states a kill inside a save's rename or a prune leaves (too brief to hit by timing): `latest` takes
     the newest complete checkpoint, start-up removes only the partial folders, pruning keeps the newest."""
+
     def folder(name, state=True):
         os.makedirs(tmp_path / name)
         if state:
@@ -323,6 +343,7 @@ def complete_checkpoints(out) -> dict[int, str]:
 
 def kill_after(proc, out, saves: int, delay: float, log_path, timeout: float = 300.0) -> None:
     """SIGKILL `proc` `delay` s after the `saves`-th checkpoint-N.tmp folder appeared in this run (0: after start)."""
+
     def still_running():
         if not proc.is_alive():
             pytest.fail(f"the run ended (exit {proc.exitcode}) before it was killed:\n{log_tail(log_path)}")
@@ -345,16 +366,25 @@ def kill_after(proc, out, saves: int, delay: float, log_path, timeout: float = 3
 
 
 def resumed_lines(log_path) -> list[tuple[str, int]]:
-    text = open(log_path, errors="replace").read() if os.path.exists(log_path) else ""
+    text = Path(log_path).read_text(errors="replace") if os.path.exists(log_path) else ""
     return [(path, int(step)) for path, step in re.findall(r"resumed from (\S+) at step (\d+)", text)]
 
 
 KILL_MAX_STEPS = 16
 KILL_LIMIT = 2
 # What every complete checkpoint of the tiny run holds (one process, G and D optimizers).
-CHECKPOINT_FILES = ("trainer_state.json", "data_state_0.pt", "random_states_0.pkl", "optimizer.bin", "optimizer_1.bin",
-                    "scheduler.bin", "scheduler_1.bin", "discriminator.safetensors", "vae/config.json",
-                    "vae/diffusion_pytorch_model.safetensors")
+CHECKPOINT_FILES = (
+    "trainer_state.json",
+    "data_state_0.pt",
+    "random_states_0.pkl",
+    "optimizer.bin",
+    "optimizer_1.bin",
+    "scheduler.bin",
+    "scheduler_1.bin",
+    "discriminator.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+)
 
 
 def check_after_kill(out, resumed_at: int | None) -> int | None:
@@ -363,7 +393,7 @@ def check_after_kill(out, resumed_at: int | None) -> int | None:
     for step, path in complete.items():
         for name in CHECKPOINT_FILES:
             assert os.path.isfile(os.path.join(path, name)), f"complete checkpoint {path} lacks {name}"
-        state = json.loads(open(os.path.join(path, "trainer_state.json")).read())
+        state = json.loads(Path(path, "trainer_state.json").read_text())
         assert state["global_step"] == step and state["images_seen"] == 2 * step
     # A kill between the rename of a new checkpoint and the pruning leaves one more than the limit.
     assert len(complete) <= KILL_LIMIT + 1, sorted(complete)
@@ -386,11 +416,11 @@ def test_kill_9_at_random_moments_then_resume_latest(image_folder, tmp_path, sta
 
     rng = random.Random(20240817)
     plan = [  # (saves begun in this run before the kill, then seconds to wait)
-        (0, rng.uniform(0.3, 2.0)),    # during start-up: building, cleaning up, resuming
-        (3, rng.uniform(0.0, 0.2)),    # inside the third save
-        (1, 0.0),                      # as a save begins
-        (2, rng.uniform(0.25, 1.0)),   # anywhere in the steps and saves after a prune
-        (2, rng.uniform(0.0, 0.2)),    # inside a save that follows a prune
+        (0, rng.uniform(0.3, 2.0)),  # during start-up: building, cleaning up, resuming
+        (3, rng.uniform(0.0, 0.2)),  # inside the third save
+        (1, 0.0),  # as a save begins
+        (2, rng.uniform(0.25, 1.0)),  # anywhere in the steps and saves after a prune
+        (2, rng.uniform(0.0, 0.2)),  # inside a save that follows a prune
     ]
     newest, resumes = None, []
     for i, (saves, delay) in enumerate(plan):
@@ -419,7 +449,10 @@ def test_kill_9_at_random_moments_then_resume_latest(image_folder, tmp_path, sta
 
     reference.join(600)
     assert reference.exitcode == 0, log_tail(tmp_path / "reference.log")
-    killed, uninterrupted = tensors_of(out / f"checkpoint-{KILL_MAX_STEPS}"), tensors_of(ref / f"checkpoint-{KILL_MAX_STEPS}")
+    killed, uninterrupted = (
+        tensors_of(out / f"checkpoint-{KILL_MAX_STEPS}"),
+        tensors_of(ref / f"checkpoint-{KILL_MAX_STEPS}"),
+    )
     assert killed.keys() == uninterrupted.keys()
     for key in killed:
         assert torch.equal(killed[key], uninterrupted[key]), key

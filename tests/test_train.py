@@ -3,9 +3,9 @@
 import concurrent.futures
 import json
 import os
-import types
 import subprocess
 import sys
+import types
 
 import huggingface_hub
 import pytest
@@ -42,8 +42,14 @@ def test_resume_equals_uninterrupted_run(image_folder, tmp_path, tiny_args, run_
     # The run really trained: the weights moved away from the step-4 checkpoint.
     t4 = tensors_of(tmp_path / "b" / "checkpoint-4")
     assert not torch.equal(t4["vae.decoder.conv_out.weight"], ta["vae.decoder.conv_out.weight"])
-    assert not torch.equal(t4["disc.model.0.weight"] if "disc.model.0.weight" in t4 else next(v for k, v in t4.items() if k.startswith("disc.") and v.is_floating_point()),
-                           ta["disc.model.0.weight"] if "disc.model.0.weight" in ta else next(v for k, v in ta.items() if k.startswith("disc.") and v.is_floating_point()))
+    assert not torch.equal(
+        t4["disc.model.0.weight"]
+        if "disc.model.0.weight" in t4
+        else next(v for k, v in t4.items() if k.startswith("disc.") and v.is_floating_point()),
+        ta["disc.model.0.weight"]
+        if "disc.model.0.weight" in ta
+        else next(v for k, v in ta.items() if k.startswith("disc.") and v.is_floating_point()),
+    )
 
 
 @pytest.mark.e2e
@@ -51,8 +57,14 @@ def test_two_process_ddp_run(image_folder, tmp_path, tiny_args):
     """Real 2-rank DDP on CPU (gloo): G and D steps, checkpoints, identical replicas, loadable export."""
     out = tmp_path / "ddp"
     argv = tiny_args(image_folder, out, 4, id_weight=0.2, disc_start=2)
-    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch",
-           "--config_file", os.path.join(ROOT, "accelerate_configs", "cpu_2proc.yaml"), "train_vae.py", *argv]
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "accelerate"),
+        "launch",
+        "--config_file",
+        os.path.join(ROOT, "accelerate_configs", "cpu_2proc.yaml"),
+        "train_vae.py",
+        *argv,
+    ]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -91,7 +103,7 @@ def test_nonfinite_step_is_skipped_and_counted(image_folder, tmp_path, monkeypat
     _nan_from(monkeypatch, lambda step: step == 2)
     run_main(tiny_args(image_folder, tmp_path, 4, checkpointing_steps=1))
     c2, c3, c4 = (tensors_of(tmp_path / f"checkpoint-{i}") for i in (2, 3, 4))
-    vae_keys = [k for k in c2 if k.startswith("vae.") or k.startswith("optimizer.bin")]
+    vae_keys = [k for k in c2 if k.startswith(("vae.", "optimizer.bin"))]
     assert all(torch.equal(c2[k], c3[k]) for k in vae_keys), "the NaN step changed the autoencoder"
     assert any(not torch.equal(c3[k], c4[k]) for k in vae_keys), "training did not continue after the NaN step"
     state = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
@@ -99,7 +111,9 @@ def test_nonfinite_step_is_skipped_and_counted(image_folder, tmp_path, monkeypat
 
 
 @pytest.mark.e2e
-def test_many_nonfinite_steps_stop_with_loadable_checkpoint(image_folder, tmp_path, monkeypatch, capsys, tiny_args, run_main, tensors_of):
+def test_many_nonfinite_steps_stop_with_loadable_checkpoint(
+    image_folder, tmp_path, monkeypatch, capsys, tiny_args, run_main, tensors_of
+):
     _nan_from(monkeypatch, lambda step: step >= 2)
     with pytest.raises(SystemExit) as exit_info:
         run_main(tiny_args(image_folder, tmp_path, 10, max_nonfinite_steps=3))
@@ -128,7 +142,9 @@ class StubHub:
         self.calls.append(("auth_check", repo_id, write))
 
     def upload_folder(self, *, folder_path, run_as_future=False, **kw):
-        files = sorted(os.path.relpath(os.path.join(d, f), folder_path) for d, _, fs in os.walk(folder_path) for f in fs)
+        files = sorted(
+            os.path.relpath(os.path.join(d, f), folder_path) for d, _, fs in os.walk(folder_path) for f in fs
+        )
         self.calls.append(("upload_folder", folder_path, files, kw))
         if self.fail_uploads:
             error = ConnectionError("the Hub is unreachable")
@@ -159,14 +175,26 @@ def stub_hub(monkeypatch):
 
 
 @pytest.mark.e2e
-def test_export_card_curves_and_every_save_uploads(image_folder, tmp_path, monkeypatch, capsys, tiny_args, run_main,
-                                                   stub_hub):
+def test_export_card_curves_and_every_save_uploads(
+    image_folder, tmp_path, monkeypatch, capsys, tiny_args, run_main, stub_hub
+):
     """A finished run: the model, D, latent_stats.json, curves and a card huggingface_hub parses; with
     --hub_strategy every_save each checkpoint's export goes up too; the token is written nowhere."""
     secret = "hf_SECRETtoken1234567890"
     monkeypatch.setenv("HF_TOKEN", secret)
-    run_main(tiny_args(image_folder, tmp_path, 4, push_to_hub=True, hub_model_id="someone/tiny-vae",
-                       hub_strategy="every_save", report_to="tensorboard", latent_stats_samples=6, validation_steps=2))
+    run_main(
+        tiny_args(
+            image_folder,
+            tmp_path,
+            4,
+            push_to_hub=True,
+            hub_model_id="someone/tiny-vae",
+            hub_strategy="every_save",
+            report_to="tensorboard",
+            latent_stats_samples=6,
+            validation_steps=2,
+        )
+    )
     uploads = stub_hub.uploads()
     assert [os.path.basename(u[1]) for u in uploads] == ["step-2", "step-4", os.path.basename(tmp_path)]
     staged_files = uploads[0][2]
@@ -197,13 +225,17 @@ def test_export_card_curves_and_every_save_uploads(image_folder, tmp_path, monke
 
 
 @pytest.mark.e2e
-def test_failing_final_upload_is_one_line_and_keeps_the_export(image_folder, tmp_path, monkeypatch, capsys, tiny_args,
-                                                               run_main, stub_hub):
+def test_failing_final_upload_is_one_line_and_keeps_the_export(
+    image_folder, tmp_path, monkeypatch, capsys, tiny_args, run_main, stub_hub
+):
     monkeypatch.setenv("HF_TOKEN", "hf_token")
     stub_hub.fail_uploads = True
     with pytest.raises(SystemExit) as exit_info:
-        run_main(tiny_args(image_folder, tmp_path, 4, push_to_hub=True, hub_model_id="someone/tiny-vae",
-                           hub_strategy="every_save"))
+        run_main(
+            tiny_args(
+                image_folder, tmp_path, 4, push_to_hub=True, hub_model_id="someone/tiny-vae", hub_strategy="every_save"
+            )
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("train_vae.py: error: ") and "hf upload someone/tiny-vae" in err[-1], err[-1]
@@ -224,8 +256,10 @@ def test_push_to_hub_refused_before_any_model(image_folder, tmp_path, monkeypatc
         run_main(argv)  # HF_HUB_OFFLINE=1 in every test
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["train_vae.py: error: cannot push to 'someone/tiny-vae': HF_HUB_OFFLINE is set (unset it, or drop "
-                   "--push_to_hub)"]
+    assert err == [
+        "train_vae.py: error: cannot push to 'someone/tiny-vae': HF_HUB_OFFLINE is set (unset it, or drop "
+        "--push_to_hub)"
+    ]
 
     monkeypatch.setattr(hub, "hub_offline", lambda: False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -252,9 +286,16 @@ def test_init_discriminator_and_base_model_round_trip(image_folder, tmp_path, mo
     assert card.data.base_model == "someone/base-vae"
 
     exported = load_file(tmp_path / "first" / "discriminator" / "model.safetensors")
-    cfg = TrainConfig(source=[image_folder], model_config="tiny", resolution=32, perception_weights="random",
-                      id_weight=0.0, report_to="none", output_dir=str(tmp_path / "second"),
-                      init_discriminator=str(tmp_path / "first"))
+    cfg = TrainConfig(
+        source=[image_folder],
+        model_config="tiny",
+        resolution=32,
+        perception_weights="random",
+        id_weight=0.0,
+        report_to="none",
+        output_dir=str(tmp_path / "second"),
+        init_discriminator=str(tmp_path / "first"),
+    )
     for state in (AcceleratorState, GradientState, PartialState):
         state._reset_state()
     trainer = train_vae.Trainer(cfg, Accelerator(cpu=True))
@@ -277,7 +318,7 @@ BAD_COMMAND_LINES = [
 ]
 
 
-@pytest.mark.parametrize("argv,message", BAD_COMMAND_LINES, ids=[a[0] for a, _ in BAD_COMMAND_LINES])
+@pytest.mark.parametrize(("argv", "message"), BAD_COMMAND_LINES, ids=[a[0] for a, _ in BAD_COMMAND_LINES])
 def test_bad_command_line_is_one_line_before_any_model(argv, message, tmp_path, monkeypatch, capsys, run_main):
     def no_model(*a, **k):
         raise AssertionError("a model was built before the bad input was rejected")

@@ -30,9 +30,18 @@ def accelerator():
 
 
 def tiny_config(tmp_path, **extra) -> TrainConfig:
-    kw = dict(source=[str(tmp_path)], model_config="tiny", resolution=32, train_batch_size=2, disc_start=0,
-              perception_weights="random", id_weight=0.0, report_to="none", output_dir=str(tmp_path / "out"),
-              learning_rate=1e-3)
+    kw = dict(
+        source=[str(tmp_path)],
+        model_config="tiny",
+        resolution=32,
+        train_batch_size=2,
+        disc_start=0,
+        perception_weights="random",
+        id_weight=0.0,
+        report_to="none",
+        output_dir=str(tmp_path / "out"),
+        learning_rate=1e-3,
+    )
     kw.update(extra)
     cfg = TrainConfig(**kw)
     cfg.validate()

@@ -105,8 +105,10 @@ def load_extra(path: str, rank: int, world_size: int) -> tuple[dict, dict]:
         extra = json.load(f)
     saved_world = extra.pop("world_size", world_size)
     if saved_world != world_size:
-        raise CheckpointError(f"{path} was written by {saved_world} processes; resume it with the same number "
-                              f"(got {world_size}) so every rank continues its own data stream")
+        raise CheckpointError(
+            f"{path} was written by {saved_world} processes; resume it with the same number "
+            f"(got {world_size}) so every rank continues its own data stream"
+        )
     # accelerate's load_state skips an RNG file it cannot read (a damaged file, or a pickle that would
     # run code) with one info line and carries on: the run would go on drawing other random numbers
     # than the one it claims to continue. Read it again here and stop instead.

@@ -119,6 +119,13 @@ def _bad(key: str, value: Any) -> typing.NoReturn:
     raise ConfigError(f"config key {key!r}: bad value {value!r}")
 
 
+def yaml_error() -> type[Exception]:
+    """PyYAML's base error class (json's JSONDecodeError is a ValueError)."""
+    import yaml
+
+    return yaml.YAMLError
+
+
 def load_config_file(cls: type, path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
@@ -131,8 +138,10 @@ def load_config_file(cls: type, path: str) -> dict[str, Any]:
             import yaml
 
             data = yaml.safe_load(text)
-    except Exception as e:  # the parsers' messages are long; keep the first line
-        raise ConfigError(f"config file {path!r} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {str(e).splitlines()[0]}") from None
+    except (ValueError, yaml_error()) as e:  # the parsers' messages are long; keep the first line
+        raise ConfigError(
+            f"config file {path!r} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {str(e).splitlines()[0]}"
+        ) from None
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of flag names to values")

@@ -83,7 +83,7 @@ def build_figure(series: dict[str, list[tuple[int, float]]], gan_start: int | No
         ax.set_visible(False)
     steps = [step for _, curves, _ in panels for key, _ in curves for step, _ in series[key]]
     steps += [gan_start] if gan_start is not None else []
-    for ax, (title, curves, log) in zip(axes, panels):
+    for ax, (title, curves, log) in zip(axes, panels, strict=False):
         _draw_panel(ax, title, curves, log, series, gan_start)
         if max(steps) > min(steps):
             ax.set_xlim(min(steps), max(steps))  # one step axis for every panel, so they line up
@@ -113,7 +113,7 @@ def _draw_panel(ax, title: str, curves, log: bool, series, gan_start: int | None
 def _plot(ax, curves, series, style: str = "-", colour_offset: int = 0) -> list:
     handles = []
     for i, (key, label) in enumerate(curves):
-        steps, values = zip(*series[key])
+        steps, values = zip(*series[key], strict=False)
         marker = "o" if len(steps) < 20 else None  # sparse validation points stay visible
         (line,) = ax.plot(steps, values, style, marker=marker, markersize=3, label=label, color=f"C{i + colour_offset}")
         handles.append(line)

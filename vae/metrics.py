@@ -111,7 +111,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: str = "uniform") -> torch.Ten
     device = _float64_device(x)
     x = x.to(device, torch.float64).clamp(0.0, 1.0)
     y = y.to(device, torch.float64).clamp(0.0, 1.0)
-    b, c = x.shape[:2]
+    _b, c = x.shape[:2]
     if window == "uniform":
         k1d = torch.full((win,), 1.0 / win, dtype=torch.float64, device=device)
     else:

@@ -39,21 +39,42 @@ class TrainConfig:
     # --- model ---
     model_config: str = arg("transfusion", f"AutoencoderKL preset ({', '.join(PRESETS)}) or a JSON config file")
     latent_channels: int | None = arg(None, "override the preset's latent channels (e.g. 4, 8, 16)")
-    init_from: str | None = arg(None, "start from a pretrained AutoencoderKL (folder or hub id); latent-facing layers are adapted when the channel count differs")
+    init_from: str | None = arg(
+        None,
+        "start from a pretrained AutoencoderKL (folder or hub id); latent-facing layers are adapted when the channel count differs",
+    )
     train_decoder_only: bool = arg(False, "freeze encoder and quant_conv: the latent space stays as it is")
-    freeze: list[str] = arg([], "freeze parameters whose name starts with this prefix (repeatable), e.g. encoder.down_blocks.0")
+    freeze: list[str] = arg(
+        [], "freeze parameters whose name starts with this prefix (repeatable), e.g. encoder.down_blocks.0"
+    )
     gradient_checkpointing: bool = arg(False, "trade compute for memory in the autoencoder")
     channels_last: bool = arg(False, "channels-last memory format (faster convolutions on GPUs)")
     torch_compile: bool = arg(False, "torch.compile the autoencoder")
     # --- data ---
-    source: list[str] = arg([], "a data source, repeatable: a path/hub id or 'name=..,path=..,weight=..,split=..,kind=..,config=..,image_column=..'")
+    source: list[str] = arg(
+        [],
+        "a data source, repeatable: a path/hub id or 'name=..,path=..,weight=..,split=..,kind=..,config=..,image_column=..'",
+    )
     mixture: str | None = arg(None, "mixture file (YAML/JSON) or a ready-made name ('transfusion' with --data_root)")
-    data_root: str | None = arg(None, "folder holding ImageNet/, COCO/ and FFHQ/ in the reference implementation's layouts (docs/recipe.md) (for --mixture transfusion)")
-    validation_source: str | None = arg(None, "held-out images for in-training metrics and latent statistics (same syntax as --source)")
+    data_root: str | None = arg(
+        None,
+        "folder holding ImageNet/, COCO/ and FFHQ/ in the reference implementation's layouts (docs/recipe.md) (for --mixture transfusion)",
+    )
+    validation_source: str | None = arg(
+        None, "held-out images for in-training metrics and latent statistics (same syntax as --source)"
+    )
     resolution: int = arg(256, "training crop size (divisible by 8)")
     random_flip: bool = arg(False, "random horizontal flips (the recipe uses none)")
-    crop_mode: str = arg("resize", "training crops: resize (shorter side -> resolution, random crop; the recipe), native (a random window at the image's own scale), random_scale (shorter side resized to a random size between resolution and native, then a random crop)", choices=("resize", "native", "random_scale"))
-    interpolation: str = arg("bilinear", "shorter-side resize filter (bilinear = torchvision's Resize, as the reference implementation)", choices=("bilinear", "bicubic"))
+    crop_mode: str = arg(
+        "resize",
+        "training crops: resize (shorter side -> resolution, random crop; the recipe), native (a random window at the image's own scale), random_scale (shorter side resized to a random size between resolution and native, then a random crop)",
+        choices=("resize", "native", "random_scale"),
+    )
+    interpolation: str = arg(
+        "bilinear",
+        "shorter-side resize filter (bilinear = torchvision's Resize, as the reference implementation)",
+        choices=("bilinear", "bicubic"),
+    )
     shuffle_block: int = arg(1000, "images per exactly-resumable shuffle block")
     dataloader_num_workers: int = arg(4, "DataLoader worker processes per rank")
     num_validation_images: int = arg(8, "held-out images in the fixed validation batch")
@@ -65,13 +86,27 @@ class TrainConfig:
     kl_weight: float = arg(1e-6, "weight of the KL term (sum over C·H·W, mean over batch)")
     disc_start: int = arg(50001, "step at which the discriminator and the GAN term switch on")
     adaptive_weight_max: float = arg(1e4, "clamp of the adaptive GAN weight")
-    gan_ramp_steps: int = arg(0, "ramp the GAN weight linearly over this many steps after disc_start (0 = switch on at once, as the recipe)")
+    gan_ramp_steps: int = arg(
+        0, "ramp the GAN weight linearly over this many steps after disc_start (0 = switch on at once, as the recipe)"
+    )
     lecam_weight: float = arg(0.0, "LeCAM regularisation of the discriminator (0 = off, as the recipe)")
     lecam_decay: float = arg(0.999, "EMA decay of LeCAM's logit anchors")
-    perception_weights: str = arg("pretrained", "LPIPS-VGG and MoCo weights: pretrained (required for real runs), random (smoke tests), auto (pretrained when cached, else random, loudly)", choices=("pretrained", "random", "auto"))
+    perception_weights: str = arg(
+        "pretrained",
+        "LPIPS-VGG and MoCo weights: pretrained (required for real runs), random (smoke tests), auto (pretrained when cached, else random, loudly)",
+        choices=("pretrained", "random", "auto"),
+    )
     id_checkpoint: str = arg(MOCO_V2_URL, "MoCo v2/v3 ResNet-50 checkpoint file or URL for the ID loss")
-    id_feature: str = arg("projection", "ID features: the 128-d MoCo projection with MSE (the recipe) or 2048-d pooled with cosine", choices=("projection", "pooled"))
-    adaptive_weight_mode: str = arg("fast", "fast: last-layer gradients derived from one backward through LPIPS/MoCo/D; reference: the reference implementation's autograd.grad on the last layer (same values)", choices=("fast", "reference"))
+    id_feature: str = arg(
+        "projection",
+        "ID features: the 128-d MoCo projection with MSE (the recipe) or 2048-d pooled with cosine",
+        choices=("projection", "pooled"),
+    )
+    adaptive_weight_mode: str = arg(
+        "fast",
+        "fast: last-layer gradients derived from one backward through LPIPS/MoCo/D; reference: the reference implementation's autograd.grad on the last layer (same values)",
+        choices=("fast", "reference"),
+    )
     # --- optimisation ---
     learning_rate: float = arg(1e-4, "Adam learning rate of the autoencoder")
     disc_learning_rate: float | None = arg(None, "Adam learning rate of the discriminator (default: --learning_rate)")
@@ -80,12 +115,20 @@ class TrainConfig:
     adam_weight_decay: float = arg(0.0, "AdamW decoupled weight decay (0 = plain Adam, as the recipe)")
     adam_epsilon: float = arg(1e-8, "Adam epsilon")
     max_grad_norm: float = arg(0.0, "clip gradients to this global norm (0 = no clipping, as the recipe)")
-    lr_scheduler: str = arg("constant", "diffusers LR schedule", choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"))
+    lr_scheduler: str = arg(
+        "constant",
+        "diffusers LR schedule",
+        choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
+    )
     lr_warmup_steps: int = arg(0, "warm-up steps of the LR schedule")
     train_batch_size: int = arg(12, "images per device per micro-batch")
     gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
     max_train_steps: int = arg(1_000_000, "optimizer steps to train")
-    mixed_precision: str | None = arg(None, "no, fp16 (with a grad scaler) or bf16 autocast over fp32 master weights (default: the accelerate config)", choices=("no", "fp16", "bf16"))
+    mixed_precision: str | None = arg(
+        None,
+        "no, fp16 (with a grad scaler) or bf16 autocast over fp32 master weights (default: the accelerate config)",
+        choices=("no", "fp16", "bf16"),
+    )
     allow_tf32: bool = arg(True, "TF32 matmuls on Ampere+ GPUs")
     use_ema: bool = arg(False, "keep an EMA of the autoencoder, used for validation and export")
     ema_decay: float = arg(0.9999, "EMA decay")
@@ -106,20 +149,49 @@ class TrainConfig:
     push_to_hub: bool = arg(False, "upload the exported model to the Hub (token from HF_TOKEN or `hf auth login`)")
     hub_model_id: str | None = arg(None, "Hub repository, e.g. user/transfusion-vae")
     hub_private: bool = arg(False, "create the Hub repository as private")
-    hub_strategy: str = arg("end", "end: upload the exported model once, at the end; every_save: also upload each checkpoint's exported model (not optimizer states) in the background", choices=("end", "every_save"))
-    license: str = arg("other", "license in the model card's metadata (weights trained on ImageNet/FFHQ are usually non-commercial)")
-    init_discriminator: str | None = arg(None, "start the discriminator from an exported one: a folder holding discriminator/ (or the discriminator/ folder itself) or a Hub id")
+    hub_strategy: str = arg(
+        "end",
+        "end: upload the exported model once, at the end; every_save: also upload each checkpoint's exported model (not optimizer states) in the background",
+        choices=("end", "every_save"),
+    )
+    license: str = arg(
+        "other", "license in the model card's metadata (weights trained on ImageNet/FFHQ are usually non-commercial)"
+    )
+    init_discriminator: str | None = arg(
+        None,
+        "start the discriminator from an exported one: a folder holding discriminator/ (or the discriminator/ folder itself) or a Hub id",
+    )
 
     def validate(self) -> None:
-        positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "logging_steps",
-                    "validation_steps", "checkpointing_steps", "num_validation_images", "shuffle_block",
-                    "max_nonfinite_steps", "latent_stats_samples")
+        positive = (
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "max_train_steps",
+            "logging_steps",
+            "validation_steps",
+            "checkpointing_steps",
+            "num_validation_images",
+            "shuffle_block",
+            "max_nonfinite_steps",
+            "latent_stats_samples",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
-        non_negative = ("l1_weight", "lpips_weight", "gan_weight", "id_weight", "kl_weight", "disc_start",
-                        "gan_ramp_steps", "lecam_weight", "max_grad_norm", "lr_warmup_steps", "dataloader_num_workers",
-                        "adam_weight_decay")
+        non_negative = (
+            "l1_weight",
+            "lpips_weight",
+            "gan_weight",
+            "id_weight",
+            "kl_weight",
+            "disc_start",
+            "gan_ramp_steps",
+            "lecam_weight",
+            "max_grad_norm",
+            "lr_warmup_steps",
+            "dataloader_num_workers",
+            "adam_weight_decay",
+        )
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
@@ -134,15 +206,21 @@ class TrainConfig:
             raise ConfigError("--checkpoints_total_limit must be at least 1")
         if self.latent_channels is not None and self.latent_channels <= 0:
             raise ConfigError("--latent_channels must be positive")
-        if self.model_config not in PRESETS and not (self.model_config.endswith(".json") and os.path.isfile(self.model_config)):
-            raise ConfigError(f"unknown --model_config {self.model_config!r}: use one of {', '.join(PRESETS)} or an existing .json file")
+        if self.model_config not in PRESETS and not (
+            self.model_config.endswith(".json") and os.path.isfile(self.model_config)
+        ):
+            raise ConfigError(
+                f"unknown --model_config {self.model_config!r}: use one of {', '.join(PRESETS)} or an existing .json file"
+            )
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("--push_to_hub needs --hub_model_id")
         if self.mixture == "transfusion" and not self.data_root:
             raise ConfigError("--mixture transfusion needs --data_root (the folder holding ImageNet/, COCO/, FFHQ/)")
         if self.torch_compile and self.adaptive_weight_mode == "reference":
-            raise ConfigError("--torch_compile needs --adaptive_weight_mode fast (the reference mode's "
-                              "retain_graph backward fails on compiled graphs)")
+            raise ConfigError(
+                "--torch_compile needs --adaptive_weight_mode fast (the reference mode's "
+                "retain_graph backward fails on compiled graphs)"
+            )
         if self.source and self.mixture:
             raise ConfigError("give either --source (repeatable) or --mixture, not both")
 

@@ -21,7 +21,6 @@ from PIL import Image, ImageDraw, ImageFont
 import data
 from vae.metrics import reconstruction_metrics, to_uint8
 
-
 LATENTS = ("mode", "sample")
 GRID_PER_ROW = 8  # tiles per row; more images wrap into further input/recon row pairs
 GRID_MIN_TILE = 128  # smaller tiles are upscaled (nearest, integer factor) to at least this size
@@ -124,7 +123,8 @@ def held_out_metrics(
     """
     recon = reconstruct(vae, images, latent="mode", batch_size=batch_size, autocast=autocast)
     per_batch = [
-        image_metrics(x.float(), r, lpips=perceptual) for x, r in zip(images.split(batch_size), recon.split(batch_size))
+        image_metrics(x.float(), r, lpips=perceptual)
+        for x, r in zip(images.split(batch_size), recon.split(batch_size), strict=False)
     ]
     return {k: torch.cat([m[k] for m in per_batch]).mean().item() for k in per_batch[0]}, recon
 
@@ -150,7 +150,7 @@ def _label_font(tile: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 def label_margin(labels: Sequence[str], tile: int) -> int:
     """Width in pixels of the left margin holding the row labels of a grid with `tile`-pixel tiles."""
     font = _label_font(tile)
-    return 2 * LABEL_PAD + max(int(math.ceil(font.getlength(text))) for text in labels)
+    return 2 * LABEL_PAD + max(math.ceil(font.getlength(text)) for text in labels)
 
 
 def save_grid(
