@@ -668,7 +668,7 @@ class Trainer:
         self.plot_curves()
         self.export_to(self.cfg.output_dir, repo_id=self.repo_id)
         if self.pusher is not None:
-            self.pusher.finish()
+            self.pusher.finish(timeout=3600)  # the final upload below sends everything anyway
         if self.repo_id:
             hub.push_folder(
                 self.repo_id, self.cfg.output_dir, commit_message=f"Step {self.state.global_step}: exported model"
@@ -679,20 +679,19 @@ class Trainer:
         cfg, st = self.cfg, self.state
         vae = copy.deepcopy(self.eval_vae()).eval()
         how = "held-out images" if self.heldout_disjoint else "images sampled from the training mixture"
-        try:
-            images, _ = data.sample_images(
-                self.heldout_sources,
-                cfg.latent_stats_samples,
-                cfg.resolution,
-                seed=cfg.seed,
-                interpolation=cfg.interpolation,
-            )
-        except data.DataError as e:  # never lose a trained model over the statistics' sample
-            logger.warning(
-                f"latent statistics from the {len(self.heldout_images)} held-out images only: {e}",
-                main_process_only=True,
-            )
-            images = self.heldout_images
+        images, count = None, cfg.latent_stats_samples
+        while images is None:
+            try:
+                images, _ = data.sample_images(
+                    self.heldout_sources, count, cfg.resolution, seed=cfg.seed, interpolation=cfg.interpolation
+                )
+            except data.DataError as e:  # never lose a trained model over the statistics' sample: use fewer
+                if count <= len(self.heldout_images):
+                    logger.warning(f"latent statistics from the {count} held-out images: {e}", main_process_only=True)
+                    images = self.heldout_images
+                else:
+                    count = max(count // 2, len(self.heldout_images))
+                    logger.warning(f"latent statistics: {e}; trying {count} images", main_process_only=True)
         note = f"{len(images)} {how}, a seeded random sample (seed {cfg.seed})"
         last_grid = os.path.join(cfg.output_dir, "samples", f"step_{st.global_step:07d}.png")
         card = dict(
