@@ -49,6 +49,7 @@ def test_time_to_reach_interpolates_between_evaluations():
     assert convergence.time_to_reach(dip, 11.5) == pytest.approx(7.5)
 
 
+@pytest.mark.e2e
 def test_both_loops_start_from_the_same_weights_batch_and_losses(tmp_path):
     args = convergence.parse_args(["--smoke", "--out_dir", str(tmp_path)])
     accelerator = Accelerator(cpu=True)

@@ -53,16 +53,40 @@ def images():
 
 def card_args(**extra):
     args = dict(
-        repo_id=None, license="other", base_model=None,
-        sources=[{"name": "imagenet", "path": "/data/secret_home/ImageNet", "split": "train", "weight": 3.0,
-                  "kind": "imagenet"}],
-        heldout_name="coco_val", heldout_disjoint=True, num_validation_images=2,
-        recipe=dict(l1_weight=1.0, lpips_weight=1.0, gan_weight=0.5, id_weight=0.2, kl_weight=1e-6,
-                    disc_start=50001, gan_ramp_steps=0, adaptive_weight_max=1e4, lecam_weight=0.0),
-        steps=4, images_seen=16, batch_size=2, resolution=32, vae_config={"latent_channels": 8,
-                                                                          "block_out_channels": [16, 32, 32, 32],
-                                                                          "layers_per_block": 1},
-        perception_weights="pretrained", metrics_initial={"psnr": 10.0}, metrics_final={"psnr": 20.0},
+        repo_id=None,
+        license="other",
+        base_model=None,
+        sources=[
+            {
+                "name": "imagenet",
+                "path": "/data/secret_home/ImageNet",
+                "split": "train",
+                "weight": 3.0,
+                "kind": "imagenet",
+            }
+        ],
+        heldout_name="coco_val",
+        heldout_disjoint=True,
+        num_validation_images=2,
+        recipe=dict(
+            l1_weight=1.0,
+            lpips_weight=1.0,
+            gan_weight=0.5,
+            id_weight=0.2,
+            kl_weight=1e-6,
+            disc_start=50001,
+            gan_ramp_steps=0,
+            adaptive_weight_max=1e4,
+            lecam_weight=0.0,
+        ),
+        steps=4,
+        images_seen=16,
+        batch_size=2,
+        resolution=32,
+        vae_config={"latent_channels": 8, "block_out_channels": [16, 32, 32, 32], "layers_per_block": 1},
+        perception_weights="pretrained",
+        metrics_initial={"psnr": 10.0},
+        metrics_final={"psnr": 20.0},
     )
     args.update(extra)
     return args
@@ -72,8 +96,16 @@ def card_args(**extra):
 def exported(tiny_vae, images, tmp_path_factory):
     folder = tmp_path_factory.mktemp("export") / "my-vae"
     disc = NLayerDiscriminator(base_channels=8, n_layers=2)
-    stats = export_model(str(folder), tiny_vae, latent_images=images, batch_size=BATCH, seed=SEED,
-                         images_note="10 test images", discriminator=disc, card=card_args())
+    stats = export_model(
+        str(folder),
+        tiny_vae,
+        latent_images=images,
+        batch_size=BATCH,
+        seed=SEED,
+        images_note="10 test images",
+        discriminator=disc,
+        card=card_args(),
+    )
     return folder, stats
 
 
@@ -87,7 +119,9 @@ def independent_latents(vae, images, seed, batch):
     with torch.no_grad():
         posterior = vae.encode(images).latent_dist
     g = torch.Generator().manual_seed(seed)
-    eps = torch.cat([torch.randn(posterior.mean[i:i + batch].shape, generator=g) for i in range(0, len(images), batch)])
+    eps = torch.cat(
+        [torch.randn(posterior.mean[i : i + batch].shape, generator=g) for i in range(0, len(images), batch)]
+    )
     return (posterior.mean + posterior.std * eps).double()
 
 
@@ -109,10 +143,12 @@ def test_latent_stats_json_matches_an_independent_computation(exported, images):
     saved = json.loads((folder / LATENT_STATS_FILE).read_text())
     z = independent_latents(AutoencoderKL.from_pretrained(folder), images, SEED, BATCH)
     per_channel = z.transpose(0, 1).flatten(1)
-    torch.testing.assert_close(torch.tensor(saved["latents_mean"], dtype=torch.float64), per_channel.mean(1),
-                               rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(torch.tensor(saved["latents_std"], dtype=torch.float64), per_channel.std(1),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(saved["latents_mean"], dtype=torch.float64), per_channel.mean(1), rtol=1e-4, atol=1e-5
+    )
+    torch.testing.assert_close(
+        torch.tensor(saved["latents_std"], dtype=torch.float64), per_channel.std(1), rtol=1e-4, atol=1e-5
+    )
     assert saved["mean"] == pytest.approx(z.mean().item(), abs=1e-5)
     assert saved["std"] == pytest.approx(z.std().item(), rel=1e-4)
     assert saved["num_images"] == 10 and saved["seed"] == SEED and saved["images"] == "10 test images"
@@ -152,11 +188,20 @@ def test_card_of_a_random_init_from_run_on_hub_data(tmp_path):
     from vae.card import build_model_card
 
     (tmp_path / "training_curves.png").write_bytes(b"png")
-    sources = [{"name": "in1k", "path": "ILSVRC/imagenet-1k", "split": "train", "weight": 1, "kind": "hub"},
-               {"name": "ffhq", "path": str(tmp_path / "FFHQ"), "split": "training", "weight": 1, "kind": "ffhq"}]
-    card = build_model_card(**card_args(folder=str(tmp_path), repo_id="someone/tiny-vae",
-                                        base_model="stabilityai/sdxl-vae", sources=sources,
-                                        perception_weights="random", heldout_disjoint=False))
+    sources = [
+        {"name": "in1k", "path": "ILSVRC/imagenet-1k", "split": "train", "weight": 1, "kind": "hub"},
+        {"name": "ffhq", "path": str(tmp_path / "FFHQ"), "split": "training", "weight": 1, "kind": "ffhq"},
+    ]
+    card = build_model_card(
+        **card_args(
+            folder=str(tmp_path),
+            repo_id="someone/tiny-vae",
+            base_model="stabilityai/sdxl-vae",
+            sources=sources,
+            perception_weights="random",
+            heldout_disjoint=False,
+        )
+    )
     card.save(tmp_path / "README.md")
     loaded = ModelCard.load(tmp_path / "README.md")
     meta = loaded.data.to_dict()
@@ -204,8 +249,13 @@ def test_discriminator_round_trip_is_bit_identical(tmp_path):
     disc = trained_discriminator()
     target = save_discriminator(disc, str(tmp_path))
     config = json.loads(Path(target, "config.json").read_text())
-    assert config == {"_class_name": "NLayerDiscriminator", "in_channels": 3, "base_channels": 8, "n_layers": 2,
-                      "norm": "BatchNorm2d"}
+    assert config == {
+        "_class_name": "NLayerDiscriminator",
+        "in_channels": 3,
+        "base_channels": 8,
+        "n_layers": 2,
+        "norm": "BatchNorm2d",
+    }
     for where in (str(tmp_path), target):  # the export folder or its discriminator/ folder
         torch.manual_seed(99)
         fresh = NLayerDiscriminator(base_channels=8, n_layers=2)
@@ -244,8 +294,14 @@ def test_discriminator_from_the_hub_offline_is_one_line():
 def test_export_folder_loads_and_holds_what_goes_to_the_hub(exported):
     folder, _ = exported
     names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-    assert names == ["README.md", "config.json", "diffusion_pytorch_model.safetensors",
-                     "discriminator/config.json", "discriminator/model.safetensors", LATENT_STATS_FILE]
+    assert names == [
+        "README.md",
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "discriminator/config.json",
+        "discriminator/model.safetensors",
+        LATENT_STATS_FILE,
+    ]
     assert AutoencoderKL.from_pretrained(folder).config.latent_channels == 8
     for pattern in ("checkpoint-*", "logs/**", "demo_data/**", "samples/**", "hub_staging/**"):
         assert pattern in HUB_IGNORE
@@ -306,8 +362,11 @@ class RepoApi:
 def test_prepare_repo_checks_write_access(online):
     api = RepoApi()
     assert hub.prepare_repo("someone/tiny-vae", private=True, token="hf_x", api=api) == "someone/tiny-vae"
-    assert api.calls[0][2]["exist_ok"] and api.calls[0][2]["private"] and api.calls[1] == ("auth_check",
-                                                                                           "someone/tiny-vae", True)
+    assert (
+        api.calls[0][2]["exist_ok"]
+        and api.calls[0][2]["private"]
+        and api.calls[1] == ("auth_check", "someone/tiny-vae", True)
+    )
     with pytest.raises(HubError) as e:
         hub.prepare_repo("someone/tiny-vae", token="hf_x", api=RepoApi(write=False))
     assert "\n" not in str(e.value) and "cannot write" in str(e.value) and "403" in str(e.value)
@@ -347,8 +406,13 @@ def test_upload_command_is_valid_hf_cli_syntax(tmp_path):
     hf = os.path.join(ROOT, ".venv", "bin", "hf")
     if not os.path.exists(hf):
         pytest.skip("no hf CLI in .venv")
-    result = subprocess.run([hf, *command[1:]], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_x"})
+    result = subprocess.run(
+        [hf, *command[1:]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_x"},
+    )
     assert result.returncode != 2, result.stderr  # 2: usage error
     assert "offline" in (result.stdout + result.stderr).lower()
 
@@ -393,8 +457,13 @@ def test_every_save_pushes_each_checkpoint_and_survives_a_failed_upload(online, 
     folders = []
     for step in (2, 4):
         folder = tmp_path / "hub_staging" / f"step-{step}"
-        export_model(str(folder), tiny_vae, latent_stats=stats, discriminator=trained_discriminator(),
-                     card=card_args(steps=step, repo_id="someone/tiny-vae"))
+        export_model(
+            str(folder),
+            tiny_vae,
+            latent_stats=stats,
+            discriminator=trained_discriminator(),
+            card=card_args(steps=step, repo_id="someone/tiny-vae"),
+        )
         folders.append(folder)
         with caplog.at_level("WARNING", logger="vae.hub"):
             pusher.push(str(folder), f"step {step}", cleanup=True)
@@ -403,10 +472,16 @@ def test_every_save_pushes_each_checkpoint_and_survives_a_failed_upload(online, 
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "step 2" in warnings[0] and "503" in warnings[0] and "\n" not in warnings[0]
     assert pusher.failures == 1 and pusher.uploaded == ["step 4"]
-    (message, files), = api.commits
+    ((message, files),) = api.commits
     assert message == "step 4" and "- steps: 4," in files["README.md"].decode()
-    assert {"config.json", "diffusion_pytorch_model.safetensors", "latent_stats.json", "README.md",
-            "discriminator/model.safetensors", "discriminator/config.json"} <= set(files)
+    assert {
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "latent_stats.json",
+        "README.md",
+        "discriminator/model.safetensors",
+        "discriminator/config.json",
+    } <= set(files)
     assert not any(f.exists() for f in folders)  # cleanup: staging folders go once their upload ended
 
 
@@ -435,4 +510,3 @@ def test_pusher_offline_or_broken_api_is_never_fatal(tmp_path, monkeypatch, capl
         pusher.push(str(tmp_path), "step 1")
     assert pusher.finish(timeout=5) and pusher.failures == 1 and "HF_HUB_OFFLINE" in pusher.last_error
     assert tmp_path.exists()  # no cleanup asked: the folder stays
-

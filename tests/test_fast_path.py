@@ -22,7 +22,8 @@ import train_vae
 from losses import vae_loss
 from vae.train_config import TrainConfig
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# The real Trainer, several whole steps per case: part of the e2e set.
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.e2e]
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ def test_psnr_equals_skimage():
     ref, rec = _image_pairs()
     got = metrics.psnr(ref, rec)
     assert got.shape == (3,) and got.dtype == torch.float64
-    want = [peak_signal_noise_ratio(_hwc(a), _hwc(b), data_range=1) for a, b in zip(ref, rec)]
+    want = [peak_signal_noise_ratio(_hwc(a), _hwc(b), data_range=1) for a, b in zip(ref, rec, strict=False)]
     np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-10)
     assert torch.isinf(metrics.psnr(ref, ref)).all()
 
@@ -37,7 +37,9 @@ def test_psnr_equals_skimage():
 def test_ssim_uniform_equals_skimage_default():
     ref, rec = _image_pairs()
     got = metrics.ssim(ref, rec, window="uniform")
-    want = [structural_similarity(_hwc(a), _hwc(b), data_range=1, channel_axis=-1) for a, b in zip(ref, rec)]
+    want = [
+        structural_similarity(_hwc(a), _hwc(b), data_range=1, channel_axis=-1) for a, b in zip(ref, rec, strict=False)
+    ]
     np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-9)
     # Different windows must give different values on these images, or the test proves nothing.
     assert (metrics.ssim(ref, rec, window="gaussian") - got).abs().max() > 1e-4
@@ -48,9 +50,15 @@ def test_ssim_gaussian_equals_skimage_wang():
     got = metrics.ssim(ref, rec, window="gaussian")
     want = [
         structural_similarity(
-            _hwc(a), _hwc(b), data_range=1, channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+            _hwc(a),
+            _hwc(b),
+            data_range=1,
+            channel_axis=-1,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
         )
-        for a, b in zip(ref, rec)
+        for a, b in zip(ref, rec, strict=False)
     ]
     np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-9)
     np.testing.assert_allclose(metrics.ssim(ref, ref, window="gaussian").numpy(), 1.0, atol=1e-12)
@@ -69,7 +77,7 @@ def test_to_uint8_round_vs_truncate_by_hand():
     assert metrics.to_uint8(x, "truncate").flatten().tolist() == [0, 0, 127, 255, 255, 254, 3, 3]
     assert metrics.to_uint8(x, "round").flatten().tolist() == [0, 0, 128, 255, 255, 255, 3, 4]
     assert metrics.to_uint8(x).dtype == torch.uint8
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="rounding must be"):
         metrics.to_uint8(x, "nearest")
 
 
@@ -82,7 +90,9 @@ def test_to_uint8_truncate_is_the_seeds_numpy_conversion():
     seed = (((a + 1.0) / 2.0).clip(0.0, 1.0) * 255.0).astype(np.uint8)
     np.testing.assert_array_equal(metrics.to_uint8(x.view(1, 1, 1, -1), "truncate").flatten().numpy(), seed)
     # and rounding recovers every grey level exactly, where truncation does not
-    assert torch.equal(metrics.to_uint8(x[:256].view(1, 1, 1, -1), "round").flatten(), torch.arange(256).to(torch.uint8))
+    assert torch.equal(
+        metrics.to_uint8(x[:256].view(1, 1, 1, -1), "round").flatten(), torch.arange(256).to(torch.uint8)
+    )
 
 
 def test_mean_std_accumulator():
@@ -147,7 +157,7 @@ def test_missing_inception_weights_is_one_clear_line(tmp_path, monkeypatch):
         metrics.build_fid()
     msg = str(e.value)
     assert "\n" not in msg and metrics.INCEPTION_WEIGHTS_FILE in msg and str(tmp_path) in msg
-    with pytest.raises(metrics.MetricError, match="nowhere.pth"):
+    with pytest.raises(metrics.MetricError, match=r"nowhere\.pth"):
         metrics.build_fid(weights_path=str(tmp_path / "nowhere.pth"))
 
 

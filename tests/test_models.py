@@ -86,6 +86,7 @@ def test_surgery_rejects_other_architecture_changes():
         init_from_pretrained(build_vae("small"), source)
 
 
+@pytest.mark.e2e
 def test_init_from_4_channels_trains_to_8_and_reconstructs(image_folder, tmp_path, tiny_args, run_main):
     """A 4-channel pretrained VAE becomes an 8-channel one whose held-out PSNR improves in a few steps."""
     torch.manual_seed(1)
@@ -110,6 +111,7 @@ def test_init_from_4_channels_trains_to_8_and_reconstructs(image_folder, tmp_pat
     assert AutoencoderKL.from_pretrained(tmp_path / "run").config.latent_channels == 8
 
 
+@pytest.mark.e2e
 def test_train_decoder_only_keeps_the_encoder_bit_identical(image_folder, tmp_path, tiny_args, run_main):
     torch.manual_seed(2)
     build_vae("tiny").save_pretrained(tmp_path / "pretrained")

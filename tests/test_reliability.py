@@ -171,6 +171,7 @@ def steps_for_one_pass_of_bad_files(folder: str, n_bad: int, seed: int, batch: i
     return None
 
 
+@pytest.mark.e2e
 def test_training_goes_on_over_bad_files_and_counts_them(mixed_folder, tmp_path, caplog, run_main, tiny_args):
     bad = sorted(name for name, (_, decision) in bad_corpus().items() if decision == "skip")
     # Stop right after the stream's first pass has reported every bad file once (a bad file is reported
@@ -190,6 +191,7 @@ def test_training_goes_on_over_bad_files_and_counts_them(mixed_folder, tmp_path,
     AutoencoderKL.from_pretrained(tmp_path)
 
 
+@pytest.mark.e2e
 def test_every_checkpoint_holds_the_skips_so_far(mixed_folder, tmp_path, run_main, tiny_args):
     run_main(tiny_args(mixed_folder, tmp_path, 6, checkpointing_steps=1, logging_steps=100))
     counts = {}  # step -> (trainer state's count, data stream's count)
@@ -226,6 +228,7 @@ def one_step_checkpoint(image_folder, tmp_path_factory, run_main, tiny_args):
     return out / "checkpoint-1"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["data_state_0.pt", "random_states_0.pkl", "optimizer.bin"])
 def test_resume_refuses_a_pickle_that_runs_code(
     name, one_step_checkpoint, image_folder, tmp_path, capsys, run_main, tiny_args
@@ -247,6 +250,7 @@ def test_resume_refuses_a_pickle_that_runs_code(
         assert name == "optimizer.bin" and "Weights only load failed" in str(refused.value)
 
 
+@pytest.mark.e2e
 def test_resume_from_a_partial_folder_is_one_line(image_folder, tmp_path, capsys, run_main, tiny_args):
     partial = tmp_path / "checkpoint-3.tmp"
     partial.mkdir()
@@ -404,6 +408,7 @@ def check_after_kill(out, resumed_at: int | None) -> int | None:
     return newest
 
 
+@pytest.mark.e2e
 def test_kill_9_at_random_moments_then_resume_latest(image_folder, tmp_path, start_script, tiny_args, tensors_of):
     """Five SIGKILLs in a row on one output folder (during start-up, as a save begins, inside saves,
     between saves); every restart with `--resume_from_checkpoint latest` continues from the newest
