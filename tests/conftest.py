@@ -128,3 +128,24 @@ def run_main():
 def tensors_of():
     """`tensors_of(checkpoint_dir)` -> {name: tensor} of its VAE, discriminator and optimizer states."""
     return _tensors_of
+
+
+def _two_rank_launch(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(command, environment) of `accelerate launch` running train_vae.py on 2 real DDP ranks on CPU (gloo)."""
+    import sys
+
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "accelerate"),
+        "launch",
+        "--config_file",
+        os.path.join(REPO_ROOT, "accelerate_configs", "cpu_2proc.yaml"),
+        "train_vae.py",
+        *argv,
+    ]
+    return cmd, dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="session")
+def two_rank_launch():
+    """`two_rank_launch(argv)` -> (command, env) of a 2-process CPU DDP run of train_vae.py; run it in the repo root."""
+    return _two_rank_launch

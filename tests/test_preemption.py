@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
@@ -56,21 +55,15 @@ def test_sigusr1_checkpoints_the_current_step_and_resume_is_exact(
     assert_same_checkpoint(tmp_path / "whole" / "checkpoint-6", tmp_path / "stopped" / "checkpoint-6", tensors_of)
 
 
-def launch(argv, log):
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "accelerate"),
-        "launch",
-        "--config_file",
-        os.path.join(ROOT, "accelerate_configs", "cpu_2proc.yaml"),
-        "train_vae.py",
-        *argv,
-    ]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-
-
-def test_sigterm_on_a_two_rank_run_then_resume_equals_uninterrupted(image_folder, tmp_path, tiny_args, tensors_of):
+def test_sigterm_on_a_two_rank_run_then_resume_equals_uninterrupted(
+    image_folder, tmp_path, tiny_args, tensors_of, two_rank_launch, repo_root
+):
     """SLURM sends SIGTERM to every task of the job step: here to both ranks of a real 2-process DDP run."""
+
+    def launch(argv, log):
+        cmd, env = two_rank_launch(argv)
+        return subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+
     steps = 40
     argv = lambda out, **kw: tiny_args(image_folder, out, steps, checkpointing_steps=2, **kw)  # noqa: E731
     # Open for the whole test: the launched runs write into them.

@@ -4,7 +4,6 @@ import concurrent.futures
 import json
 import os
 import subprocess
-import sys
 import types
 
 import huggingface_hub
@@ -53,19 +52,11 @@ def test_resume_equals_uninterrupted_run(image_folder, tmp_path, tiny_args, run_
 
 
 @pytest.mark.e2e
-def test_two_process_ddp_run(image_folder, tmp_path, tiny_args):
+def test_two_process_ddp_run(image_folder, tmp_path, tiny_args, two_rank_launch):
     """Real 2-rank DDP on CPU (gloo): G and D steps, checkpoints, identical replicas, loadable export."""
     out = tmp_path / "ddp"
     argv = tiny_args(image_folder, out, 4, id_weight=0.2, disc_start=2)
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "accelerate"),
-        "launch",
-        "--config_file",
-        os.path.join(ROOT, "accelerate_configs", "cpu_2proc.yaml"),
-        "train_vae.py",
-        *argv,
-    ]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1")
+    cmd, env = two_rank_launch(argv)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for step in (2, 4):
