@@ -14,14 +14,22 @@ MOCO_V2_URL = "https://dl.fbaipublicfiles.com/moco/moco_checkpoints/moco_v2_800e
 # scikit-image, a small preset and a short schedule that finishes on a laptop CPU. Flags the
 # user gives explicitly always win over these.
 DEMO_DEFAULTS = dict(
-    model_config="small",
+    # The tiny preset (0.3 M parameters, the same 8x geometry and 8 latent channels) takes ~0.2 s a
+    # step on 2 CPU cores at 64²: 900 steps fit in the 4-minute budget, where the small preset
+    # (3.9 M) managed ~200 steps and ended lower.
+    model_config="tiny",
     resolution=64,
+    crop_mode="native",  # native-scale windows of the photographs: real textures, not thumbnails
     train_batch_size=4,
-    max_train_steps=200,
-    disc_start=120,
-    learning_rate=4e-4,
+    max_train_steps=900,
+    learning_rate=1e-3,
+    lr_scheduler="cosine",
+    # The GAN switches on late and ramps in, so the held-out curve does not end below its best.
+    disc_start=650,
+    gan_ramp_steps=200,
     validation_steps=100,
-    checkpointing_steps=100,
+    num_validation_images=16,
+    checkpointing_steps=450,
     logging_steps=20,
     dataloader_num_workers=0,
     shuffle_block=16,
