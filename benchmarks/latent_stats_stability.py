@@ -29,8 +29,24 @@ from vae.export import latent_statistics
 from vae.models import build_vae, load_vae
 
 # Photographs shipped with scikit-image (no download): colour and grey, natural and microscopy.
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-          "stereo_motorcycle", "camera", "coins", "moon", "brick", "grass", "gravel", "cell", "clock")
+PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "stereo_motorcycle",
+    "camera",
+    "coins",
+    "moon",
+    "brick",
+    "grass",
+    "gravel",
+    "cell",
+    "clock",
+)
 LEVELS = 8  # resize levels per photograph, log-spaced between the crop size and the native size
 
 
@@ -54,8 +70,14 @@ def pyramids(resolution: int, min_scale: float) -> list[list[np.ndarray]]:
     return out
 
 
-def crop_params(rng: np.random.Generator, photos: list[list[np.ndarray]], count: int, resolution: int,
-                taken: set, redrawn: list[int]) -> list[tuple]:
+def crop_params(
+    rng: np.random.Generator,
+    photos: list[list[np.ndarray]],
+    count: int,
+    resolution: int,
+    taken: set,
+    redrawn: list[int],
+) -> list[tuple]:
     """`count` distinct (photo, level, top, left) crops not in `taken` (which they are added to)."""
     params = []
     while len(params) < count:
@@ -73,7 +95,7 @@ def crop_params(rng: np.random.Generator, photos: list[list[np.ndarray]], count:
 
 def crops(photos, params, resolution: int) -> torch.Tensor:
     """(N, 3, R, R) in [-1, 1]."""
-    arrays = [photos[p][level][y:y + resolution, x:x + resolution] for p, level, y, x in params]
+    arrays = [photos[p][level][y : y + resolution, x : x + resolution] for p, level, y, x in params]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
@@ -99,19 +121,30 @@ def main(argv=None) -> None:
     rows: dict[int, list[tuple]] = {n: [] for n in args.sizes}
     for pair in range(args.pairs):
         taken: set = set()  # the second sample skips the first one's crops: disjoint, and no repeats within
-        params = [crop_params(np.random.default_rng(2 * pair + i), photos, n_max, args.resolution, taken, redrawn)
-                  for i in (0, 1)]
+        params = [
+            crop_params(np.random.default_rng(2 * pair + i), photos, n_max, args.resolution, taken, redrawn)
+            for i in (0, 1)
+        ]
         images = [crops(photos, p, args.resolution) for p in params]
         for n in args.sizes:
             s1, s2 = (latent_statistics(vae, x[:n], args.batch_size, seed=2 * pair + i) for i, x in enumerate(images))
             sigma = (s1["std"] + s2["std"]) / 2
             channel = max(abs(a - b) / ((a + b) / 2) for a, b in zip(s1["latents_std"], s2["latents_std"], strict=True))
-            rows[n].append((s1["std"], s2["std"], abs(s1["std"] - s2["std"]) / sigma,
-                            abs(s1["mean"] - s2["mean"]) / sigma, channel))
+            rows[n].append(
+                (
+                    s1["std"],
+                    s2["std"],
+                    abs(s1["std"] - s2["std"]) / sigma,
+                    abs(s1["mean"] - s2["mean"]) / sigma,
+                    channel,
+                )
+            )
     source = f"--vae {args.vae}" if args.vae else f"--preset {args.preset} (random init)"
-    print(f"\n{source}, {len(PHOTOS)} scikit-image photographs, random {args.resolution}² crops, "
-          f"{args.pairs} pair(s) of disjoint samples ({redrawn[0]} repeated crops redrawn), "
-          f"{time.perf_counter() - started:.0f} s\n")
+    print(
+        f"\n{source}, {len(PHOTOS)} scikit-image photographs, random {args.resolution}² crops, "
+        f"{args.pairs} pair(s) of disjoint samples ({redrawn[0]} repeated crops redrawn), "
+        f"{time.perf_counter() - started:.0f} s\n"
+    )
     print("| images N | σ₁ | σ₂ | \\|σ₁−σ₂\\|/σ | \\|μ₁−μ₂\\|/σ | max over channels \\|σc₁−σc₂\\|/σc |")
     print("|---|---|---|---|---|---|")
     for n, values in rows.items():

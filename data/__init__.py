@@ -7,8 +7,24 @@ from .stream import ImageStream, build_eval_stream, build_train_stream, make_dat
 from .transforms import CROP_MODES, MAX_IMAGE_PIXELS, BadImageError, eval_transform, load_image, to_rgb, train_transform
 
 __all__ = [
-    "CROP_MODES", "MAX_IMAGE_PIXELS", "BadImageError", "DataError", "ImageStream", "SourceSpec", "build_eval_stream",
-    "build_train_stream", "demo_sources", "detect_kind", "eval_transform", "list_images", "load_image",
-    "load_mixture", "make_dataloader", "parse_source", "sample_images", "to_rgb", "train_transform",
+    "CROP_MODES",
+    "MAX_IMAGE_PIXELS",
+    "BadImageError",
+    "DataError",
+    "ImageStream",
+    "SourceSpec",
+    "build_eval_stream",
+    "build_train_stream",
+    "demo_sources",
+    "detect_kind",
+    "eval_transform",
+    "list_images",
+    "load_image",
+    "load_mixture",
+    "make_dataloader",
+    "parse_source",
+    "sample_images",
+    "to_rgb",
+    "train_transform",
     "validate_sources",
 ]

@@ -19,8 +19,16 @@ from PIL import Image
 from .sources import DataError, SourceSpec, list_images
 from .transforms import resize_shorter_side, to_rgb
 
-COLOUR_TRAIN = ("astronaut", "coffee", "colorwheel", "hubble_deep_field", "immunohistochemistry", "logo", "retina",
-                "stereo_motorcycle")
+COLOUR_TRAIN = (
+    "astronaut",
+    "coffee",
+    "colorwheel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "logo",
+    "retina",
+    "stereo_motorcycle",
+)
 GREY_TRAIN = ("brick", "cell", "clock", "grass", "gravel", "moon", "page", "text")
 # Held-out photograph -> crop centres as fractions (x, y) of its width and height.
 HELDOUT_CROPS = {
@@ -37,8 +45,9 @@ def _photo(name: str) -> Image.Image:
     try:
         image = getattr(skimage.data, name)()
     except Exception as exc:  # noqa: BLE001 - missing file, missing optional downloader, old scikit-image
-        raise DataError(f"demo data: scikit-image cannot provide the photograph {name!r}: "
-                        f"{type(exc).__name__}: {exc}") from None
+        raise DataError(
+            f"demo data: scikit-image cannot provide the photograph {name!r}: {type(exc).__name__}: {exc}"
+        ) from None
     image = image[0] if isinstance(image, tuple) else image  # stereo_motorcycle -> (left, right, disparity)
     return to_rgb(Image.fromarray(image))  # grey -> RGB; the RGBA logo composited over white
 
@@ -67,8 +76,9 @@ CHANNEL_ROTATIONS = {"": (0, 1, 2), "_gbr": (1, 2, 0), "_brg": (2, 0, 1)}
 
 def train_files() -> dict[str, tuple[str, tuple[int, int, int]]]:
     """Training file name -> (photograph, channel order)."""
-    files = {f"{name}{suffix}.png": (name, order) for name in COLOUR_TRAIN
-             for suffix, order in CHANNEL_ROTATIONS.items()}
+    files = {
+        f"{name}{suffix}.png": (name, order) for name in COLOUR_TRAIN for suffix, order in CHANNEL_ROTATIONS.items()
+    }
     files.update({f"{name}.png": (name, (0, 1, 2)) for name in GREY_TRAIN})
     return files
 
@@ -88,6 +98,7 @@ def demo_sources(cache_dir: str, resolution: int = 64) -> tuple[SourceSpec, Sour
         with contextlib.suppress(FileNotFoundError):  # another rank removed it first
             os.remove(os.path.join(train_dir, stale))
     for file, (name, order) in wanted.items():
+
         def image(name=name, order=order):
             photo = _photo(name)
             return photo if order == (0, 1, 2) else Image.merge("RGB", [photo.getchannel(c) for c in order])
@@ -97,8 +108,10 @@ def demo_sources(cache_dir: str, resolution: int = 64) -> tuple[SourceSpec, Sour
     os.makedirs(heldout_dir, exist_ok=True)
     for name, centres in HELDOUT_CROPS.items():
         for i, centre in enumerate(centres):
-            _write_png(lambda name=name, centre=centre: _crop(_photo(name), centre, resolution),
-                       os.path.join(heldout_dir, f"{name}_{i}.png"))
+            _write_png(
+                lambda name=name, centre=centre: _crop(_photo(name), centre, resolution),
+                os.path.join(heldout_dir, f"{name}_{i}.png"),
+            )
     train = SourceSpec(name="demo_train", path=train_dir, kind="folder")
     heldout = SourceSpec(name="demo_heldout", path=heldout_dir, kind="folder")
     return train, heldout

@@ -113,8 +113,10 @@ def _from_parquet(src: ResolvedSource, out: _Collector, rng: np.random.Generator
     files = [f.decode("utf-8") for f in src.files]
     labels = shard_labels(files)
     metadata = [pq.ParquetFile(f).metadata for f in files]
-    group_starts = [list(itertools.accumulate((m.row_group(g).num_rows for g in range(m.num_row_groups)), initial=0))
-                    for m in metadata]
+    group_starts = [
+        list(itertools.accumulate((m.row_group(g).num_rows for g in range(m.num_row_groups)), initial=0))
+        for m in metadata
+    ]
     file_starts = list(itertools.accumulate((starts[-1] for starts in group_starts), initial=0))
     order = _random_order(file_starts[-1], rng)
     while out.missing > 0:
@@ -136,8 +138,10 @@ def _from_parquet(src: ResolvedSource, out: _Collector, rng: np.random.Generator
                 table = batch.to_pydict()
                 for row in sorted(r for r in rows if start <= r < start + batch.num_rows):
                     data, path, original = _image_value({c: table[c][row - start] for c in table}, src.image_columns)
-                    found[(f, row)] = (data if data is not None else path,
-                                       _record_key(f"{src.name}/{labels[f]}", row, str(original)))
+                    found[(f, row)] = (
+                        data if data is not None else path,
+                        _record_key(f"{src.name}/{labels[f]}", row, str(original)),
+                    )
                 start += batch.num_rows
         for f, row in drawn:  # in draw order: the sample does not depend on the file layout
             out.add(*found[(f, row)])
@@ -197,8 +201,9 @@ def _from_hub(src: ResolvedSource, out: _Collector, rng: np.random.Generator) ->
     _from_shards(num_shards, out, rng, candidates)
 
 
-def sample_images(sources: list[SourceSpec], count: int, resolution: int, *, seed: int = 0,
-                  interpolation: str = "bilinear") -> tuple[torch.Tensor, list[str]]:
+def sample_images(
+    sources: list[SourceSpec], count: int, resolution: int, *, seed: int = 0, interpolation: str = "bilinear"
+) -> tuple[torch.Tensor, list[str]]:
     """`count` images drawn at random (fixed `seed`) across the whole of each source, split by weight.
 
     Returns ((count, 3, R, R) float32 in [-1, 1], eval transform: shorter side resized to R then
@@ -228,8 +233,10 @@ def sample_images(sources: list[SourceSpec], count: int, resolution: int, *, see
         if out.bad:
             logger.warning("held-out sample of source '%s': skipped %d unreadable image(s)", spec.name, out.bad)
         if out.missing > 0:
-            raise DataError(f"source '{spec.name}': only {len(out.images)} readable images for a sample of "
-                            f"{share} ({out.bad} unreadable skipped)")
+            raise DataError(
+                f"source '{spec.name}': only {len(out.images)} readable images for a sample of "
+                f"{share} ({out.bad} unreadable skipped)"
+            )
         images += out.images
         keys += out.keys
     return torch.stack(images), keys

@@ -30,8 +30,9 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("auto", "hub", "folder", "imagenet", "coco", "ffhq", "parquet", "webdataset")
 FOLDER_KINDS = ("folder", "imagenet", "coco", "ffhq")
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif",
-                              ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"})
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
 IMAGE_COLUMN_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp")  # tried when no column has the Image type
 FFHQ_JSON = "ffhq-dataset-v2.json"
 FFHQ_IMAGES = "images1024x1024"
@@ -40,10 +41,16 @@ FFHQ_NUM_TRAINING = 60000  # fallback without the json: images 00000-59999 are "
 # Split names each layout accepts, mapped to the directory / category they select.
 SPLITS = {
     "imagenet": {"train": "train", "val": "val", "validation": "val"},
-    "coco": {"train": "train2017", "train2017": "train2017", "val": "val2017", "validation": "val2017",
-             "val2017": "val2017", "test": "test2017", "test2017": "test2017"},
-    "ffhq": {"train": "training", "training": "training", "val": "validation",
-             "validation": "validation", "all": None},
+    "coco": {
+        "train": "train2017",
+        "train2017": "train2017",
+        "val": "val2017",
+        "validation": "val2017",
+        "val2017": "val2017",
+        "test": "test2017",
+        "test2017": "test2017",
+    },
+    "ffhq": {"train": "training", "training": "training", "val": "validation", "validation": "validation", "all": None},
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MIXTURES_DIR = Path(__file__).resolve().parent / "mixtures"
@@ -60,11 +67,11 @@ def _one_line(text) -> str:
 
 @dataclass
 class SourceSpec:
-    name: str                  # label used in logs and skip counts
-    path: str                  # hub id | local dir | glob of *.parquet | glob of *.tar
+    name: str  # label used in logs and skip counts
+    path: str  # hub id | local dir | glob of *.parquet | glob of *.tar
     weight: float = 1.0
-    kind: str = "auto"         # auto|hub|folder|imagenet|coco|ffhq|parquet|webdataset
-    split: str = "train"       # ImageNet train/val, COCO train2017/val2017/..., FFHQ training/validation, hub split
+    kind: str = "auto"  # auto|hub|folder|imagenet|coco|ffhq|parquet|webdataset
+    split: str = "train"  # ImageNet train/val, COCO train2017/val2017/..., FFHQ training/validation, hub split
     config: str | None = None  # hub config name
     image_column: str = "auto"
 
@@ -72,6 +79,7 @@ class SourceSpec:
 # ---------------------------------------------------------------------------------------------
 # Parsing: CLI strings and mixture files
 # ---------------------------------------------------------------------------------------------
+
 
 def _default_name(path: str) -> str:
     stem = Path(path.rstrip("/")).name or path
@@ -159,6 +167,7 @@ def load_mixture(path_or_name: str, data_root: str | None = None) -> list[Source
 # Resolution: kind detection, file listing, validation
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class ResolvedSource:
     """A source after its kind is known and its files are listed (done once, in the main process)."""
@@ -230,8 +239,9 @@ def _as_bytes_array(paths: list[str]) -> np.ndarray:
 def _split_dir(spec: SourceSpec, kind: str) -> str:
     choices = SPLITS[kind]
     if spec.split not in choices:
-        raise DataError(f"source '{spec.name}': split {spec.split!r} is not one of {sorted(choices)} "
-                        f"for a {kind} folder")
+        raise DataError(
+            f"source '{spec.name}': split {spec.split!r} is not one of {sorted(choices)} for a {kind} folder"
+        )
     return choices[spec.split]
 
 
@@ -250,11 +260,18 @@ def _ffhq_files(spec: SourceSpec) -> list[str]:
                 metadata = json.load(f)
         except (OSError, ValueError) as exc:
             raise DataError(f"source '{spec.name}': cannot read {json_path}: {_one_line(exc)}") from None
-        wanted = {entry["image"]["file_path"].replace("\\", "/") for entry in metadata.values()
-                  if entry.get("category") == category}
+        wanted = {
+            entry["image"]["file_path"].replace("\\", "/")
+            for entry in metadata.values()
+            if entry.get("category") == category
+        }
         return [p for p in on_disk if p in wanted]
-    logger.warning("source '%s': %s not found; using the FFHQ convention that images 0-%d are 'training'",
-                   spec.name, FFHQ_JSON, FFHQ_NUM_TRAINING - 1)
+    logger.warning(
+        "source '%s': %s not found; using the FFHQ convention that images 0-%d are 'training'",
+        spec.name,
+        FFHQ_JSON,
+        FFHQ_NUM_TRAINING - 1,
+    )
 
     def is_training(rel: str) -> bool:
         stem = Path(rel).stem
@@ -274,8 +291,10 @@ def _resolve_folder(spec: SourceSpec, kind: str, index: int) -> ResolvedSource:
             raise DataError(f"source '{spec.name}': split folder {root} does not exist")
         files = list_images(root)
     if not files:
-        raise DataError(f"source '{spec.name}': no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
-                        f"under {root}" + (f" for split {spec.split!r}" if kind == "ffhq" else ""))
+        raise DataError(
+            f"source '{spec.name}': no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
+            f"under {root}" + (f" for split {spec.split!r}" if kind == "ffhq" else "")
+        )
     return ResolvedSource(spec, index, kind, root=root, files=_as_bytes_array(files))
 
 
@@ -325,8 +344,9 @@ def _resolve_table(spec: SourceSpec, kind: str, index: int) -> ResolvedSource:
         ds = _load_table_source(kind, files)
         features = ds.features
     except Exception as exc:  # noqa: BLE001 - any reader failure is a configuration error here
-        raise DataError(f"source '{spec.name}': cannot read {kind} shards {spec.path}: "
-                        f"{_one_line_error(exc)}") from None
+        raise DataError(
+            f"source '{spec.name}': cannot read {kind} shards {spec.path}: {_one_line_error(exc)}"
+        ) from None
     return ResolvedSource(spec, index, kind, files=_as_bytes_array(files), image_columns=_image_columns(features, spec))
 
 
@@ -340,8 +360,10 @@ def _resolve_hub(spec: SourceSpec, index: int) -> ResolvedSource:
         features = ds.features
     except Exception as exc:  # noqa: BLE001 - unreachable, gated, missing split... all fatal here
         offline = " (HF_HUB_OFFLINE is set)" if datasets.config.HF_HUB_OFFLINE else ""
-        raise DataError(f"source '{spec.name}': hub dataset {spec.path!r} (config={spec.config}, split={spec.split}) "
-                        f"is unreachable{offline}: {_one_line_error(exc)}") from None
+        raise DataError(
+            f"source '{spec.name}': hub dataset {spec.path!r} (config={spec.config}, split={spec.split}) "
+            f"is unreachable{offline}: {_one_line_error(exc)}"
+        ) from None
     return ResolvedSource(spec, index, "hub", hub=ds, image_columns=_image_columns(features, spec))
 
 
@@ -387,11 +409,13 @@ def validate_sources(sources: list[SourceSpec]) -> None:
 # Raw record streams, one per (rank, dataloader worker)
 # ---------------------------------------------------------------------------------------------
 
+
 def raw_features():
     from datasets import Features, Value
 
-    return Features({"bytes": Value("binary"), "path": Value("string"), "key": Value("string"),
-                     "source": Value("int64")})
+    return Features(
+        {"bytes": Value("binary"), "path": Value("string"), "key": Value("string"), "source": Value("int64")}
+    )
 
 
 def _folder_records(shards, root, source):
@@ -425,8 +449,12 @@ def _record_key(prefix: str, index: int, original: str) -> str:
 
 def _hub_record(example, index, columns, source, prefix):
     data, path, original = _image_value(example, columns)
-    return {"bytes": data, "path": path if data is None else None, "key": _record_key(prefix, index, str(original)),
-            "source": source}
+    return {
+        "bytes": data,
+        "path": path if data is None else None,
+        "key": _record_key(prefix, index, str(original)),
+        "source": source,
+    }
 
 
 def shard_labels(files) -> list[str]:
@@ -451,7 +479,7 @@ def _parquet_records(files, labels, row_groups, columns, name, source, keep):
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
         available = set(reader.schema_arrow.names)
         wanted = [c for c in dict.fromkeys(list(columns) + ["__key__"]) if c in available]
-        for g in (range(reader.num_row_groups) if group < 0 else [group]):
+        for g in range(reader.num_row_groups) if group < 0 else [group]:
             row = starts[g]
             # Small batches: a row group of large images is never held in memory all at once.
             for batch in reader.iter_batches(batch_size=64, row_groups=[g], columns=wanted):
@@ -459,8 +487,12 @@ def _parquet_records(files, labels, row_groups, columns, name, source, keep):
                 for i in range(batch.num_rows):
                     if _kept(row + i, keep):
                         data, path, original = _image_value({c: table[c][i] for c in table}, columns)
-                        yield {"bytes": data, "path": path if data is None else None, "source": source,
-                               "key": _record_key(f"{name}/{label}", row + i, str(original))}
+                        yield {
+                            "bytes": data,
+                            "path": path if data is None else None,
+                            "source": source,
+                            "key": _record_key(f"{name}/{label}", row + i, str(original)),
+                        }
                 row += batch.num_rows
 
 
@@ -495,16 +527,18 @@ def _webdataset_records(files, labels, columns, name, source, keep):
         for index, (key, found) in enumerate(_webdataset_samples(file, columns)):
             if _kept(index, keep):
                 data, _, _ = _image_value(found, columns)
-                yield {"bytes": data, "path": None, "source": source,
-                       "key": _record_key(f"{name}/{label}", index, key)}
+                yield {"bytes": data, "path": None, "source": source, "key": _record_key(f"{name}/{label}", index, key)}
 
 
 def _row_group_units(units):
     """Parquet units (file, label, -1 = whole file) -> one unit per row group."""
     import pyarrow.parquet as pq
 
-    return [(file, label, g) for file, label, group in units
-            for g in (range(pq.ParquetFile(file).num_row_groups) if group < 0 else [group])]
+    return [
+        (file, label, g)
+        for file, label, group in units
+        for g in (range(pq.ParquetFile(file).num_row_groups) if group < 0 else [group])
+    ]
 
 
 def _split_units(units, part: int, num_parts: int, keep, kind: str):
@@ -525,8 +559,14 @@ def _table_dataset(src: ResolvedSource, units, keep):
     import datasets
 
     files, labels, groups = (list(column) for column in zip(*units, strict=True))
-    kwargs = {"files": files, "labels": labels, "columns": tuple(src.image_columns), "name": src.name,
-              "source": src.index, "keep": keep}
+    kwargs = {
+        "files": files,
+        "labels": labels,
+        "columns": tuple(src.image_columns),
+        "name": src.name,
+        "source": src.index,
+        "keep": keep,
+    }
     if src.kind == "parquet":
         kwargs["row_groups"] = groups
     generator = _parquet_records if src.kind == "parquet" else _webdataset_records
@@ -559,8 +599,16 @@ def _order(n: int, order_seed: int | None) -> np.ndarray:
     return np.arange(n) if order_seed is None else np.random.default_rng(order_seed).permutation(n)
 
 
-def open_records(src: ResolvedSource, *, rank: int = 0, world_size: int = 1, worker: int = 0,
-                 num_workers: int = 1, order_seed: int | None = None, max_samples: int | None = None):
+def open_records(
+    src: ResolvedSource,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    worker: int = 0,
+    num_workers: int = 1,
+    order_seed: int | None = None,
+    max_samples: int | None = None,
+):
     """The raw-record IterableDataset of one source for one DataLoader worker of one rank.
 
     Ranks get disjoint parts whose union is the whole source, and each rank's part is split the
@@ -583,9 +631,14 @@ def open_records(src: ResolvedSource, *, rank: int = 0, world_size: int = 1, wor
         # A round-robin over the (shuffled) list: every rank and worker gets work whatever the
         # number of files. The part is one shard: it is already this worker's alone.
         return datasets.IterableDataset.from_generator(
-            _folder_records, features=raw_features(),
-            gen_kwargs={"shards": [files[rank::world_size][worker::num_workers]], "root": src.root,
-                        "source": src.index})
+            _folder_records,
+            features=raw_features(),
+            gen_kwargs={
+                "shards": [files[rank::world_size][worker::num_workers]],
+                "root": src.root,
+                "source": src.index,
+            },
+        )
 
     if src.kind in ("parquet", "webdataset"):
         files = [f.decode("utf-8") for f in src.files]
@@ -604,8 +657,12 @@ def open_records(src: ResolvedSource, *, rank: int = 0, world_size: int = 1, wor
     for column in src.image_columns:
         if features is not None and isinstance(features.get(column), Image):
             ds = ds.cast_column(column, Image(decode=False))  # keep the bytes; decode after shuffling
-    to_record = dict(function=_hub_record, with_indices=True, features=raw_features(),
-                     remove_columns=list(features) if features is not None else None)
+    to_record = dict(
+        function=_hub_record,
+        with_indices=True,
+        features=raw_features(),
+        remove_columns=list(features) if features is not None else None,
+    )
     columns = {"columns": src.image_columns, "source": src.index}
     if max_samples is not None:
         # Indexed before the split across ranks: the same key whatever the number of ranks.

@@ -82,11 +82,24 @@ class ImageStream(torch.utils.data.IterableDataset):
     (plain Python types only); StatefulDataLoader calls them per worker.
     """
 
-    def __init__(self, sources: list[ResolvedSource], resolution: int, *, train: bool, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, shuffle_block: int = 1000, random_flip: bool = False,
-                 infinite: bool = True, stopping_strategy: str = "all_exhausted", max_samples: int | None = None,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS, interpolation: str = "bilinear",
-                 crop_mode: str = "resize"):
+    def __init__(
+        self,
+        sources: list[ResolvedSource],
+        resolution: int,
+        *,
+        train: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_block: int = 1000,
+        random_flip: bool = False,
+        infinite: bool = True,
+        stopping_strategy: str = "all_exhausted",
+        max_samples: int | None = None,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        interpolation: str = "bilinear",
+        crop_mode: str = "resize",
+    ):
         super().__init__()
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -152,8 +165,10 @@ class ImageStream(torch.utils.data.IterableDataset):
         expected = self._fresh_state()
         for key in ("sources", "node", "seed", "shuffle_block"):
             if state[key] != expected[key]:
-                raise DataError(f"cannot resume the data stream exactly: it was saved with {key}={state[key]} "
-                                f"and now has {key}={expected[key]}")
+                raise DataError(
+                    f"cannot resume the data stream exactly: it was saved with {key}={state[key]} "
+                    f"and now has {key}={expected[key]}"
+                )
         return state
 
     # -----------------------------------------------------------------------------------------
@@ -166,17 +181,27 @@ class ImageStream(torch.utils.data.IterableDataset):
         # Zero-weight sources are left out (they keep their index in `source_names`); an eval
         # stream reads its single source whatever its weight.
         active = [s for s in self.sources if s.spec.weight > 0 or not self.train]
-        parts = [open_records(s, rank=self.rank, world_size=self.world_size, worker=worker, num_workers=num_workers,
-                              max_samples=self.max_samples,
-                              order_seed=derive_seed(self.seed, _FILE_ORDER, epoch, s.index) if self.train else None)
-                 for s in active]
+        parts = [
+            open_records(
+                s,
+                rank=self.rank,
+                world_size=self.world_size,
+                worker=worker,
+                num_workers=num_workers,
+                max_samples=self.max_samples,
+                order_seed=derive_seed(self.seed, _FILE_ORDER, epoch, s.index) if self.train else None,
+            )
+            for s in active
+        ]
         if len(parts) == 1:
             return parts[0]
         total = sum(s.spec.weight for s in active)
         return datasets.interleave_datasets(
-            parts, probabilities=[s.spec.weight / total for s in active],
+            parts,
+            probabilities=[s.spec.weight / total for s in active],
             seed=derive_seed(self.seed, _MIXING, self.rank, self.world_size, worker, num_workers, epoch),
-            stopping_strategy=self.stopping_strategy)
+            stopping_strategy=self.stopping_strategy,
+        )
 
     def _block_order(self, size: int, node: int, num_nodes: int, epoch: int, block: int) -> np.ndarray:
         if not self.train:
@@ -187,12 +212,21 @@ class ImageStream(torch.utils.data.IterableDataset):
         image = load_image(record["bytes"] if record["bytes"] is not None else record["path"], self.max_image_pixels)
         if self.train:
             rng = np.random.default_rng(derive_seed(self.seed, _CROP, *rng_parts))
-            pixels = train_transform(image, self.resolution, rng, random_flip=self.random_flip,
-                                     interpolation=self.interpolation, crop_mode=self.crop_mode)
+            pixels = train_transform(
+                image,
+                self.resolution,
+                rng,
+                random_flip=self.random_flip,
+                interpolation=self.interpolation,
+                crop_mode=self.crop_mode,
+            )
         else:
             pixels = eval_transform(image, self.resolution, interpolation=self.interpolation)
-        return {"pixel_values": pixels, "source": torch.tensor(record["source"], dtype=torch.int64),
-                "key": record["key"]}
+        return {
+            "pixel_values": pixels,
+            "source": torch.tensor(record["source"], dtype=torch.int64),
+            "key": record["key"],
+        }
 
     def _log_skip(self, state: dict, record: dict, reason: str) -> None:
         count = state["skipped"][record["source"]]
@@ -200,8 +234,7 @@ class ImageStream(torch.utils.data.IterableDataset):
         level = logging.WARNING if count <= MAX_LOGGED_SKIPS else logging.DEBUG
         logger.log(level, "skipping bad image %r of source '%s': %s", record["key"], name, reason)
         if count == MAX_LOGGED_SKIPS:
-            logger.warning("source '%s': %d bad images so far; further ones are logged at debug level",
-                           name, count)
+            logger.warning("source '%s': %d bad images so far; further ones are logged at debug level", name, count)
 
     def __iter__(self):
         worker, num_workers = _worker()
@@ -248,9 +281,11 @@ class ImageStream(torch.utils.data.IterableDataset):
                 state["finished"] = True
             elif whole_epoch and yielded == 0:
                 # Without this an endless stream would spin through empty epochs forever.
-                raise DataError(f"rank {self.rank} worker {worker}: a whole epoch of {self.source_names} gave no "
-                                f"usable image ({sum(state['skipped'])} bad files skipped; fewer images than "
-                                f"ranks x workers = {num_nodes}?)")
+                raise DataError(
+                    f"rank {self.rank} worker {worker}: a whole epoch of {self.source_names} gave no "
+                    f"usable image ({sum(state['skipped'])} bad files skipped; fewer images than "
+                    f"ranks x workers = {num_nodes}?)"
+                )
             else:
                 state.update(epoch=epoch + 1, block=0, offset=0, upstream=None)
 
@@ -259,25 +294,55 @@ class ImageStream(torch.utils.data.IterableDataset):
 # Builders
 # ---------------------------------------------------------------------------------------------
 
+
 def _as_specs(sources) -> list[SourceSpec]:
     return [parse_source(s) if isinstance(s, str) else s for s in sources]
 
 
-def build_train_stream(sources, resolution: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                       shuffle_block: int = 1000, random_flip: bool = False, infinite: bool = True,
-                       stopping_strategy: str = "all_exhausted", max_image_pixels: int = MAX_IMAGE_PIXELS,
-                       interpolation: str = "bilinear", crop_mode: str = "resize") -> ImageStream:
+def build_train_stream(
+    sources,
+    resolution: int,
+    *,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle_block: int = 1000,
+    random_flip: bool = False,
+    infinite: bool = True,
+    stopping_strategy: str = "all_exhausted",
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    interpolation: str = "bilinear",
+    crop_mode: str = "resize",
+) -> ImageStream:
     """The weighted training mixture for one rank: shuffled, random crops (`crop_mode`), endless by default."""
     resolved = resolve_sources(_as_specs(sources))
-    return ImageStream(resolved, resolution, train=True, seed=seed, rank=rank, world_size=world_size,
-                       shuffle_block=shuffle_block, random_flip=random_flip, infinite=infinite,
-                       stopping_strategy=stopping_strategy, max_image_pixels=max_image_pixels,
-                       interpolation=interpolation, crop_mode=crop_mode)
+    return ImageStream(
+        resolved,
+        resolution,
+        train=True,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        shuffle_block=shuffle_block,
+        random_flip=random_flip,
+        infinite=infinite,
+        stopping_strategy=stopping_strategy,
+        max_image_pixels=max_image_pixels,
+        interpolation=interpolation,
+        crop_mode=crop_mode,
+    )
 
 
-def build_eval_stream(source: SourceSpec | str, resolution: int, *, rank: int = 0, world_size: int = 1,
-                      max_samples: int | None = None, max_image_pixels: int = MAX_IMAGE_PIXELS,
-                      interpolation: str = "bilinear") -> ImageStream:
+def build_eval_stream(
+    source: SourceSpec | str,
+    resolution: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    max_samples: int | None = None,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    interpolation: str = "bilinear",
+) -> ImageStream:
     """One source, each image once across ranks and workers, sorted order, center crops.
 
     `max_samples` keeps the first images of the whole source (before the split across ranks).
@@ -286,8 +351,17 @@ def build_eval_stream(source: SourceSpec | str, resolution: int, *, rank: int = 
     if max_samples is not None and max_samples < 1:
         raise DataError(f"max_samples must be >= 1, got {max_samples}")
     resolved = resolve_source(spec, 0)
-    return ImageStream([resolved], resolution, train=False, rank=rank, world_size=world_size, infinite=False,
-                       max_samples=max_samples, max_image_pixels=max_image_pixels, interpolation=interpolation)
+    return ImageStream(
+        [resolved],
+        resolution,
+        train=False,
+        rank=rank,
+        world_size=world_size,
+        infinite=False,
+        max_samples=max_samples,
+        max_image_pixels=max_image_pixels,
+        interpolation=interpolation,
+    )
 
 
 def make_dataloader(stream: ImageStream, batch_size: int, num_workers: int = 0, **kw):

@@ -33,8 +33,11 @@ from .sources import DataError
 # also turned into a skip, so raising this alone does not admit bigger images.
 MAX_IMAGE_PIXELS = 89_478_485
 
-INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-                  "lanczos": Image.Resampling.LANCZOS}
+INTERPOLATIONS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 
 CROP_MODES = ("resize", "native", "random_scale")
 
@@ -48,6 +51,7 @@ class BadImageError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Decoding
 # ---------------------------------------------------------------------------------------------
+
 
 def load_image(source: bytes | str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode bytes or a file path into an RGB PIL image; raise BadImageError for any bad file."""
@@ -108,6 +112,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 # Geometry
 # ---------------------------------------------------------------------------------------------
 
+
 def resize_shorter_side(img: Image.Image, size: int, interpolation: str = "bilinear") -> Image.Image:
     """Resize so the shorter side is exactly `size` (up or down), keeping the aspect ratio."""
     width, height = img.size
@@ -134,8 +139,15 @@ def random_scale_size(width: int, height: int, resolution: int, rng: np.random.G
     return int(rng.integers(resolution, max(resolution, min(width, height)) + 1))
 
 
-def train_transform(img: Image.Image, resolution: int, rng: np.random.Generator, *, random_flip: bool = False,
-                    interpolation: str = "bilinear", crop_mode: str = "resize") -> torch.Tensor:
+def train_transform(
+    img: Image.Image,
+    resolution: int,
+    rng: np.random.Generator,
+    *,
+    random_flip: bool = False,
+    interpolation: str = "bilinear",
+    crop_mode: str = "resize",
+) -> torch.Tensor:
     """Scale per `crop_mode` -> RandomCrop -> optional flip -> (3, R, R) in [-1, 1]."""
     if crop_mode == "resize":
         img = resize_shorter_side(img, resolution, interpolation)

@@ -51,6 +51,7 @@ def short_arrow_shutdown_sleep(monkeypatch):
 # Helpers that write tiny images and the ImageNet / COCO / FFHQ folder layouts
 # ---------------------------------------------------------------------------------------------
 
+
 def image_bytes(color=(200, 30, 60), size=(24, 18), fmt="JPEG", mode="RGB") -> bytes:
     buffer = io.BytesIO()
     Image.new(mode, size, color).save(buffer, format=fmt)
@@ -154,20 +155,30 @@ def keys_of(stream):
 # Layouts
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("layout", "kind", "split", "expected"), [
-    ("imagenet", "imagenet", "train", 6),
-    ("imagenet", "imagenet", "val", 4),
-    ("coco", "coco", "train2017", 5),
-    ("coco", "coco", "val", 3),
-    ("ffhq", "ffhq", "training", 4),
-    ("ffhq", "ffhq", "validation", 2),
-    ("folder", "folder", "train", 5),
-    ("parquet", "parquet", "train", 8),
-    ("webdataset", "webdataset", "train", 6),
-])
+
+@pytest.mark.parametrize(
+    ("layout", "kind", "split", "expected"),
+    [
+        ("imagenet", "imagenet", "train", 6),
+        ("imagenet", "imagenet", "val", 4),
+        ("coco", "coco", "train2017", 5),
+        ("coco", "coco", "val", 3),
+        ("ffhq", "ffhq", "training", 4),
+        ("ffhq", "ffhq", "validation", 2),
+        ("folder", "folder", "train", 5),
+        ("parquet", "parquet", "train", 8),
+        ("webdataset", "webdataset", "train", 6),
+    ],
+)
 def test_each_layout_reads_every_image_once(tmp_path, layout, kind, split, expected):
-    makers = {"imagenet": make_imagenet, "coco": make_coco, "ffhq": make_ffhq, "folder": make_folder,
-              "parquet": make_parquet, "webdataset": make_webdataset}
+    makers = {
+        "imagenet": make_imagenet,
+        "coco": make_coco,
+        "ffhq": make_ffhq,
+        "folder": make_folder,
+        "parquet": make_parquet,
+        "webdataset": make_webdataset,
+    }
     path = makers[layout](str(tmp_path / layout))
     assert detect_kind(path) == kind
     keys = keys_of(build_eval_stream(SourceSpec(layout, path, split=split), 16))
@@ -207,6 +218,7 @@ def test_eval_stream_is_sorted_center_crop_and_deterministic(tmp_path):
 # Mixture statistics and the split across ranks / workers
 # ---------------------------------------------------------------------------------------------
 
+
 def test_mixture_proportions_match_weights(tmp_path):
     weights = {"big": 6.0, "mid": 3.0, "small": 1.0}
     sources = []
@@ -235,14 +247,25 @@ def finite_sources(tmp_path):
     # One file and one row group: fewer shards than nodes -> the example-level split path.
     parquet = make_parquet(str(tmp_path / "pq"), files=1, rows=5)
     webdataset = make_webdataset(str(tmp_path / "wds"), shards=2, per_shard=3)  # shard-level path
-    return [SourceSpec("folder", folder, weight=2.0), SourceSpec("pq", parquet, weight=1.0),
-            SourceSpec("wds", webdataset, weight=1.0)]
+    return [
+        SourceSpec("folder", folder, weight=2.0),
+        SourceSpec("pq", parquet, weight=1.0),
+        SourceSpec("wds", webdataset, weight=1.0),
+    ]
 
 
 def test_two_ranks_disjoint_and_union_is_everything(finite_sources):
     def rank_keys(rank, world_size):
-        stream = build_train_stream(finite_sources, 16, seed=5, rank=rank, world_size=world_size, infinite=False,
-                                    shuffle_block=4, stopping_strategy="all_exhausted_without_replacement")
+        stream = build_train_stream(
+            finite_sources,
+            16,
+            seed=5,
+            rank=rank,
+            world_size=world_size,
+            infinite=False,
+            shuffle_block=4,
+            stopping_strategy="all_exhausted_without_replacement",
+        )
         return [f"{int(s['source'])}:{s['key']}" for s in stream]
 
     everything = rank_keys(0, 1)
@@ -256,8 +279,15 @@ def test_two_ranks_disjoint_and_union_is_everything(finite_sources):
 
 def test_dataloader_workers_split_a_rank_without_loss_or_duplicates(finite_sources):
     def loader_keys(num_workers):
-        stream = build_train_stream(finite_sources, 16, rank=1, world_size=2, infinite=False, shuffle_block=4,
-                                    stopping_strategy="all_exhausted_without_replacement")
+        stream = build_train_stream(
+            finite_sources,
+            16,
+            rank=1,
+            world_size=2,
+            infinite=False,
+            shuffle_block=4,
+            stopping_strategy="all_exhausted_without_replacement",
+        )
         return [k for batch in make_dataloader(stream, batch_size=2, num_workers=num_workers) for k in batch["key"]]
 
     single, double = loader_keys(0), loader_keys(2)
@@ -310,6 +340,7 @@ def test_hub_branch_with_a_decoding_image_feature(tmp_path):
 # Exact resume
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def resume_sources(tmp_path):
     folder = str(tmp_path / "folder")
@@ -320,8 +351,11 @@ def resume_sources(tmp_path):
     # indices); the 2 tar shards take the shard-level split.
     parquet = make_parquet(str(tmp_path / "pq"), files=1, rows=6, bad_rows={(0, 4)})
     webdataset = make_webdataset(str(tmp_path / "wds"), shards=2, per_shard=2)
-    return [SourceSpec("folder", folder, weight=0.5), SourceSpec("pq", parquet, weight=0.3),
-            SourceSpec("wds", webdataset, weight=0.2)]
+    return [
+        SourceSpec("folder", folder, weight=0.5),
+        SourceSpec("pq", parquet, weight=0.3),
+        SourceSpec("wds", webdataset, weight=0.2),
+    ]
 
 
 def _batches(iterator, count):
@@ -404,6 +438,7 @@ def test_stream_state_is_plain_python_and_mismatch_is_refused(resume_sources):
 # Bad files
 # ---------------------------------------------------------------------------------------------
 
+
 def test_bad_files_are_skipped_and_counted_per_source(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     write(f"{a}/bomb.png", image_bytes(colour(5), size=(40, 40), fmt="PNG"))  # 1600 px > limit below
@@ -421,15 +456,29 @@ def test_bad_files_are_skipped_and_counted_per_source(tmp_path):
     stream = build_eval_stream(SourceSpec("a", a), 16, max_image_pixels=1000)
     samples = list(stream)
     assert [(s["key"], int(s["skipped"][0])) for s in samples] == [
-        ("good1.jpg", 1), ("good2.png", 0), ("png_named.jpg", 0), ("zz.jpg", 3)]
+        ("good1.jpg", 1),
+        ("good2.png", 0),
+        ("png_named.jpg", 0),
+        ("zz.jpg", 3),
+    ]
     assert stream.state_dict()["skipped"] == [4]
 
     # A mixture through the DataLoader: counted per source.
-    stream = build_train_stream([SourceSpec("a", a), SourceSpec("b", b)], 16, infinite=False, max_image_pixels=1000,
-                                stopping_strategy="all_exhausted_without_replacement")
+    stream = build_train_stream(
+        [SourceSpec("a", a), SourceSpec("b", b)],
+        16,
+        infinite=False,
+        max_image_pixels=1000,
+        stopping_strategy="all_exhausted_without_replacement",
+    )
     batches = list(make_dataloader(stream, batch_size=2))
     assert sorted(k for batch in batches for k in batch["key"]) == [
-        "good.jpg", "good1.jpg", "good2.png", "png_named.jpg", "zz.jpg"]
+        "good.jpg",
+        "good1.jpg",
+        "good2.png",
+        "png_named.jpg",
+        "zz.jpg",
+    ]
     assert stream.state_dict()["skipped"] == [4, 1]
     reported = sum(batch["skipped"].sum(0) for batch in batches).tolist()
     assert reported[0] <= 4 and reported[1] <= 1 and sum(reported) >= 3  # all but any trailing skips
@@ -445,11 +494,14 @@ def test_bad_records_in_parquet_and_webdataset_are_skipped(tmp_path):
         assert stream.state_dict()["skipped"] == [1]
 
 
-@pytest.mark.parametrize(("data", "reason"), [
-    (b"", "empty"),
-    (b"just text", "UnidentifiedImageError"),
-    (image_bytes(size=(64, 64))[:200], "(?i)truncated"),
-])
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty"),
+        (b"just text", "UnidentifiedImageError"),
+        (image_bytes(size=(64, 64))[:200], "(?i)truncated"),
+    ],
+)
 def test_load_image_rejects_bad_bytes(data, reason):
     with pytest.raises(BadImageError, match=reason):
         load_image(data)
@@ -469,12 +521,14 @@ def test_pil_decompression_bomb_warning_is_a_skip(monkeypatch):
 # Colour modes
 # ---------------------------------------------------------------------------------------------
 
+
 def pixel(img):
     return tuple(int(v) for v in np.asarray(img)[0, 0])
 
 
 def png16(width, height, color_type, samples):
     """A 16-bit PNG written by hand (PIL cannot write 16-bit RGB)."""
+
     def chunk(tag, body):
         return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
 
@@ -546,6 +600,7 @@ def test_tiny_images_are_upscaled_and_transforms_are_deterministic():
 # Configuration: parsing, mixtures, validation
 # ---------------------------------------------------------------------------------------------
 
+
 def test_parse_source_and_mixtures(tmp_path):
     spec = parse_source("name=coco,path=/data/COCO,weight=0.1,split=train")
     assert spec == SourceSpec("coco", "/data/COCO", weight=0.1, split="train")
@@ -555,8 +610,10 @@ def test_parse_source_and_mixtures(tmp_path):
 
     specs = load_mixture("transfusion", data_root="/mnt/data")
     assert [(s.name, s.kind, s.split, s.weight) for s in specs] == [
-        ("imagenet", "imagenet", "train", 1281167), ("coco", "coco", "train2017", 118287),
-        ("ffhq", "ffhq", "training", 60000)]
+        ("imagenet", "imagenet", "train", 1281167),
+        ("coco", "coco", "train2017", 118287),
+        ("ffhq", "ffhq", "training", 60000),
+    ]
     assert specs[0].path == "/mnt/data/ImageNet"
     assert all(s.kind == "hub" for s in load_mixture("transfusion_hub"))
     with pytest.raises(DataError, match="data root"):
@@ -603,6 +660,7 @@ def test_demo_heldout_crops_come_from_photos_never_trained_on(tmp_path):
     crop_photos = {name.rsplit("_", 1)[0] for name in crop_names}
     assert crop_photos == set(HELDOUT_CROPS) and not crop_photos & trained_photos
     assert {n.removesuffix(".png").removesuffix("_gbr").removesuffix("_brg") for n in train_names} == trained_photos
+
     # Colour-dominated training set, held-out crops both colour and grey.
     def is_grey(path):
         pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
@@ -622,14 +680,16 @@ def test_demo_heldout_crops_come_from_photos_never_trained_on(tmp_path):
             crop = np.asarray(Image.open(os.path.join(heldout.path, f"{photo_name}_{i}.png")))
             left = min(max(round(fx * width - 16), 0), width - 32)
             top = min(max(round(fy * height - 16), 0), height - 32)
-            assert np.array_equal(crop, photo[top:top + 32, left:left + 32])
+            assert np.array_equal(crop, photo[top : top + 32, left : left + 32])
         assert not any(a.shape == photo.shape and np.array_equal(a, photo) for a in train_arrays)
     astronaut = np.asarray(Image.open(os.path.join(train.path, "astronaut.png")))
     assert np.array_equal(astronaut, skimage.data.astronaut())  # full photographs, unresampled
-    assert np.array_equal(np.asarray(Image.open(os.path.join(train.path, "astronaut_gbr.png"))),
-                          astronaut[:, :, [1, 2, 0]])  # channels rotated: colour-balanced
-    means = np.mean([np.asarray(Image.open(os.path.join(train.path, n))).reshape(-1, 3).mean(0)
-                     for n in train_names], axis=0)
+    assert np.array_equal(
+        np.asarray(Image.open(os.path.join(train.path, "astronaut_gbr.png"))), astronaut[:, :, [1, 2, 0]]
+    )  # channels rotated: colour-balanced
+    means = np.mean(
+        [np.asarray(Image.open(os.path.join(train.path, n))).reshape(-1, 3).mean(0) for n in train_names], axis=0
+    )
     assert np.ptp(means) < 1e-6  # every channel has the same mean over the training files
     # Idempotent: nothing is rewritten by a second call.
     stamp = os.path.getmtime(os.path.join(heldout.path, crop_names[0]))
@@ -652,6 +712,7 @@ def test_eval_transform_is_pixel_identical_to_torchvision_resize_centercrop(size
 # ---------------------------------------------------------------------------------------------
 # Training crop modes
 # ---------------------------------------------------------------------------------------------
+
 
 def as_uint8(pixels: torch.Tensor) -> np.ndarray:
     """(3, R, R) in [-1, 1] -> (R, R, 3) uint8, exactly inverting to_tensor."""
@@ -747,8 +808,9 @@ def test_native_stream_yields_windows_and_resumes_exactly(tmp_path):
         originals[f"{i}.png"] = np.asarray(img)
 
     def stream():
-        return build_train_stream([SourceSpec("n", str(folder))], 16, seed=4, shuffle_block=3, random_flip=False,
-                                  crop_mode="native")
+        return build_train_stream(
+            [SourceSpec("n", str(folder))], 16, seed=4, shuffle_block=3, random_flip=False, crop_mode="native"
+        )
 
     reference = list(itertools.islice(iter(stream()), 14))  # crosses two epochs of 5 images
     for sample in reference:
@@ -766,6 +828,7 @@ def test_native_stream_yields_windows_and_resumes_exactly(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Record keys: unique by construction
 # ---------------------------------------------------------------------------------------------
+
 
 def make_repetitive_sources(root):
     """Two tar shards repeating the same __key__s, a parquet file holding byte-identical images."""
@@ -815,6 +878,7 @@ def test_eval_over_repeated_keys_yields_every_row_once(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Held-out samples spread over the data
 # ---------------------------------------------------------------------------------------------
+
 
 def make_many_classes(root, classes=20, per_class=5):
     for c in range(classes):
@@ -892,8 +956,11 @@ def test_sample_images_from_a_hub_style_dataset(tmp_path, monkeypatch):
     files = sorted(str(p) for p in (tmp_path / "pq").glob("*.parquet"))
     hub = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
     hub = hub.cast_column("image", datasets.Image())
-    monkeypatch.setattr(data.sample, "resolve_source",
-                        lambda spec, index: ResolvedSource(spec, index, "hub", hub=hub, image_columns=["image"]))
+    monkeypatch.setattr(
+        data.sample,
+        "resolve_source",
+        lambda spec, index: ResolvedSource(spec, index, "hub", hub=hub, image_columns=["image"]),
+    )
     spec = SourceSpec("hubby", "someone/something", kind="hub")
     images, keys = data.sample.sample_images([spec], 5, 16, seed=1)
     assert len(set(keys)) == 5 and images.shape == (5, 3, 16, 16)

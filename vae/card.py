@@ -15,18 +15,34 @@ from huggingface_hub import ModelCard, ModelCardData
 
 TAGS = ["diffusers", "autoencoder", "vae", "transfusion", "autoencoderkl"]
 # The loss terms and schedule a card reports, named as TrainConfig's fields.
-RECIPE_KEYS = ("l1_weight", "lpips_weight", "gan_weight", "id_weight", "kl_weight", "disc_start", "gan_ramp_steps",
-               "adaptive_weight_max", "lecam_weight")
+RECIPE_KEYS = (
+    "l1_weight",
+    "lpips_weight",
+    "gan_weight",
+    "id_weight",
+    "kl_weight",
+    "disc_start",
+    "gan_ramp_steps",
+    "adaptive_weight_max",
+    "lecam_weight",
+)
 # Images shown when the export folder holds them.
-IMAGES = (("training_curves.png", "Training curves"),
-          ("reconstructions.png", "Held-out inputs (top row) and reconstructions (bottom row)"))
+IMAGES = (
+    ("training_curves.png", "Training curves"),
+    ("reconstructions.png", "Held-out inputs (top row) and reconstructions (bottom row)"),
+)
 
 
 def _source_fields(source) -> dict:
     """name, path, split, weight, kind of a data.SourceSpec or a mapping with those keys."""
     get = source.get if isinstance(source, Mapping) else (lambda key, default=None: getattr(source, key, default))
-    out = {"name": get("name"), "path": str(get("path", "")), "split": get("split"), "weight": get("weight", 1.0),
-           "kind": get("kind", "auto")}
+    out = {
+        "name": get("name"),
+        "path": str(get("path", "")),
+        "split": get("split"),
+        "weight": get("weight", 1.0),
+        "kind": get("kind", "auto"),
+    }
     if out["kind"] in (None, "auto"):
         from data import detect_kind  # only for SourceSpecs that left the kind to detection
 
@@ -53,8 +69,13 @@ def _fmt(value) -> str:
 
 def _recipe_lines(recipe: Mapping) -> list[str]:
     r = {k: recipe.get(k) for k in RECIPE_KEYS}
-    terms = [f"{_fmt(r['l1_weight'])}·L1", f"{_fmt(r['lpips_weight'])}·LPIPS-VGG",
-             f"{_fmt(r['gan_weight'])}·λ·GAN", f"{_fmt(r['id_weight'])}·ID (MoCo v2)", f"{_fmt(r['kl_weight'])}·KL"]
+    terms = [
+        f"{_fmt(r['l1_weight'])}·L1",
+        f"{_fmt(r['lpips_weight'])}·LPIPS-VGG",
+        f"{_fmt(r['gan_weight'])}·λ·GAN",
+        f"{_fmt(r['id_weight'])}·ID (MoCo v2)",
+        f"{_fmt(r['kl_weight'])}·KL",
+    ]
     ramp = r["gan_ramp_steps"] or 0
     lines = [
         "L = " + " + ".join(terms),
@@ -80,22 +101,26 @@ def _metrics_table(initial: Mapping, final: Mapping) -> str:
 def _latent_section(stats: Mapping | None) -> str:
     if not stats:
         return "_Latent statistics were not computed._"
-    rows = [f"| {c} | {m:.4f} | {s:.4f} |"
-            for c, (m, s) in enumerate(zip(stats["latents_mean"], stats["latents_std"], strict=True))]
-    return "\n".join([
-        f"Sampled latents z ~ q(z|x) of {stats['num_images']} images ({stats.get('images', 'held-out images')}), "
-        f"seed {stats['seed']}:",
-        "",
-        f"- overall mean μ = {stats['mean']:.6f}, std σ = {stats['std']:.6f}",
-        f"- `shift_factor` = μ = {stats['shift_factor']:.6f}, `scaling_factor` = 1/σ = {stats['scaling_factor']:.6f} "
-        "(in `config.json`)",
-        "- `config.json` holds no `latents_mean` / `latents_std`: diffusers' SDXL-family pipelines would otherwise "
-        "normalise twice. The per-channel statistics are in `latent_stats.json`:",
-        "",
-        "| channel | mean | std |",
-        "|---|---|---|",
-        *rows,
-    ])
+    rows = [
+        f"| {c} | {m:.4f} | {s:.4f} |"
+        for c, (m, s) in enumerate(zip(stats["latents_mean"], stats["latents_std"], strict=True))
+    ]
+    return "\n".join(
+        [
+            f"Sampled latents z ~ q(z|x) of {stats['num_images']} images ({stats.get('images', 'held-out images')}), "
+            f"seed {stats['seed']}:",
+            "",
+            f"- overall mean μ = {stats['mean']:.6f}, std σ = {stats['std']:.6f}",
+            f"- `shift_factor` = μ = {stats['shift_factor']:.6f}, `scaling_factor` = 1/σ = {stats['scaling_factor']:.6f} "
+            "(in `config.json`)",
+            "- `config.json` holds no `latents_mean` / `latents_std`: diffusers' SDXL-family pipelines would otherwise "
+            "normalise twice. The per-channel statistics are in `latent_stats.json`:",
+            "",
+            "| channel | mean | std |",
+            "|---|---|---|",
+            *rows,
+        ]
+    )
 
 
 def build_model_card(
@@ -140,8 +165,11 @@ def build_model_card(
     hub_datasets = [r["path"] for r in rows if r["kind"] == "hub"]
     base_is_hub = bool(base_model) and not os.path.exists(base_model) and not base_model.startswith((".", "/", "~"))
     data = ModelCardData(
-        license=license, library_name="diffusers", tags=list(TAGS),
-        base_model=base_model if base_is_hub else None, datasets=hub_datasets or None,
+        license=license,
+        library_name="diffusers",
+        tags=list(TAGS),
+        base_model=base_model if base_is_hub else None,
+        datasets=hub_datasets or None,
     )
     name = repo_id or (os.path.basename(os.path.abspath(folder)) if folder else "transfusion-vae")
     load_from = repo_id or (f"./{name}" if folder else ".")
@@ -149,11 +177,17 @@ def build_model_card(
 
     head = [f"# {name.split('/')[-1]}", ""]
     if random_nets:
-        head += ["> **WARNING: the LPIPS (VGG16) and MoCo perception nets were RANDOM "
-                 "during training. This model is a smoke test, not a usable autoencoder.**", ""]
+        head += [
+            "> **WARNING: the LPIPS (VGG16) and MoCo perception nets were RANDOM "
+            "during training. This model is a smoke test, not a usable autoencoder.**",
+            "",
+        ]
     if not heldout_disjoint:
-        head += ["> **Note:** the held-out images are not disjoint from the training data (they come from a "
-                 "training source), so the held-out metrics below flatter the model.", ""]
+        head += [
+            "> **Note:** the held-out images are not disjoint from the training data (they come from a "
+            "training source), so the held-out metrics below flatter the model.",
+            "",
+        ]
     head += [
         "A diffusers `AutoencoderKL` trained with the Transfusion VAE recipe "
         "([Transfusion, arXiv 2408.11039](https://arxiv.org/abs/2408.11039), app. A; reference implementation "
@@ -164,23 +198,31 @@ def build_model_card(
 
     factor = 2 ** (len(vae_config.get("block_out_channels", ())) - 1) if vae_config.get("block_out_channels") else None
     model = [
-        "## Model", "",
+        "## Model",
+        "",
         f"- latent channels: {vae_config.get('latent_channels')}"
         + (f", downsampling ×{factor}" if factor else "")
-        + (f" ({resolution}² → {resolution // factor}²×{vae_config.get('latent_channels')})"
-           if factor and resolution else ""),
+        + (
+            f" ({resolution}² → {resolution // factor}²×{vae_config.get('latent_channels')})"
+            if factor and resolution
+            else ""
+        ),
         f"- block_out_channels: {list(vae_config.get('block_out_channels', ()))}, "
         f"layers_per_block: {vae_config.get('layers_per_block')}"
         + (f", {num_parameters / 1e6:.1f} M parameters" if num_parameters else ""),
     ]
     if has_discriminator:
-        model.append("- `discriminator/`: the PatchGAN discriminator at the end of training (`model.safetensors` + "
-                     "`config.json`), for fine-tuning with its GAN term warm (`--init_discriminator`)")
+        model.append(
+            "- `discriminator/`: the PatchGAN discriminator at the end of training (`model.safetensors` + "
+            "`config.json`), for fine-tuning with its GAN term warm (`--init_discriminator`)"
+        )
 
     per_step = (batch_size or 0) * num_processes * gradient_accumulation_steps
     training = [
-        "## Training", "",
-        *_recipe_lines(recipe), "",
+        "## Training",
+        "",
+        *_recipe_lines(recipe),
+        "",
         "- perception nets (LPIPS-VGG, MoCo): "
         + ("none (the LPIPS and ID terms are off)" if perception_weights == "none" else f"**{perception_weights}**"),
         f"- steps: {steps}, images seen: {images_seen}, resolution: {resolution}²",
@@ -193,21 +235,30 @@ def build_model_card(
         total = sum(float(r["weight"]) for r in rows) or 1.0
         mixture += ["| source | path | split | weight | probability |", "|---|---|---|---|---|"]
         for r in rows:
-            where = (f"[{r['path']}](https://huggingface.co/datasets/{r['path']})" if r["kind"] == "hub"
-                     else f"`{public_path(r['path'])}` (local {r['kind']})")
+            where = (
+                f"[{r['path']}](https://huggingface.co/datasets/{r['path']})"
+                if r["kind"] == "hub"
+                else f"`{public_path(r['path'])}` (local {r['kind']})"
+            )
             weight = float(r["weight"])
             shown = str(int(weight)) if weight.is_integer() else f"{weight:g}"
-            mixture.append(f"| {r['name']} | {where} | {r['split'] or '–'} | {shown} "
-                           f"| {float(r['weight']) / total:.3f} |")
+            mixture.append(
+                f"| {r['name']} | {where} | {r['split'] or '–'} | {shown} | {float(r['weight']) / total:.3f} |"
+            )
     else:
         mixture.append("_Not recorded._")
 
     heldout = [
         "## Held-out reconstruction (posterior mean"
         + (f", {num_validation_images} images" if num_validation_images else "")
-        + (f", source {heldout_name}" if heldout_name else "") + ")", "",
-        ("Held out: disjoint from the training data." if heldout_disjoint
-         else "**Not disjoint from the training data.**"),
+        + (f", source {heldout_name}" if heldout_name else "")
+        + ")",
+        "",
+        (
+            "Held out: disjoint from the training data."
+            if heldout_disjoint
+            else "**Not disjoint from the training data.**"
+        ),
         "",
         _metrics_table(metrics_initial or {}, metrics_final or {}),
     ]
@@ -219,14 +270,16 @@ def build_model_card(
             images += [f"![{caption}]({filename})", "", caption, ""]
 
     usage = [
-        "## Latent statistics", "",
-        _latent_section(latent_stats), "",
-        "## Use", "",
+        "## Latent statistics",
+        "",
+        _latent_section(latent_stats),
+        "",
+        "## Use",
+        "",
         "```python",
         "from diffusers import AutoencoderKL",
         "",
-        f'vae = AutoencoderKL.from_pretrained("{load_from}")'
-        + ("" if repo_id else "  # the folder holding this card"),
+        f'vae = AutoencoderKL.from_pretrained("{load_from}")' + ("" if repo_id else "  # the folder holding this card"),
         "posterior = vae.encode(images).latent_dist      # images in [-1, 1], (B, 3, H, W)",
         "latents = (posterior.sample() - vae.config.shift_factor) * vae.config.scaling_factor  # mean 0, std 1",
         "recon = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample",

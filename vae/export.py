@@ -58,8 +58,10 @@ def latent_statistics(vae: AutoencoderKL, images: torch.Tensor, batch_size: int,
     """
     device = next(vae.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    latents = [vae.encode(chunk.to(device)).latent_dist.sample(generator=generator).double()
-               for chunk in images.split(batch_size)]
+    latents = [
+        vae.encode(chunk.to(device)).latent_dist.sample(generator=generator).double()
+        for chunk in images.split(batch_size)
+    ]
     z = torch.cat(latents)  # (N, C, h, w)
     per_channel = z.transpose(0, 1).flatten(1)  # (C, N·h·w)
     mean, std = z.mean().item(), z.std().item()
@@ -77,8 +79,12 @@ def latent_statistics(vae: AutoencoderKL, images: torch.Tensor, batch_size: int,
 
 def apply_latent_convention(vae: AutoencoderKL, stats: Mapping) -> None:
     """Put shift_factor / scaling_factor into the config and make sure latents_mean / latents_std are None."""
-    vae.register_to_config(shift_factor=float(stats["shift_factor"]), scaling_factor=float(stats["scaling_factor"]),
-                           latents_mean=None, latents_std=None)
+    vae.register_to_config(
+        shift_factor=float(stats["shift_factor"]),
+        scaling_factor=float(stats["scaling_factor"]),
+        latents_mean=None,
+        latents_std=None,
+    )
 
 
 def write_latent_stats(folder: str, stats: Mapping) -> str:
@@ -87,8 +93,8 @@ def write_latent_stats(folder: str, stats: Mapping) -> str:
         "convention": "latents = (z - shift_factor) * scaling_factor; z = latents / scaling_factor + shift_factor",
         **stats,
         "note": "latents_mean / latents_std are per channel and NOT in config.json; to normalise per channel "
-                "instead, use (z - latents_mean[c]) / latents_std[c] on its own, never together with "
-                "scaling_factor / shift_factor",
+        "instead, use (z - latents_mean[c]) / latents_std[c] on its own, never together with "
+        "scaling_factor / shift_factor",
     }
     with open(path, "w") as f:
         json.dump(record, f, indent=2)
@@ -183,12 +189,17 @@ def load_discriminator(path_or_hub_id: str, disc: nn.Module) -> nn.Module:
         raise ModelError(f"cannot read discriminator weights {weights!r}: {type(e).__name__}: {e}") from None
     own = disc.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-              for k, v in own.items() if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
-        raise ModelError(f"discriminator in {path_or_hub_id!r} does not fit this one: {len(missing)} missing, "
-                         f"{len(unexpected)} unexpected, {len(shapes)} mismatched tensors, e.g. "
-                         f"{(shapes + missing + unexpected)[:2]}")
+        raise ModelError(
+            f"discriminator in {path_or_hub_id!r} does not fit this one: {len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(shapes)} mismatched tensors, e.g. "
+            f"{(shapes + missing + unexpected)[:2]}"
+        )
     disc.load_state_dict(state, strict=True)
     return disc
 
@@ -235,9 +246,15 @@ def export_model(
         target = os.path.join(folder, "reconstructions.png")
         if os.path.abspath(reconstructions) != os.path.abspath(target):
             shutil.copyfile(reconstructions, target)
-    model_card = build_model_card(folder=folder, latent_stats=stats, has_discriminator=discriminator is not None,
-                                  **dict(card or {}))
+    model_card = build_model_card(
+        folder=folder, latent_stats=stats, has_discriminator=discriminator is not None, **dict(card or {})
+    )
     model_card.save(os.path.join(folder, "README.md"))
-    logger.info("exported the model to %s (scaling_factor %.4f, shift_factor %.4f, %d images)",
-                folder, stats["scaling_factor"], stats["shift_factor"], stats["num_images"])
+    logger.info(
+        "exported the model to %s (scaling_factor %.4f, shift_factor %.4f, %d images)",
+        folder,
+        stats["scaling_factor"],
+        stats["shift_factor"],
+        stats["num_images"],
+    )
     return stats

@@ -84,8 +84,9 @@ def _api(api, token: str | None):
     return HfApi(token=token)
 
 
-def prepare_repo(repo_id: str, private: bool = False, token: str | None = None, *, api=None,
-                 timeout: float = DEFAULT_TIMEOUT_S) -> str:
+def prepare_repo(
+    repo_id: str, private: bool = False, token: str | None = None, *, api=None, timeout: float = DEFAULT_TIMEOUT_S
+) -> str:
     """Check, before any training, that the run can push to `repo_id`; returns the full repo id.
 
     HubError (one line) when HF_HUB_OFFLINE is set (no request is sent), when there is no token,
@@ -100,8 +101,11 @@ def prepare_repo(repo_id: str, private: bool = False, token: str | None = None, 
     if not token:
         raise HubError(f"cannot push to {repo_id!r}: no Hugging Face token (set HF_TOKEN or run `hf auth login`)")
     api = _api(api, token)
-    repo = _call(f"cannot create or find Hub repository {repo_id!r}",
-                 lambda: api.create_repo(repo_id, token=token, private=private, exist_ok=True), timeout)
+    repo = _call(
+        f"cannot create or find Hub repository {repo_id!r}",
+        lambda: api.create_repo(repo_id, token=token, private=private, exist_ok=True),
+        timeout,
+    )
     full_id = getattr(repo, "repo_id", None) or repo_id
     _check_write(api, full_id, token, timeout)
     logger.info("Hub repository %s is ready (write access checked)", full_id)
@@ -121,9 +125,16 @@ def _check_write(api, repo_id: str, token: str, timeout: float) -> None:
         raise HubError(f"{what}: it belongs to {who.get('name')!r}, not to the namespace {repo_id.split('/')[0]!r}")
 
 
-def push_folder(repo_id: str, folder: str, *, commit_message: str = "Upload Transfusion VAE",
-                token: str | None = None, api=None, ignore_patterns: Sequence[str] | None = None,
-                timeout: float | None = None) -> str:
+def push_folder(
+    repo_id: str,
+    folder: str,
+    *,
+    commit_message: str = "Upload Transfusion VAE",
+    token: str | None = None,
+    api=None,
+    ignore_patterns: Sequence[str] | None = None,
+    timeout: float | None = None,
+) -> str:
     """Upload `folder` (minus HUB_IGNORE) to `repo_id`; returns the commit URL.
 
     On any failure the folder stays as it is and the HubError (one line) holds the exact
@@ -137,9 +148,17 @@ def push_folder(repo_id: str, folder: str, *, commit_message: str = "Upload Tran
         raise HubError(f"not uploaded to {repo_id} (HF_HUB_OFFLINE is set); {later}")
     try:
         api = _api(api, token)
-        info = _call(f"upload to {repo_id} failed", lambda: api.upload_folder(
-            repo_id=repo_id, folder_path=folder, ignore_patterns=patterns, commit_message=commit_message,
-            token=token), timeout if timeout is not None else 1e9)
+        info = _call(
+            f"upload to {repo_id} failed",
+            lambda: api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                ignore_patterns=patterns,
+                commit_message=commit_message,
+                token=token,
+            ),
+            timeout if timeout is not None else 1e9,
+        )
     except HubError as e:
         raise HubError(f"{e}; {later}") from None
     url = getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}"
@@ -161,8 +180,9 @@ class BackgroundPusher:
     `api` is an HfApi (or a stand-in with the same `upload_folder`); tests pass a stub.
     """
 
-    def __init__(self, repo_id: str, *, token: str | None = None, api=None,
-                 ignore_patterns: Sequence[str] | None = None):
+    def __init__(
+        self, repo_id: str, *, token: str | None = None, api=None, ignore_patterns: Sequence[str] | None = None
+    ):
         from vae.export import HUB_IGNORE
 
         self.repo_id = repo_id
@@ -196,8 +216,14 @@ class BackgroundPusher:
             if hub_offline():
                 raise HubError("HF_HUB_OFFLINE is set")
             self.api = _api(self.api, self.token)
-            future = self.api.upload_folder(repo_id=self.repo_id, folder_path=folder, commit_message=message,
-                                            ignore_patterns=self.ignore_patterns, token=self.token, run_as_future=True)
+            future = self.api.upload_folder(
+                repo_id=self.repo_id,
+                folder_path=folder,
+                commit_message=message,
+                ignore_patterns=self.ignore_patterns,
+                token=self.token,
+                run_as_future=True,
+            )
         except Exception as e:  # noqa: BLE001 - a push is never fatal
             future = Future()
             future.set_exception(e)
@@ -218,8 +244,9 @@ class BackgroundPusher:
             else:
                 self.failures += 1
                 self.last_error = one_line(error)
-                logger.warning("Hub upload %r to %s failed (%s); the next save retries", message, self.repo_id,
-                               self.last_error)
+                logger.warning(
+                    "Hub upload %r to %s failed (%s); the next save retries", message, self.repo_id, self.last_error
+                )
             self._discard(folder, message, cleanup)
             self._running = None
             if self._queued is not None:
