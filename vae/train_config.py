@@ -14,22 +14,22 @@ MOCO_V2_URL = "https://dl.fbaipublicfiles.com/moco/moco_checkpoints/moco_v2_800e
 # scikit-image, a small preset and a short schedule that finishes on a laptop CPU. Flags the
 # user gives explicitly always win over these.
 DEMO_DEFAULTS = dict(
-    # The tiny preset (0.3 M parameters, the same 8x geometry and 8 latent channels) takes ~0.2 s a
-    # step on 2 CPU cores at 64²: 900 steps fit in the 4-minute budget, where the small preset
-    # (3.9 M) managed ~200 steps and ended lower.
+    # "tiny" learns as fast per step as "small" here (18.6 vs 17.4 dB after 500 steps at lr 1e-3) at
+    # 0.53 instead of 0.83 CPU-seconds a step; random-VGG LPIPS is about two thirds of its step.
     model_config="tiny",
     resolution=64,
-    crop_mode="native",  # native-scale windows of the photographs: real textures, not thumbnails
-    train_batch_size=4,
-    max_train_steps=900,
-    learning_rate=1e-3,
+    crop_mode="native",  # native-scale windows of the full photographs, like the held-out crops
+    train_batch_size=4,  # batch 2 or 8 reached less per image seen
+    max_train_steps=400,  # 272 CPU-seconds on one thread, export included: ~3 minutes on 2 idle cores
+    learning_rate=1e-3,  # 2e-3 and 3e-3 ended lower and noisier
     lr_scheduler="cosine",
-    # The GAN switches on late and ramps in, so the held-out curve does not end below its best.
-    disc_start=650,
-    gan_ramp_steps=200,
-    validation_steps=100,
-    num_validation_images=16,
-    checkpointing_steps=450,
+    use_ema=True,  # EMA + cosine: a smooth held-out curve, +0.4 dB over a constant rate
+    ema_decay=0.99,
+    disc_start=250,
+    gan_ramp_steps=100,  # the GAN term ramps in: no dip in the held-out curve
+    validation_steps=50,
+    num_validation_images=16,  # all the held-out crops
+    checkpointing_steps=200,
     logging_steps=20,
     dataloader_num_workers=0,
     shuffle_block=16,
