@@ -130,8 +130,10 @@ def tensors_of():
     return _tensors_of
 
 
-def _two_rank_launch(argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """(command, environment) of `accelerate launch` running train_vae.py on 2 real DDP ranks on CPU (gloo)."""
+def _two_rank_launch(argv: list[str], port: int = 29500) -> tuple[list[str], dict[str, str]]:
+    """(command, environment) of `accelerate launch` running train_vae.py on 2 real DDP ranks on CPU (gloo).
+
+    Runs at the same time need different rendezvous ports."""
     import sys
 
     cmd = [
@@ -139,6 +141,8 @@ def _two_rank_launch(argv: list[str]) -> tuple[list[str], dict[str, str]]:
         "launch",
         "--config_file",
         os.path.join(REPO_ROOT, "accelerate_configs", "cpu_2proc.yaml"),
+        "--main_process_port",
+        str(port),
         "train_vae.py",
         *argv,
     ]

@@ -60,8 +60,8 @@ def test_sigterm_on_a_two_rank_run_then_resume_equals_uninterrupted(
 ):
     """SLURM sends SIGTERM to every task of the job step: here to both ranks of a real 2-process DDP run."""
 
-    def launch(argv, log):
-        cmd, env = two_rank_launch(argv)
+    def launch(argv, log, port=29500):
+        cmd, env = two_rank_launch(argv, port)
         return subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
     steps = 40
@@ -91,7 +91,7 @@ def test_sigterm_on_a_two_rank_run_then_resume_equals_uninterrupted(
 
     # The uninterrupted run and the resumed one run side by side: the same 2 cores, less wall time.
     whole = launch(argv(tmp_path / "whole"), logs["whole"])
-    resumed = launch(argv(tmp_path / "stopped", resume_from_checkpoint="latest"), logs["resumed"])
+    resumed = launch(argv(tmp_path / "stopped", resume_from_checkpoint="latest"), logs["resumed"], port=29511)
     assert whole.wait(timeout=600) == 0, (tmp_path / "whole.log").read_text()[-3000:]
     assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     assert (
