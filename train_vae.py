@@ -578,10 +578,10 @@ class Trainer:
 
     def _stop_requested(self, signals: StopSignals) -> int:
         """The signal any rank received (0 = none); every rank gets the same answer."""
+        if self.accelerator.num_processes == 1:
+            return signals.received  # no device tensor, no host sync
         flag = torch.tensor([signals.received], device=self.device)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.gather(flag).max()
-        return int(flag.item())
+        return int(self.accelerator.gather(flag).max().item())
 
     def _update_skip_counts(self, skipped_images: torch.Tensor) -> None:
         totals = self.accelerator.reduce(skipped_images.to(self.device), reduction="sum").cpu()
@@ -715,11 +715,10 @@ class Trainer:
             metrics_initial=st.initial_metrics,
             metrics_final=st.last_metrics,
         )
-        if folder != cfg.output_dir:
-            for name in (CURVES_PNG,):
-                if os.path.isfile(os.path.join(cfg.output_dir, name)):
-                    os.makedirs(folder, exist_ok=True)
-                    shutil.copyfile(os.path.join(cfg.output_dir, name), os.path.join(folder, name))
+        curves = os.path.join(cfg.output_dir, CURVES_PNG)
+        if folder != cfg.output_dir and os.path.isfile(curves):  # a Hub staging folder shows the curves too
+            os.makedirs(folder, exist_ok=True)
+            shutil.copyfile(curves, os.path.join(folder, CURVES_PNG))
         return export.export_model(
             folder,
             vae,
