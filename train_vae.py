@@ -41,7 +41,7 @@ from losses.perceptual import PerceptionWeightsError
 from vae import checkpointing, export, hub
 from vae.config import fail, parse_config, to_dict
 from vae.errors import CheckpointError, UserError
-from vae.models import ModelError, build_vae, init_from_pretrained, load_vae
+from vae.models import ModelError, build_vae, count_parameters, init_from_pretrained, load_vae
 from vae.train_config import TrainConfig, apply_demo_defaults
 from vae.validation import held_out_metrics, log_images, save_grid
 
@@ -710,7 +710,7 @@ class Trainer:
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             resolution=cfg.resolution,
             vae_config=dict(vae.config),
-            num_parameters=sum(p.numel() for p in vae.parameters()),
+            num_parameters=count_parameters(vae),
             perception_weights=self.loss_fn.perception_weights,
             metrics_initial=st.initial_metrics,
             metrics_final=st.last_metrics,
