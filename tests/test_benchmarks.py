@@ -92,8 +92,14 @@ def test_convergence_smoke_writes_table_json_and_curves(tmp_path, capsys):
         points = run["points"]
         assert len(points) >= 3 and points[0]["train_s"] == 0 and points[-1]["train_s"] >= budget
         assert all(a["train_s"] < b["train_s"] for a, b in itertools.pairwise(points))
-        assert all(set(p) >= {"psnr", "ssim", "lpips", "batches", "ae_updates", "d_updates"} for p in points)
+        assert all(
+            set(p) >= {"psnr", "psnr_raw", "ssim", "lpips", "batches", "ae_updates", "d_updates"} for p in points
+        )
         assert run["batches"] == points[-1]["batches"] > 0 and run["ae_updates"] > 0
+        # The curve is the EMA's (--ema_decay 0.99 by default): equal to the raw weights before any update,
+        # lagging behind them after.
+        assert points[0]["psnr"] == points[0]["psnr_raw"]
+        assert any(p["psnr"] != p["psnr_raw"] for p in points[1:])
     ours, ref = saved["runs"]["ours"], saved["runs"]["reference"]
     assert ours["points"][0] == ref["points"][0]  # the same initial weights, measured alike
     assert ours["ae_updates"] == ours["d_updates"] == ours["batches"]  # ours: AE and D on every batch
@@ -105,6 +111,9 @@ def test_convergence_smoke_writes_table_json_and_curves(tmp_path, capsys):
     ttp = saved["time_to_psnr"]
     assert ttp["target_psnr"] == ref["points"][-1]["psnr"]
     assert ttp["ratio"] is None or ttp["ratio"] == pytest.approx(ttp["ours_s"] / ttp["reference_total_s"])
+    raw = saved["time_to_psnr_raw"]
+    assert raw["target_psnr"] == ref["points"][-1]["psnr_raw"]
+    assert raw["ratio"] is None or raw["ratio"] == pytest.approx(raw["ours_s"] / ttp["reference_total_s"])
     assert (out / "convergence.txt").read_text().startswith("convergence: preset tiny")
     with Image.open(out / "convergence.png") as png:
         assert png.size[0] > 500 and png.size[1] > 200
