@@ -156,6 +156,13 @@ def test_curves_skip_missing_keys_and_empty_logs(tmp_path):
     empty.write_text("")
     assert curves.plot_training_curves(str(empty), str(tmp_path / "e.png")) is None
     assert curves.plot_training_curves(str(tmp_path / "missing.jsonl"), str(tmp_path / "m.png")) is None
+    # A term that is off logs 0 at every step (--lpips_weight 0, --id_weight 0): no panel for it.
+    off = tmp_path / "off.jsonl"
+    off.write_text(
+        "".join(json.dumps({"step": s, "loss/l1": 1.0 / (s + 1), "loss/lpips": 0.0}) + "\n" for s in range(5))
+    )
+    titles = [ax.get_title() for ax in curves.build_figure(curves.read_log(str(off))).axes if ax.get_title()]
+    assert titles == ["L1"]
     (tmp_path / "other.jsonl").write_text('{"step": 1, "perf/images_per_s": 3.0}\nnot json\n')
     assert curves.plot_training_curves(str(tmp_path / "other.jsonl"), str(tmp_path / "o.png")) is None
     assert not any((tmp_path / name).exists() for name in ("e.png", "m.png", "o.png"))

@@ -1,8 +1,8 @@
 """Training curves from the trainer's JSON-lines log: held-out metrics, loss terms, λ, the discriminator.
 
 Each line of the log is one JSON object {"step": int, "<key>": float, ...}. The keys plotted are
-the trainer's (see PANELS); a key the log lacks leaves its curve out, a panel with no curve is
-dropped, and a log with nothing to plot gives no figure. A dashed vertical line marks the step
+the trainer's (see PANELS); a key the log lacks, or one that is 0 at every step (a term switched
+off, e.g. --lpips_weight 0), leaves its curve out, a panel with no curve is dropped, and a log with nothing to plot gives no figure. A dashed vertical line marks the step
 the GAN term starts in every panel.
 """
 
@@ -70,7 +70,8 @@ def build_figure(series: dict[str, list[tuple[int, float]]], gan_start: int | No
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
-    panels = [(title, [(k, lab) for k, lab in curves if series.get(k)], log) for title, curves, log in PANELS]
+    shown = {k for k, points in series.items() if any(v != 0 for _, v in points)}  # all-zero: a term that is off
+    panels = [(title, [(k, lab) for k, lab in curves if k in shown], log) for title, curves, log in PANELS]
     panels = [p for p in panels if p[1]]
     if not panels:
         return None
