@@ -29,7 +29,7 @@ RECIPE_KEYS = (
 # Images shown when the export folder holds them.
 IMAGES = (
     ("training_curves.png", "Training curves"),
-    ("reconstructions.png", "Held-out inputs (top row) and reconstructions (bottom row)"),
+    ("reconstructions.png", "Held-out inputs, each row above its reconstructions"),
 )
 
 
