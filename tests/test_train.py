@@ -332,6 +332,23 @@ def test_unwritable_output_dir(tmp_path, capsys, run_main):
     assert len(err) == 1 and "is not writable" in err[0]
 
 
+@pytest.mark.parametrize("script", ["train_vae.py", "eval_vae.py"])
+def test_help_lists_every_flag(script, capsys):
+    """--help must print (argparse %-formats help text: one literal % in a help string crashed it)."""
+    import dataclasses
+
+    import eval_vae
+    from vae.config import build_parser
+    from vae.train_config import TrainConfig
+
+    cls = TrainConfig if script == "train_vae.py" else eval_vae.EvalConfig
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser(cls, script, "").parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f"--{f.name}" in text for f in dataclasses.fields(cls))
+
+
 def test_config_file_sets_flags_and_rejects_unknown_keys(tmp_path, capsys):
     from vae.config import parse_config
     from vae.train_config import TrainConfig

@@ -85,7 +85,8 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         else:
             kw["type"] = _optional(tp) if optional else tp
             kw["metavar"] = tp.__name__.upper()
-        kw["help"] = f"{kw['help']} (default: {default!r})"
+        # argparse %-formats help strings: a literal % (e.g. "within 0.4%") would crash --help.
+        kw["help"] = f"{kw['help']} (default: {default!r})".replace("%", "%%")
         parser.add_argument(f"--{f.name}", **kw)
     return parser
 
