@@ -491,15 +491,16 @@ class Evaluator:
         self.protocol = cfg.resolved_protocol()
         self.mixed_precision = cfg.mixed_precision or accelerator.mixed_precision or "no"
 
-        # Cheap checks first — data, FID weights, models, LPIPS weights — each fails with one line.
+        # Cheap checks first — data, models, FID weights, LPIPS weights — each fails with one line; the
+        # model comes before the metric weights so that a mistyped model path is the first thing reported.
         self.source = dataset_source(cfg)
         data.validate_sources([self.source])
+        models = load_models(cfg)
         use_inception = cfg.fid and feature_extractor is None
         backend = self.protocol["fid_backend"]
         self.inception_path = (
             metrics.resolve_inception_weights(cfg.inception_weights, backend) if use_inception else None
         )
-        models = load_models(cfg)
         if lpips is None:
             if cfg.perception_weights == "random":
                 torch.manual_seed(cfg.seed)  # the same random VGG on every rank and in every run

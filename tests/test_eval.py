@@ -289,6 +289,10 @@ def test_bad_inputs_fail_with_one_line(workspace, capsys, tmp_path, monkeypatch)
     fid_ok = ["--inception_weights", str(ws / "inception.pth")]
     err = _error_line(capsys, base_args(ws, "bad", *fid_ok) + ["--pretrained_model_name_or_path", str(ws / "nowhere")])
     assert "nowhere" in err and "does not exist" in err
+    # A mistyped model path is reported before missing metric weights (fix the typo first, not the cache).
+    no_fid = ["--inception_weights", str(tmp_path / "missing.pth")]
+    err = _error_line(capsys, base_args(ws, "bad", *no_fid) + ["--pretrained_model_name_or_path", str(ws / "nowhere")])
+    assert "nowhere" in err and "does not exist" in err
     err = _error_line(capsys, base_args(ws, "bad", *fid_ok) + ["--baseline", "no-such-org/no-such-vae"])
     assert "no-such-org/no-such-vae" in err
     err = _error_line(capsys, base_args(ws, "bad", *fid_ok) + ["--resolution", "30"])
