@@ -357,7 +357,11 @@ class Trainer:
                     save_file(unwrapped.state_dict(), os.path.join(output_dir, "discriminator.safetensors"))
         weights.clear()  # saved above; keep accelerate from writing model_N.safetensors too
         if self.ema is not None and self.accelerator.is_main_process:
-            self.ema.save_pretrained(os.path.join(output_dir, "vae_ema"))
+            # EMAModel.save_pretrained builds a freshly initialised model to copy the averages into, which
+            # draws from the global (CPU) RNG that the posterior noise also comes from: without the fork,
+            # the checkpoint interval would change every later step of the run.
+            with torch.random.fork_rng(devices=[]):
+                self.ema.save_pretrained(os.path.join(output_dir, "vae_ema"))
 
     def _load_hook(self, models, input_dir):
         while models:

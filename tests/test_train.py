@@ -52,6 +52,25 @@ def test_resume_equals_uninterrupted_run(image_folder, tmp_path, tiny_args, run_
 
 
 @pytest.mark.e2e
+def test_checkpoint_and_validation_schedule_do_not_change_the_run(image_folder, tmp_path, tiny_args, run_main, tensors_of):
+    """The same seed gives the same model whether it saved and validated every step or only at the end.
+
+    Saving the EMA once drew from the training RNG (diffusers' EMAModel.save_pretrained builds a freshly
+    initialised model), so the checkpoint interval changed the posterior noise of every later step.
+    """
+    extra = dict(use_ema=True, ema_decay=0.9)
+    run_main(tiny_args(image_folder, tmp_path / "often", 6, checkpointing_steps=1, validation_steps=1, **extra))
+    run_main(tiny_args(image_folder, tmp_path / "once", 6, checkpointing_steps=6, validation_steps=100, **extra))
+    often, once = tmp_path / "often" / "checkpoint-6", tmp_path / "once" / "checkpoint-6"
+    t_often, t_once = tensors_of(often), tensors_of(once)
+    assert t_often.keys() == t_once.keys()
+    for key in t_once:
+        assert torch.equal(t_often[key], t_once[key]), key
+    ema = [load_file(os.path.join(p, "vae_ema", "diffusion_pytorch_model.safetensors")) for p in (often, once)]
+    assert all(torch.equal(ema[0][k], ema[1][k]) for k in ema[1])
+
+
+@pytest.mark.e2e
 def test_two_process_ddp_run(image_folder, tmp_path, tiny_args, two_rank_launch):
     """Real 2-rank DDP on CPU (gloo): G and D steps, checkpoints, identical replicas, loadable export."""
     out = tmp_path / "ddp"
