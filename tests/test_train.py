@@ -52,7 +52,9 @@ def test_resume_equals_uninterrupted_run(image_folder, tmp_path, tiny_args, run_
 
 
 @pytest.mark.e2e
-def test_checkpoint_and_validation_schedule_do_not_change_the_run(image_folder, tmp_path, tiny_args, run_main, tensors_of):
+def test_checkpoint_and_validation_schedule_do_not_change_the_run(
+    image_folder, tmp_path, tiny_args, run_main, tensors_of
+):
     """The same seed gives the same model whether it saved and validated every step or only at the end.
 
     Saving the EMA once drew from the training RNG (diffusers' EMAModel.save_pretrained builds a freshly
