@@ -22,7 +22,7 @@ DEMO_DEFAULTS = dict(
     train_batch_size=8,  # 20.1 dB after 600 steps; batch 4 flattened at 19.5-19.6 dB after 700-1000 steps
     max_train_steps=600,  # about 3.5 minutes on 2 idle cores, export included
     learning_rate=1e-3,  # 1.5e-3 ended equal (20.2 dB), 2e-3 lower and noisier
-    # No warm-up: seeds 0/1/2 end at 20.12/18.84/19.73 dB; a 50-step warm-up gives 19.81/19.96/19.75 (README).
+    # No warm-up, one thread: seeds 0/1/2 end at 20.20/18.84/19.73 dB; a 50-step warm-up: 19.81/19.96/19.75 (README).
     lr_scheduler="cosine",
     use_ema=True,  # EMA + cosine: a smooth held-out curve, +0.4 dB over a constant rate
     ema_decay=0.99,
