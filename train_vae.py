@@ -120,6 +120,13 @@ class StopSignals:
         self.received = signum
 
 
+def averaged_copy(vae: nn.Module, ema: EMAModel) -> nn.Module:
+    """A copy of `vae` holding the EMA's weights; the live model and its optimizer state stay untouched."""
+    averaged = copy.deepcopy(vae)
+    ema.copy_to(averaged.parameters())
+    return averaged
+
+
 def requires_grad(module: nn.Module, flag: bool) -> None:
     for p in module.parameters():
         p.requires_grad_(flag)
@@ -659,11 +666,7 @@ class Trainer:
 
     def eval_vae(self) -> AutoencoderKL:
         """The weights to evaluate and export: an EMA copy when on, else the live model."""
-        if self.ema is None:
-            return self.vae
-        vae = copy.deepcopy(self.vae)
-        self.ema.copy_to(vae.parameters())
-        return vae
+        return self.vae if self.ema is None else averaged_copy(self.vae, self.ema)
 
     def export(self) -> None:
         """The final model folder in --output_dir; then, with --push_to_hub, the upload (one line if it fails)."""
@@ -681,7 +684,8 @@ class Trainer:
     def export_to(self, folder: str, repo_id: str | None) -> dict:
         """Write the VAE (EMA weights when on), its latent statistics, D and the model card into `folder`."""
         cfg, st = self.cfg, self.state
-        vae = copy.deepcopy(self.eval_vae()).eval()
+        # Its own copy in eval mode: the EMA's is one already, the live model must not be switched to eval.
+        vae = (copy.deepcopy(self.vae) if self.ema is None else averaged_copy(self.vae, self.ema)).eval()
         how = "held-out images" if self.heldout_disjoint else "images sampled from the training mixture"
         images, count = None, cfg.latent_stats_samples
         while images is None:

@@ -41,7 +41,6 @@ time. Below 1 ours gets there sooner; the target is ≤ 0.5.
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import math
@@ -195,9 +194,8 @@ def evaluate(run: Run, images: torch.Tensor, lpips, args, accelerator: Accelerat
     raw, _ = held_out_metrics(run.vae, images, raw_lpips, args.eval_batch_size, autocast=accelerator.autocast)
     metrics = raw
     if run.ema is not None:
-        scratch = copy.deepcopy(run.vae)  # a few MB; the run's own weights stay untouched
-        run.ema.copy_to(scratch.parameters())
-        metrics, _ = held_out_metrics(scratch, images, lpips, args.eval_batch_size, autocast=accelerator.autocast)
+        averaged = train_vae.averaged_copy(run.vae, run.ema)  # a few MB; the run's own weights stay untouched
+        metrics, _ = held_out_metrics(averaged, images, lpips, args.eval_batch_size, autocast=accelerator.autocast)
     run.points.append(
         {
             "train_s": run.train_s,

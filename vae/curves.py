@@ -2,8 +2,9 @@
 
 Each line of the log is one JSON object {"step": int, "<key>": float, ...}. The keys plotted are
 the trainer's (see PANELS); a key the log lacks, or one that is 0 at every step (a term switched
-off, e.g. --lpips_weight 0), leaves its curve out, a panel with no curve is dropped, and a log with nothing to plot gives no figure. A dashed vertical line marks the step
-the GAN term starts in every panel.
+off, e.g. --lpips_weight 0), leaves its curve out, a panel with no curve is dropped, and a log with
+nothing to plot gives no figure. A dashed vertical line marks the step the GAN term starts in every
+panel.
 """
 
 from __future__ import annotations
