@@ -22,6 +22,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -380,7 +382,17 @@ class Trainer:
             else:
                 unwrapped.load_state_dict(load_file(os.path.join(input_dir, "discriminator.safetensors")))
         if self.ema is not None:
-            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "vae_ema"), model_cls=AutoencoderKL)
+            # EMAModel keeps its own settings (decay, step) in the model's config.json, which AutoencoderKL
+            # then warns it does not know, and it loads through a call diffusers itself deprecates:
+            # both expected here, so not shown.
+            verbosity = diffusers_logging.get_verbosity()
+            diffusers_logging.set_verbosity_error()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    loaded = EMAModel.from_pretrained(os.path.join(input_dir, "vae_ema"), model_cls=AutoencoderKL)
+            finally:
+                diffusers_logging.set_verbosity(verbosity)
             self.ema.load_state_dict(loaded.state_dict())
             self.ema.to(self.device)
 
@@ -407,6 +419,7 @@ class Trainer:
             self._extra_state(),
             self.dataloader.state_dict(),
             self.cfg.checkpoints_total_limit,
+            to_dict(self.cfg),
         )
         if self.pusher is not None and self.accelerator.is_main_process:
             # The exported model of this checkpoint (no optimizer states) goes up in the background;
@@ -427,10 +440,14 @@ class Trainer:
             if self.cfg.resume_from_checkpoint:
                 logger.info("no checkpoint to resume from: starting a new run", main_process_only=True)
             return
+        for change in checkpointing.check_resume(path, to_dict(self.cfg), dict(self.vae.config)):
+            logger.warning(f"resuming with a changed flag, {change}", main_process_only=True)
         try:
             self.accelerator.load_state(path)
         except pickle.UnpicklingError as e:  # accelerate loads with weights_only: a pickle that would run code
             raise CheckpointError(f"refused to resume from {path}: {checkpointing.load_error(e)}") from None
+        except (RuntimeError, KeyError, ValueError) as e:  # e.g. a model config file edited since
+            raise CheckpointError(f"cannot resume from {path}: {checkpointing.load_error(e)}") from None
         extra, data_state = checkpointing.load_extra(
             path, self.accelerator.process_index, self.accelerator.num_processes
         )

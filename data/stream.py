@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import warnings
 
 import numpy as np
 import torch
@@ -368,4 +369,6 @@ def make_dataloader(stream: ImageStream, batch_size: int, num_workers: int = 0, 
     """A torchdata StatefulDataLoader: its state_dict()/load_state_dict() resume the stream exactly."""
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    return StatefulDataLoader(stream, batch_size=batch_size, num_workers=num_workers, **kw)
+    with warnings.catch_warnings():  # torchdata calls torch.set_vital, which this torch deprecates: not ours to fix
+        warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+        return StatefulDataLoader(stream, batch_size=batch_size, num_workers=num_workers, **kw)

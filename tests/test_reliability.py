@@ -261,6 +261,52 @@ def test_resume_from_a_partial_folder_is_one_line(image_folder, tmp_path, capsys
     assert err[-1].startswith("train_vae.py: error:") and "is not a complete checkpoint folder" in err[-1]
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        # another model: the weights would not load (a page of size mismatches from torch otherwise)
+        ({"model_config": "small"}, "holds another model (block_out_channels [16, 32, 32, 32], this run builds [32,"),
+        # the restored optimizer and scheduler states would silently put the old learning rate back
+        ({"learning_rate": 5e-4}, "was trained with --learning_rate 0.001 (now 0.0005)"),
+        # the data position is per worker (torchdata would fail with an AssertionError otherwise)
+        ({"dataloader_num_workers": 1}, "was trained with --dataloader_num_workers 0 (now 1)"),
+        ({"use_ema": True}, "was trained with --use_ema False (now True)"),
+    ],
+)
+def test_resume_refuses_a_flag_the_checkpoint_cannot_follow(
+    flags, says, one_step_checkpoint, image_folder, tmp_path, capsys, run_main, tiny_args
+):
+    out = tmp_path / "out"
+    shutil.copytree(one_step_checkpoint, out / "checkpoint-1")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(tiny_args(image_folder, out, 2, checkpointing_steps=1, resume_from_checkpoint="latest", **flags))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"train_vae.py: error: {out / 'checkpoint-1'} ") and says in err[-1], err[-1]
+    assert not (out / "checkpoint-2").exists() and not (out / "config.json").exists()
+
+
+@pytest.mark.e2e
+def test_resume_names_each_changed_flag_that_takes_effect(
+    one_step_checkpoint, image_folder, tmp_path, caplog, run_main, tiny_args
+):
+    out = tmp_path / "out"
+    shutil.copytree(one_step_checkpoint, out / "checkpoint-1")
+    assert json.loads((out / "checkpoint-1" / checkpointing.RUN_CONFIG).read_text())["l1_weight"] == 1.0
+    # a changed output folder, log interval or validation size does not touch the trajectory: not named
+    flags = dict(checkpointing_steps=1, resume_from_checkpoint="latest", l1_weight=2.0, validation_steps=7)
+    with caplog.at_level("WARNING"):
+        run_main(tiny_args(image_folder, out, 2, **flags))
+    changed = [r.getMessage().removeprefix("[RANK 0] ") for r in caplog.records if "changed flag" in r.getMessage()]
+    assert changed == [
+        "resuming with a changed flag, l1_weight: 1.0 -> 2.0",
+        "resuming with a changed flag, max_train_steps: 1 -> 2",  # extending a run: allowed, and said
+    ]
+    assert (out / "checkpoint-2").is_dir()
+    assert json.loads((out / "checkpoint-2" / checkpointing.RUN_CONFIG).read_text())["l1_weight"] == 2.0
+
+
 def test_checkpoint_limit_below_one_is_refused(tmp_path, capsys, run_main):
     with pytest.raises(SystemExit) as exit_info:
         run_main(["--output_dir", str(tmp_path), "--checkpoints_total_limit", "0"])

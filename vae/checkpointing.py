@@ -21,6 +21,66 @@ from vae.errors import CheckpointError, UserError
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
+RUN_CONFIG = "train_config.json"  # the flags of the run that wrote the checkpoint
+
+# Flags a resumed run cannot change. The restored state would silently override a new value
+# (Adam's hyper-parameters and base learning rates live in the optimizer and scheduler states, the
+# EMA decay in the EMA state), would not load (which parameters train and are averaged), or belongs
+# to the old value (each data worker's stream position; the seed of the data order).
+FIXED_ON_RESUME = (
+    "train_decoder_only",
+    "freeze",
+    "use_ema",
+    "ema_decay",
+    "learning_rate",
+    "disc_learning_rate",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_weight_decay",
+    "adam_epsilon",
+    "dataloader_num_workers",
+    "shuffle_block",
+    "seed",
+)
+# Flags that do not touch the training trajectory (where things go, how often they are logged,
+# validated, saved or pushed; which weights initialise a run that the checkpoint then replaces).
+FREE_ON_RESUME = (
+    "output_dir",
+    "logging_dir",
+    "report_to",
+    "tracker_project_name",
+    "logging_steps",
+    "validation_steps",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "resume_from_checkpoint",
+    "num_validation_images",
+    "latent_stats_samples",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_private",
+    "hub_strategy",
+    "license",
+    "init_from",
+    "init_discriminator",
+    "perception_weights",
+    "id_checkpoint",
+    "max_nonfinite_steps",
+)
+# AutoencoderKL config keys that decide the shapes of the weights.
+MODEL_SHAPE_KEYS = (
+    "in_channels",
+    "out_channels",
+    "down_block_types",
+    "up_block_types",
+    "block_out_channels",
+    "layers_per_block",
+    "latent_channels",
+    "norm_num_groups",
+    "use_quant_conv",
+    "use_post_quant_conv",
+    "mid_block_add_attention",
+)
 
 
 def check_writable(output_dir: str) -> None:
@@ -74,8 +134,13 @@ def prune(output_dir: str, limit: int | None) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
-def save(accelerator, output_dir: str, step: int, extra: dict, data_state: dict, limit: int | None) -> str:
-    """Every rank writes its part into checkpoint-N.tmp; the main process then renames it."""
+def save(
+    accelerator, output_dir: str, step: int, extra: dict, data_state: dict, limit: int | None, config: dict
+) -> str:
+    """Every rank writes its part into checkpoint-N.tmp; the main process then renames it.
+
+    `config`: the run's flags, kept beside the state so that a resume can say which ones changed.
+    """
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     if accelerator.is_main_process and os.path.exists(tmp):
@@ -86,6 +151,8 @@ def save(accelerator, output_dir: str, step: int, extra: dict, data_state: dict,
     torch.save(data_state, os.path.join(tmp, f"data_state_{accelerator.process_index}.pt"))
     if accelerator.is_main_process:
         extra = dict(extra, world_size=accelerator.num_processes)
+        with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
+            json.dump(config, f, indent=2)
         with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
             json.dump(extra, f, indent=2)
     accelerator.wait_for_everyone()
@@ -97,6 +164,48 @@ def save(accelerator, output_dir: str, step: int, extra: dict, data_state: dict,
         prune(output_dir, limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def check_resume(path: str, config: dict, model_config: dict) -> list[str]:
+    """Compare a checkpoint with the run about to resume from it, before anything is loaded.
+
+    Raises CheckpointError (one line) for a model of another shape or a changed flag that the
+    restored state would override or could not follow (FIXED_ON_RESUME). Returns the other changed
+    flags as "name: old -> new": they take effect, and the run is then no longer a continuation of
+    either configuration (a changed --max_train_steps also re-times a non-constant LR schedule).
+    """
+    with open(os.path.join(path, "vae", "config.json")) as f:
+        saved_model = json.load(f)
+    for key in MODEL_SHAPE_KEYS:
+        old, new = _plain(saved_model.get(key)), _plain(model_config.get(key))
+        if key in saved_model and old != new:
+            raise CheckpointError(
+                f"{path} holds another model ({key} {old}, this run builds {new}): "
+                "resume with the --model_config / --latent_channels it was trained with"
+            )
+    run_file = os.path.join(path, RUN_CONFIG)
+    if not os.path.isfile(run_file):  # written by a version of this trainer that did not keep its flags
+        return []
+    with open(run_file) as f:
+        saved = json.load(f)
+    changed = {
+        k: (saved[k], config[k])
+        for k in sorted(set(saved) & set(config))
+        if k not in FREE_ON_RESUME and k not in ("model_config", "latent_channels") and saved[k] != config[k]
+    }
+    fixed = [k for k in FIXED_ON_RESUME if k in changed]
+    if fixed:
+        listed = ", ".join(f"--{k} {changed[k][0]} (now {changed[k][1]})" for k in fixed)
+        raise CheckpointError(
+            f"{path} was trained with {listed}; a resumed run keeps these (its optimizer, EMA and data "
+            "states hold them): pass the same values, or start a new run from its weights with "
+            f"--init_from {os.path.join(path, 'vae')}"
+        )
+    return [f"{k}: {old} -> {new}" for k, (old, new) in changed.items()]
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def load_extra(path: str, rank: int, world_size: int) -> tuple[dict, dict]:
