@@ -54,6 +54,7 @@ PREEMPTED_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 METRICS_LOG = "metrics.jsonl"
 CURVES_PNG = "training_curves.png"
+SAMPLES_DIR = "samples"  # held-out reconstruction grids, one per validation
 logger = get_logger(__name__)
 
 
@@ -643,7 +644,7 @@ class Trainer:
         metrics, recon = held_out_metrics(
             vae, images, self.loss_fn.perceptual, self.cfg.train_batch_size, autocast=self.accelerator.autocast
         )
-        path = os.path.join(self.cfg.output_dir, "samples", f"step_{step:07d}.png")
+        path = os.path.join(self.cfg.output_dir, SAMPLES_DIR, f"step_{step:07d}.png")
         grid = save_grid(images, recon, path)
         self.accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=step)
         log_images(self.accelerator, grid, step)
@@ -718,7 +719,7 @@ class Trainer:
                     count = max(count // 2, len(self.heldout_images))
                     logger.warning(f"latent statistics: {e}; trying {count} images", main_process_only=True)
         note = f"{len(images)} {how}, a seeded random sample (seed {cfg.seed})"
-        last_grid = os.path.join(cfg.output_dir, "samples", f"step_{st.global_step:07d}.png")
+        last_grid = os.path.join(cfg.output_dir, SAMPLES_DIR, f"step_{st.global_step:07d}.png")
         card = dict(
             repo_id=repo_id,
             license=cfg.license,
@@ -784,6 +785,28 @@ class LogWindow:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
 
 
+def claim_output_dir(cfg: TrainConfig, accelerator: Accelerator) -> None:
+    """A run that does not resume must not mix with another run's checkpoints and metrics log in
+    --output_dir: `--resume_from_checkpoint latest` would later pick the other run's newest checkpoint,
+    and the curves would draw both runs as one. Refused in one line, or removed with --overwrite_output_dir
+    (or when --resume_from_checkpoint finds no checkpoint: what is there cannot be continued)."""
+    if checkpointing.resolve(cfg.output_dir, cfg.resume_from_checkpoint) is not None:
+        return
+    leftovers = checkpointing.previous_run(cfg.output_dir, (METRICS_LOG, SAMPLES_DIR))
+    if not leftovers:
+        return
+    if not (cfg.overwrite_output_dir or cfg.resume_from_checkpoint):
+        raise UserError(
+            f"{cfg.output_dir} holds another run ({', '.join(leftovers)}): continue it with "
+            "--resume_from_checkpoint latest, start over with --overwrite_output_dir (removes those), "
+            "or choose another --output_dir"
+        )
+    if accelerator.is_main_process:
+        logger.info(f"starting over in {cfg.output_dir}: removing {', '.join(leftovers)}", main_process_only=True)
+        checkpointing.start_over(cfg.output_dir, leftovers)
+    accelerator.wait_for_everyone()
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg, explicit = parse_config(TrainConfig, argv, PROG, description=__doc__.split("\n\n")[0])
     cfg = apply_demo_defaults(cfg, explicit)
@@ -791,6 +814,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         checkpointing.check_writable(cfg.output_dir)
         accelerator = build_accelerator(cfg)
+        claim_output_dir(cfg, accelerator)
         # A missing token or an unwritable repository ends the run now, not after days of training.
         repo_id = (
             hub.prepare_repo(cfg.hub_model_id, cfg.hub_private)

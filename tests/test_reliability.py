@@ -307,6 +307,33 @@ def test_resume_names_each_changed_flag_that_takes_effect(
     assert json.loads((out / "checkpoint-2" / checkpointing.RUN_CONFIG).read_text())["l1_weight"] == 2.0
 
 
+@pytest.mark.e2e
+def test_a_new_run_does_not_mix_with_another_runs_checkpoints(
+    one_step_checkpoint, image_folder, tmp_path, capsys, run_main, tiny_args
+):
+    out = tmp_path / "out"
+    shutil.copytree(one_step_checkpoint, out / "checkpoint-1")
+    (out / "metrics.jsonl").write_text('{"step": 0, "validation/psnr": 5.0}\n')
+    # Without a word, `--resume_from_checkpoint latest` would later pick the other run's checkpoint-9.
+    shutil.copytree(one_step_checkpoint, out / "checkpoint-9")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(tiny_args(image_folder, out, 2, checkpointing_steps=1))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"train_vae.py: error: {out} holds another run (checkpoint-1, checkpoint-9, metrics.jsonl): continue it "
+        "with --resume_from_checkpoint latest, start over with --overwrite_output_dir (removes those), "
+        "or choose another --output_dir"
+    )
+    assert (out / "checkpoint-9").is_dir() and not (out / "checkpoint-2").exists()  # refused before training
+
+    run_main(tiny_args(image_folder, out, 2, checkpointing_steps=1, overwrite_output_dir=True))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert len(list(out.glob("*.deleting"))) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 0 and steps.count(0) == 1 and steps == sorted(steps)  # only the new run's record
+
+
 def test_checkpoint_limit_below_one_is_refused(tmp_path, capsys, run_main):
     with pytest.raises(SystemExit) as exit_info:
         run_main(["--output_dir", str(tmp_path), "--checkpoints_total_limit", "0"])

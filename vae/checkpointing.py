@@ -117,6 +117,24 @@ def resolve(output_dir: str, resume: str | None) -> str | None:
     return resume
 
 
+def previous_run(output_dir: str, record: tuple[str, ...]) -> list[str]:
+    """What another run left in output_dir that a new run would mix with: its checkpoints and `record` files."""
+    found = [os.path.basename(path) for _, path in list_checkpoints(output_dir)]
+    return found + [name for name in record if os.path.exists(os.path.join(output_dir, name))]
+
+
+def start_over(output_dir: str, leftovers: list[str]) -> None:
+    """Remove what previous_run found (checkpoints are renamed away first, like a prune)."""
+    for name in leftovers:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            doomed = path + ".deleting"
+            os.rename(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        else:
+            os.remove(path)
+
+
 def clean_partial(output_dir: str) -> None:
     """Remove folders left by a save or a prune that was interrupted."""
     for name in os.listdir(output_dir):

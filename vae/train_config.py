@@ -44,6 +44,7 @@ DEMO_DEFAULTS = dict(
     id_weight=0.0,
     latent_stats_samples=16,
     output_dir="outputs/demo",
+    overwrite_output_dir=True,  # running the demo again starts it over (--resume_from_checkpoint latest continues it)
 )
 
 
@@ -157,6 +158,11 @@ class TrainConfig:
     checkpointing_steps: int = arg(5000, "save a resumable checkpoint every N steps")
     checkpoints_total_limit: int | None = arg(None, "keep at most this many checkpoints")
     resume_from_checkpoint: str | None = arg(None, "'latest' or a checkpoint folder")
+    overwrite_output_dir: bool = arg(
+        False,
+        "start a new run in an --output_dir that holds another run's checkpoints or metrics log, removing them "
+        "(without it, that is an error)",
+    )
     latent_stats_samples: int = arg(
         1024,
         "held-out images (a seeded sample) whose sampled latents give scaling_factor / shift_factor at export "
