@@ -124,13 +124,15 @@ def previous_run(output_dir: str, record: tuple[str, ...]) -> list[str]:
 
 
 def start_over(output_dir: str, leftovers: list[str]) -> None:
-    """Remove what previous_run found (checkpoints are renamed away first, like a prune)."""
+    """Remove what previous_run found. A checkpoint is renamed away first, like in a prune, so that a
+    kill in the middle never leaves a half-deleted folder that `latest` could pick."""
     for name in leftovers:
         path = os.path.join(output_dir, name)
+        if CHECKPOINT.match(name):
+            os.rename(path, path + ".deleting")
+            path += ".deleting"
         if os.path.isdir(path):
-            doomed = path + ".deleting"
-            os.rename(path, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
         else:
             os.remove(path)
 
