@@ -36,6 +36,7 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import data
 from losses import TransfusionLoss
@@ -558,7 +559,8 @@ class Trainer:
         self.model.train()
         self.loss_fn.train()
         try:
-            with StopSignals() as signals:
+            # Log lines go through tqdm.write: each on a line of its own, not glued to the progress bar.
+            with StopSignals() as signals, logging_redirect_tqdm():
                 self._loop(iter(self.dataloader), progress, signals)
         finally:
             progress.close()  # so that an error message starts on a line of its own
@@ -698,6 +700,29 @@ class Trainer:
             hub.push_folder(
                 self.repo_id, self.cfg.output_dir, commit_message=f"Step {self.state.global_step}: exported model"
             )
+        logger.info(self.summary(), main_process_only=True)
+
+    def summary(self) -> str:
+        """The run in one line: held-out metrics first and last, and where to look."""
+        st, out = self.state, self.cfg.output_dir
+        first, last = st.initial_metrics, st.last_metrics
+        metrics = ", ".join(
+            f"{name} {first[name]:.{digits}f} -> {last[name]:.{digits}f}{unit}"
+            for name, digits, unit in (("psnr", 2, " dB"), ("ssim", 3, ""), ("lpips", 3, ""))
+            if name in first and name in last
+        )
+        held_out = f"held-out {metrics} ({len(self.heldout_images)} images); " if metrics else ""
+        pictures = [
+            f"{what} {path}"
+            for what, path in (
+                ("curves", os.path.join(out, CURVES_PNG)),
+                ("grid", os.path.join(out, "reconstructions.png")),
+            )
+            if os.path.isfile(path)
+        ]
+        return f"done at step {st.global_step}: {held_out}" + ", ".join(
+            [f"model in {out} (AutoencoderKL.from_pretrained)", *pictures]
+        )
 
     def export_to(self, folder: str, repo_id: str | None) -> dict:
         """Write the VAE (EMA weights when on), its latent statistics, D and the model card into `folder`."""

@@ -188,12 +188,13 @@ def stub_hub(monkeypatch):
 
 @pytest.mark.e2e
 def test_export_card_curves_and_every_save_uploads(
-    image_folder, tmp_path, monkeypatch, capsys, tiny_args, run_main, stub_hub
+    image_folder, tmp_path, monkeypatch, capsys, caplog, tiny_args, run_main, stub_hub
 ):
     """A finished run: the model, D, latent_stats.json, curves and a card huggingface_hub parses; with
     --hub_strategy every_save each checkpoint's export goes up too; the token is written nowhere."""
     secret = "hf_SECRETtoken1234567890"
     monkeypatch.setenv("HF_TOKEN", secret)
+    caplog.set_level("INFO")
     run_main(
         tiny_args(
             image_folder,
@@ -234,6 +235,17 @@ def test_export_card_curves_and_every_save_uploads(
     assert "someone/tiny-vae" in card.text and str(tmp_path) not in card.text
     assert "RANDOM" in card.text  # random perception nets, said loudly
     assert "not disjoint" in card.text  # no --validation_source: held-out images come from the training data
+
+    # The last log line sums the run up: held-out PSNR/SSIM first and last (as in metrics.jsonl), where to look.
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    psnr = [r["validation/psnr"] for r in rows if "validation/psnr" in r]
+    ssim = [r["validation/ssim"] for r in rows if "validation/ssim" in r]
+    assert caplog.records[-1].getMessage() == (
+        f"[RANK 0] done at step 4: held-out psnr {psnr[0]:.2f} -> {psnr[-1]:.2f} dB, ssim {ssim[0]:.3f} -> "
+        f"{ssim[-1]:.3f}, lpips {rows[0]['validation/lpips']:.3f} -> {rows[-1]['validation/lpips']:.3f} (2 images); "
+        f"model in {tmp_path} (AutoencoderKL.from_pretrained), curves {tmp_path / 'training_curves.png'}, "
+        f"grid {tmp_path / 'reconstructions.png'}"
+    )
 
 
 @pytest.mark.e2e
