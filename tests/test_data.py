@@ -651,7 +651,7 @@ def test_validate_sources_errors_are_one_line(tmp_path):
 def test_demo_heldout_crops_come_from_photos_never_trained_on(tmp_path):
     import skimage.data
 
-    from data.demo import HELDOUT_CROPS, train_files
+    from data.demo import HELDOUT_CROPS, TRAIN_EXT, train_files
 
     train, heldout = demo_sources(str(tmp_path / "demo"), 32)
     train_names, crop_names = sorted(os.listdir(train.path)), sorted(os.listdir(heldout.path))
@@ -659,7 +659,7 @@ def test_demo_heldout_crops_come_from_photos_never_trained_on(tmp_path):
     trained_photos = {name for name, _ in train_files().values()}
     crop_photos = {name.rsplit("_", 1)[0] for name in crop_names}
     assert crop_photos == set(HELDOUT_CROPS) and not crop_photos & trained_photos
-    assert {n.removesuffix(".png").removesuffix("_gbr").removesuffix("_brg") for n in train_names} == trained_photos
+    assert {n.removesuffix(TRAIN_EXT).removesuffix("_gbr").removesuffix("_brg") for n in train_names} == trained_photos
 
     # Colour-dominated training set, held-out crops both colour and grey.
     def is_grey(path):
@@ -682,10 +682,10 @@ def test_demo_heldout_crops_come_from_photos_never_trained_on(tmp_path):
             top = min(max(round(fy * height - 16), 0), height - 32)
             assert np.array_equal(crop, photo[top : top + 32, left : left + 32])
         assert not any(a.shape == photo.shape and np.array_equal(a, photo) for a in train_arrays)
-    astronaut = np.asarray(Image.open(os.path.join(train.path, "astronaut.png")))
+    astronaut = np.asarray(Image.open(os.path.join(train.path, f"astronaut{TRAIN_EXT}")))
     assert np.array_equal(astronaut, skimage.data.astronaut())  # full photographs, unresampled
     assert np.array_equal(
-        np.asarray(Image.open(os.path.join(train.path, "astronaut_gbr.png"))), astronaut[:, :, [1, 2, 0]]
+        np.asarray(Image.open(os.path.join(train.path, f"astronaut_gbr{TRAIN_EXT}"))), astronaut[:, :, [1, 2, 0]]
     )  # channels rotated: colour-balanced
     means = np.mean(
         [np.asarray(Image.open(os.path.join(train.path, n))).reshape(-1, 3).mean(0) for n in train_names], axis=0
