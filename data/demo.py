@@ -1,7 +1,7 @@
 """A tiny real-photo data set that works offline: the photographs shipped with scikit-image.
 
 Training: full photographs (written once as uncompressed BMP: a native-scale crop decodes the whole
-photograph, and BMP decodes ~7x faster than PNG, a quarter of the demo's CPU step otherwise),
+photograph, and BMP decodes ~7x faster than PNG, whose decoding took a fifth of the demo's CPU time),
 colour-dominated and colour-balanced. Every
 colour photograph is written three times: as is and with its channels rotated (RGB -> GBR, BRG),
 so three of every four training files are colour and every channel sees the same colours. These
