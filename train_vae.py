@@ -42,6 +42,7 @@ import data
 from losses import TransfusionLoss
 from losses.perceptual import PerceptionWeightsError
 from vae import checkpointing, export, hub
+from vae.card import CURVES_PNG, GRID_PNG
 from vae.config import fail, parse_config, to_dict
 from vae.errors import CheckpointError, UserError
 from vae.models import ModelError, build_vae, count_parameters, init_from_pretrained, load_vae
@@ -54,7 +55,6 @@ PROG = "train_vae.py"
 PREEMPTED_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 METRICS_LOG = "metrics.jsonl"
-CURVES_PNG = "training_curves.png"
 SAMPLES_DIR = "samples"  # held-out reconstruction grids, one per validation
 logger = get_logger(__name__)
 
@@ -716,7 +716,7 @@ class Trainer:
             f"{what} {path}"
             for what, path in (
                 ("curves", os.path.join(out, CURVES_PNG)),
-                ("grid", os.path.join(out, "reconstructions.png")),
+                ("grid", os.path.join(out, GRID_PNG)),
             )
             if os.path.isfile(path)
         ]

@@ -26,10 +26,12 @@ RECIPE_KEYS = (
     "adaptive_weight_max",
     "lecam_weight",
 )
+CURVES_PNG = "training_curves.png"  # written by the trainer (vae/curves.py)
+GRID_PNG = "reconstructions.png"  # the last held-out grid, copied in by vae/export.py
 # Images shown when the export folder holds them.
 IMAGES = (
-    ("training_curves.png", "Training curves"),
-    ("reconstructions.png", "Held-out inputs, each row above its reconstructions"),
+    (CURVES_PNG, "Training curves"),
+    (GRID_PNG, "Held-out inputs, each row above its reconstructions"),
 )
 
 

@@ -124,14 +124,12 @@ def previous_run(output_dir: str, record: tuple[str, ...]) -> list[str]:
 
 
 def start_over(output_dir: str, leftovers: list[str]) -> None:
-    """Remove what previous_run found. A checkpoint is renamed away first, like in a prune, so that a
-    kill in the middle never leaves a half-deleted folder that `latest` could pick."""
+    """Remove what previous_run found (checkpoints as a prune removes them)."""
     for name in leftovers:
         path = os.path.join(output_dir, name)
         if CHECKPOINT.match(name):
-            os.rename(path, path + ".deleting")
-            path += ".deleting"
-        if os.path.isdir(path):
+            _remove_checkpoint(path)
+        elif os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
         else:
             os.remove(path)
@@ -149,9 +147,15 @@ def prune(output_dir: str, limit: int | None) -> None:
         return
     found = list_checkpoints(output_dir)
     for _, path in found[: max(len(found) - limit, 0)]:
-        doomed = path + ".deleting"
-        os.rename(path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        _remove_checkpoint(path)
+
+
+def _remove_checkpoint(path: str) -> None:
+    """Rename a checkpoint away, then delete it: a kill in between leaves `checkpoint-N.deleting`, which
+    `latest` never picks and `clean_partial` removes, never a half-deleted `checkpoint-N`."""
+    doomed = path + ".deleting"
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save(
@@ -178,8 +182,7 @@ def save(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if os.path.exists(final):  # e.g. a re-run of the same step after a resume
-            os.rename(final, final + ".deleting")
-            shutil.rmtree(final + ".deleting")
+            _remove_checkpoint(final)
         os.rename(tmp, final)
         prune(output_dir, limit)
     accelerator.wait_for_everyone()

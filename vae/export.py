@@ -27,7 +27,7 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vae.card import build_model_card
+from vae.card import GRID_PNG, build_model_card
 from vae.errors import HubError
 from vae.models import ModelError
 
@@ -226,7 +226,7 @@ def export_model(
 
     latent_images: (N, 3, R, R) in [-1, 1] for `latent_statistics` (or pass `latent_stats` already
         computed); `images_note` says how they were drawn and lands in latent_stats.json and the card.
-    reconstructions: a grid PNG to copy as reconstructions.png (the last held-out grid).
+    reconstructions: a grid PNG to copy as GRID_PNG (reconstructions.png, the last held-out grid).
     card: keyword arguments of `vae.card.build_model_card` other than folder, latent_stats and
         has_discriminator, which this function fills in.
     Writes no optimizer or trainer state: the folder is what goes to the Hub.
@@ -243,7 +243,7 @@ def export_model(
     if discriminator is not None:
         save_discriminator(discriminator, folder)
     if reconstructions and os.path.isfile(reconstructions):
-        target = os.path.join(folder, "reconstructions.png")
+        target = os.path.join(folder, GRID_PNG)
         if os.path.abspath(reconstructions) != os.path.abspath(target):
             shutil.copyfile(reconstructions, target)
     model_card = build_model_card(
