@@ -294,7 +294,7 @@ def test_resume_names_each_changed_flag_that_takes_effect(
     out = tmp_path / "out"
     shutil.copytree(one_step_checkpoint, out / "checkpoint-1")
     assert json.loads((out / "checkpoint-1" / checkpointing.RUN_CONFIG).read_text())["l1_weight"] == 1.0
-    # a changed output folder, log interval or validation size does not touch the trajectory: not named
+    # a changed validation interval does not touch the trajectory: not named
     flags = dict(checkpointing_steps=1, resume_from_checkpoint="latest", l1_weight=2.0, validation_steps=7)
     with caplog.at_level("WARNING"):
         run_main(tiny_args(image_folder, out, 2, **flags))
