@@ -17,7 +17,7 @@ below is the reference implementation (lavinal712/AutoencoderKL, branch transfus
   --interpolation {bilinear,bicubic}  the shorter-side resize filter; bilinear = torchvision's
                             Resize on PIL images, as the reference
   --fid_backend {torch-fidelity,pytorch-fid,clean-fid}  the rFID package: its own Inception file,
-                            resize to 299 and Fréchet distance (vae/fid.py); the reference ran
+                            resize to 299 and Fréchet distance (metrics/fid.py); the reference ran
                             `python -m pytorch_fid gt/ rec/`, i.e. pytorch-fid
   --protocol seed           all of them as the reference: sample, truncate, uniform, bilinear,
                             pytorch-fid
@@ -29,7 +29,7 @@ and the uint8 reconstructions (fake), the very images --save_images writes, with
 three share the TF Inception weights but resize to 299 differently, so their numbers differ:
 compare a table only with one made by the same backend). Means are over images, std is the
 population std (np.std, as the reference prints). The reconstruction path
-(vae.validation.reconstruct, image_metrics) is the trainer's: its held-out numbers equal these.
+(metrics.reconstruct, metrics.image_metrics) is the trainer's: its held-out numbers equal these.
 
 Side effects (progress bar, stdout, JSON, the table, the grid, --update_model_card) happen on
 the main process only; with --save_images each rank writes the PNGs of its own images
@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import re
 import sys
@@ -54,13 +53,14 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 import data
+import metrics
+from autoencoder.models import load_vae
+from common.cli import arg, fail, parse_config, to_dict
+from common.errors import ConfigError, ModelError, UserError
 from losses.perceptual import build_lpips
-from vae import fid as fid_backends
-from vae import metrics
-from vae.config import ConfigError, arg, fail, parse_config, to_dict
-from vae.errors import UserError
-from vae.models import ModelError, load_vae
-from vae.validation import image_metrics, reconstruct, save_grid
+from metrics import fid as fid_backends
+from metrics import image_metrics, reconstruct, save_grid
+from publishing.card import load_card, update_model_card
 
 PROG = "eval_vae.py"
 
@@ -158,7 +158,7 @@ class EvalConfig:
         None, help="model folder whose README.md (model card) gets the results table and model-index metadata"
     )
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if not self.pretrained_model_name_or_path:
             raise ConfigError("--pretrained_model_name_or_path is required")
         if not self.dataset:
@@ -201,7 +201,7 @@ class EvalConfig:
 
 
 @dataclass
-class Evaluated:
+class ModelUnderEval:
     """One model under evaluation and its running FID state."""
 
     label: str
@@ -370,114 +370,6 @@ def markdown_table(result: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------
-# Model card
-# ----------------------------------------------------------------------------------------
-
-CARD_TASK = "image-to-image"
-CARD_METRICS = (("rfid", "rFID"), ("psnr", "PSNR"), ("ssim", "SSIM"), ("lpips", "LPIPS"))
-
-
-class ModelCardError(UserError):
-    """A model card (README.md) that cannot be read or updated."""
-
-
-def load_card(folder: str):
-    """The folder's README.md as a huggingface_hub ModelCard, or a minimal diffusers card when there is none."""
-    import yaml
-    from huggingface_hub import ModelCard, ModelCardData
-
-    path = os.path.join(folder, "README.md")
-    if not os.path.isfile(path):
-        meta = ModelCardData(library_name="diffusers")
-        return ModelCard(f"---\n{meta.to_yaml()}\n---\n\n# {os.path.basename(os.path.abspath(folder))}\n")
-    try:
-        return ModelCard.load(path)  # an existing file: read locally, never fetched from the Hub
-    except (ValueError, OSError, yaml.YAMLError) as e:  # UnicodeDecodeError is a ValueError
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ModelCardError(f"cannot read the model card {path!r}: {first[:200]}") from None
-
-
-def card_dataset(result: dict) -> tuple[str, str]:
-    """(dataset_type, dataset_name) for model-index: the hub id (or a local folder's name), and what was measured."""
-    return result["dataset_name"], f"{result['dataset_name']} {result['split']}, {result['resolution']}²"
-
-
-def card_eval_results(result: dict) -> list:
-    """model-index entries (huggingface_hub EvalResult) of the evaluated model (not the baselines).
-
-    Only numbers that mean what their name says: rFID with the standard 2048-d Inception features,
-    LPIPS with the pretrained VGG; PSNR and SSIM always (when finite).
-    """
-    from huggingface_hub import EvalResult
-
-    model = next(m for m in result["models"] if m["role"] == "model")
-    protocol = result["protocol"]
-    standard_fid = result["config"]["fid_features"] == 2048 and "custom feature extractor" not in protocol["rfid"]
-    values = {
-        "rfid": model["metrics"]["rfid"]["value"] if standard_fid else None,
-        "psnr": model["metrics"]["psnr"]["mean"],
-        "ssim": model["metrics"]["ssim"]["mean"],
-        "lpips": model["metrics"].get("lpips", {}).get("mean") if protocol["lpips_weights"] == "pretrained" else None,
-    }
-    dataset_type, dataset_name = card_dataset(result)
-    return [
-        EvalResult(
-            task_type=CARD_TASK,
-            task_name="Image reconstruction",
-            dataset_type=dataset_type,
-            dataset_name=dataset_name,
-            dataset_config=result["config"].get("dataset_config"),
-            dataset_split=result["split"],
-            metric_type=key,
-            metric_name=name,
-            metric_value=round(float(values[key]), 4),
-        )
-        for key, name in CARD_METRICS
-        if values[key] is not None and math.isfinite(values[key])
-    ]
-
-
-def card_section(result: dict, table: str) -> tuple[str, str, str]:
-    """(start marker, end marker, the section between them) of one dataset / split / resolution."""
-    dataset_type, dataset_name = card_dataset(result)
-    key = re.sub(r"[^\w./-]+", "_", f"{dataset_type} {result['split']} {result['resolution']}")
-    start, end = f"<!-- eval_vae results {key} -->", f"<!-- /eval_vae results {key} -->"
-    body = (
-        f"## Reconstruction: {dataset_name}\n\n"
-        f"{result['num_images']} images, evaluated with `eval_vae.py` (the JSON it writes holds every setting).\n\n"
-        f"{table}\n"
-    )
-    return start, end, body
-
-
-def update_model_card(folder: str, result: dict, table: str) -> str:
-    """Write the results into <folder>/README.md: a marked section (replaced on a re-run) and model-index metadata."""
-    card = load_card(folder)
-    start, end, body = card_section(result, table)
-    section = f"{start}\n{body}{end}"
-    text = card.text
-    if start in text and end in text.split(start, 1)[1]:
-        before, rest = text.split(start, 1)
-        text = before + section + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    card.text = text
-    new = card_eval_results(result)
-    replaced = {(r.task_type, r.dataset_type, r.dataset_name, r.dataset_split) for r in new}
-    kept = [
-        r
-        for r in (card.data.eval_results or [])
-        if (r.task_type, r.dataset_type, r.dataset_name, r.dataset_split) not in replaced
-    ]
-    card.data.eval_results = kept + new or None
-    if card.data.eval_results and not card.data.model_name:
-        card.data.model_name = os.path.basename(os.path.abspath(folder))  # model-index needs a name
-    path = os.path.join(folder, "README.md")
-    card.save(path)
-    return path
-
-
-# ----------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------
 
@@ -494,7 +386,7 @@ class Evaluator:
         # Cheap checks first — data, models, FID weights, LPIPS weights — each fails with one line; the
         # model comes before the metric weights so that a mistyped model path is the first thing reported.
         self.source = dataset_source(cfg)
-        data.validate_sources([self.source])
+        data.check_sources([self.source])
         models = load_models(cfg)
         use_inception = cfg.fid and feature_extractor is None
         backend = self.protocol["fid_backend"]
@@ -508,7 +400,7 @@ class Evaluator:
         self.lpips = lpips.to(self.device)
         fids = build_fids(len(models), cfg, self.inception_path, feature_extractor)
         self.models = [
-            Evaluated(label, path, role, vae.to(self.device), fid.to(self.device) if fid is not None else None)
+            ModelUnderEval(label, path, role, vae.to(self.device), fid.to(self.device) if fid is not None else None)
             for (label, path, role, vae), fid in zip(models, fids, strict=False)
         ]
         self.record = protocol_record(cfg, self.protocol, self.mixed_precision, self.inception_path)
@@ -665,7 +557,7 @@ def evaluate(
 ) -> dict:
     """Run the evaluation; returns the result dict (also written as JSON; rFID only on the main process).
 
-    Raises a vae.errors.UserError subclass (one line: data, model, metric weights, LPIPS weights,
+    Raises a common.errors.UserError subclass (one line: data, model, metric weights, LPIPS weights,
     model card) before any image is processed. `feature_extractor` replaces Inception for rFID (tests only);
     `lpips` is a prebuilt LPIPS module matching cfg.perception_weights (several runs in one process).
     """

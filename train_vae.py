@@ -17,12 +17,9 @@ import json
 import logging
 import math
 import os
-import pickle
-import shutil
 import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -33,29 +30,25 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from diffusers.utils import logging as diffusers_logging
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import data
+from autoencoder.models import build_vae, init_from_pretrained, load_vae
+from common.cli import fail, parse_config, to_dict
+from common.errors import ModelError, PerceptionWeightsError, UserError
 from losses import TransfusionLoss
-from losses.perceptual import PerceptionWeightsError
-from vae import checkpointing, export, hub
-from vae.card import CURVES_PNG, GRID_PNG
-from vae.config import fail, parse_config, to_dict
-from vae.errors import CheckpointError, UserError
-from vae.models import ModelError, build_vae, count_parameters, init_from_pretrained, load_vae
-from vae.train_config import TrainConfig, apply_demo_defaults
-from vae.validation import held_out_metrics, log_images, save_grid
+from metrics import held_out_metrics, save_grid
+from publishing import export, hub
+from training import checkpointing
+from training.config import TrainConfig, apply_demo_defaults
+from training.runlog import METRICS_LOG, SAMPLES_DIR, RunLog, log_images
 
 PROG = "train_vae.py"
 # EX_TEMPFAIL ("try again later"): a preemption signal stopped the run after it wrote a checkpoint;
 # `--resume_from_checkpoint latest` continues it exactly.
 PREEMPTED_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-METRICS_LOG = "metrics.jsonl"
-SAMPLES_DIR = "samples"  # held-out reconstruction grids, one per validation
 logger = get_logger(__name__)
 
 
@@ -124,13 +117,6 @@ class StopSignals:
         self.received = signum
 
 
-def averaged_copy(vae: nn.Module, ema: EMAModel) -> nn.Module:
-    """A copy of `vae` holding the EMA's weights; the live model and its optimizer state stay untouched."""
-    averaged = copy.deepcopy(vae)
-    ema.copy_to(averaged.parameters())
-    return averaged
-
-
 def requires_grad(module: nn.Module, flag: bool) -> None:
     for p in module.parameters():
         p.requires_grad_(flag)
@@ -159,7 +145,7 @@ def build_data(cfg: TrainConfig):
             heldout_sources, disjoint = [data.parse_source(cfg.validation_source)], True
         else:
             heldout_sources, disjoint = sources, False
-    data.validate_sources(sources + [s for s in heldout_sources if s not in sources])
+    data.check_sources(sources + [s for s in heldout_sources if s not in sources])
     return sources, heldout_sources, disjoint
 
 
@@ -181,27 +167,16 @@ def build_autoencoder(cfg: TrainConfig) -> AutoencoderKL:
             p.requires_grad_(False)
     if cfg.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
+    if cfg.channels_last:
+        vae.to(memory_format=torch.channels_last)
     return vae
 
 
 def build_loss(cfg: TrainConfig) -> TransfusionLoss:
-    """The loss module (LPIPS, MoCo and the discriminator inside). 'auto' perception weights fall
+    """The loss module (LPIPS, MoCo and a fresh discriminator inside). 'auto' perception weights fall
     back to random ones, loudly, when the pretrained files are not available; `loss.perception_weights`
     records which were used."""
-    kw = dict(
-        l1_weight=cfg.l1_weight,
-        lpips_weight=cfg.lpips_weight,
-        gan_weight=cfg.gan_weight,
-        id_weight=cfg.id_weight,
-        kl_weight=cfg.kl_weight,
-        disc_start=cfg.disc_start,
-        adaptive_weight_max=cfg.adaptive_weight_max,
-        gan_ramp_steps=cfg.gan_ramp_steps,
-        lecam_weight=cfg.lecam_weight,
-        lecam_decay=cfg.lecam_decay,
-        moco_weights=cfg.id_checkpoint,
-        id_feature=cfg.id_feature,
-    )
+    kw = cfg.loss_kwargs()
     if cfg.perception_weights != "auto":
         loss, used = TransfusionLoss(perception_weights=cfg.perception_weights, **kw), cfg.perception_weights
     else:
@@ -230,6 +205,23 @@ def build_optimizer(cfg: TrainConfig, params, lr: float, device: torch.device) -
     if cfg.adam_weight_decay > 0:
         return torch.optim.AdamW(params, weight_decay=cfg.adam_weight_decay, **kw)
     return torch.optim.Adam(params, **kw)
+
+
+def build_optimizers(cfg: TrainConfig, vae: AutoencoderKL, disc: nn.Module, device: torch.device):
+    """Adam for the autoencoder's trainable parameters and for D."""
+    g_params = [p for p in vae.parameters() if p.requires_grad]
+    if not g_params:
+        raise ModelError("every autoencoder parameter is frozen: nothing to train")
+    opt_g = build_optimizer(cfg, g_params, cfg.learning_rate, device)
+    return opt_g, build_optimizer(cfg, disc.parameters(), cfg.disc_learning_rate or cfg.learning_rate, device)
+
+
+def build_ema(cfg: TrainConfig, vae: AutoencoderKL, device: torch.device) -> EMAModel | None:
+    if not cfg.use_ema:
+        return None
+    ema = EMAModel(vae.parameters(), decay=cfg.ema_decay, model_cls=AutoencoderKL, model_config=vae.config)
+    ema.to(device)
+    return ema
 
 
 def build_schedules(cfg: TrainConfig, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer):
@@ -309,36 +301,24 @@ class Trainer:
         self.sources, self.heldout_sources, self.heldout_disjoint = [], [], True
         self.repo_id: str | None = None  # the Hub repository, once checked writable (main process)
         self.pusher: hub.BackgroundPusher | None = None
+        self.run_log = RunLog(cfg.output_dir)
 
         self.loss_fn = build_loss(cfg).to(self.device)
         if cfg.init_discriminator:
             export.load_discriminator(cfg.init_discriminator, self.loss_fn.discriminator)
             logger.info(f"discriminator initialised from {cfg.init_discriminator}", main_process_only=True)
-        vae = build_autoencoder(cfg)
-        if cfg.channels_last:
-            vae.to(memory_format=torch.channels_last)
-        self.vae = vae
+        self.vae = vae = build_autoencoder(cfg)
         self.loss_fn.watch(vae.decoder.conv_out, fast=cfg.adaptive_weight_mode == "fast")
-
-        g_params = [p for p in vae.parameters() if p.requires_grad]
-        if not g_params:
-            raise ModelError("every autoencoder parameter is frozen: nothing to train")
         disc = self.loss_fn.discriminator
-        opt_g = build_optimizer(cfg, g_params, cfg.learning_rate, self.device)
-        opt_d = build_optimizer(cfg, disc.parameters(), cfg.disc_learning_rate or cfg.learning_rate, self.device)
+        opt_g, opt_d = build_optimizers(cfg, vae, disc, self.device)
         sched_g, sched_d = build_schedules(cfg, opt_g, opt_d)
-
         model = VAEForTraining(vae)
         if cfg.torch_compile:
             model = torch.compile(model)
         (self.model, self.disc, self.opt_g, self.opt_d, self.sched_g, self.sched_d) = accelerator.prepare(
             model, disc, opt_g, opt_d, sched_g, sched_d
         )
-
-        self.ema = None
-        if cfg.use_ema:
-            self.ema = EMAModel(vae.parameters(), decay=cfg.ema_decay, model_cls=AutoencoderKL, model_config=vae.config)
-            self.ema.to(self.device)
+        self.ema = build_ema(cfg, vae, self.device)
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
 
@@ -359,66 +339,32 @@ class Trainer:
 
     # -- checkpoint hooks: the VAE as a diffusers folder, D and EMA beside it ---------------
     def _save_hook(self, models, weights, output_dir):
+        main = self.accelerator.is_main_process
         for model in models:
-            unwrapped = self.accelerator.unwrap_model(model)
-            if self.accelerator.is_main_process:
-                if isinstance(unwrapped, VAEForTraining) or hasattr(unwrapped, "_orig_mod"):
-                    self.vae.save_pretrained(os.path.join(output_dir, "vae"))
-                else:
-                    save_file(unwrapped.state_dict(), os.path.join(output_dir, "discriminator.safetensors"))
+            if main:
+                checkpointing.save_model(self._discriminator_or_none(model), output_dir, self.vae)
         weights.clear()  # saved above; keep accelerate from writing model_N.safetensors too
-        if self.ema is not None and self.accelerator.is_main_process:
-            # EMAModel.save_pretrained builds a freshly initialised model to copy the averages into, which
-            # draws from the global (CPU) RNG that the posterior noise also comes from: without the fork,
-            # the checkpoint interval would change every later step of the run.
-            with torch.random.fork_rng(devices=[]):
-                self.ema.save_pretrained(os.path.join(output_dir, "vae_ema"))
+        if self.ema is not None and main:
+            checkpointing.save_ema(self.ema, output_dir)
 
     def _load_hook(self, models, input_dir):
         while models:
-            model = models.pop()
-            unwrapped = self.accelerator.unwrap_model(model)
-            if isinstance(unwrapped, VAEForTraining) or hasattr(unwrapped, "_orig_mod"):
-                loaded = AutoencoderKL.from_pretrained(input_dir, subfolder="vae")
-                self.vae.load_state_dict(loaded.state_dict())
-            else:
-                unwrapped.load_state_dict(load_file(os.path.join(input_dir, "discriminator.safetensors")))
+            checkpointing.load_model(self._discriminator_or_none(models.pop()), input_dir, self.vae)
         if self.ema is not None:
-            # EMAModel keeps its own settings (decay, step) in the model's config.json, which AutoencoderKL
-            # then warns it does not know, and it loads through a call diffusers itself deprecates:
-            # both expected here, so not shown.
-            verbosity = diffusers_logging.get_verbosity()
-            diffusers_logging.set_verbosity_error()
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", FutureWarning)
-                    loaded = EMAModel.from_pretrained(os.path.join(input_dir, "vae_ema"), model_cls=AutoencoderKL)
-            finally:
-                diffusers_logging.set_verbosity(verbosity)
-            self.ema.load_state_dict(loaded.state_dict())
-            self.ema.to(self.device)
+            checkpointing.load_ema(self.ema, input_dir, self.device)
 
-    def check_replicas(self) -> None:
-        """DDP keeps every rank's weights identical; verify it (one gather per checkpoint) rather than trust it."""
-        if self.accelerator.num_processes == 1:
-            return
-        params = list(self.vae.parameters()) + list(self.loss_fn.discriminator.parameters())
-        checksum = torch.stack([p.detach().double().sum() for p in params]).to(self.device)  # (n_tensors,)
-        gathered = self.accelerator.gather(checksum[None])  # (world, n_tensors)
-        if not bool((gathered == gathered[0]).all()):
-            raise RuntimeError(f"ranks hold different weights at step {self.state.global_step}: DDP is out of sync")
-        logger.info(
-            f"weights identical across {self.accelerator.num_processes} ranks at step {self.state.global_step}",
-            main_process_only=True,
-        )
+    def _discriminator_or_none(self, model: nn.Module) -> nn.Module | None:
+        """The unwrapped discriminator, or None for the autoencoder (saved as the diffusers folder vae/)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        return None if isinstance(unwrapped, VAEForTraining) or hasattr(unwrapped, "_orig_mod") else unwrapped
 
     def save_checkpoint(self) -> None:
-        self.check_replicas()
+        checkpointing.check_replicas(self.accelerator, [self.vae, self.loss_fn.discriminator], self.state.global_step)
         checkpointing.save(
             self.accelerator,
             self.cfg.output_dir,
             self.state.global_step,
-            self._extra_state(),
+            self._checkpoint_state(),
             self.dataloader.state_dict(),
             self.cfg.checkpoints_total_limit,
             to_dict(self.cfg),
@@ -431,7 +377,7 @@ class Trainer:
             self.export_to(folder, repo_id=self.repo_id)
             self.pusher.push(folder, f"Step {step}: exported model", cleanup=True)
 
-    def _extra_state(self) -> dict:
+    def _checkpoint_state(self) -> dict:
         state = self.state.__dict__.copy()
         state["lecam"] = {k: v.tolist() for k, v in self.loss_fn.lecam.state_dict().items()}
         return state
@@ -442,23 +388,13 @@ class Trainer:
             if self.cfg.resume_from_checkpoint:
                 logger.info("no checkpoint to resume from: starting a new run", main_process_only=True)
             return
-        for change in checkpointing.check_resume(path, to_dict(self.cfg), dict(self.vae.config)):
-            logger.warning(f"resuming with a changed flag, {change}", main_process_only=True)
-        try:
-            self.accelerator.load_state(path)
-        except pickle.UnpicklingError as e:  # accelerate loads with weights_only: a pickle that would run code
-            raise CheckpointError(f"refused to resume from {path}: {checkpointing.load_error(e)}") from None
-        except (RuntimeError, KeyError, ValueError) as e:  # e.g. a model config file edited since
-            raise CheckpointError(f"cannot resume from {path}: {checkpointing.load_error(e)}") from None
-        extra, data_state = checkpointing.load_extra(
-            path, self.accelerator.process_index, self.accelerator.num_processes
-        )
+        extra, data_state = checkpointing.load(self.accelerator, path, to_dict(self.cfg), dict(self.vae.config))
         lecam = extra.pop("lecam", {})
         self.loss_fn.lecam.load_state_dict({k: torch.tensor(v) for k, v in lecam.items()})
         self.state = TrainerState(**extra)
         self.dataloader.load_state_dict(data_state)
         if self.accelerator.is_main_process:
-            self._truncate_metrics_log(self.state.global_step)
+            self.run_log.truncate_after(self.state.global_step)
         logger.info(f"resumed from {path} at step {self.state.global_step}", main_process_only=True)
 
     # -- one training step -------------------------------------------------------------------
@@ -552,7 +488,7 @@ class Trainer:
         """Train to max_train_steps. Raises Preempted (after a checkpoint) when a stop signal arrives."""
         cfg, acc, st = self.cfg, self.accelerator, self.state
         if acc.is_main_process and not st.initial_metrics:
-            st.initial_metrics = self.validate(st.global_step)
+            st.initial_metrics = self.evaluate_held_out(st.global_step)
         progress = tqdm(
             total=cfg.max_train_steps, initial=st.global_step, disable=not acc.is_main_process, desc="steps"
         )
@@ -595,7 +531,7 @@ class Trainer:
                 window = LogWindow()
             if (st.global_step % cfg.validation_steps == 0 or done) and not stop:
                 if acc.is_main_process:
-                    st.last_metrics = self.validate(st.global_step)
+                    st.last_metrics = self.evaluate_held_out(st.global_step)
                 acc.wait_for_everyone()
             if st.global_step % cfg.checkpointing_steps == 0 or done or stop:
                 self._update_skip_counts(skipped_images)  # the checkpoint holds every skip so far
@@ -634,153 +570,48 @@ class Trainer:
         )
         self.accelerator.log(scalars, step=st.global_step)
         if self.accelerator.is_main_process:
-            self._append_metrics(st.global_step, scalars)
+            self.run_log.append(st.global_step, scalars)
             progress.set_postfix(
                 loss=f"{scalars.get('loss/total', float('nan')):.4g}", img_s=f"{scalars['perf/images_per_s']:.1f}"
             )
 
-    def validate(self, step: int) -> dict[str, float]:
+    def evaluate_held_out(self, step: int) -> dict[str, float]:
         """Held-out PSNR/SSIM/LPIPS (EMA weights when on), a reconstruction grid, the curves; main process only."""
-        vae = self.eval_vae()
         images = self.heldout_images.to(self.device)
         metrics, recon = held_out_metrics(
-            vae, images, self.loss_fn.perceptual, self.cfg.train_batch_size, autocast=self.accelerator.autocast
+            self.averaged_model(),
+            images,
+            self.loss_fn.perceptual,
+            self.cfg.train_batch_size,
+            autocast=self.accelerator.autocast,
         )
-        path = os.path.join(self.cfg.output_dir, SAMPLES_DIR, f"step_{step:07d}.png")
-        grid = save_grid(images, recon, path)
-        self.accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=step)
+        grid = save_grid(images, recon, self.run_log.grid_path(step))
+        scalars = {f"validation/{k}": v for k, v in metrics.items()}
+        self.accelerator.log(scalars, step=step)
         log_images(self.accelerator, grid, step)
-        self._append_metrics(step, {f"validation/{k}": v for k, v in metrics.items()})
-        self.plot_curves()
+        self.run_log.append(step, scalars)
+        self.run_log.plot_curves(self.gan_start())
         logger.info(
             f"step {step}: held-out " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), main_process_only=True
         )
         return metrics
 
-    # -- the run's own record: metrics.jsonl and training_curves.png ---------------------------
-    def _append_metrics(self, step: int, scalars: dict) -> None:
-        with open(os.path.join(self.cfg.output_dir, METRICS_LOG), "a") as f:
-            f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+    def gan_start(self) -> int | None:
+        """The step the curves mark as the GAN's start (None: the GAN term never switches on in this run)."""
+        cfg = self.cfg
+        return cfg.disc_start if cfg.gan_weight > 0 and cfg.disc_start < cfg.max_train_steps else None
 
-    def _truncate_metrics_log(self, step: int) -> None:
-        """After a resume: drop what the interrupted run logged past its checkpoint (it is trained again)."""
-        path = os.path.join(self.cfg.output_dir, METRICS_LOG)
-        if not os.path.isfile(path):
-            return
-        with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(path, "w") as f:
-            f.writelines(kept)
-
-    def plot_curves(self) -> str | None:
-        from vae.curves import plot_training_curves  # matplotlib: imported only when a plot is drawn
-
-        gan_start = (
-            self.cfg.disc_start if self.cfg.gan_weight > 0 and self.cfg.disc_start < self.cfg.max_train_steps else None
-        )
-        return plot_training_curves(
-            os.path.join(self.cfg.output_dir, METRICS_LOG),
-            os.path.join(self.cfg.output_dir, CURVES_PNG),
-            gan_start=gan_start,
-        )
-
-    def eval_vae(self) -> AutoencoderKL:
-        """The weights to evaluate and export: an EMA copy when on, else the live model."""
-        return self.vae if self.ema is None else averaged_copy(self.vae, self.ema)
-
-    def export(self) -> None:
-        """The final model folder in --output_dir; then, with --push_to_hub, the upload (one line if it fails)."""
-        if not self.accelerator.is_main_process:
-            return
-        self.plot_curves()
-        self.export_to(self.cfg.output_dir, repo_id=self.repo_id)
-        if self.pusher is not None:
-            self.pusher.finish(timeout=3600)  # the final upload below sends everything anyway
-        if self.repo_id:
-            hub.push_folder(
-                self.repo_id, self.cfg.output_dir, commit_message=f"Step {self.state.global_step}: exported model"
-            )
-        logger.info(self.summary(), main_process_only=True)
-
-    def summary(self) -> str:
-        """The run in one line: held-out metrics first and last, and where to look."""
-        st, out = self.state, self.cfg.output_dir
-        first, last = st.initial_metrics, st.last_metrics
-        metrics = ", ".join(
-            f"{name} {first[name]:.{digits}f} -> {last[name]:.{digits}f}{unit}"
-            for name, digits, unit in (("psnr", 2, " dB"), ("ssim", 3, ""), ("lpips", 3, ""))
-            if name in first and name in last
-        )
-        held_out = f"held-out {metrics} ({len(self.heldout_images)} images); " if metrics else ""
-        pictures = [
-            f"{what} {path}"
-            for what, path in (
-                ("curves", os.path.join(out, CURVES_PNG)),
-                ("grid", os.path.join(out, GRID_PNG)),
-            )
-            if os.path.isfile(path)
-        ]
-        return f"done at step {st.global_step}: {held_out}" + ", ".join(
-            [f"model in {out} (AutoencoderKL.from_pretrained)", *pictures]
-        )
+    def averaged_model(self, copy_live: bool = False) -> AutoencoderKL:
+        """The weights to evaluate and export: an EMA copy when on, else the live model (or a copy of it)."""
+        if self.ema is not None:
+            return export.averaged_copy(self.vae, self.ema)
+        return copy.deepcopy(self.vae) if copy_live else self.vae
 
     def export_to(self, folder: str, repo_id: str | None) -> dict:
-        """Write the VAE (EMA weights when on), its latent statistics, D and the model card into `folder`."""
-        cfg, st = self.cfg, self.state
+        """The exported model folder (EMA weights when on), as publishing.export.export_run writes it."""
         # Its own copy in eval mode: the EMA's is one already, the live model must not be switched to eval.
-        vae = (copy.deepcopy(self.vae) if self.ema is None else averaged_copy(self.vae, self.ema)).eval()
-        how = "held-out images" if self.heldout_disjoint else "images sampled from the training mixture"
-        images, count = None, cfg.latent_stats_samples
-        while images is None:
-            try:
-                images, _ = data.sample_images(
-                    self.heldout_sources, count, cfg.resolution, seed=cfg.seed, interpolation=cfg.interpolation
-                )
-            except data.DataError as e:  # never lose a trained model over the statistics' sample: use fewer
-                if count <= len(self.heldout_images):
-                    logger.warning(f"latent statistics from the {count} held-out images: {e}", main_process_only=True)
-                    images = self.heldout_images
-                else:
-                    count = max(count // 2, len(self.heldout_images))
-                    logger.warning(f"latent statistics: {e}; trying {count} images", main_process_only=True)
-        note = f"{len(images)} {how}, a seeded random sample (seed {cfg.seed})"
-        last_grid = os.path.join(cfg.output_dir, SAMPLES_DIR, f"step_{st.global_step:07d}.png")
-        card = dict(
-            repo_id=repo_id,
-            license=cfg.license,
-            base_model=cfg.init_from,
-            sources=self.sources,
-            heldout_name=", ".join(s.name for s in self.heldout_sources),
-            heldout_disjoint=self.heldout_disjoint,
-            num_validation_images=len(self.heldout_images),
-            recipe=to_dict(cfg),
-            steps=st.global_step,
-            images_seen=st.images_seen,
-            batch_size=cfg.train_batch_size,
-            num_processes=self.accelerator.num_processes,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            resolution=cfg.resolution,
-            vae_config=dict(vae.config),
-            num_parameters=count_parameters(vae),
-            perception_weights=self.loss_fn.perception_weights,
-            metrics_initial=st.initial_metrics,
-            metrics_final=st.last_metrics,
-        )
-        curves = os.path.join(cfg.output_dir, CURVES_PNG)
-        if folder != cfg.output_dir and os.path.isfile(curves):  # a Hub staging folder shows the curves too
-            os.makedirs(folder, exist_ok=True)
-            shutil.copyfile(curves, os.path.join(folder, CURVES_PNG))
-        return export.export_model(
-            folder,
-            vae,
-            latent_images=images.to(self.device),
-            images_note=note,
-            batch_size=cfg.train_batch_size,
-            seed=cfg.seed,
-            discriminator=self.loss_fn.discriminator,
-            reconstructions=last_grid,
-            card=card,
-        )
+        vae = self.averaged_model(copy_live=True).eval()
+        return export.export_run(folder, vae, self.loss_fn.discriminator, run_record(self), repo_id=repo_id)
 
 
 class LogWindow:
@@ -808,6 +639,40 @@ class LogWindow:
 
     def images_per_s(self) -> float:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+
+def run_record(trainer: Trainer) -> export.TrainingRun:
+    """What the export, the card and the summary need to know of the trainer's run so far."""
+    st = trainer.state
+    return export.TrainingRun(
+        config=trainer.cfg,
+        sources=trainer.sources,
+        heldout_sources=trainer.heldout_sources,
+        heldout_disjoint=trainer.heldout_disjoint,
+        heldout_images=trainer.heldout_images,
+        steps=st.global_step,
+        images_seen=st.images_seen,
+        num_processes=trainer.accelerator.num_processes,
+        perception_weights=trainer.loss_fn.perception_weights,
+        metrics_initial=st.initial_metrics,
+        metrics_final=st.last_metrics,
+    )
+
+
+def publish(trainer: Trainer) -> None:
+    """The final model folder in --output_dir; then, with --push_to_hub, the upload (one line if it fails);
+    then the run's summary line. Main process only."""
+    if not trainer.accelerator.is_main_process:
+        return
+    trainer.run_log.plot_curves(trainer.gan_start())
+    trainer.export_to(trainer.cfg.output_dir, repo_id=trainer.repo_id)
+    if trainer.pusher is not None:
+        trainer.pusher.finish(timeout=3600)  # the final upload below sends everything anyway
+    if trainer.repo_id:
+        hub.push_folder(
+            trainer.repo_id, trainer.cfg.output_dir, commit_message=f"Step {trainer.state.global_step}: exported model"
+        )
+    logger.info(export.run_summary(run_record(trainer)), main_process_only=True)
 
 
 def claim_output_dir(cfg: TrainConfig, accelerator: Accelerator) -> None:
@@ -863,7 +728,7 @@ def main(argv: list[str] | None = None) -> None:
         trainer.maybe_resume()
         trainer.fit()
         accelerator.wait_for_everyone()
-        trainer.export()
+        publish(trainer)
         accelerator.end_training()
     except UserError as e:
         fail(PROG, str(e))

@@ -1,4 +1,4 @@
-"""Evaluation metric throughput: PSNR, SSIM, LPIPS and FID through vae/metrics.py, then eval_vae end to end.
+"""Evaluation metric throughput: PSNR, SSIM, LPIPS and FID through metrics/, then eval_vae end to end.
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/bench_eval.py
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/bench_eval.py --device cuda --batch_size 64 --batches 8
@@ -26,8 +26,8 @@ from unittest import mock
 
 import torch
 
+import metrics
 from losses.perceptual import build_lpips
-from vae import metrics
 
 
 class TinyFeatures(torch.nn.Module):
@@ -114,7 +114,7 @@ def main(argv=None) -> None:
         "SSIM (7×7 uniform)": lambda: metrics.ssim(metrics.to_unit(x), metrics.to_unit(y)),
         "SSIM (11-tap gaussian)": lambda: metrics.ssim(metrics.to_unit(x), metrics.to_unit(y), window="gaussian"),
         "LPIPS-VGG": lambda: lpips(x, y),
-        "reconstruction_metrics": lambda: metrics.reconstruction_metrics(x, y, lpips=lpips),
+        "image_metrics": lambda: metrics.image_metrics(x, y, lpips=lpips),
         "FID update, tiny extractor": lambda: fid_update(fid_tiny),
     }
     if fid_inception is not None:
@@ -160,7 +160,7 @@ def end_to_end(args, tmp: str, inception_path: str | None) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_data
     import eval_vae
-    from vae.models import build_vae
+    from autoencoder.models import build_vae
 
     images = os.path.join(tmp, "images")
     bench_data.write_images(images, "jpeg", args.num_images, 512, 384)

@@ -64,7 +64,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 import train_vae
-from vae.train_config import TrainConfig
+from training.config import TrainConfig
 
 # A Transfusion-preset step with LPIPS, MoCo and D at 256² (forward + backward, counted by hand).
 TFLOP_PER_IMAGE_256 = 3.1
@@ -159,7 +159,7 @@ def train_config(args, **overrides) -> TrainConfig:
         seed=args.seed,
         **overrides,
     )
-    cfg.validate()
+    cfg.check()
     return cfg
 
 
@@ -399,7 +399,9 @@ def results_table(
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="small", help="vae.models preset (transfusion, small, tiny) or a JSON config")
+    p.add_argument(
+        "--preset", default="small", help="autoencoder.models preset (transfusion, small, tiny) or a JSON config"
+    )
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=2)
     p.add_argument(

@@ -23,7 +23,7 @@ gets --minutes of its own training time (data loading included, evaluation exclu
 interleaved in one process, --slice_s seconds of one then of the other (order swapped every
 round), so load from other processes on a shared machine hits both alike. Every --eval_every_s of
 a run's training time, and at 25 / 50 / 100 % of the budget, its held-out PSNR / SSIM / LPIPS are
-measured by vae.validation.held_out_metrics (posterior mean, as the trainer's validation) on the
+measured by metrics.held_out_metrics (posterior mean, as the trainer's validation) on the
 same fixed crops of photographs never trained on, with one random-weight LPIPS net for both. What is
 measured is an exponential moving average of each run's weights (--ema_decay, default 0.99, stepped
 after every AE update of that run, as the trainer's --use_ema does): with the GAN on, the raw
@@ -59,8 +59,9 @@ import data
 import train_vae
 from bench_train_step import ReferenceStep, build_trainer, synchronize
 from losses.perceptual import build_lpips
-from vae.train_config import DEMO_DEFAULTS, TrainConfig
-from vae.validation import held_out_metrics, load_images
+from metrics import held_out_metrics, load_images
+from publishing import export
+from training.config import DEMO_DEFAULTS, TrainConfig
 
 RUNS = ("ours", "reference")
 FRACTIONS = (0.25, 0.5, 1.0)  # of the budget: the table's rows
@@ -132,7 +133,7 @@ def train_config(args) -> TrainConfig:
         seed=args.seed,
         output_dir=args.out_dir,
     )
-    cfg.validate()
+    cfg.check()
     return cfg
 
 
@@ -194,7 +195,7 @@ def evaluate(run: Run, images: torch.Tensor, lpips, args, accelerator: Accelerat
     raw, _ = held_out_metrics(run.vae, images, raw_lpips, args.eval_batch_size, autocast=accelerator.autocast)
     metrics = raw
     if run.ema is not None:
-        averaged = train_vae.averaged_copy(run.vae, run.ema)  # a few MB; the run's own weights stay untouched
+        averaged = export.averaged_copy(run.vae, run.ema)  # a few MB; the run's own weights stay untouched
         metrics, _ = held_out_metrics(averaged, images, lpips, args.eval_batch_size, autocast=accelerator.autocast)
     run.points.append(
         {
@@ -423,7 +424,7 @@ def parse_args(argv=None):
         "--smoke", action="store_true", help=f"CI: {', '.join(f'{k} {v}' for k, v in SMOKE.items())} unless given"
     )
     p.add_argument("--minutes", type=float, default=None, help="training time per run (default 20)")
-    p.add_argument("--preset", default=None, help="vae.models preset (default small)")
+    p.add_argument("--preset", default=None, help="autoencoder.models preset (default small)")
     p.add_argument("--resolution", type=int, default=None, help="crop size (default 64)")
     p.add_argument("--batch_size", type=int, default=None, help=f"default {DEFAULTS['batch_size']}")
     p.add_argument("--lr", type=float, default=4e-4, help="Adam lr of AE and D (constant)")

@@ -1,7 +1,7 @@
 """How stable is σ (the overall std of sampled latents, 1/scaling_factor) for a given `--latent_stats_samples`?
 
 Draws two disjoint samples of distinct random crops of the scikit-image photographs (seeds
-2k and 2k+1 for pair k), computes `vae.export.latent_statistics` on the first N crops of each for
+2k and 2k+1 for pair k), computes `autoencoder.latents.latent_statistics` on the first N crops of each for
 every N, and prints |σ₁ − σ₂| / σ (σ = their mean), |μ₁ − μ₂| / σ and the largest per-channel
 relative difference of the stds. Each crop: a random photograph, its shorter side resized to a
 log-uniform random size between `--min_scale` × the crop size and its native size, a random crop.
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from autoencoder.latents import latent_statistics
+from autoencoder.models import build_vae, load_vae
 from data.transforms import to_rgb
-from vae.export import latent_statistics
-from vae.models import build_vae, load_vae
 
 # Photographs shipped with scikit-image (no download): colour and grey, natural and microscopy.
 PHOTOS = (

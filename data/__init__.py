@@ -2,7 +2,7 @@
 
 from .demo import demo_sources
 from .sample import sample_images
-from .sources import DataError, SourceSpec, detect_kind, list_images, load_mixture, parse_source, validate_sources
+from .sources import DataError, SourceSpec, check_sources, detect_kind, list_images, load_mixture, parse_source
 from .stream import ImageStream, build_eval_stream, build_train_stream, make_dataloader
 from .transforms import CROP_MODES, MAX_IMAGE_PIXELS, BadImageError, eval_transform, load_image, to_rgb, train_transform
 
@@ -15,6 +15,7 @@ __all__ = [
     "SourceSpec",
     "build_eval_stream",
     "build_train_stream",
+    "check_sources",
     "demo_sources",
     "detect_kind",
     "eval_transform",
@@ -26,5 +27,4 @@ __all__ = [
     "sample_images",
     "to_rgb",
     "train_transform",
-    "validate_sources",
 ]

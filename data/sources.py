@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vae.errors import UserError
+from common.errors import DataError
+from common.helpers import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +57,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MIXTURES_DIR = Path(__file__).resolve().parent / "mixtures"
 
 
-class DataError(UserError, ValueError):
-    """A problem with the data configuration, reported in one line before training starts."""
-
-
-def _one_line(text) -> str:
+def _squeezed(text) -> str:
     """Foreign error text (YAML, OS, hub client) squeezed into one line."""
     return " ".join(str(text).split())
 
@@ -142,7 +139,7 @@ def load_mixture(path_or_name: str, data_root: str | None = None) -> list[Source
     try:
         content = yaml.safe_load(file.read_text())
     except yaml.YAMLError as exc:
-        raise DataError(f"mixture file {file} is not valid YAML/JSON: {_one_line(exc)}") from None
+        raise DataError(f"mixture file {file} is not valid YAML/JSON: {_squeezed(exc)}") from None
     if isinstance(content, dict):
         unknown = sorted(set(content) - {"sources", "description"})
         if unknown:
@@ -259,7 +256,7 @@ def _ffhq_files(spec: SourceSpec) -> list[str]:
             with open(json_path) as f:
                 metadata = json.load(f)
         except (OSError, ValueError) as exc:
-            raise DataError(f"source '{spec.name}': cannot read {json_path}: {_one_line(exc)}") from None
+            raise DataError(f"source '{spec.name}': cannot read {json_path}: {_squeezed(exc)}") from None
         wanted = {
             entry["image"]["file_path"].replace("\\", "/")
             for entry in metadata.values()
@@ -308,11 +305,6 @@ def _shard_files(spec: SourceSpec, extension: str) -> list[str]:
     return [os.path.abspath(f) for f in files]
 
 
-def _one_line_error(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {_one_line(lines[0]) if lines else ''}"
-
-
 def _image_columns(features, spec: SourceSpec) -> list[str]:
     from datasets import Image
 
@@ -344,9 +336,7 @@ def _resolve_table(spec: SourceSpec, kind: str, index: int) -> ResolvedSource:
         ds = _load_table_source(kind, files)
         features = ds.features
     except Exception as exc:  # noqa: BLE001 - any reader failure is a configuration error here
-        raise DataError(
-            f"source '{spec.name}': cannot read {kind} shards {spec.path}: {_one_line_error(exc)}"
-        ) from None
+        raise DataError(f"source '{spec.name}': cannot read {kind} shards {spec.path}: {one_line(exc)}") from None
     return ResolvedSource(spec, index, kind, files=_as_bytes_array(files), image_columns=_image_columns(features, spec))
 
 
@@ -362,7 +352,7 @@ def _resolve_hub(spec: SourceSpec, index: int) -> ResolvedSource:
         offline = " (HF_HUB_OFFLINE is set)" if datasets.config.HF_HUB_OFFLINE else ""
         raise DataError(
             f"source '{spec.name}': hub dataset {spec.path!r} (config={spec.config}, split={spec.split}) "
-            f"is unreachable{offline}: {_one_line_error(exc)}"
+            f"is unreachable{offline}: {one_line(exc)}"
         ) from None
     return ResolvedSource(spec, index, "hub", hub=ds, image_columns=_image_columns(features, spec))
 
@@ -400,7 +390,7 @@ def resolve_sources(sources: list[SourceSpec]) -> list[ResolvedSource]:
     return [resolve_source(spec, i) for i, spec in enumerate(sources)]
 
 
-def validate_sources(sources: list[SourceSpec]) -> None:
+def check_sources(sources: list[SourceSpec]) -> None:
     """Raise DataError (one line) for anything that would fail later: call before training."""
     resolve_sources(sources)
 

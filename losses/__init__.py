@@ -1,5 +1,6 @@
 """Losses of the Transfusion VAE: pure terms, the frozen perception nets, the PatchGAN, the loss module."""
 
+from common.errors import PerceptionWeightsError
 from losses.discriminator import NLayerDiscriminator
 from losses.functional import (
     adaptive_weight,
@@ -12,7 +13,7 @@ from losses.functional import (
     reconstruction_nll,
 )
 from losses.identity import MOCO_V2_800EP_URL, IdentityLoss, build_identity_loss, build_moco_encoder, load_moco
-from losses.perceptual import LPIPS, VGG16_URL, PerceptionWeightsError, build_lpips
+from losses.perceptual import LPIPS, VGG16_URL, build_lpips
 from losses.vae_loss import LeCamEMA, TransfusionLoss
 
 __all__ = [

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from losses.perceptual import FrozenEval, PerceptionWeightsError, fetch_checkpoint
+from common.errors import PerceptionWeightsError
+from common.helpers import FrozenModule, key_mismatch, one_line
+from losses.weights import fetch_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +60,8 @@ def _read_checkpoint(path: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
         raise PerceptionWeightsError(
-            f"refused to load {path}: not a plain weights file (weights_only unpickling failed: {first_line})"
+            f"refused to load {path}: not a plain weights file (weights_only unpickling failed: {one_line(err, name=False)})"
         ) from None
     if not isinstance(ckpt, dict):
         raise PerceptionWeightsError(f"{path} holds a {type(ckpt).__name__}, not a MoCo checkpoint dict")
@@ -98,8 +99,7 @@ def load_moco(path_or_url: str | os.PathLike = MOCO_V2_800EP_URL) -> nn.Module:
     version, encoder_state = _encoder_state(_read_checkpoint(path), path)
     net = build_moco_encoder(version)
     expected = net.state_dict()
-    missing = sorted(set(expected) - set(encoder_state))
-    unexpected = sorted(set(encoder_state) - set(expected))
+    missing, unexpected = key_mismatch(expected, encoder_state)
     if missing or unexpected:
         raise PerceptionWeightsError(
             f"{path} does not match a MoCo {version} ResNet-50: {len(missing)} missing keys ({_first(missing)}), "
@@ -129,7 +129,7 @@ def moco_resize(x: torch.Tensor, size: int = 224) -> torch.Tensor:
     )
 
 
-class IdentityLoss(FrozenEval):
+class IdentityLoss(FrozenModule):
     """MSE (or 1 − cos) between MoCo features of x̂ and x; x's features under no_grad, gradient to x̂ only.
 
     feature="projection": the encoder's full output (MoCo v2: 128-d), MSE — the recipe.

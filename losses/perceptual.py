@@ -1,22 +1,16 @@
-"""LPIPS (the `lpips` package v0.1, VGG trunk), frozen and in eval mode for good.
-
-Also home of the weight-fetching helpers the identity loss shares: a cached file is used
-as is, and an offline machine gets a one-line error instead of a hanging download.
-"""
+"""LPIPS (the `lpips` package v0.1, VGG trunk), frozen and in eval mode for good."""
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import urllib.parse
 import warnings
 
 import lpips
 import torch
-from torch import nn
 
-from vae.errors import UserError
+from common.errors import PerceptionWeightsError
+from common.helpers import FrozenModule
+from losses.weights import fetch_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -24,64 +18,6 @@ VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 
 
 _VGG_HINT = "copy torchvision's VGG16 file there or pass --perception_weights random"
-
-
-class PerceptionWeightsError(UserError, RuntimeError):
-    """Weights of a frozen perception network (VGG16 for LPIPS, MoCo for ID) are missing or wrong."""
-
-
-def hub_checkpoint_path(url: str) -> str:
-    """Where torch.hub (and torchvision) cache the file of `url`."""
-    filename = os.path.basename(urllib.parse.urlparse(url).path)
-    return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
-
-
-def _offline_reason(url: str, timeout: float = 3.0) -> str | None:
-    """Why `url` cannot be downloaded now (HF_HUB_OFFLINE set, host unreachable), or None."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on"):
-        return "HF_HUB_OFFLINE is set"
-    parsed = urllib.parse.urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        # A short TCP probe: a firewalled machine would otherwise hang in the download.
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return None
-    except OSError as err:
-        return f"{parsed.hostname} is unreachable ({err.__class__.__name__})"
-
-
-def fetch_checkpoint(url: str, hint: str) -> str:
-    """Local path of `url`'s file: the torch hub cache if present, else a download; `hint` ends the error."""
-    path = hub_checkpoint_path(url)
-    if os.path.isfile(path):
-        return path
-    reason = _offline_reason(url)
-    if reason is not None:
-        raise PerceptionWeightsError(
-            f"{os.path.basename(path)} is not in {os.path.dirname(path)} and cannot be downloaded ({reason}): {hint}"
-        )
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    # torchvision-style names carry a sha256 prefix ("vgg16-397923af.pth"); check it like torch.hub does.
-    match = torch.hub.HASH_REGEX.search(os.path.basename(path))
-    torch.hub.download_url_to_file(url, path, hash_prefix=match.group(1) if match else None, progress=False)
-    return path
-
-
-class FrozenEval(nn.Module):
-    """Base of the frozen perception nets: weights never train and the module never leaves eval mode.
-
-    Training loops call `.train()` on whole module trees; overriding it here keeps dropout off
-    and BatchNorm on running statistics whatever a parent does.
-    """
-
-    def freeze(self) -> None:
-        """Turn off requires_grad everywhere and switch to eval."""
-        for p in self.parameters():
-            p.requires_grad_(False)
-        self.train(False)
-
-    def train(self, mode: bool = True) -> FrozenEval:
-        return super().train(False)
 
 
 def _load_vgg16_trunk(net: lpips.LPIPS, path: str) -> None:
@@ -101,7 +37,7 @@ def _load_vgg16_trunk(net: lpips.LPIPS, path: str) -> None:
     net.load_state_dict({dst: state[src] for dst, src in trunk.items()}, strict=False)
 
 
-class LPIPS(FrozenEval):
+class LPIPS(FrozenModule):
     """LPIPS-VGG distance per image, inputs in [−1, 1]: (B, 3, H, W) × 2 → (B,)."""
 
     def __init__(self, pretrained: bool = True, vgg_path: str | None = None):

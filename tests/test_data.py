@@ -25,6 +25,7 @@ from data import (
     SourceSpec,
     build_eval_stream,
     build_train_stream,
+    check_sources,
     demo_sources,
     detect_kind,
     load_image,
@@ -32,7 +33,6 @@ from data import (
     make_dataloader,
     parse_source,
     to_rgb,
-    validate_sources,
 )
 from data.transforms import eval_transform, train_transform
 
@@ -196,7 +196,7 @@ def test_ffhq_without_json_uses_index_convention(tmp_path):
     train = keys_of(build_eval_stream(SourceSpec("ffhq", root, split="train"), 16))
     assert sorted(int(os.path.basename(k)[:5]) for k in train) == [0, 1, 2, 3, 4, 5, 1000]  # all < 60000
     with pytest.raises(DataError, match="no image files"):
-        validate_sources([SourceSpec("ffhq", root, split="validation")])
+        check_sources([SourceSpec("ffhq", root, split="validation")])
 
 
 def test_eval_stream_is_sorted_center_crop_and_deterministic(tmp_path):
@@ -624,7 +624,7 @@ def test_parse_source_and_mixtures(tmp_path):
         load_mixture(str(bad))
 
 
-def test_validate_sources_errors_are_one_line(tmp_path):
+def test_check_sources_errors_are_one_line(tmp_path):
     make_folder(str(tmp_path / "ok"))
     ok = SourceSpec("ok", str(tmp_path / "ok"))
     (tmp_path / "empty").mkdir()
@@ -641,11 +641,11 @@ def test_validate_sources_errors_are_one_line(tmp_path):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     for sources, fragment in cases:
         with pytest.raises(DataError) as info:
-            validate_sources(sources)
+            check_sources(sources)
         message = str(info.value)
         assert fragment in message and "\n" not in message, message
         assert any(f"'{s.name}'" in message for s in sources) or "weights" in message, message
-    validate_sources([ok])
+    check_sources([ok])
 
 
 def test_demo_heldout_crops_come_from_photos_never_trained_on(tmp_path):
@@ -695,7 +695,7 @@ def test_demo_heldout_crops_come_from_photos_never_trained_on(tmp_path):
     stamp = os.path.getmtime(os.path.join(heldout.path, crop_names[0]))
     assert demo_sources(str(tmp_path / "demo"), 32) == (train, heldout)
     assert os.path.getmtime(os.path.join(heldout.path, crop_names[0])) == stamp
-    validate_sources([train, heldout])
+    check_sources([train, heldout])
 
 
 @pytest.mark.parametrize("size", [(500, 375), (333, 500), (1024, 683), (37, 53)])

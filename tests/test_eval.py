@@ -17,9 +17,12 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import data
 import eval_vae
-from vae import metrics
-from vae.models import build_vae, load_vae
-from vae.validation import GRID_PAD, held_out_metrics, label_margin, load_images, reconstruct
+import metrics
+from autoencoder.models import build_vae, load_vae
+from common.errors import MetricError
+from metrics.grid import GRID_PAD, label_margin
+from metrics.reconstruction import held_out_metrics, load_images, reconstruct
+from publishing import card as model_card
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IMAGES = 5  # odd: a 2-rank run that padded its last batch would count 6
@@ -327,7 +330,7 @@ def test_inception_file_loads_like_torch_fidelity(workspace):
     torch.testing.assert_close(ours, theirs)
     bad = workspace / "not_inception.pth"
     torch.save({"weight": torch.zeros(1)}, bad)
-    with pytest.raises(metrics.MetricError, match="cannot load Inception weights"):
+    with pytest.raises(MetricError, match="cannot load Inception weights"):
         metrics.build_fid(weights_path=str(bad))
 
 
@@ -354,17 +357,19 @@ def test_model_card_metadata_and_section(tmp_path):
     from huggingface_hub import ModelCard
 
     # Standard metrics go into model-index; only the evaluated model's, not the baseline's.
-    entries = {r.metric_type: r.metric_value for r in eval_vae.card_eval_results(_fake_result())}
+    entries = {r.metric_type: r.metric_value for r in model_card.card_eval_results(_fake_result())}
     assert entries == {"rfid": 1.25, "psnr": 25.0, "ssim": 0.75, "lpips": 0.1}
     # A random-VGG "LPIPS" or an rFID on other Inception features is not published as such.
-    entries = {r.metric_type for r in eval_vae.card_eval_results(_fake_result(lpips_weights="random", fid_features=64))}
+    entries = {
+        r.metric_type for r in model_card.card_eval_results(_fake_result(lpips_weights="random", fid_features=64))
+    }
     assert entries == {"psnr", "ssim"}
 
     # No README yet: a minimal diffusers card is created.
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     result = _fake_result()
-    path = eval_vae.update_model_card(str(fresh), result, eval_vae.markdown_table(result))
+    path = model_card.update_model_card(str(fresh), result, eval_vae.markdown_table(result))
     card = ModelCard.load(path)
     assert card.data.library_name == "diffusers" and card.data.model_name == "fresh"
     assert {r.metric_type for r in card.data.eval_results} == {"rfid", "psnr", "ssim", "lpips"}
@@ -375,9 +380,9 @@ def test_model_card_metadata_and_section(tmp_path):
     (folder / "README.md").write_text("---\nlicense: mit\ntags:\n- vae\n---\n\n# My VAE\n\nIntro text.\n")
     for psnr in (25.0, 26.5):
         result = _fake_result(psnr=psnr)
-        eval_vae.update_model_card(str(folder), result, eval_vae.markdown_table(result))
+        model_card.update_model_card(str(folder), result, eval_vae.markdown_table(result))
     other = {**_fake_result(psnr=20.0), "dataset_name": "coco", "resolution": 512}
-    eval_vae.update_model_card(str(folder), other, eval_vae.markdown_table(other))
+    model_card.update_model_card(str(folder), other, eval_vae.markdown_table(other))
     card = ModelCard.load(folder / "README.md")
     assert card.data.license == "mit" and card.data.tags == ["vae"] and "Intro text." in card.text
     psnrs = {(r.dataset_type, r.metric_value) for r in card.data.eval_results if r.metric_type == "psnr"}

@@ -18,18 +18,13 @@ import torch
 from diffusers import AutoencoderKL
 from huggingface_hub import ModelCard
 
+from autoencoder.latents import LATENT_STATS_FILE, latent_statistics
+from autoencoder.models import ModelError, build_vae
+from common.errors import HubError
 from losses.discriminator import NLayerDiscriminator
-from vae import hub
-from vae.errors import HubError
-from vae.export import (
-    HUB_IGNORE,
-    LATENT_STATS_FILE,
-    export_model,
-    latent_statistics,
-    load_discriminator,
-    save_discriminator,
-)
-from vae.models import ModelError, build_vae
+from publishing import hub
+from publishing.export import export_model, load_discriminator, save_discriminator
+from publishing.hub import HUB_IGNORE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,7 +180,7 @@ def test_card_parses_and_never_shows_this_machines_paths(exported):
 
 
 def test_card_of_a_random_init_from_run_on_hub_data(tmp_path):
-    from vae.card import build_model_card
+    from publishing.card import build_model_card
 
     (tmp_path / "training_curves.png").write_bytes(b"png")
     sources = [
@@ -215,14 +210,14 @@ def test_card_of_a_random_init_from_run_on_hub_data(tmp_path):
 
 
 def test_card_of_a_local_init_from_has_no_base_model_metadata(tmp_path):
-    from vae.card import build_model_card
+    from publishing.card import build_model_card
 
     card = build_model_card(**card_args(folder=str(tmp_path), base_model=str(tmp_path)))
     assert "base_model" not in card.data.to_dict() and str(tmp_path) not in card.content
 
 
 def test_card_without_perception_terms_has_no_random_warning():
-    from vae.card import build_model_card
+    from publishing.card import build_model_card
 
     recipe = dict(card_args()["recipe"], lpips_weight=0.0, id_weight=0.0)
     text = build_model_card(**card_args(perception_weights="none", recipe=recipe)).content
@@ -465,7 +460,7 @@ def test_every_save_pushes_each_checkpoint_and_survives_a_failed_upload(online, 
             card=card_args(steps=step, repo_id="someone/tiny-vae"),
         )
         folders.append(folder)
-        with caplog.at_level("WARNING", logger="vae.hub"):
+        with caplog.at_level("WARNING", logger="publishing.hub"):
             pusher.push(str(folder), f"step {step}", cleanup=True)
         assert pusher.finish(timeout=30)
     assert api.attempts == ["step 2", "step 4"]
@@ -506,7 +501,7 @@ def test_pusher_keeps_one_upload_in_flight_and_queues_only_the_newest(online, tm
 def test_pusher_offline_or_broken_api_is_never_fatal(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pusher = hub.BackgroundPusher("someone/tiny-vae", api=NoCalls())
-    with caplog.at_level("WARNING", logger="vae.hub"):
+    with caplog.at_level("WARNING", logger="publishing.hub"):
         pusher.push(str(tmp_path), "step 1")
     assert pusher.finish(timeout=5) and pusher.failures == 1 and "HF_HUB_OFFLINE" in pusher.last_error
     assert tmp_path.exists()  # no cleanup asked: the folder stays

@@ -20,7 +20,7 @@ from PIL import Image
 
 import train_vae
 from losses import vae_loss
-from vae.train_config import TrainConfig
+from training.config import TrainConfig
 
 # The real Trainer, several whole steps per case: part of the e2e set.
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.e2e]
@@ -65,7 +65,7 @@ def make_trainer(folder, out, accelerator, mode, **extra):
         adaptive_weight_mode=mode,
         **extra,
     )
-    cfg.validate()
+    cfg.check()
     set_seed(0)  # identical weights (VAE, D, random LPIPS and MoCo) in both modes
     trainer = train_vae.Trainer(cfg, accelerator)
     trainer.model.train()

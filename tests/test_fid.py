@@ -1,4 +1,4 @@
-"""rFID backends (vae/fid.py): each gives its own package's result from the same weights file, offline.
+"""rFID backends (metrics/fid.py): each gives its own package's result from the same weights file, offline.
 
 The real Inception files cannot be downloaded here, so each test writes its backend's file in the
 package's real format and under its real name, with random weights: a torch-fidelity state dict, a
@@ -28,9 +28,10 @@ from PIL import Image
 from skimage import data as skdata
 
 import eval_vae
-from vae import fid as fid_backends
-from vae import metrics
-from vae.models import build_vae
+import metrics
+from autoencoder.models import build_vae
+from common.errors import MetricError, UserError
+from metrics import fid as fid_backends
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -181,8 +182,8 @@ def test_backend_files_are_the_packages_own():
     for backend in b.values():  # torch.hub caches a download under the URL's last component
         assert backend.weights_url.rsplit("/", 1)[1] == backend.weights_file
         assert fid_backends.package_version(backend.name) == importlib.metadata.version(backend.name)
-    with pytest.raises(metrics.MetricError, match="unknown FID backend"):
-        fid_backends.backend("tf-fid")
+    with pytest.raises(MetricError, match="unknown FID backend"):
+        fid_backends.backend_info("tf-fid")
 
 
 def test_pytorch_fid_matches_its_own_pipeline(weights, folders, torch_home):
@@ -334,14 +335,14 @@ def test_missing_weights_file_is_one_line_and_no_download(backend, tmp_path, mon
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
     monkeypatch.setattr(fid_backends, "CLEANFID_DOWNLOAD_DIR", str(tmp_path / "empty_tmp"))
     b = fid_backends.BACKENDS[backend]
-    with pytest.raises(metrics.MetricError) as e:
+    with pytest.raises(MetricError) as e:
         metrics.build_fid(backend=backend)
     msg = str(e.value)
-    assert "\n" not in msg and isinstance(e.value, metrics.UserError)
+    assert "\n" not in msg and isinstance(e.value, UserError)
     # where to put the file, and where it comes from
     assert os.path.join(str(tmp_path / "empty_home"), "hub", "checkpoints", b.weights_file) in msg
     assert b.weights_url in msg and "--inception_weights" in msg and backend in msg
-    with pytest.raises(metrics.MetricError, match=r"nowhere\.pth") as e:
+    with pytest.raises(MetricError, match=r"nowhere\.pth") as e:
         metrics.build_fid(weights_path=str(tmp_path / "nowhere.pth"), backend=backend)
     assert "\n" not in str(e.value)
     assert no_network == []  # no package loader was even called
@@ -354,7 +355,7 @@ def test_clean_fid_finds_its_own_download_folder_and_needs_its_file_name(weights
     assert metrics.resolve_inception_weights(backend="clean-fid") == weights["clean-fid"]
     renamed = tmp_path / "my_inception.pt"
     renamed.write_bytes(b"x")
-    with pytest.raises(metrics.MetricError, match=r"inception-2015-12-05\.pt"):
+    with pytest.raises(MetricError, match=r"inception-2015-12-05\.pt"):
         metrics.resolve_inception_weights(str(renamed), backend="clean-fid")
 
 
@@ -362,7 +363,7 @@ def test_clean_fid_finds_its_own_download_folder_and_needs_its_file_name(weights
 def test_unreadable_weights_file_is_one_line(backend, tmp_path, no_network):
     bad = tmp_path / fid_backends.BACKENDS[backend].weights_file
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(metrics.MetricError, match="cannot load Inception weights") as e:
+    with pytest.raises(MetricError, match="cannot load Inception weights") as e:
         metrics.build_fid(str(bad), backend=backend)
     assert "\n" not in str(e.value) and str(bad) in str(e.value)
 
@@ -419,7 +420,7 @@ def test_frechet_distance_is_each_packages_own(monkeypatch):
     one = metrics.build_fid(feature_extractor=Given())
     one.update(real[:1], real=True)
     one.update(fake[:1], real=False)
-    with pytest.raises(metrics.MetricError, match="at least 2 images"):
+    with pytest.raises(MetricError, match="at least 2 images"):
         metrics.compute_fid(one, "pytorch-fid")
 
 

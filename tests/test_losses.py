@@ -37,6 +37,7 @@ from losses import (
 )
 from losses import identity as identity_module
 from losses import perceptual as perceptual_module
+from losses import weights as weights_module
 from losses.vae_loss import LeCamEMA, _as_conv
 
 # ----------------------------------------------------------------------------- fixtures
@@ -447,7 +448,7 @@ def test_unreachable_host_is_a_clear_error(empty_hub, monkeypatch):
     def no_network(*args, **kwargs):
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(perceptual_module.socket, "create_connection", no_network)
+    monkeypatch.setattr(weights_module.socket, "create_connection", no_network)
     with pytest.raises(PerceptionWeightsError, match="unreachable"):
         load_moco(MOCO_V2_800EP_URL)
 

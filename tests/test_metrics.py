@@ -1,4 +1,4 @@
-"""vae/metrics.py against independent computations (scikit-image, numpy, closed forms)."""
+"""metrics/ (pixel metrics, FID, the reconstruction path) against independent computations (scikit-image, numpy, closed forms)."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,8 @@ from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from skimage.transform import resize
 
-from vae import metrics
+import metrics
+from common.errors import MetricError
 
 
 def _image_pairs(h: int = 37, w: int = 45) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,24 +154,24 @@ def test_fid_matches_closed_form():
 
 def test_missing_inception_weights_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(metrics.MetricError) as e:
+    with pytest.raises(MetricError) as e:
         metrics.build_fid()
     msg = str(e.value)
     assert "\n" not in msg and metrics.INCEPTION_WEIGHTS_FILE in msg and str(tmp_path) in msg
-    with pytest.raises(metrics.MetricError, match=r"nowhere\.pth"):
+    with pytest.raises(MetricError, match=r"nowhere\.pth"):
         metrics.build_fid(weights_path=str(tmp_path / "nowhere.pth"))
 
 
-def test_reconstruction_metrics_with_random_lpips():
+def test_image_metrics_with_random_lpips():
     from losses.perceptual import build_lpips
 
     lpips = build_lpips(pretrained=False)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
     x_hat = x + 0.1 * torch.randn(x.shape, generator=g)
-    out = metrics.reconstruction_metrics(x, x_hat, lpips=lpips)
+    out = metrics.image_metrics(x, x_hat, lpips=lpips)
     assert set(out) == {"psnr", "ssim", "lpips"} and all(v.shape == (2,) for v in out.values())
     assert torch.allclose(out["psnr"], metrics.psnr(metrics.to_unit(x), metrics.to_unit(x_hat)))
-    same = metrics.reconstruction_metrics(x, x, lpips=lpips)
+    same = metrics.image_metrics(x, x, lpips=lpips)
     assert torch.all(same["lpips"].abs() < 1e-6) and torch.all(out["lpips"] > same["lpips"])
     assert torch.all(same["ssim"] > out["ssim"])

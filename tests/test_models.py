@@ -7,7 +7,7 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
-from vae.models import ModelError, build_vae, count_parameters, init_from_pretrained, load_vae
+from autoencoder.models import ModelError, build_vae, count_parameters, init_from_pretrained, load_vae
 
 
 def test_transfusion_preset_size_and_latent_shape():

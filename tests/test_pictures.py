@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vae import curves
-from vae.validation import GRID_CHUNK_GAP, GRID_PAD, label_margin, save_grid, upscale_factor
+from metrics.grid import GRID_CHUNK_GAP, GRID_PAD, label_margin, save_grid, upscale_factor
+from training import curves
 
 
 def _images(n: int, size: int, seed: int) -> torch.Tensor:

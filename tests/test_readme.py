@@ -1,14 +1,21 @@
-"""The README is the user's door: it must document every flag, give CI's commands and name every dependency."""
+"""The README is the user's door: it must give CI's commands, point at the docs and name every dependency;
+docs/flags.md, the flag reference, must be what the parsers generate today.
+
+Regenerate docs/flags.md after changing a flag: `PYTHONPATH=. python tests/test_readme.py --write-flags`.
+"""
 
 import ast
 import dataclasses
 import importlib.metadata
+import inspect
 import os
 import re
 import sys
 
+from common.cli import markdown_reference
 from eval_vae import EvalConfig
-from vae.train_config import TrainConfig
+from losses import TransfusionLoss
+from training.config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP_DIRS = {".git", ".venv", ".whl", "outputs", "__pycache__"}
@@ -28,11 +35,72 @@ def readme_test_block() -> list[str]:
     return [part.strip() for part in line.split("&&")]
 
 
-def test_every_flag_is_documented():
+FLAGS_MD = os.path.join(ROOT, "docs", "flags.md")
+
+
+def flag_reference() -> str:
+    """docs/flags.md as the parsers define the flags now."""
+    return "\n".join(
+        [
+            "# Flags",
+            "",
+            "Every flag of `train_vae.py` and `eval_vae.py`, generated from their config dataclasses "
+            "(`training/config.py`, `eval_vae.py`) by `PYTHONPATH=. python tests/test_readme.py --write-flags`; "
+            "a test fails when this file is stale. Any flag can also be set in a YAML or JSON file given with "
+            "`--config`; flags on the command line win. A bad flag or value is one line and exit status 2, "
+            "before any model is built.",
+            "",
+            "## train_vae.py",
+            "",
+            "`resume`: what a resumed run does when the flag differs from the checkpoint's. `fixed`: refused "
+            "(the restored optimizer, EMA or data state holds the old value; start a new run with `--init_from` "
+            "instead); `warn`: takes effect, named in a warning; `free`: takes effect silently (outputs, "
+            "intervals, Hub); `model`: compared through the model's shape. `demo`: the value the offline demo "
+            "(no data flags) uses.",
+            "",
+            markdown_reference(TrainConfig, {"resume": "resume", "demo": "demo"}),
+            "## eval_vae.py",
+            "",
+            markdown_reference(EvalConfig),
+        ]
+    )
+
+
+def test_flag_reference_is_generated_and_current():
+    with open(FLAGS_MD) as f:
+        assert f.read() == flag_reference(), (
+            "docs/flags.md is stale: PYTHONPATH=. python tests/test_readme.py --write-flags"
+        )
     readme = read("README.md")
-    for cls in (TrainConfig, EvalConfig):
-        missing = [f.name for f in dataclasses.fields(cls) if f"`--{f.name}`" not in readme]
-        assert not missing, f"{cls.__name__} flags missing from README.md: {missing}"
+    assert "docs/flags.md" in readme, "the README must link the flag reference"
+
+
+def test_every_training_flag_carries_its_facts():
+    """Adding a flag is one edit: its field says its resume policy (and, where they apply, recipe, loss
+    keyword, demo value, bound); every list the trainer uses is derived from those fields."""
+    from training import config
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    missing = [name for name, f in fields.items() if f.metadata.get("resume") not in config.RESUME_POLICIES]
+    assert not missing, f"fields without a resume policy: {missing}"
+    assert set(config.FIXED_ON_RESUME) == {n for n, f in fields.items() if f.metadata["resume"] == "fixed"}
+    # The derived sets, as the trainer uses them: a flag moved between them is a deliberate change.
+    assert config.FIXED_ON_RESUME == (
+        "train_decoder_only", "freeze", "shuffle_block", "dataloader_num_workers", "learning_rate",
+        "disc_learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "use_ema",
+        "ema_decay", "seed",
+    )  # fmt: skip
+    assert config.CHECKED_AS_MODEL == ("model_config", "latent_channels")
+    assert config.RECIPE_KEYS == (
+        "l1_weight", "lpips_weight", "gan_weight", "id_weight", "kl_weight", "disc_start",
+        "adaptive_weight_max", "gan_ramp_steps", "lecam_weight",
+    )  # fmt: skip
+    assert config.LOSS_KEYWORDS["id_checkpoint"] == "moco_weights"
+    cfg = TrainConfig()
+    assert set(cfg.loss_kwargs()) < set(inspect.signature(TransfusionLoss).parameters)
+    assert config.DEMO_DEFAULTS["model_config"] == "tiny" and config.DEMO_DEFAULTS["max_train_steps"] == 900
+    demo = config.apply_demo_defaults(TrainConfig(), explicit={"max_train_steps"})
+    assert demo.model_config == "tiny" and demo.max_train_steps == cfg.max_train_steps
 
 
 def test_ci_runs_the_readme_test_command():
@@ -127,3 +195,9 @@ def test_every_imported_package_is_a_pinned_requirement():
         if not any(n in pins for n in names):
             missing.append(f"{module} ({where})")
     assert not missing, f"imported but not in requirements*.txt: {missing}"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--write-flags"]:
+    with open(FLAGS_MD, "w") as f:
+        f.write(flag_reference())
+    print(f"wrote {FLAGS_MD}")

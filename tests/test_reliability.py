@@ -33,7 +33,7 @@ from PIL import Image
 from torchdata import stateful_dataloader  # noqa: F401 - same reason
 
 import data
-from vae import checkpointing
+from training import checkpointing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_vae.py")
@@ -409,7 +409,7 @@ def partial_folders(out) -> set[str]:
 
 
 def complete_checkpoints(out) -> dict[int, str]:
-    """step -> folder, found independently of vae.checkpointing: checkpoint-N holding trainer_state.json."""
+    """step -> folder, found independently of training.checkpointing: checkpoint-N holding trainer_state.json."""
     found = {}
     for name in os.listdir(out):
         match = re.fullmatch(r"checkpoint-(\d+)", name)

@@ -178,7 +178,7 @@ class StubHub:
 
 @pytest.fixture
 def stub_hub(monkeypatch):
-    from vae import hub
+    from publishing import hub
 
     monkeypatch.setattr(hub, "hub_offline", lambda: False)
     api = StubHub()
@@ -269,7 +269,7 @@ def test_failing_final_upload_is_one_line_and_keeps_the_export(
 
 def test_push_to_hub_refused_before_any_model(image_folder, tmp_path, monkeypatch, capsys, tiny_args, run_main):
     """Offline, or without a token: one line and exit 2 within seconds, nothing built or trained."""
-    from vae import hub
+    from publishing import hub
 
     def no_model(*a, **k):
         raise AssertionError("a model was built before the Hub was checked")
@@ -300,8 +300,8 @@ def test_init_discriminator_and_base_model_round_trip(image_folder, tmp_path, mo
     """The exported D starts a new run bit-identically; an --init_from hub id is the card's base_model."""
     from accelerate import Accelerator
 
-    from vae.models import build_vae
-    from vae.train_config import TrainConfig
+    from autoencoder.models import build_vae
+    from training.config import TrainConfig
 
     base = build_vae("tiny")
     monkeypatch.setattr(train_vae, "load_vae", lambda location: base if location == "someone/base-vae" else None)
@@ -371,8 +371,8 @@ def test_help_lists_every_flag(script, capsys):
     import dataclasses
 
     import eval_vae
-    from vae.config import build_parser
-    from vae.train_config import TrainConfig
+    from common.cli import build_parser
+    from training.config import TrainConfig
 
     cls = TrainConfig if script == "train_vae.py" else eval_vae.EvalConfig
     with pytest.raises(SystemExit) as exit_info:
@@ -383,8 +383,8 @@ def test_help_lists_every_flag(script, capsys):
 
 
 def test_config_file_sets_flags_and_rejects_unknown_keys(tmp_path, capsys):
-    from vae.config import parse_config
-    from vae.train_config import TrainConfig
+    from common.cli import parse_config
+    from training.config import TrainConfig
 
     good = tmp_path / "run.yaml"
     good.write_text("resolution: 128\nuse_ema: true\nsource: [/data/a, /data/b]\n")

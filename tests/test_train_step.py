@@ -14,8 +14,8 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import set_seed
 
 import train_vae
-from vae.models import ModelError, build_vae
-from vae.train_config import TrainConfig
+from autoencoder.models import ModelError, build_vae
+from training.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,7 +44,7 @@ def tiny_config(tmp_path, **extra) -> TrainConfig:
     )
     kw.update(extra)
     cfg = TrainConfig(**kw)
-    cfg.validate()
+    cfg.check()
     return cfg
 
 

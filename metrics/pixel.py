@@ -1,38 +1,19 @@
-"""Reconstruction metrics: PSNR, SSIM, LPIPS, rFID — batched torch, any device.
+"""Pixel metrics: PSNR and SSIM per image, the [-1, 1] -> [0, 1] / uint8 conversions, mean and std over images.
 
 The numbers follow the reference implementation's evaluation protocol (docs/recipe.md, "Evaluation protocol"):
 PSNR and SSIM per image on float [0, 1] clipped, with scikit-image's definitions
 (`peak_signal_noise_ratio(data_range=1)`, `structural_similarity(data_range=1,
 channel_axis=-1)`), re-implemented here in float64 torch so they run batched on the GPU
-and match scikit-image to ~1e-10. rFID accumulates uint8 images' Inception features in torchmetrics'
-`FrechetInceptionDistance`, with the feature network and Fréchet distance of one of three
-backends (torch-fidelity, the default; pytorch-fid; clean-fid: vae/fid.py).
-
-The trainer imports `reconstruction_metrics` for its held-out batch; `eval_vae.py` uses all of it.
+and match scikit-image to ~1e-10.
 """
 
 from __future__ import annotations
 
 import math
-import pickle
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from vae.errors import UserError
-
-# torch-fidelity's release file name; torchvision-style caches keep it under <hub dir>/checkpoints/.
-INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
-# rFID packages (--fid_backend), each with its own Inception file, resize and Fréchet distance: vae/fid.py.
-FID_BACKENDS = ("torch-fidelity", "pytorch-fid", "clean-fid")
-
-
-class MetricError(UserError, ValueError):
-    """A metric that cannot be built (e.g. missing Inception weights); one-line message."""
-
 
 # ---------------------------------------------------------------------------------------------
 # Pixel conversions
@@ -133,26 +114,6 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: str = "uniform") -> torch.Ten
     return s.flatten(2).mean(dim=2).mean(dim=1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Bundle for the trainer's held-out batch
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def reconstruction_metrics(
-    x: torch.Tensor, x_hat: torch.Tensor, lpips: nn.Module | None = None, ssim_window: str = "uniform"
-) -> dict[str, torch.Tensor]:
-    """Per-image PSNR, SSIM (and LPIPS when a module is given) of images in [-1, 1]; each (B,).
-
-    LPIPS sees the decoder output as is (not clipped), like the reference implementation; PSNR/SSIM see [0, 1] clipped.
-    """
-    ref, rec = to_unit(x), to_unit(x_hat)
-    out = {"psnr": psnr(ref, rec), "ssim": ssim(ref, rec, window=ssim_window)}
-    if lpips is not None:
-        out["lpips"] = lpips(x.float(), x_hat.float()).reshape(-1).to(torch.float64)
-    return out
-
-
 class MeanStd:
     """Keeps per-image values of named metrics; reports mean, std (population, like np.std) and count."""
 
@@ -173,77 +134,3 @@ class MeanStd:
             std = t.std(correction=0).item() if n else math.nan
             out[name] = {"mean": mean, "std": std, "count": n}
         return out
-
-
-# ---------------------------------------------------------------------------------------------
-# FID
-# ---------------------------------------------------------------------------------------------
-
-
-def default_inception_path(backend: str = "torch-fidelity") -> str:
-    """Where the backend's own downloader caches its Inception file (<torch hub dir>/checkpoints/<file>)."""
-    from vae import fid as fid_backends
-
-    return fid_backends.default_weights_path(backend)
-
-
-def resolve_inception_weights(weights_path: str | None = None, backend: str = "torch-fidelity") -> str:
-    """The backend's Inception weights file to use; MetricError naming the expected file when it is absent.
-
-    Never downloads: torch-fidelity, pytorch-fid and clean-fid would each fetch from the network when
-    their file is missing, which hangs or fails on an offline machine, so they always get an existing
-    local file (see vae/fid.py).
-    """
-    from vae import fid as fid_backends
-
-    return fid_backends.resolve_weights(backend, weights_path)
-
-
-def build_fid(
-    weights_path: str | None = None,
-    feature_extractor: nn.Module | None = None,
-    features: int = 2048,
-    backend: str = "torch-fidelity",
-    **metric_kwargs,
-):
-    """torchmetrics FrechetInceptionDistance fed uint8 (B, 3, H, W); real = references, fake = reconstructions.
-
-    It accumulates the features (float64 sums, synced across processes by torchmetrics); the rFID
-    of a backend is `compute_fid(metric, backend)`, the backend package's own Fréchet distance.
-    The feature network is the backend's own (vae/fid.py), loaded from `weights_path` or the torch
-    hub cache: torch-fidelity's Inception v3 resized to 299 with TF1-compatible bilinear
-    interpolation (as torch-fidelity and the original TF FID; torchmetrics' default antialiased
-    resize differs when downscaling), pytorch-fid's InceptionV3, or clean-fid's PIL-bicubic resize
-    and TorchScript Inception. `features` 64/192/768 take an earlier Inception layer (smaller sets,
-    quick checks; not rFID as published; not offered by clean-fid).
-    `feature_extractor`: any module mapping uint8 images to (B, d) features (tests, offline runs).
-    """
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    from vae import fid as fid_backends
-
-    if feature_extractor is not None:
-        return FrechetInceptionDistance(feature=feature_extractor, normalize=False, **metric_kwargs)
-    path = resolve_inception_weights(weights_path, backend)
-    if backend != "torch-fidelity":
-        extractor = fid_backends.build_feature_extractor(backend, path, features)
-        return FrechetInceptionDistance(feature=extractor, normalize=False, **metric_kwargs)
-    try:
-        return FrechetInceptionDistance(
-            feature=features, normalize=False, feature_extractor_weights_path=path, antialias=False, **metric_kwargs
-        )
-    except (RuntimeError, OSError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MetricError(f"cannot load Inception weights from {path!r}: {first[:200]}") from None
-
-
-def compute_fid(metric, backend: str = "torch-fidelity") -> float:
-    """rFID of a FrechetInceptionDistance built by build_fid (after its sync across processes).
-
-    Mean and covariance come from its float64 sums; the distance is the backend package's own
-    (torch-fidelity's fid_statistics_to_metric, pytorch-fid's calculate_frechet_distance,
-    clean-fid's frechet_distance). MetricError when a side has fewer than 2 images.
-    """
-    from vae import fid as fid_backends
-
-    return fid_backends.compute(metric, backend)

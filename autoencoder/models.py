@@ -14,16 +14,13 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import AutoencoderKL
 
-from vae.errors import UserError
+from common.errors import ModelError
+from common.helpers import key_mismatch, one_line
 
 logger = logging.getLogger(__name__)
 
 
-class ModelError(UserError, ValueError):
-    """A model preset, config or checkpoint that cannot be used (one-line message)."""
-
-
-def _levels(channels: tuple[int, ...], layers: int, latent: int, groups: int, size: int) -> dict:
+def _preset(channels: tuple[int, ...], layers: int, latent: int, groups: int, size: int) -> dict:
     return dict(
         in_channels=3,
         out_channels=3,
@@ -43,9 +40,9 @@ def _levels(channels: tuple[int, ...], layers: int, latent: int, groups: int, si
 # 8 latent channels at sizes a CPU trains: "tiny" is the offline demo's model and the tests' model, "small"
 # the convergence benchmark's.
 PRESETS: dict[str, dict] = {
-    "transfusion": _levels((128, 256, 512, 512), 2, 8, 32, 256),
-    "small": _levels((32, 64, 128, 128), 1, 8, 16, 128),
-    "tiny": _levels((16, 32, 32, 32), 1, 8, 8, 32),
+    "transfusion": _preset((128, 256, 512, 512), 2, 8, 32, 256),
+    "small": _preset((32, 64, 128, 128), 1, 8, 16, 128),
+    "tiny": _preset((16, 32, 32, 32), 1, 8, 8, 32),
 }
 
 
@@ -92,8 +89,7 @@ def load_vae(path: str, subfolder: str | None = None, dtype: torch.dtype | None 
     try:
         vae = AutoencoderKL.from_pretrained(location, subfolder=subfolder, torch_dtype=dtype)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot load AutoencoderKL from {path!r}: {first}") from None
+        raise ModelError(f"cannot load AutoencoderKL from {path!r}: {one_line(e, name=False)}") from None
     return vae
 
 
@@ -158,8 +154,7 @@ def init_from_pretrained(vae: AutoencoderKL, source: AutoencoderKL, adapt_latent
     report = InitReport()
     src_state = source.state_dict()
     dst_state = vae.state_dict()
-    missing = sorted(set(dst_state) - set(src_state))
-    unexpected = sorted(set(src_state) - set(dst_state))
+    missing, unexpected = key_mismatch(dst_state, src_state)
     if missing or unexpected:
         raise ModelError(
             f"init_from: architectures differ ({len(missing)} missing, {len(unexpected)} unexpected tensors, "

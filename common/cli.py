@@ -1,8 +1,11 @@
 """Typed configs: one dataclass is the single source of every flag.
 
-`parse_config(Cls, argv)` builds the argparse CLI from the dataclass fields (help text from
-`field(metadata={"help": ...})`), lets `--config file.yaml|json` set any field, and rejects
-unknown flags/keys and bad values with one line and exit status 2 — before any model is built.
+`parse_config(Cls, argv)` builds the argparse CLI from the dataclass fields, lets
+`--config file.yaml|json` set any field, and rejects unknown flags/keys and bad values with one
+line and exit status 2 — before any model is built. Each field is declared with `arg(...)`, which
+carries everything known about the flag: its help, choices and bound (checked here), and whatever
+further metadata the config class defines (the trainer's resume policy, recipe and demo default);
+lists of flags are derived from that metadata, never written out by hand.
 """
 
 from __future__ import annotations
@@ -16,11 +19,10 @@ import types
 import typing
 from typing import Any
 
-from vae.errors import UserError
+import yaml
 
-
-class ConfigError(UserError, ValueError):
-    """A bad flag or value; the message is one line meant for the user."""
+from common.errors import ConfigError
+from common.helpers import one_line
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -30,12 +32,42 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def arg(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None, **kw) -> Any:
-    """A dataclass field carrying its CLI help (and choices)."""
-    meta = {"help": help, "choices": choices}
+# A flag's bound: (test, what the error says). None values (an optional flag left unset) are not checked.
+BOUNDS = {
+    "positive": (lambda v: v > 0, "must be positive"),
+    "at_least_1": (lambda v: v >= 1, "must be at least 1"),
+    "non_negative": (lambda v: v >= 0, "must be >= 0"),
+    "unit_interval": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+}
+
+
+def arg(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    choices: tuple | None = None,
+    *,
+    bound: str | None = None,
+    **metadata: Any,
+) -> Any:
+    """A dataclass field carrying its CLI help, choices and bound (a key of BOUNDS), plus any further metadata."""
+    if bound is not None and bound not in BOUNDS:
+        raise ValueError(f"unknown bound {bound!r}; one of {', '.join(BOUNDS)}")
+    meta = {"help": help, "choices": choices, "bound": bound, **metadata}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
-    return dataclasses.field(default=default, metadata=meta, **kw)
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def check_bounds(cfg: Any) -> None:
+    """ConfigError (one line) for the first field whose value breaks its declared bound."""
+    for f in dataclasses.fields(cfg):
+        bound, value = f.metadata.get("bound"), getattr(cfg, f.name)
+        if bound is not None and value is not None and not BOUNDS[bound][0](value):
+            raise ConfigError(f"--{f.name} {BOUNDS[bound][1]}, got {value}")
 
 
 def _unwrap(tp: Any) -> tuple[Any, bool]:
@@ -72,7 +104,7 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
     for f in dataclasses.fields(cls):
         tp, optional = _unwrap(hints[f.name])
         meta = f.metadata
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = field_default(f)
         # SUPPRESS lets us tell which flags the user gave explicitly (config-file merging, demo defaults).
         kw: dict[str, Any] = dict(help=meta.get("help", ""), default=argparse.SUPPRESS)
         if meta.get("choices"):
@@ -120,13 +152,6 @@ def _bad(key: str, value: Any) -> typing.NoReturn:
     raise ConfigError(f"config key {key!r}: bad value {value!r}")
 
 
-def yaml_error() -> type[Exception]:
-    """PyYAML's base error class (json's JSONDecodeError is a ValueError)."""
-    import yaml
-
-    return yaml.YAMLError
-
-
 def load_config_file(cls: type, path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
@@ -136,12 +161,10 @@ def load_config_file(cls: type, path: str) -> dict[str, Any]:
         if path.endswith(".json"):
             data = json.loads(text)
         else:
-            import yaml
-
             data = yaml.safe_load(text)
-    except (ValueError, yaml_error()) as e:  # the parsers' messages are long; keep the first line
+    except (ValueError, yaml.YAMLError) as e:  # json's JSONDecodeError is a ValueError
         raise ConfigError(
-            f"config file {path!r} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {str(e).splitlines()[0]}"
+            f"config file {path!r} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {one_line(e, name=False)}"
         ) from None
     data = data or {}
     if not isinstance(data, dict):
@@ -161,8 +184,8 @@ def load_config_file(cls: type, path: str) -> dict[str, Any]:
 def parse_config(cls: type, argv: list[str] | None, prog: str, description: str = ""):
     """Parse flags (and an optional config file) into `cls`; returns (config, names set explicitly).
 
-    Exits with status 2 and one line on stderr for any bad flag, key or value, including
-    those found by `cls.validate()` when it exists.
+    Exits with status 2 and one line on stderr for any bad flag, key or value: a declared bound
+    (`check_bounds`), or what `cls.check()` finds when the class has one (checks across flags).
     """
     parser = build_parser(cls, prog, description)
     ns = vars(parser.parse_args(argv))
@@ -171,8 +194,9 @@ def parse_config(cls: type, argv: list[str] | None, prog: str, description: str 
         values = load_config_file(cls, config_path) if config_path else {}
         values.update(ns)
         cfg = cls(**values)
-        if hasattr(cfg, "validate"):
-            cfg.validate()
+        check_bounds(cfg)
+        if hasattr(cfg, "check"):
+            cfg.check()
     except ConfigError as e:
         parser.exit(2, f"{prog}: error: {e}\n")
     return cfg, set(values)
@@ -186,3 +210,33 @@ def fail(prog: str, message: str) -> typing.NoReturn:
     """Exit with one line on stderr (for errors found after parsing, e.g. missing data)."""
     sys.stderr.write(f"{prog}: error: {message}\n")
     raise SystemExit(2)
+
+
+def markdown_reference(cls: type, columns: dict[str, str] | None = None) -> str:
+    """A markdown table of every flag of `cls`: flag, type, default, choices and help, plus one column per
+    metadata key in `columns` ({metadata key: column title}), for docs/flags.md."""
+    columns = columns or {}
+    hints = typing.get_type_hints(cls)
+    head = ["flag", "type", "default", *columns.values(), "description"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for f in dataclasses.fields(cls):
+        tp, optional = _unwrap(hints[f.name])
+        type_name = typing.get_origin(tp).__name__ if typing.get_origin(tp) else tp.__name__
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            help_text += " (one of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + ")"
+        if f.metadata.get("bound"):
+            help_text += f" ({BOUNDS[f.metadata['bound']][1]})"
+        extra = [
+            "" if f.metadata.get(key, dataclasses.MISSING) is dataclasses.MISSING else f"`{f.metadata[key]!r}`"
+            for key in columns
+        ]
+        cells = [
+            f"`--{f.name}`",
+            type_name + (" or None" if optional else ""),
+            f"`{field_default(f)!r}`",
+            *extra,
+            help_text,
+        ]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -46,8 +46,14 @@ from unittest import mock
 import numpy as np
 import torch
 from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
 
-from vae.metrics import FID_BACKENDS, INCEPTION_WEIGHTS_FILE, INCEPTION_WEIGHTS_URL, MetricError
+from common.errors import MetricError
+from common.helpers import FrozenModule, one_line
+
+# torch-fidelity's release file name; torchvision-style caches keep it under <hub dir>/checkpoints/.
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 
 
 @dataclass(frozen=True)
@@ -77,13 +83,13 @@ BACKENDS: dict[str, Backend] = {
         ),
     )
 }
-assert tuple(BACKENDS) == FID_BACKENDS
+FID_BACKENDS = tuple(BACKENDS)  # the --fid_backend choices
 
 # clean-fid's own feature_extractor() downloads its TorchScript file into this folder.
 CLEANFID_DOWNLOAD_DIR = "./" if platform.system() == "Windows" else "/tmp"
 
 
-def backend(name: str) -> Backend:
+def backend_info(name: str) -> Backend:
     if name not in BACKENDS:
         raise MetricError(f"unknown FID backend {name!r}; choose one of {', '.join(FID_BACKENDS)}")
     return BACKENDS[name]
@@ -92,7 +98,7 @@ def backend(name: str) -> Backend:
 def package_version(name: str) -> str:
     """The installed version of the backend's package (importlib.metadata), e.g. '0.3.0'."""
     try:
-        return importlib.metadata.version(backend(name).name)
+        return importlib.metadata.version(backend_info(name).name)
     except importlib.metadata.PackageNotFoundError:
         raise MetricError(f"--fid_backend {name} needs the {name} package: pip install {name}") from None
 
@@ -102,18 +108,18 @@ def package_version(name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def default_weights_path(name: str) -> str:
+def default_inception_path(backend: str = "torch-fidelity") -> str:
     """<torch hub dir>/checkpoints/<the backend's file>: where torch.hub's load_state_dict_from_url caches it."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", backend(name).weights_file)
+    return os.path.join(torch.hub.get_dir(), "checkpoints", backend_info(backend).weights_file)
 
 
-def resolve_weights(name: str, weights_path: str | None = None) -> str:
+def resolve_inception_weights(weights_path: str | None = None, backend: str = "torch-fidelity") -> str:
     """The backend's Inception file to use; MetricError (one line) naming the expected file when it is absent.
 
     Never downloads: each package would fetch its file when it is missing (torch.hub, urllib), which
     hangs or fails offline, so the packages only ever get an existing local file.
     """
-    b = backend(name)
+    name, b = backend, backend_info(backend)
     if weights_path:
         path = os.path.expanduser(weights_path)
         if not os.path.isfile(path):
@@ -125,7 +131,7 @@ def resolve_weights(name: str, weights_path: str | None = None) -> str:
             # InceptionV3W(folder) always opens <folder>/inception-2015-12-05.pt.
             raise MetricError(f"clean-fid loads its Inception from a file named {b.weights_file}; rename {path!r}")
         return path
-    candidates = [default_weights_path(name)]
+    candidates = [default_inception_path(name)]
     if name == "clean-fid":
         candidates.append(os.path.join(CLEANFID_DOWNLOAD_DIR, b.weights_file))
     for path in candidates:
@@ -138,8 +144,7 @@ def resolve_weights(name: str, weights_path: str | None = None) -> str:
 
 
 def _load_error(path: str, e: BaseException) -> MetricError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return MetricError(f"cannot load Inception weights from {path!r}: {first[:200]}")
+    return MetricError(f"cannot load Inception weights from {path!r}: {one_line(e, name=False, limit=200)}")
 
 
 _LOAD_ERRORS = (RuntimeError, OSError, KeyError, EOFError, ValueError, AttributeError, pickle.UnpicklingError)
@@ -150,14 +155,7 @@ _LOAD_ERRORS = (RuntimeError, OSError, KeyError, EOFError, ValueError, Attribute
 # ---------------------------------------------------------------------------------------------
 
 
-class _EvalOnly(nn.Module):
-    """A frozen feature network: never leaves eval mode (BatchNorm uses its running statistics)."""
-
-    def train(self, mode: bool = True):
-        return super().train(False)
-
-
-class PytorchFidInception(_EvalOnly):
+class PytorchFidInception(FrozenModule):
     """pytorch-fid's InceptionV3 on uint8 images, as its own CLI sees PNG files.
 
     pytorch-fid reads a PNG with ToTensor (uint8 / 255 in float32), resizes inside the network
@@ -182,7 +180,7 @@ class PytorchFidInception(_EvalOnly):
         except _LOAD_ERRORS as e:
             raise _load_error(weights_path, e) from None
         self.num_features = dims
-        self.requires_grad_(False).eval()
+        self.freeze()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x.float() / 255.0)[0]  # (B, d, h, w); h = w = 1 for pool3
@@ -191,7 +189,7 @@ class PytorchFidInception(_EvalOnly):
         return out.flatten(1)
 
 
-class CleanFidInception(_EvalOnly):
+class CleanFidInception(FrozenModule):
     """clean-fid's "clean" mode on uint8 images: PIL bicubic resize to 299 per image, then InceptionV3W.
 
     clean-fid's ResizeDataset does exactly this per file: uint8 HWC -> build_resizer("clean") (each
@@ -209,11 +207,11 @@ class CleanFidInception(_EvalOnly):
 
         self.resize = build_resizer("clean")
         try:
-            # download=False: the package must not reach for the network; the file exists (resolve_weights).
+            # download=False: the package must not reach for the network; the file exists (resolve_inception_weights).
             self.net = InceptionV3W(os.path.dirname(os.path.abspath(weights_path)), download=False)
         except _LOAD_ERRORS as e:
             raise _load_error(weights_path, e) from None
-        self.requires_grad_(False).eval()
+        self.freeze()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         images = x.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3) uint8
@@ -225,16 +223,49 @@ class CleanFidInception(_EvalOnly):
 def build_feature_extractor(name: str, weights_path: str, features: int = 2048) -> nn.Module:
     """The pytorch-fid or clean-fid feature module (uint8 (B, 3, H, W) -> (B, features)) from an existing file.
 
-    torch-fidelity's is built by torchmetrics itself (vae.metrics.build_fid).
+    torch-fidelity's is built by torchmetrics itself (build_fid).
     """
-    b = backend(name)
+    b = backend_info(name)
     if features not in b.features:
         raise MetricError(f"{name} offers {'/'.join(map(str, b.features))}-d Inception features, not {features}")
     if name == "pytorch-fid":
         return PytorchFidInception(weights_path, features)
     if name == "clean-fid":
         return CleanFidInception(weights_path)
-    raise MetricError(f"{name}'s feature extractor is built by torchmetrics (vae.metrics.build_fid)")
+    raise MetricError(f"{name}'s feature extractor is built by torchmetrics (build_fid)")
+
+
+def build_fid(
+    weights_path: str | None = None,
+    feature_extractor: nn.Module | None = None,
+    features: int = 2048,
+    backend: str = "torch-fidelity",
+    **metric_kwargs,
+):
+    """torchmetrics FrechetInceptionDistance fed uint8 (B, 3, H, W); real = references, fake = reconstructions.
+
+    It accumulates the features (float64 sums, synced across processes by torchmetrics); the rFID
+    of a backend is `compute_fid(metric, backend)`, the backend package's own Fréchet distance.
+    The feature network is the backend's own (above), loaded from `weights_path` or the torch
+    hub cache: torch-fidelity's Inception v3 resized to 299 with TF1-compatible bilinear
+    interpolation (as torch-fidelity and the original TF FID; torchmetrics' default antialiased
+    resize differs when downscaling), pytorch-fid's InceptionV3, or clean-fid's PIL-bicubic resize
+    and TorchScript Inception. `features` 64/192/768 take an earlier Inception layer (smaller sets,
+    quick checks; not rFID as published; not offered by clean-fid).
+    `feature_extractor`: any module mapping uint8 images to (B, d) features (tests, offline runs).
+    """
+    if feature_extractor is not None:
+        return FrechetInceptionDistance(feature=feature_extractor, normalize=False, **metric_kwargs)
+    path = resolve_inception_weights(weights_path, backend)
+    if backend != "torch-fidelity":
+        extractor = build_feature_extractor(backend, path, features)
+        return FrechetInceptionDistance(feature=extractor, normalize=False, **metric_kwargs)
+    try:
+        return FrechetInceptionDistance(
+            feature=features, normalize=False, feature_extractor_weights_path=path, antialias=False, **metric_kwargs
+        )
+    except _LOAD_ERRORS as e:
+        raise _load_error(path, e) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +289,7 @@ def statistics_from_sums(total: torch.Tensor, outer: torch.Tensor, n: int) -> tu
 
 def frechet_distance(name: str, mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """The backend package's own Fréchet distance between N(mu1, sigma1) (real) and N(mu2, sigma2) (fake)."""
-    backend(name)
+    backend_info(name)
     # pytorch-fid and clean-fid print a note on stdout when they add ε to a singular product; stdout
     # carries the results table, so the note goes to stderr.
     with contextlib.redirect_stdout(sys.stderr):
@@ -279,7 +310,7 @@ def frechet_distance(name: str, mu1: np.ndarray, sigma1: np.ndarray, mu2: np.nda
             raise MetricError(f"{name}'s Fréchet distance failed: {str(e).strip()[:200]}") from None
 
 
-def compute(metric, name: str) -> float:
+def compute_fid(metric, name: str = "torch-fidelity") -> float:
     """rFID of a (synced) torchmetrics FrechetInceptionDistance: its sums -> mean/cov -> the backend's distance."""
     mu_r, sigma_r = statistics_from_sums(
         metric.real_features_sum, metric.real_features_cov_sum, int(metric.real_features_num_samples)

@@ -4,101 +4,42 @@
     <folder>/latent_stats.json                                 per-channel and overall latent statistics
     <folder>/discriminator/{model.safetensors,config.json}     the PatchGAN discriminator
     <folder>/reconstructions.png                               the last held-out grid, when given
-    <folder>/README.md                                         the model card (vae/card.py)
+    <folder>/README.md                                         the model card (publishing/card.py)
 
-One latent convention: `config.json` holds `shift_factor` = μ and `scaling_factor` = 1/σ of sampled
-latents, and a diffusion model trains on `(z - shift_factor) * scaling_factor` (mean 0, std 1),
-as diffusers documents for SD3/Flux-style VAEs. `latents_mean` / `latents_std` stay None in the
-config: diffusers' SDXL-family pipelines, when both are set, decode with
-`latents * latents_std / scaling_factor + latents_mean`, i.e. a second normalisation on top of
-the first. The per-channel values go to `latent_stats.json` instead.
+The latent convention (shift_factor / scaling_factor in config.json): autoencoder/latents.py.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.training_utils import EMAModel
+from huggingface_hub import snapshot_download
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vae.card import GRID_PNG, build_model_card
-from vae.errors import HubError
-from vae.models import ModelError
+from autoencoder.latents import apply_latent_convention, latent_statistics, write_latent_stats
+from autoencoder.models import count_parameters, resolve_vae_location
+from common.errors import DataError, HubError, ModelError
+from common.helpers import hub_offline, key_mismatch, one_line
+from data import sample_images
+from publishing.card import GRID_PNG, build_model_card
+from training.config import TrainConfig
+from training.runlog import CURVES_PNG, RunLog
 
 logger = logging.getLogger(__name__)
 
-# What never goes to the Hub: resumable state, logs, the demo's copy of its photographs, the
-# per-checkpoint grids, the staging folders of `--hub_strategy every_save`.
-HUB_IGNORE = ["checkpoint-*", "checkpoint-*/**", "logs/**", "demo_data/**", "samples/**", "hub_staging/**", "*.tmp"]
-LATENT_STATS_FILE = "latent_stats.json"
 DISCRIMINATOR_DIR = "discriminator"
 DISCRIMINATOR_WEIGHTS = "model.safetensors"
 DISCRIMINATOR_CONFIG = "config.json"
-
-
-# ----------------------------------------------------------------------------------------
-# Latent statistics
-# ----------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def latent_statistics(vae: AutoencoderKL, images: torch.Tensor, batch_size: int, seed: int = 0) -> dict:
-    """Statistics of sampled latents z ~ q(z|x) (what a diffusion model trains on) of `images`.
-
-    Returns shift_factor = μ and scaling_factor = 1/σ (overall mean and std, so that
-    `(z - shift_factor) * scaling_factor` has mean 0 and std 1 on these images), the same μ and σ
-    as "mean"/"std", per-channel "latents_mean"/"latents_std", "num_images" and "seed".
-    Stds are unbiased (torch.std); sums are accumulated in float64.
-    """
-    device = next(vae.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    latents = [
-        vae.encode(chunk.to(device)).latent_dist.sample(generator=generator).double()
-        for chunk in images.split(batch_size)
-    ]
-    z = torch.cat(latents)  # (N, C, h, w)
-    per_channel = z.transpose(0, 1).flatten(1)  # (C, N·h·w)
-    mean, std = z.mean().item(), z.std().item()
-    return {
-        "shift_factor": mean,
-        "scaling_factor": 1.0 / std,
-        "mean": mean,
-        "std": std,
-        "latents_mean": per_channel.mean(1).tolist(),
-        "latents_std": per_channel.std(1).tolist(),
-        "num_images": len(images),
-        "seed": seed,
-    }
-
-
-def apply_latent_convention(vae: AutoencoderKL, stats: Mapping) -> None:
-    """Put shift_factor / scaling_factor into the config and make sure latents_mean / latents_std are None."""
-    vae.register_to_config(
-        shift_factor=float(stats["shift_factor"]),
-        scaling_factor=float(stats["scaling_factor"]),
-        latents_mean=None,
-        latents_std=None,
-    )
-
-
-def write_latent_stats(folder: str, stats: Mapping) -> str:
-    path = os.path.join(folder, LATENT_STATS_FILE)
-    record = {
-        "convention": "latents = (z - shift_factor) * scaling_factor; z = latents / scaling_factor + shift_factor",
-        **stats,
-        "note": "latents_mean / latents_std are per channel and NOT in config.json; to normalise per channel "
-        "instead, use (z - latents_mean[c]) / latents_std[c] on its own, never together with "
-        "scaling_factor / shift_factor",
-    }
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
-    return path
 
 
 # ----------------------------------------------------------------------------------------
@@ -136,10 +77,6 @@ def save_discriminator(disc: nn.Module, folder: str) -> str:
 
 
 def _hub_discriminator(repo_id: str) -> str:
-    from huggingface_hub import snapshot_download
-
-    from vae.hub import hub_offline, one_line
-
     if hub_offline():
         raise HubError(f"cannot fetch the discriminator of {repo_id!r}: no such local folder and HF_HUB_OFFLINE is set")
     try:
@@ -154,9 +91,7 @@ def _find_discriminator(path_or_hub_id: str) -> tuple[str, str | None]:
     a training checkpoint (discriminator.safetensors, no config) or a hub id."""
     path = os.path.expanduser(path_or_hub_id)
     if not os.path.exists(path):
-        from vae.models import resolve_vae_location  # same rule for "looks like a path" vs hub id
-
-        resolve_vae_location(path)  # raises ModelError for a missing local path
+        resolve_vae_location(path)  # the model loader's rule for path vs hub id: ModelError for a missing path
         path = _hub_discriminator(path_or_hub_id)
     for folder in (os.path.join(path, DISCRIMINATOR_DIR), path):
         weights = os.path.join(folder, DISCRIMINATOR_WEIGHTS)
@@ -188,7 +123,7 @@ def load_discriminator(path_or_hub_id: str, disc: nn.Module) -> nn.Module:
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for truncated/foreign files
         raise ModelError(f"cannot read discriminator weights {weights!r}: {type(e).__name__}: {e}") from None
     own = disc.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    missing, unexpected = key_mismatch(own, state)
     shapes = [
         f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
         for k, v in own.items()
@@ -227,7 +162,7 @@ def export_model(
     latent_images: (N, 3, R, R) in [-1, 1] for `latent_statistics` (or pass `latent_stats` already
         computed); `images_note` says how they were drawn and lands in latent_stats.json and the card.
     reconstructions: a grid PNG to copy as GRID_PNG (reconstructions.png, the last held-out grid).
-    card: keyword arguments of `vae.card.build_model_card` other than folder, latent_stats and
+    card: keyword arguments of `publishing.card.build_model_card` other than folder, latent_stats and
         has_discriminator, which this function fills in.
     Writes no optimizer or trainer state: the folder is what goes to the Hub.
     """
@@ -258,3 +193,118 @@ def export_model(
         stats["num_images"],
     )
     return stats
+
+
+# ----------------------------------------------------------------------------------------
+# A training run's export: the folder above, with the run's card
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingRun:
+    """What the export, its card and the run's summary need to know of a training run so far."""
+
+    config: TrainConfig
+    sources: list
+    heldout_sources: list
+    heldout_disjoint: bool
+    heldout_images: torch.Tensor  # (N, 3, R, R) in [-1, 1]: the fixed held-out batch
+    steps: int
+    images_seen: int
+    num_processes: int
+    perception_weights: str  # pretrained, random or none: what LPIPS/MoCo actually were
+    metrics_initial: dict = field(default_factory=dict)
+    metrics_final: dict = field(default_factory=dict)
+
+
+def averaged_copy(vae: nn.Module, ema: EMAModel) -> nn.Module:
+    """A copy of `vae` holding the EMA's weights; the live model and its optimizer state stay untouched."""
+    averaged = copy.deepcopy(vae)
+    ema.copy_to(averaged.parameters())
+    return averaged
+
+
+def latent_sample(run: TrainingRun) -> tuple[torch.Tensor, str]:
+    """(images, how they were drawn) for the latent statistics: --latent_stats_samples seeded images of the
+    held-out sources, fewer when those run short; never lose a trained model over this sample."""
+    cfg = run.config
+    how = "held-out images" if run.heldout_disjoint else "images sampled from the training mixture"
+    images, count = None, cfg.latent_stats_samples
+    while images is None:
+        try:
+            images, _ = sample_images(
+                run.heldout_sources, count, cfg.resolution, seed=cfg.seed, interpolation=cfg.interpolation
+            )
+        except DataError as e:
+            if count <= len(run.heldout_images):
+                logger.warning("latent statistics from the %d held-out images: %s", count, e)
+                images = run.heldout_images
+            else:
+                count = max(count // 2, len(run.heldout_images))
+                logger.warning("latent statistics: %s; trying %d images", e, count)
+    return images, f"{len(images)} {how}, a seeded random sample (seed {cfg.seed})"
+
+
+def export_run(
+    folder: str, vae: AutoencoderKL, discriminator: nn.Module, run: TrainingRun, repo_id: str | None
+) -> dict:
+    """Write a run's model folder: the VAE (in eval mode, as given), its latent statistics, D, the grid of its
+    last validation, its curves and its card. Returns the latent statistics."""
+    cfg = run.config
+    images, note = latent_sample(run)
+    card = dict(
+        repo_id=repo_id,
+        license=cfg.license,
+        base_model=cfg.init_from,
+        sources=run.sources,
+        heldout_name=", ".join(s.name for s in run.heldout_sources),
+        heldout_disjoint=run.heldout_disjoint,
+        num_validation_images=len(run.heldout_images),
+        recipe=cfg.recipe(),
+        steps=run.steps,
+        images_seen=run.images_seen,
+        batch_size=cfg.train_batch_size,
+        num_processes=run.num_processes,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        resolution=cfg.resolution,
+        vae_config=dict(vae.config),
+        num_parameters=count_parameters(vae),
+        perception_weights=run.perception_weights,
+        metrics_initial=run.metrics_initial,
+        metrics_final=run.metrics_final,
+    )
+    run_log = RunLog(cfg.output_dir)
+    if folder != cfg.output_dir and os.path.isfile(run_log.curves_path):  # a Hub staging folder shows the curves too
+        os.makedirs(folder, exist_ok=True)
+        shutil.copyfile(run_log.curves_path, os.path.join(folder, CURVES_PNG))
+    device = next(vae.parameters()).device
+    return export_model(
+        folder,
+        vae,
+        latent_images=images.to(device),
+        images_note=note,
+        batch_size=cfg.train_batch_size,
+        seed=cfg.seed,
+        discriminator=discriminator,
+        reconstructions=run_log.grid_path(run.steps),
+        card=card,
+    )
+
+
+def run_summary(run: TrainingRun) -> str:
+    """The run in one line: held-out metrics first and last, and where to look."""
+    first, last, out = run.metrics_initial, run.metrics_final, run.config.output_dir
+    metrics = ", ".join(
+        f"{name} {first[name]:.{digits}f} -> {last[name]:.{digits}f}{unit}"
+        for name, digits, unit in (("psnr", 2, " dB"), ("ssim", 3, ""), ("lpips", 3, ""))
+        if name in first and name in last
+    )
+    held_out = f"held-out {metrics} ({len(run.heldout_images)} images); " if metrics else ""
+    pictures = [
+        f"{what} {path}"
+        for what, path in (("curves", os.path.join(out, CURVES_PNG)), ("grid", os.path.join(out, GRID_PNG)))
+        if os.path.isfile(path)
+    ]
+    return f"done at step {run.steps}: {held_out}" + ", ".join(
+        [f"model in {out} (AutoencoderKL.from_pretrained)", *pictures]
+    )

@@ -9,64 +9,32 @@ Pruning renames a folder away before deleting it, for the same reason.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
+import warnings
 
 import torch
 from accelerate.utils import load as accelerate_load
+from diffusers import AutoencoderKL
+from diffusers.training_utils import EMAModel
+from diffusers.utils import logging as diffusers_logging
+from safetensors.torch import load_file, save_file
+from torch import nn
 
-from vae.errors import CheckpointError, UserError
+from common.errors import CheckpointError, UserError
+from common.helpers import one_line
+from training.config import CHECKED_AS_MODEL, FIXED_ON_RESUME, FREE_ON_RESUME
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 RUN_CONFIG = "train_config.json"  # the flags of the run that wrote the checkpoint
 
-# Flags a resumed run cannot change. The restored state would silently override a new value
-# (Adam's hyper-parameters and base learning rates live in the optimizer and scheduler states, the
-# EMA decay in the EMA state), would not load (which parameters train and are averaged), or belongs
-# to the old value (each data worker's stream position; the seed of the data order).
-FIXED_ON_RESUME = (
-    "train_decoder_only",
-    "freeze",
-    "use_ema",
-    "ema_decay",
-    "learning_rate",
-    "disc_learning_rate",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_weight_decay",
-    "adam_epsilon",
-    "dataloader_num_workers",
-    "shuffle_block",
-    "seed",
-)
-# Flags that do not touch the training trajectory (where things go, how often they are logged,
-# validated, saved or pushed; which weights initialise a run that the checkpoint then replaces).
-FREE_ON_RESUME = (
-    "output_dir",
-    "logging_dir",
-    "report_to",
-    "tracker_project_name",
-    "logging_steps",
-    "validation_steps",
-    "checkpointing_steps",
-    "checkpoints_total_limit",
-    "resume_from_checkpoint",
-    "num_validation_images",
-    "latent_stats_samples",
-    "push_to_hub",
-    "hub_model_id",
-    "hub_private",
-    "hub_strategy",
-    "license",
-    "init_from",
-    "init_discriminator",
-    "perception_weights",
-    "id_checkpoint",
-    "max_nonfinite_steps",
-)
 # AutoencoderKL config keys that decide the shapes of the weights.
 MODEL_SHAPE_KEYS = (
     "in_channels",
@@ -193,7 +161,7 @@ def check_resume(path: str, config: dict, model_config: dict) -> list[str]:
     """Compare a checkpoint with the run about to resume from it, before anything is loaded.
 
     Raises CheckpointError (one line) for a model of another shape or a changed flag that the
-    restored state would override or could not follow (FIXED_ON_RESUME). Returns the other changed
+    restored state would override or could not follow (`resume="fixed"` in training/config.py). Returns the other changed
     flags as "name: old -> new": they take effect, and the run is then no longer a continuation of
     either configuration (a changed --max_train_steps also re-times a non-constant LR schedule).
     """
@@ -214,7 +182,7 @@ def check_resume(path: str, config: dict, model_config: dict) -> list[str]:
     changed = {
         k: (saved[k], config[k])
         for k in sorted(set(saved) & set(config))
-        if k not in FREE_ON_RESUME and k not in ("model_config", "latent_channels") and saved[k] != config[k]
+        if k not in FREE_ON_RESUME and k not in CHECKED_AS_MODEL and saved[k] != config[k]
     }
     fixed = [k for k in FIXED_ON_RESUME if k in changed]
     if fixed:
@@ -229,6 +197,22 @@ def check_resume(path: str, config: dict, model_config: dict) -> list[str]:
 
 def _plain(value):
     return list(value) if isinstance(value, tuple) else value
+
+
+def load(accelerator, path: str, config: dict, model_config: dict) -> tuple[dict, dict]:
+    """Resume from `path`: check its flags against `config` (check_resume; changes that take effect are
+    named in a warning), restore what accelerate saved (models through the load hooks, optimizers,
+    schedulers, RNG), and return (trainer state, this rank's data-stream state)."""
+    for change in check_resume(path, config, model_config):
+        if accelerator.is_main_process:
+            logger.warning("resuming with a changed flag, %s", change)
+    try:
+        accelerator.load_state(path)
+    except pickle.UnpicklingError as e:  # accelerate loads with weights_only: a pickle that would run code
+        raise CheckpointError(f"refused to resume from {path}: {load_error(e)}") from None
+    except (RuntimeError, KeyError, ValueError) as e:  # e.g. a model config file edited since
+        raise CheckpointError(f"cannot resume from {path}: {load_error(e)}") from None
+    return load_extra(path, accelerator.process_index, accelerator.num_processes)
 
 
 def load_extra(path: str, rank: int, world_size: int) -> tuple[dict, dict]:
@@ -264,4 +248,67 @@ def load_error(e: Exception) -> str:
     unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
     if unsafe:
         return f"it would load {unsafe.group(1)} (weights_only unpickling refuses anything but tensors and plain data)"
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    return one_line(e)
+
+
+# ----------------------------------------------------------------------------------------
+# What accelerate's save/load hooks write beside its own state: the autoencoder as a diffusers
+# folder (vae/), the discriminator as safetensors, the EMA as a diffusers folder (vae_ema/)
+# ----------------------------------------------------------------------------------------
+
+VAE_DIR = "vae"
+EMA_DIR = "vae_ema"
+DISCRIMINATOR_FILE = "discriminator.safetensors"
+
+
+def save_model(discriminator: nn.Module | None, folder: str, vae: AutoencoderKL) -> None:
+    """One prepared model of a checkpoint: the discriminator's tensors, or (None) the autoencoder's folder."""
+    if discriminator is None:
+        vae.save_pretrained(os.path.join(folder, VAE_DIR))
+    else:
+        save_file(discriminator.state_dict(), os.path.join(folder, DISCRIMINATOR_FILE))
+
+
+def load_model(discriminator: nn.Module | None, folder: str, vae: AutoencoderKL) -> None:
+    """The inverse of save_model, in place."""
+    if discriminator is None:
+        vae.load_state_dict(AutoencoderKL.from_pretrained(folder, subfolder=VAE_DIR).state_dict())
+    else:
+        discriminator.load_state_dict(load_file(os.path.join(folder, DISCRIMINATOR_FILE)))
+
+
+def save_ema(ema: EMAModel, folder: str) -> None:
+    # EMAModel.save_pretrained builds a freshly initialised model to copy the averages into, which
+    # draws from the global (CPU) RNG that the posterior noise also comes from: without the fork,
+    # the checkpoint interval would change every later step of the run.
+    with torch.random.fork_rng(devices=[]):
+        ema.save_pretrained(os.path.join(folder, EMA_DIR))
+
+
+def load_ema(ema: EMAModel, folder: str, device: torch.device) -> None:
+    # EMAModel keeps its own settings (decay, step) in the model's config.json, which AutoencoderKL
+    # then warns it does not know, and it loads through a call diffusers itself deprecates:
+    # both expected here, so not shown.
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            loaded = EMAModel.from_pretrained(os.path.join(folder, EMA_DIR), model_cls=AutoencoderKL)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    ema.load_state_dict(loaded.state_dict())
+    ema.to(device)
+
+
+def check_replicas(accelerator, modules: list[nn.Module], step: int) -> None:
+    """DDP keeps every rank's weights identical; verify it (one gather per checkpoint) rather than trust it."""
+    if accelerator.num_processes == 1:
+        return
+    params = [p for module in modules for p in module.parameters()]
+    checksum = torch.stack([p.detach().double().sum() for p in params]).to(accelerator.device)  # (n_tensors,)
+    gathered = accelerator.gather(checksum[None])  # (world, n_tensors)
+    if not bool((gathered == gathered[0]).all()):
+        raise RuntimeError(f"ranks hold different weights at step {step}: DDP is out of sync")
+    if accelerator.is_main_process:
+        logger.info("weights identical across %d ranks at step %d", accelerator.num_processes, step)

@@ -1,4 +1,8 @@
-"""The model card (README.md) of an exported Transfusion VAE, built with huggingface_hub's ModelCard.
+"""The model card (README.md) of a Transfusion VAE, on huggingface_hub's ModelCard: one module for both writers.
+
+`build_model_card` writes the card of an exported model (the trainer's export); `update_model_card`
+adds an evaluation's results to a card (`eval_vae.py --update_model_card`): a marked section,
+replaced on a re-run, and model-index metadata.
 
 Everything comes in as plain values, so the card can be rebuilt from a finished folder or a test
 without a trainer. Local data paths appear in the body by their last component only, and the
@@ -9,25 +13,20 @@ from __future__ import annotations
 
 import math
 import os
+import re
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
-from huggingface_hub import ModelCard, ModelCardData
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from common.errors import ModelCardError
+from common.helpers import one_line
+from data import detect_kind
+from training.runlog import CURVES_PNG
 
 TAGS = ["diffusers", "autoencoder", "vae", "transfusion", "autoencoderkl"]
-# The loss terms and schedule a card reports, named as TrainConfig's fields.
-RECIPE_KEYS = (
-    "l1_weight",
-    "lpips_weight",
-    "gan_weight",
-    "id_weight",
-    "kl_weight",
-    "disc_start",
-    "gan_ramp_steps",
-    "adaptive_weight_max",
-    "lecam_weight",
-)
-CURVES_PNG = "training_curves.png"  # written by the trainer (vae/curves.py)
-GRID_PNG = "reconstructions.png"  # the last held-out grid, copied in by vae/export.py
+GRID_PNG = "reconstructions.png"  # the last held-out grid, copied in by publishing/export.py
 # Images shown when the export folder holds them.
 IMAGES = (
     (CURVES_PNG, "Training curves"),
@@ -46,8 +45,6 @@ def _source_fields(source) -> dict:
         "kind": get("kind", "auto"),
     }
     if out["kind"] in (None, "auto"):
-        from data import detect_kind  # only for SourceSpecs that left the kind to detection
-
         out["kind"] = detect_kind(out["path"])
     return out
 
@@ -70,7 +67,7 @@ def _fmt(value) -> str:
 
 
 def _recipe_lines(recipe: Mapping) -> list[str]:
-    r = {k: recipe.get(k) for k in RECIPE_KEYS}
+    r = defaultdict(lambda: None, recipe)  # TrainConfig.recipe(): the fields marked recipe=True
     terms = [
         f"{_fmt(r['l1_weight'])}·L1",
         f"{_fmt(r['lpips_weight'])}·LPIPS-VGG",
@@ -290,3 +287,101 @@ def build_model_card(
     sections = [head, model, training, mixture, heldout + ([""] + images if images else []), usage]
     body = "\n\n".join("\n".join(s).rstrip() for s in sections)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation results (eval_vae.py --update_model_card)
+# ----------------------------------------------------------------------------------------
+
+CARD_TASK = "image-to-image"
+CARD_METRICS = (("rfid", "rFID"), ("psnr", "PSNR"), ("ssim", "SSIM"), ("lpips", "LPIPS"))
+
+
+def load_card(folder: str):
+    """The folder's README.md as a huggingface_hub ModelCard, or a minimal diffusers card when there is none."""
+    path = os.path.join(folder, "README.md")
+    if not os.path.isfile(path):
+        meta = ModelCardData(library_name="diffusers")
+        return ModelCard(f"---\n{meta.to_yaml()}\n---\n\n# {os.path.basename(os.path.abspath(folder))}\n")
+    try:
+        return ModelCard.load(path)  # an existing file: read locally, never fetched from the Hub
+    except (ValueError, OSError, yaml.YAMLError) as e:  # UnicodeDecodeError is a ValueError
+        raise ModelCardError(f"cannot read the model card {path!r}: {one_line(e, name=False, limit=200)}") from None
+
+
+def card_dataset(result: dict) -> tuple[str, str]:
+    """(dataset_type, dataset_name) for model-index: the hub id (or a local folder's name), and what was measured."""
+    return result["dataset_name"], f"{result['dataset_name']} {result['split']}, {result['resolution']}²"
+
+
+def card_eval_results(result: dict) -> list:
+    """model-index entries (huggingface_hub EvalResult) of the evaluated model (not the baselines).
+
+    Only numbers that mean what their name says: rFID with the standard 2048-d Inception features,
+    LPIPS with the pretrained VGG; PSNR and SSIM always (when finite).
+    """
+    model = next(m for m in result["models"] if m["role"] == "model")
+    protocol = result["protocol"]
+    standard_fid = result["config"]["fid_features"] == 2048 and "custom feature extractor" not in protocol["rfid"]
+    values = {
+        "rfid": model["metrics"]["rfid"]["value"] if standard_fid else None,
+        "psnr": model["metrics"]["psnr"]["mean"],
+        "ssim": model["metrics"]["ssim"]["mean"],
+        "lpips": model["metrics"].get("lpips", {}).get("mean") if protocol["lpips_weights"] == "pretrained" else None,
+    }
+    dataset_type, dataset_name = card_dataset(result)
+    return [
+        EvalResult(
+            task_type=CARD_TASK,
+            task_name="Image reconstruction",
+            dataset_type=dataset_type,
+            dataset_name=dataset_name,
+            dataset_config=result["config"].get("dataset_config"),
+            dataset_split=result["split"],
+            metric_type=key,
+            metric_name=name,
+            metric_value=round(float(values[key]), 4),
+        )
+        for key, name in CARD_METRICS
+        if values[key] is not None and math.isfinite(values[key])
+    ]
+
+
+def card_section(result: dict, table: str) -> tuple[str, str, str]:
+    """(start marker, end marker, the section between them) of one dataset / split / resolution."""
+    dataset_type, dataset_name = card_dataset(result)
+    key = re.sub(r"[^\w./-]+", "_", f"{dataset_type} {result['split']} {result['resolution']}")
+    start, end = f"<!-- eval_vae results {key} -->", f"<!-- /eval_vae results {key} -->"
+    body = (
+        f"## Reconstruction: {dataset_name}\n\n"
+        f"{result['num_images']} images, evaluated with `eval_vae.py` (the JSON it writes holds every setting).\n\n"
+        f"{table}\n"
+    )
+    return start, end, body
+
+
+def update_model_card(folder: str, result: dict, table: str) -> str:
+    """Write the results into <folder>/README.md: a marked section (replaced on a re-run) and model-index metadata."""
+    card = load_card(folder)
+    start, end, body = card_section(result, table)
+    section = f"{start}\n{body}{end}"
+    text = card.text
+    if start in text and end in text.split(start, 1)[1]:
+        before, rest = text.split(start, 1)
+        text = before + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    card.text = text
+    new = card_eval_results(result)
+    replaced = {(r.task_type, r.dataset_type, r.dataset_name, r.dataset_split) for r in new}
+    kept = [
+        r
+        for r in (card.data.eval_results or [])
+        if (r.task_type, r.dataset_type, r.dataset_name, r.dataset_split) not in replaced
+    ]
+    card.data.eval_results = kept + new or None
+    if card.data.eval_results and not card.data.model_name:
+        card.data.model_name = os.path.basename(os.path.abspath(folder))  # model-index needs a name
+    path = os.path.join(folder, "README.md")
+    card.save(path)
+    return path

@@ -16,35 +16,21 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import shlex
 import shutil
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
-from vae.errors import HubError
+from common.errors import HubError
+from common.helpers import hub_offline, one_line
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 60.0  # huggingface_hub's HTTP client has no timeout of its own
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one short line: its class, the HTTP status when there is one, the first line of its text."""
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    head = type(exc).__name__ + (f" {status}" if status else "")
-    return f"{head}: {text}"[:300] if text else head
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as huggingface_hub read it at import, or as set since."""
-    from huggingface_hub import constants
-
-    values = {"1", "on", "yes", "true"}
-    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").strip().lower()
-    return bool(constants.HF_HUB_OFFLINE) or env in values
+# What never goes to the Hub: resumable state, logs, the demo's copy of its photographs, the
+# per-checkpoint grids, the staging folders of `--hub_strategy every_save`.
+HUB_IGNORE = ["checkpoint-*", "checkpoint-*/**", "logs/**", "demo_data/**", "samples/**", "hub_staging/**", "*.tmp"]
 
 
 def _call(what: str, fn: Callable, timeout: float):
@@ -69,8 +55,6 @@ def _call(what: str, fn: Callable, timeout: float):
 
 def upload_command(repo_id: str, folder: str, ignore_patterns: Sequence[str] | None = None) -> str:
     """The `hf upload` command line that uploads `folder` as the repo's root, with our exclusions."""
-    from vae.export import HUB_IGNORE
-
     patterns = HUB_IGNORE if ignore_patterns is None else ignore_patterns
     parts = ["hf", "upload", repo_id, folder, "."] + [f"--exclude={p}" for p in patterns]
     return " ".join(shlex.quote(p) for p in parts)
@@ -140,8 +124,6 @@ def push_folder(
     On any failure the folder stays as it is and the HubError (one line) holds the exact
     `hf upload` command to run later. `timeout` (s) bounds the wait (None: as long as it takes).
     """
-    from vae.export import HUB_IGNORE
-
     patterns = list(HUB_IGNORE if ignore_patterns is None else ignore_patterns)
     later = f"the model is intact in {folder}; upload it later with: {upload_command(repo_id, folder, patterns)}"
     if hub_offline():
@@ -183,8 +165,6 @@ class BackgroundPusher:
     def __init__(
         self, repo_id: str, *, token: str | None = None, api=None, ignore_patterns: Sequence[str] | None = None
     ):
-        from vae.export import HUB_IGNORE
-
         self.repo_id = repo_id
         self.token = token
         self.api = api

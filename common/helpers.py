@@ -1,0 +1,51 @@
+"""Helpers every package shares: a foreign exception as one line, the offline check, the frozen-module base."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from huggingface_hub import constants
+from torch import nn
+
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def one_line(exc: BaseException, *, name: bool = True, limit: int = 300) -> str:
+    """A foreign exception as one short line: its first non-empty line of text, after its class name and
+    the HTTP status when there is one (`name=False`: the text alone, or the class name when it has none)."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    if not name:
+        return (text or type(exc).__name__)[:limit]
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    head = type(exc).__name__ + (f" {status}" if status else "")
+    return f"{head}: {text}"[:limit] if text else head
+
+
+def key_mismatch(expected: Mapping, given: Mapping) -> tuple[list[str], list[str]]:
+    """(missing, unexpected): the keys of `expected` that `given` lacks and those `given` has beyond them, sorted
+    (state dicts that should load into each other)."""
+    return sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set now, else as huggingface_hub read it at import."""
+    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").strip().lower()
+    return env in _TRUE if env else bool(constants.HF_HUB_OFFLINE)
+
+
+class FrozenModule(nn.Module):
+    """Base of the frozen networks (LPIPS, MoCo, Inception): weights never train, the module never leaves eval mode.
+
+    Training loops call `.train()` on whole module trees; overriding it here keeps dropout off
+    and BatchNorm on running statistics whatever a parent does.
+    """
+
+    def freeze(self) -> FrozenModule:
+        """Turn off requires_grad everywhere and switch to eval."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self.train(False)
+
+    def train(self, mode: bool = True) -> FrozenModule:
+        return super().train(False)

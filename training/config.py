@@ -1,0 +1,340 @@
+"""Every knob of `train_vae.py`, with the Transfusion recipe as defaults; each flag's facts on its own field.
+
+Besides its help, choices and bound, each field says:
+- `resume`: what a resumed run does when the flag differs from the checkpoint's.
+    fixed  refused (one line): the restored state would override the new value or could not follow it
+           (Adam's settings and base learning rates live in the optimizer and scheduler states, the EMA
+           decay in the EMA state; which parameters train; each data worker's stream position; the seed)
+    free   changes silently: it does not touch the trajectory (where outputs go, how often things are
+           logged, validated, saved or pushed; weights that the checkpoint then replaces)
+    warn   takes effect, named in a warning: the run is then no longer a continuation of either setting
+    model  compared through the model's shape (the checkpoint's config.json), not as a flag
+- `recipe`: reported in the model card's recipe section.
+- `loss`: passed to `TransfusionLoss` (True: under the same name, else the keyword it goes to).
+- `demo`: its value in the offline demo (no data flags): real photographs shipped with scikit-image, the
+  "tiny" preset and a schedule that ends in minutes on a laptop CPU; why each value was chosen, and what
+  the alternatives measured, is in docs/measurements.md. Flags given explicitly always win.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from autoencoder.models import PRESETS
+from common.cli import arg
+from common.errors import ConfigError
+from losses.identity import MOCO_V2_800EP_URL
+
+
+@dataclass
+class TrainConfig:
+    # --- model ---
+    model_config: str = arg(
+        "transfusion", f"AutoencoderKL preset ({', '.join(PRESETS)}) or a JSON config file", resume="model", demo="tiny"
+    )
+    latent_channels: int | None = arg(
+        None, "override the preset's latent channels (e.g. 4, 8, 16)", bound="positive", resume="model"
+    )
+    init_from: str | None = arg(
+        None,
+        "start from a pretrained AutoencoderKL (folder or hub id); latent-facing layers are adapted when the channel count differs",
+        resume="free",
+    )
+    train_decoder_only: bool = arg(
+        False, "freeze encoder and quant_conv: the latent space stays as it is", resume="fixed"
+    )
+    freeze: list[str] = arg(
+        [],
+        "freeze parameters whose name starts with this prefix (repeatable), e.g. encoder.down_blocks.0",
+        resume="fixed",
+    )
+    gradient_checkpointing: bool = arg(False, "trade compute for memory in the autoencoder", resume="warn")
+    channels_last: bool = arg(False, "channels-last memory format (faster convolutions on GPUs)", resume="warn")
+    torch_compile: bool = arg(False, "torch.compile the autoencoder", resume="warn")
+    # --- data ---
+    source: list[str] = arg(
+        [],
+        "a data source, repeatable: a path/hub id or 'name=..,path=..,weight=..,split=..,kind=..,config=..,image_column=..'",
+        resume="warn",
+    )
+    mixture: str | None = arg(
+        None, "mixture file (YAML/JSON) or a ready-made name ('transfusion' with --data_root)", resume="warn"
+    )
+    data_root: str | None = arg(
+        None,
+        "folder holding ImageNet/, COCO/ and FFHQ/ in the reference implementation's layouts (docs/recipe.md) (for --mixture transfusion)",
+        resume="warn",
+    )
+    validation_source: str | None = arg(
+        None, "held-out images for in-training metrics and latent statistics (same syntax as --source)", resume="warn"
+    )
+    resolution: int = arg(256, "training crop size (divisible by 8)", resume="warn", demo=64)
+    random_flip: bool = arg(False, "random horizontal flips (the recipe uses none)", resume="warn")
+    crop_mode: str = arg(
+        "resize",
+        "training crops: resize (shorter side -> resolution, random crop; the recipe), native (a random window at the image's own scale), random_scale (shorter side resized to a random size between resolution and native, then a random crop)",
+        choices=("resize", "native", "random_scale"),
+        resume="warn",
+        demo="native",
+    )
+    interpolation: str = arg(
+        "bilinear",
+        "shorter-side resize filter (bilinear = torchvision's Resize, as the reference implementation)",
+        choices=("bilinear", "bicubic"),
+        resume="warn",
+    )
+    shuffle_block: int = arg(
+        1000, "images per exactly-resumable shuffle block", bound="positive", resume="fixed", demo=16
+    )
+    dataloader_num_workers: int = arg(
+        4, "DataLoader worker processes per rank", bound="non_negative", resume="fixed", demo=0
+    )
+    num_validation_images: int = arg(
+        8, "held-out images in the fixed validation batch", bound="positive", resume="free", demo=16
+    )
+    # --- loss (Transfusion: L1 + LPIPS + 0.5·GAN + 0.2·ID + 1e-6·KL) ---
+    l1_weight: float = arg(1.0, "weight of the L1 term", bound="non_negative", resume="warn", recipe=True, loss=True)
+    lpips_weight: float = arg(
+        1.0, "weight of LPIPS-VGG", bound="non_negative", resume="warn", recipe=True, loss=True, demo=0.0
+    )
+    gan_weight: float = arg(
+        0.5,
+        "weight of the adaptive-weighted generator hinge term",
+        bound="non_negative",
+        resume="warn",
+        recipe=True,
+        loss=True,
+    )
+    id_weight: float = arg(
+        0.2,
+        "weight of the MoCo v2 feature (ID) loss",
+        bound="non_negative",
+        resume="warn",
+        recipe=True,
+        loss=True,
+        demo=0.0,
+    )
+    kl_weight: float = arg(
+        1e-6,
+        "weight of the KL term (sum over C·H·W, mean over batch)",
+        bound="non_negative",
+        resume="warn",
+        recipe=True,
+        loss=True,
+    )
+    disc_start: int = arg(
+        50001,
+        "step at which the discriminator and the GAN term switch on",
+        bound="non_negative",
+        resume="warn",
+        recipe=True,
+        loss=True,
+        demo=800,
+    )
+    adaptive_weight_max: float = arg(1e4, "clamp of the adaptive GAN weight", resume="warn", recipe=True, loss=True)
+    gan_ramp_steps: int = arg(
+        0,
+        "ramp the GAN weight linearly over this many steps after disc_start (0 = switch on at once, as the recipe)",
+        bound="non_negative",
+        resume="warn",
+        recipe=True,
+        loss=True,
+        demo=100,
+    )
+    lecam_weight: float = arg(
+        0.0,
+        "LeCAM regularisation of the discriminator (0 = off, as the recipe)",
+        bound="non_negative",
+        resume="warn",
+        recipe=True,
+        loss=True,
+    )
+    lecam_decay: float = arg(
+        0.999, "EMA decay of LeCAM's logit anchors", bound="unit_interval", resume="warn", loss=True
+    )
+    perception_weights: str = arg(
+        "pretrained",
+        "LPIPS-VGG and MoCo weights: pretrained (required for real runs), random (smoke tests), auto (pretrained when cached, else random, loudly)",
+        choices=("pretrained", "random", "auto"),
+        resume="free",
+        demo="auto",
+    )
+    id_checkpoint: str = arg(
+        MOCO_V2_800EP_URL,
+        "MoCo v2/v3 ResNet-50 checkpoint file or URL for the ID loss",
+        resume="free",
+        loss="moco_weights",
+    )
+    id_feature: str = arg(
+        "projection",
+        "ID features: the 128-d MoCo projection with MSE (the recipe) or 2048-d pooled with cosine",
+        choices=("projection", "pooled"),
+        resume="warn",
+        loss=True,
+    )
+    adaptive_weight_mode: str = arg(
+        "fast",
+        "fast: last-layer gradients derived from one backward through LPIPS/MoCo/D; reference: the reference implementation's autograd.grad on the last layer (same values)",
+        choices=("fast", "reference"),
+        resume="warn",
+    )
+    # --- optimisation ---
+    learning_rate: float = arg(
+        1e-4, "Adam learning rate of the autoencoder", bound="positive", resume="fixed", demo=1e-3
+    )
+    disc_learning_rate: float | None = arg(
+        None, "Adam learning rate of the discriminator (default: --learning_rate)", bound="positive", resume="fixed"
+    )
+    adam_beta1: float = arg(0.9, "Adam beta1", bound="unit_interval", resume="fixed")
+    adam_beta2: float = arg(0.999, "Adam beta2", bound="unit_interval", resume="fixed")
+    adam_weight_decay: float = arg(
+        0.0, "AdamW decoupled weight decay (0 = plain Adam, as the recipe)", bound="non_negative", resume="fixed"
+    )
+    adam_epsilon: float = arg(1e-8, "Adam epsilon", resume="fixed")
+    max_grad_norm: float = arg(
+        0.0, "clip gradients to this global norm (0 = no clipping, as the recipe)", bound="non_negative", resume="warn"
+    )
+    lr_scheduler: str = arg(
+        "constant",
+        "diffusers LR schedule",
+        choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
+        resume="warn",
+        demo="cosine",
+    )
+    lr_warmup_steps: int = arg(0, "warm-up steps of the LR schedule", bound="non_negative", resume="warn")
+    train_batch_size: int = arg(12, "images per device per micro-batch", bound="positive", resume="warn", demo=8)
+    gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step", bound="positive", resume="warn")
+    max_train_steps: int = arg(1_000_000, "optimizer steps to train", bound="positive", resume="warn", demo=900)
+    mixed_precision: str | None = arg(
+        None,
+        "no, fp16 (with a grad scaler) or bf16 autocast over fp32 master weights (default: the accelerate config)",
+        choices=("no", "fp16", "bf16"),
+        resume="warn",
+    )
+    allow_tf32: bool = arg(True, "TF32 matmuls on Ampere+ GPUs", resume="warn")
+    use_ema: bool = arg(
+        False, "keep an EMA of the autoencoder, used for validation and export", resume="fixed", demo=True
+    )
+    ema_decay: float = arg(0.9999, "EMA decay", bound="unit_interval", resume="fixed", demo=0.99)
+    max_nonfinite_steps: int = arg(
+        20, "stop after this many consecutive steps with a non-finite loss or gradient", bound="positive", resume="free"
+    )
+    seed: int = arg(0, "random seed (data order, init, sampling)", resume="fixed")
+    # --- output, logging, checkpoints ---
+    output_dir: str = arg(
+        "vae-output", "where checkpoints, samples, logs and the exported model go", resume="free", demo="outputs/demo"
+    )
+    logging_dir: str = arg("logs", "tracker folder, relative to --output_dir", resume="free")
+    report_to: str = arg("tensorboard", "tracker", choices=("tensorboard", "wandb", "all", "none"), resume="free")
+    tracker_project_name: str = arg("transfusion-vae", "tracker project name", resume="free")
+    logging_steps: int = arg(50, "log losses every N steps", bound="positive", resume="free", demo=20)
+    validation_steps: int = arg(
+        1000,
+        "held-out PSNR/SSIM/LPIPS and a reconstruction grid every N steps",
+        bound="positive",
+        resume="free",
+        demo=100,
+    )
+    checkpointing_steps: int = arg(
+        5000, "save a resumable checkpoint every N steps", bound="positive", resume="free", demo=300
+    )
+    checkpoints_total_limit: int | None = arg(
+        None, "keep at most this many checkpoints", bound="at_least_1", resume="free"
+    )
+    resume_from_checkpoint: str | None = arg(None, "'latest' or a checkpoint folder", resume="free")
+    overwrite_output_dir: bool = arg(
+        False,
+        "start a new run in an --output_dir that holds another run's checkpoints or metrics log, removing them "
+        "(without it, that is an error)",
+        resume="warn",
+        demo=True,
+    )
+    latent_stats_samples: int = arg(
+        1024,
+        "held-out images (a seeded sample) whose sampled latents give scaling_factor / shift_factor at export "
+        "(1024: σ within ~0.4% between two samples, benchmarks/latent_stats_stability.py)",
+        bound="positive",
+        resume="free",
+        demo=16,
+    )
+    # --- Hub ---
+    push_to_hub: bool = arg(
+        False, "upload the exported model to the Hub (token from HF_TOKEN or `hf auth login`)", resume="free"
+    )
+    hub_model_id: str | None = arg(None, "Hub repository, e.g. user/transfusion-vae", resume="free")
+    hub_private: bool = arg(False, "create the Hub repository as private", resume="free")
+    hub_strategy: str = arg(
+        "end",
+        "end: upload the exported model once, at the end; every_save: also upload each checkpoint's exported model (not optimizer states) in the background",
+        choices=("end", "every_save"),
+        resume="free",
+    )
+    license: str = arg(
+        "other",
+        "license in the model card's metadata (weights trained on ImageNet/FFHQ are usually non-commercial)",
+        resume="free",
+    )
+    init_discriminator: str | None = arg(
+        None,
+        "start the discriminator from an exported one: a folder holding discriminator/ (or the discriminator/ folder itself) or a Hub id",
+        resume="free",
+    )
+
+    def check(self) -> None:
+        """Checks across flags, and those a bound cannot say (bounds are checked by common.cli.parse_config)."""
+        if self.resolution <= 0 or self.resolution % 8:
+            raise ConfigError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.model_config not in PRESETS and not (
+            self.model_config.endswith(".json") and os.path.isfile(self.model_config)
+        ):
+            raise ConfigError(
+                f"unknown --model_config {self.model_config!r}: use one of {', '.join(PRESETS)} or an existing .json file"
+            )
+        if self.push_to_hub and not self.hub_model_id:
+            raise ConfigError("--push_to_hub needs --hub_model_id")
+        if self.mixture == "transfusion" and not self.data_root:
+            raise ConfigError("--mixture transfusion needs --data_root (the folder holding ImageNet/, COCO/, FFHQ/)")
+        if self.torch_compile and self.adaptive_weight_mode == "reference":
+            raise ConfigError(
+                "--torch_compile needs --adaptive_weight_mode fast (the reference mode's "
+                "retain_graph backward fails on compiled graphs)"
+            )
+        if self.source and self.mixture:
+            raise ConfigError("give either --source (repeatable) or --mixture, not both")
+
+    def recipe(self) -> dict:
+        """The flags a model card reports as the recipe."""
+        return {name: getattr(self, name) for name in RECIPE_KEYS}
+
+    def loss_kwargs(self) -> dict:
+        """TransfusionLoss's keyword arguments taken from the flags (all but perception_weights)."""
+        return {(name if key is True else key): getattr(self, name) for name, key in LOSS_KEYWORDS.items()}
+
+    @property
+    def is_demo(self) -> bool:
+        """No data given: train on the embedded photographs."""
+        return not self.source and not self.mixture
+
+
+def _with(key: str, value=True) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get(key) == value)
+
+
+RESUME_POLICIES = ("fixed", "free", "warn", "model")
+FIXED_ON_RESUME = _with("resume", "fixed")
+FREE_ON_RESUME = _with("resume", "free")
+CHECKED_AS_MODEL = _with("resume", "model")
+RECIPE_KEYS = _with("recipe")
+LOSS_KEYWORDS = {f.name: f.metadata["loss"] for f in dataclasses.fields(TrainConfig) if "loss" in f.metadata}
+DEMO_DEFAULTS = {f.name: f.metadata["demo"] for f in dataclasses.fields(TrainConfig) if "demo" in f.metadata}
+
+
+def apply_demo_defaults(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
+    """Fill in the demo's defaults for every field the user did not set."""
+    if cfg.is_demo:
+        for key, value in DEMO_DEFAULTS.items():
+            if key not in explicit:
+                setattr(cfg, key, value)
+    return cfg

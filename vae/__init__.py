@@ -1,1 +1,0 @@
-"""Shared pieces of the trainer and the evaluator: model presets, typed configs, metrics."""
