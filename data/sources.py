@@ -2,7 +2,9 @@
 
 A source is a hub dataset id, a local folder in one of the reference implementation's layouts
 (lavinal712/AutoencoderKL, branch transfusion_vae: ImageNet, COCO, FFHQ)
-or any image folder, a glob of parquet shards, or a glob of webdataset `.tar` shards. Every
+or any image folder, a glob of parquet shards, a glob of webdataset `.tar` shards, or a local copy
+of a Hub dataset repository (`hf download ID --repo-type dataset --local-dir DIR`: kind
+`hub_snapshot`, one split's shards read like the parquet / webdataset kinds). Every
 source becomes a Hugging Face streaming `IterableDataset` of *raw* records
 
     {"bytes": binary | None, "path": str | None, "key": str, "source": int}
@@ -29,7 +31,7 @@ from common.helpers import one_line
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("auto", "hub", "folder", "imagenet", "coco", "ffhq", "parquet", "webdataset")
+KINDS = ("auto", "hub", "hub_snapshot", "folder", "imagenet", "coco", "ffhq", "parquet", "webdataset")
 FOLDER_KINDS = ("folder", "imagenet", "coco", "ffhq")
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}
@@ -54,6 +56,11 @@ SPLITS = {
     "ffhq": {"train": "training", "training": "training", "val": "validation", "validation": "validation", "all": None},
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# The Hub's shard names (datasets' push_to_hub, the Hub's conversions): 'train-00000-of-00294.parquet',
+# older ones with a fingerprint, 'train-00000-of-00001-5e3f9a0b1c2d3e4f.parquet'.
+HUB_SHARD_NAME = re.compile(r"^(?P<split>\w+(?:\.\w+)*)-\d{5}-of-\d{5}(?:-[0-9a-f]+)?\.parquet$")
+HUB_CARD_KEYS = re.compile(r"^(configs|dataset_info):", re.M)  # top-level keys of a dataset card's YAML header
+HUB_SNAPSHOT_DEPTH = 3  # folder levels below a snapshot's root searched for Hub shard names
 MIXTURES_DIR = Path(__file__).resolve().parent / "mixtures"
 
 
@@ -67,7 +74,7 @@ class SourceSpec:
     name: str  # label used in logs and skip counts
     path: str  # hub id | local dir | glob of *.parquet | glob of *.tar
     weight: float = 1.0
-    kind: str = "auto"  # auto|hub|folder|imagenet|coco|ffhq|parquet|webdataset
+    kind: str = "auto"  # auto|hub|hub_snapshot|folder|imagenet|coco|ffhq|parquet|webdataset
     split: str = "train"  # ImageNet train/val, COCO train2017/val2017/..., FFHQ training/validation, hub split
     config: str | None = None  # hub config name
     image_column: str = "auto"
@@ -171,7 +178,7 @@ class ResolvedSource:
 
     spec: SourceSpec
     index: int
-    kind: str
+    kind: str  # how it is read: a folder kind, parquet, webdataset or hub (a hub_snapshot becomes one of the last 3)
     root: str | None = None
     # Folder kinds: paths relative to `root`; parquet/webdataset: shard files. Stored as a numpy
     # bytes array: it pickles to DataLoader workers and hashes (HF fingerprints gen_kwargs) far
@@ -189,6 +196,33 @@ def _is_glob(path: str) -> bool:
     return any(ch in path for ch in "*?[")
 
 
+def _has_dataset_card(path: str) -> bool:
+    """Whether `path`/README.md is a Hub dataset card: a YAML header with `configs:` or `dataset_info:`."""
+    try:
+        with open(os.path.join(path, "README.md"), encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return False
+    if not text.startswith("---"):
+        return False
+    header = text[3:].split("\n---", 1)[0]
+    return HUB_CARD_KEYS.search(header) is not None
+
+
+def _has_hub_shards(path: str, depth: int = HUB_SNAPSHOT_DEPTH) -> bool:
+    """Whether a file named like a Hub shard ('<split>-NNNNN-of-NNNNN.parquet') lies in `path` or up to
+    `depth` folder levels below it (hidden folders, such as `hf download`'s .cache/, skipped)."""
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return False
+    if any(HUB_SHARD_NAME.match(e.name) for e in entries if e.is_file()):
+        return True
+    return depth > 0 and any(
+        _has_hub_shards(e.path, depth - 1) for e in entries if not e.name.startswith(".") and e.is_dir()
+    )
+
+
 def detect_kind(path: str) -> str:
     """Guess the kind of a source from its path."""
     lowered = path.lower()
@@ -204,13 +238,16 @@ def detect_kind(path: str) -> str:
             return "ffhq"
         if entries & {"train2017", "val2017", "test2017"}:
             return "coco"
+        if _has_dataset_card(path):
+            return "hub_snapshot"
         if any(os.path.isdir(os.path.join(path, d)) for d in ("train", "val") if d in entries):
             return "imagenet"
         if any(e.endswith(".parquet") for e in entries):
-            return "parquet"
+            return "hub_snapshot" if any(HUB_SHARD_NAME.match(e) for e in entries) else "parquet"
         if any(e.endswith(".tar") for e in entries):
             return "webdataset"
-        return "folder"
+        # Last, as it may list subfolders: shards named the Hub's way below the root (data/, <config>/).
+        return "hub_snapshot" if _has_hub_shards(path) else "folder"
     if _HUB_ID.match(path):
         return "hub"
     return "folder"  # reported as a missing folder
@@ -330,8 +367,9 @@ def _load_table_source(kind: str, files):
     return datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
 
 
-def _resolve_table(spec: SourceSpec, kind: str, index: int) -> ResolvedSource:
-    files = _shard_files(spec, ".parquet" if kind == "parquet" else ".tar")
+def _resolve_table(spec: SourceSpec, kind: str, index: int, files: list[str] | None = None) -> ResolvedSource:
+    if files is None:
+        files = _shard_files(spec, ".parquet" if kind == "parquet" else ".tar")
     try:
         ds = _load_table_source(kind, files)
         features = ds.features
@@ -340,7 +378,7 @@ def _resolve_table(spec: SourceSpec, kind: str, index: int) -> ResolvedSource:
     return ResolvedSource(spec, index, kind, files=_as_bytes_array(files), image_columns=_image_columns(features, spec))
 
 
-def _resolve_hub(spec: SourceSpec, index: int) -> ResolvedSource:
+def _resolve_hub(spec: SourceSpec, index: int, local: bool = False) -> ResolvedSource:
     import datasets
 
     try:
@@ -349,12 +387,52 @@ def _resolve_hub(spec: SourceSpec, index: int) -> ResolvedSource:
         ds = datasets.load_dataset(spec.path, name=spec.config, split=spec.split, streaming=True)
         features = ds.features
     except Exception as exc:  # noqa: BLE001 - unreachable, gated, missing split... all fatal here
+        if local:
+            raise DataError(
+                f"source '{spec.name}': cannot read the Hub dataset folder {spec.path} "
+                f"(config={spec.config}, split={spec.split}): {one_line(exc)}"
+            ) from None
         offline = " (HF_HUB_OFFLINE is set)" if datasets.config.HF_HUB_OFFLINE else ""
         raise DataError(
             f"source '{spec.name}': hub dataset {spec.path!r} (config={spec.config}, split={spec.split}) "
             f"is unreachable{offline}: {one_line(exc)}"
         ) from None
     return ResolvedSource(spec, index, "hub", hub=ds, image_columns=_image_columns(features, spec))
+
+
+def hub_snapshot_splits(path: str, config: str | None = None) -> tuple[str, dict[str, list[str]]]:
+    """(file format, {split: sorted data files}) of a local copy of a Hub dataset repository, as
+    `datasets.load_dataset(path, name=config)` reads it: the dataset card's `configs:` when it has them,
+    else the Hub's file naming conventions ('data/<split>-NNNNN-of-NNNNN.parquet' and others)."""
+    import datasets
+
+    builder = datasets.load_dataset_builder(os.path.abspath(path), name=config)
+    data_files = builder.config.data_files or {}
+    return builder.name, {split: sorted(str(f) for f in files) for split, files in data_files.items()}
+
+
+def _resolve_hub_snapshot(spec: SourceSpec, index: int) -> ResolvedSource:
+    """One split of a downloaded Hub dataset: its parquet (or .tar) shards read like the parquet
+    (webdataset) kind, so ranks get whole shards and a resume is exact; other formats (image
+    folders, JSON, ...) are read by `datasets` as a hub dataset would be."""
+    if not os.path.isdir(spec.path):
+        raise DataError(f"source '{spec.name}': Hub dataset folder {spec.path} does not exist")
+    try:
+        file_format, splits = hub_snapshot_splits(spec.path, spec.config)
+    except Exception as exc:  # noqa: BLE001 - an unknown config, a bad card, no data files: fatal here
+        raise DataError(
+            f"source '{spec.name}': cannot read the Hub dataset folder {spec.path} (config={spec.config}): "
+            f"{one_line(exc)}"
+        ) from None
+    if spec.split not in splits:
+        raise DataError(
+            f"source '{spec.name}': split {spec.split!r} is not in the Hub dataset folder {spec.path}"
+            + (f" (config {spec.config})" if spec.config else "")
+            + f"; its splits: {', '.join(sorted(splits)) or 'none'}"
+        )
+    if file_format in ("parquet", "webdataset"):
+        return _resolve_table(spec, file_format, index, files=splits[spec.split])
+    return _resolve_hub(spec, index, local=True)
 
 
 def resolve_source(spec: SourceSpec, index: int = 0) -> ResolvedSource:
@@ -368,6 +446,8 @@ def resolve_source(spec: SourceSpec, index: int = 0) -> ResolvedSource:
         return _resolve_folder(spec, kind, index)
     if kind in ("parquet", "webdataset"):
         return _resolve_table(spec, kind, index)
+    if kind == "hub_snapshot":
+        return _resolve_hub_snapshot(spec, index)
     return _resolve_hub(spec, index)
 
 

@@ -435,6 +435,155 @@ def test_stream_state_is_plain_python_and_mismatch_is_refused(resume_sources):
 
 
 # ---------------------------------------------------------------------------------------------
+# A downloaded Hub dataset (`hf download ID --repo-type dataset --local-dir DIR`)
+# ---------------------------------------------------------------------------------------------
+
+HUB_CARD = """---
+license: other
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*
+  - split: validation
+    path: data/validation-*
+dataset_info:
+  features:
+  - name: image
+    dtype: image
+  - name: label
+    dtype: int64
+---
+
+# A dataset card
+"""
+SNAPSHOT_ROWS = {"train": (4, 3), "validation": (5,)}  # rows per shard
+
+
+def make_hub_snapshot(root, card=True):
+    """What `hf download` leaves: a dataset card, shards named the Hub's way under data/, hf's hidden .cache/.
+
+    Every image is different; its stored path names its split, shard and row ('train_1_2.jpg')."""
+    for s, (split, shards) in enumerate(SNAPSHOT_ROWS.items()):
+        for shard, rows in enumerate(shards):
+            images = [
+                {"bytes": textured_bytes(500 + 100 * s + 10 * shard + r), "path": f"{split}_{shard}_{r}.jpg"}
+                for r in range(rows)
+            ]
+            table = pa.table({"image": images, "label": list(range(rows))})
+            os.makedirs(f"{root}/data", exist_ok=True)
+            pq.write_table(table, f"{root}/data/{split}-{shard:05d}-of-{len(shards):05d}.parquet", row_group_size=2)
+    write(f"{root}/.gitattributes", b"*.parquet filter=lfs diff=lfs merge=lfs -text\n")
+    write(f"{root}/.cache/huggingface/download/data/train-00000-of-00002.parquet.metadata", b"0123abcd\n")
+    if card:
+        write(f"{root}/README.md", HUB_CARD.encode())
+    return root
+
+
+def snapshot_images(split):
+    return sorted(f"{split}_{shard}_{r}.jpg" for shard, rows in enumerate(SNAPSHOT_ROWS[split]) for r in range(rows))
+
+
+def originals(keys):
+    """The stored image paths behind record keys '<source>/<shard>/<row>:<original>'."""
+    return sorted(key.split(":", 1)[1] for key in keys)
+
+
+@pytest.mark.parametrize("card", [True, False])
+def test_hub_snapshot_is_found_by_its_path_and_read_by_split(tmp_path, card):
+    root = make_hub_snapshot(str(tmp_path / "in1k"), card=card)
+    assert detect_kind(root) == "hub_snapshot"
+    validation = keys_of(build_eval_stream(parse_source(f"path={root},split=validation"), 16))
+    assert originals(validation) == snapshot_images("validation")
+    assert all(k.startswith("in1k/validation-00000-of-00001.parquet/") for k in validation)
+    # The path alone, as `--source /data/in1k` gives it: training reads the train split, only it.
+    train = keys_of(build_train_stream([parse_source(root)], 16, infinite=False, shuffle_block=3))
+    assert originals(train) == snapshot_images("train") and len(train) == len(set(train))
+    # The trainer's held-out sample of `--validation_source path=...,split=validation`.
+    from data import sample_images
+
+    _, held_out = sample_images([parse_source(f"path={root},split=validation")], 3, 16)
+    assert set(originals(held_out)) < set(snapshot_images("validation"))
+    with pytest.raises(DataError) as info:
+        check_sources([parse_source(f"name=in1k,path={root},split=val")])
+    message = str(info.value)
+    assert "'val'" in message and "its splits: train, validation" in message and "\n" not in message, message
+
+
+def test_only_hub_named_or_carded_parquet_folders_are_snapshots(tmp_path):
+    make_parquet(str(tmp_path / "plain"))  # part-000.parquet: all shards, as before
+    write(str(tmp_path / "plain" / "README.md"), b"# my shards\n\nNo YAML header.\n")
+    assert detect_kind(str(tmp_path / "plain")) == "parquet"
+    assert len(keys_of(build_eval_stream(SourceSpec("plain", str(tmp_path / "plain")), 16))) == 8
+    images = make_folder(str(tmp_path / "images"))
+    write(f"{images}/README.md", b"---\ntitle: photos\n---\n")  # a YAML header, but no dataset card keys
+    assert detect_kind(images) == "folder"
+    # Shards named the Hub's way are enough, in the root or a few folders down.
+    nested = make_hub_snapshot(str(tmp_path / "nested" / "default"), card=False)
+    assert detect_kind(str(tmp_path / "nested")) == detect_kind(f"{nested}/data") == "hub_snapshot"
+    # A dataset card is enough, whatever the shards are called (here as the Hub's parquet conversion names them).
+    converted = str(tmp_path / "converted")
+    make_parquet(f"{converted}/default/train", files=2, rows=2)
+    make_parquet(f"{converted}/default/validation", files=1, rows=3)
+    card = "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: default/train/*.parquet\n"
+    write(
+        f"{converted}/README.md",
+        (card + "  - split: validation\n    path: default/validation/*.parquet\n---\n").encode(),
+    )
+    assert detect_kind(converted) == "hub_snapshot"
+    assert len(keys_of(build_eval_stream(SourceSpec("c", converted, split="validation"), 16))) == 3
+    # kind=hub_snapshot on a folder without data files, or with an unknown config: one line.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="cannot read the Hub dataset folder") as info:
+        check_sources([SourceSpec("empty", str(tmp_path / "empty"), kind="hub_snapshot")])
+    assert "\n" not in str(info.value)
+    with pytest.raises(DataError, match="nope") as info:
+        check_sources([SourceSpec("snap", nested, config="nope")])
+    assert "\n" not in str(info.value)
+
+
+def test_hub_snapshot_trains_on_disjoint_rank_parts_and_resumes_exactly(tmp_path):
+    spec = SourceSpec("snap", make_hub_snapshot(str(tmp_path / "snap")))  # kind auto, split train
+
+    def rank_keys(rank, world_size):
+        stream = build_train_stream([spec], 16, seed=2, rank=rank, world_size=world_size, infinite=False)
+        return keys_of(stream)
+
+    everything = rank_keys(0, 1)
+    assert originals(everything) == snapshot_images("train")
+    for world_size in (2, 3):  # 2 shards for 2 ranks; row groups for 3
+        parts = [rank_keys(r, world_size) for r in range(world_size)]
+        assert all(parts) and sorted(itertools.chain(*parts)) == sorted(everything)
+        assert sum(len(p) for p in parts) == len(everything)  # disjoint
+
+    def stream():
+        return build_train_stream([spec], 16, seed=2, rank=1, world_size=2, shuffle_block=2, random_flip=True)
+
+    reference = list(itertools.islice(iter(stream()), 11))  # about 3 epochs of rank 1's shard
+    first = stream()
+    iterator = iter(first)
+    for _ in range(5):
+        next(iterator)
+    state = _roundtrip(first.state_dict(), tmp_path)
+    assert state["epoch"] >= 1 and state["offset"] > 0  # mid-block, past an epoch boundary
+    resumed = stream()
+    resumed.load_state_dict(state)
+    _assert_same(reference[5:], list(itertools.islice(iter(resumed), 6)))
+
+
+def test_hub_snapshot_in_another_format_is_read_by_datasets(tmp_path):
+    root = str(tmp_path / "imgs")
+    for split, count in (("train", 3), ("test", 2)):
+        for i in range(count):
+            write(f"{root}/{split}/{i}.png", image_bytes(colour(10 * count + i), fmt="PNG"))
+    card = "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: train/*\n"
+    write(f"{root}/README.md", (card + "  - split: test\n    path: test/*\n---\n").encode())
+    assert detect_kind(root) == "hub_snapshot"  # its card wins over the train/ folder
+    keys = keys_of(build_eval_stream(SourceSpec("imgs", root, split="test"), 16))
+    assert sorted(k.rsplit("/", 2)[1:] for k in keys) == [["test", "0.png"], ["test", "1.png"]]
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad files
 # ---------------------------------------------------------------------------------------------
 
