@@ -433,20 +433,24 @@ class Evaluator:
         return data.make_dataloader(stream, self.cfg.batch_size, self.cfg.num_workers)
 
     def expected_images(self, resolved) -> int | None:
-        """This rank's share of the images when known up front (folders; hub splits with a count), else None.
+        """This rank's share of the images when known up front, else None: folders (the file list), parquet
+        shards and Hub dataset folders of them (the shards' footers), hub splits with a count.
 
         resolved: the stream's data.ResolvedSource (listed files or the opened hub split).
         """
-        folder = resolved.root is not None and resolved.files is not None
-        total = len(resolved.files) if folder else None  # folder kinds: one file per image
-        if resolved.kind == "hub":
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        if resolved.kind != "hub":
+            count = data.count_records(resolved, rank=rank, world_size=world, max_samples=self.cfg.max_samples)
+            if count is not None:
+                return count
+            total = None  # webdataset: unknown without reading every tar
+        else:
             splits = getattr(getattr(resolved.hub, "info", None), "splits", None) or {}
             total = getattr(splits.get(self.cfg.split), "num_examples", None)
         if self.cfg.max_samples is not None:
             total = self.cfg.max_samples if total is None else min(total, self.cfg.max_samples)
         if total is None:
             return None
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
         return len(range(rank, total, world))  # round-robin split: rank r gets images r, r + world, ...
 
     def run(self) -> None:

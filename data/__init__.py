@@ -2,7 +2,16 @@
 
 from .demo import demo_sources
 from .sample import sample_images
-from .sources import DataError, SourceSpec, check_sources, detect_kind, list_images, load_mixture, parse_source
+from .sources import (
+    DataError,
+    SourceSpec,
+    check_sources,
+    count_records,
+    detect_kind,
+    list_images,
+    load_mixture,
+    parse_source,
+)
 from .stream import ImageStream, build_eval_stream, build_train_stream, make_dataloader
 from .transforms import CROP_MODES, MAX_IMAGE_PIXELS, BadImageError, eval_transform, load_image, to_rgb, train_transform
 
@@ -16,6 +25,7 @@ __all__ = [
     "build_eval_stream",
     "build_train_stream",
     "check_sources",
+    "count_records",
     "demo_sources",
     "detect_kind",
     "eval_transform",

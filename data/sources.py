@@ -669,6 +669,43 @@ def _order(n: int, order_seed: int | None) -> np.ndarray:
     return np.arange(n) if order_seed is None else np.random.default_rng(order_seed).permutation(n)
 
 
+def _rows_in(start: int, stop: int, keep) -> int:
+    """How many rows r in [start, stop) `keep` keeps (r % n == k)."""
+    if keep is None:
+        return stop - start
+    k, n = keep
+    return len(range(start + (k - start) % n, stop, n))
+
+
+def count_records(
+    src: ResolvedSource, *, rank: int = 0, world_size: int = 1, max_samples: int | None = None
+) -> int | None:
+    """How many records `open_records` gives rank `rank` (over all its DataLoader workers) in the sorted
+    order an evaluation reads, when that is cheap to know: folder kinds (the file list) and parquet (the
+    shards' footers); else None. Bad images among them are skipped later, so this is an upper bound."""
+    import pyarrow.parquet as pq
+
+    if src.kind in FOLDER_KINDS:
+        total = len(src.files)
+    elif src.kind == "parquet":
+        files = [f.decode("utf-8") for f in src.files]
+        if max_samples is None:  # the rank's units, as open_records splits them
+            units, keep = _split_units([(f, f, -1) for f in files], rank, world_size, None, "parquet")
+            count = 0
+            for file, _, group in units:
+                metadata = pq.ParquetFile(file).metadata
+                sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+                start = sum(sizes[:group]) if group >= 0 else 0
+                count += _rows_in(start, start + (sizes[group] if group >= 0 else sum(sizes)), keep)
+            return count
+        total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    else:
+        return None
+    if max_samples is not None:
+        total = min(total, max_samples)
+    return len(range(rank, total, world_size))  # round robin: rank r gets records r, r + world_size, ...
+
+
 def open_records(
     src: ResolvedSource,
     *,

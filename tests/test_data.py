@@ -571,6 +571,25 @@ def test_hub_snapshot_trains_on_disjoint_rank_parts_and_resumes_exactly(tmp_path
     _assert_same(reference[5:], list(itertools.islice(iter(resumed), 6)))
 
 
+def test_count_records_is_what_each_rank_reads(tmp_path):
+    from data import count_records
+    from data.sources import resolve_source
+
+    root = make_hub_snapshot(str(tmp_path / "snap"))
+    specs = [SourceSpec("snap", root, split=split) for split in SNAPSHOT_ROWS]
+    specs.append(SourceSpec("one", make_parquet(str(tmp_path / "one"), files=1, rows=5)))  # one row group: by rows
+    specs.append(SourceSpec("folder", make_folder(str(tmp_path / "folder"))))
+    for spec in specs:
+        src = resolve_source(spec)
+        for world_size, max_samples in itertools.product((1, 2, 3), (None, 3)):
+            for rank in range(world_size):
+                stream = build_eval_stream(spec, 16, rank=rank, world_size=world_size, max_samples=max_samples)
+                counted = count_records(src, rank=rank, world_size=world_size, max_samples=max_samples)
+                assert counted == len(keys_of(stream)), (spec.name, spec.split, world_size, max_samples, rank)
+    tars = resolve_source(SourceSpec("wds", make_webdataset(str(tmp_path / "wds"))))
+    assert count_records(tars) is None  # a tar has no index
+
+
 def test_hub_snapshot_in_another_format_is_read_by_datasets(tmp_path):
     root = str(tmp_path / "imgs")
     for split, count in (("train", 3), ("test", 2)):
