@@ -4,6 +4,10 @@
         --split validation --resolution 256 --baseline stabilityai/sd-vae-ft-mse
     accelerate launch --multi_gpu eval_vae.py ...            # each rank evaluates its own images
 
+--dataset is a path or hub id, or the trainer's source syntax (--validation_source), e.g.
+name=in1k,path=/data/in1k,kind=hub_snapshot,split=validation; keys it leaves out come from
+--split, --dataset_config and --image_column.
+
 Different VAE papers and trainers report different numbers for the same model because their
 protocols differ. Every choice is a flag here and is written into the output. "The reference"
 below is the reference implementation (lavinal712/AutoencoderKL, branch transfusion_vae):
@@ -45,7 +49,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -93,7 +97,10 @@ class EvalConfig:
     )
     baseline: list[str] = arg([], help="a baseline VAE evaluated on the same images (repeatable)")
     dataset: str = arg(
-        "", help="hub dataset id or local folder (ImageNet/COCO/FFHQ reference layouts or a plain image folder)"
+        "",
+        help="hub dataset id or local folder (ImageNet/COCO/FFHQ reference layouts, a downloaded Hub dataset, "
+        "parquet/webdataset shards or a plain image folder), or 'name=..,path=..,kind=..,split=..,config=..,"
+        "image_column=..' as the trainer's --validation_source (keys left out: --split, --dataset_config, --image_column)",
     )
     split: str = arg("validation", help="dataset split")
     dataset_config: str | None = arg(None, help="hub dataset config name")
@@ -242,11 +249,20 @@ def save_pngs(folder: str, keys: list[str], images_u8: torch.Tensor) -> None:
         Image.fromarray(img).save(os.path.join(folder, safe_name(key) + ".png"))
 
 
-def dataset_source(cfg: EvalConfig):
-    name = os.path.basename(os.path.normpath(cfg.dataset)) if os.path.exists(cfg.dataset) else cfg.dataset
-    return data.SourceSpec(
-        name=name, path=cfg.dataset, split=cfg.split, config=cfg.dataset_config, image_column=cfg.image_column
-    )
+def dataset_source(cfg: EvalConfig) -> data.SourceSpec:
+    """--dataset as a data.SourceSpec: a path / hub id, or the trainer's 'name=..,path=..,kind=..' syntax
+    (an existing path with '=' in it stays a path); --split, --dataset_config and --image_column fill
+    the keys it leaves out. Named after the folder (a path) or the whole id (a hub id), as the card shows it."""
+    text = cfg.dataset
+    described = "=" in text and not os.path.exists(text)
+    path = str(data.source_fields(text).get("path", "")) if described else text
+    defaults = {
+        "name": os.path.basename(os.path.normpath(path)) if os.path.exists(path) else path,
+        "split": cfg.split,
+        "config": cfg.dataset_config,
+        "image_column": cfg.image_column,
+    }
+    return data.parse_source(text, defaults) if described else data.SourceSpec(path=text, **defaults)
 
 
 def load_models(cfg: EvalConfig) -> list[tuple[str, str, str, torch.nn.Module]]:
@@ -387,6 +403,7 @@ class Evaluator:
         # model comes before the metric weights so that a mistyped model path is the first thing reported.
         self.source = dataset_source(cfg)
         data.check_sources([self.source])
+        self.source_kind = data.detect_kind(self.source.path) if self.source.kind == "auto" else self.source.kind
         models = load_models(cfg)
         use_inception = cfg.fid and feature_extractor is None
         backend = self.protocol["fid_backend"]
@@ -446,7 +463,7 @@ class Evaluator:
             total = None  # webdataset: unknown without reading every tar
         else:
             splits = getattr(getattr(resolved.hub, "info", None), "splits", None) or {}
-            total = getattr(splits.get(self.cfg.split), "num_examples", None)
+            total = getattr(splits.get(self.source.split), "num_examples", None)
         if self.cfg.max_samples is not None:
             total = self.cfg.max_samples if total is None else min(total, self.cfg.max_samples)
         if total is None:
@@ -521,7 +538,8 @@ class Evaluator:
         result = {
             "dataset": self.cfg.dataset,
             "dataset_name": self.source.name,
-            "split": self.cfg.split,
+            "source": {**asdict(self.source), "kind": self.source_kind},
+            "split": self.source.split,
             "resolution": self.cfg.resolution,
             "num_images": len(keys),
             "skipped_images": skipped,

@@ -11,6 +11,7 @@ from .sources import (
     list_images,
     load_mixture,
     parse_source,
+    source_fields,
 )
 from .stream import ImageStream, build_eval_stream, build_train_stream, make_dataloader
 from .transforms import CROP_MODES, MAX_IMAGE_PIXELS, BadImageError, eval_transform, load_image, to_rgb, train_transform
@@ -35,6 +36,7 @@ __all__ = [
     "make_dataloader",
     "parse_source",
     "sample_images",
+    "source_fields",
     "to_rgb",
     "train_transform",
 ]

@@ -113,18 +113,27 @@ def _spec_from_mapping(entry: dict, where: str) -> SourceSpec:
     return SourceSpec(**values)
 
 
-def parse_source(text: str) -> SourceSpec:
-    """Parse 'name=coco,path=/data/COCO,weight=0.1,split=train' or a bare path / hub id."""
+def source_fields(text: str) -> dict[str, str]:
+    """The key=value pairs of 'name=coco,path=/data/COCO,split=train'; {'path': text} for a bare path / hub id."""
     text = text.strip()
     if "=" not in text:
-        return _spec_from_mapping({"path": text}, f"source {text!r}")
+        return {"path": text}
     entry = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")
         if not sep:
             raise DataError(f"source {text!r}: expected key=value pairs separated by commas, got {item!r}")
         entry[key.strip()] = value.strip()
-    return _spec_from_mapping(entry, f"source {text!r}")
+    return entry
+
+
+def parse_source(text: str, defaults: dict | None = None) -> SourceSpec:
+    """Parse 'name=coco,path=/data/COCO,weight=0.1,split=train' or a bare path / hub id.
+
+    `defaults`: values of SourceSpec fields the text leaves out (e.g. the evaluator's --split).
+    """
+    text = text.strip()
+    return _spec_from_mapping({**(defaults or {}), **source_fields(text)}, f"source {text!r}")
 
 
 def load_mixture(path_or_name: str, data_root: str | None = None) -> list[SourceSpec]:

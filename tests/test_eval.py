@@ -271,6 +271,89 @@ def test_two_processes_match_one(workspace, random_lpips, capsys):
     assert "inception.pth" in two["protocol"]["inception_weights"]
 
 
+def write_hub_snapshot(root) -> dict[str, list[str]]:
+    """What `hf download ID --repo-type dataset --local-dir root` leaves: a dataset card and PNG photos in
+    data/<split>-NNNNN-of-NNNNN.parquet shards, other photos in each split. Returns {split: stored image paths}."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    photos = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket(), skdata.camera()]
+    shards = {"train-00000-of-00002": [0], "train-00001-of-00002": [1], "validation-00000-of-00001": [2, 3, 4]}
+    stored = {}
+    (root / "data").mkdir(parents=True)
+    for shard, indices in shards.items():
+        images = []
+        for i in indices:
+            buffer = io.BytesIO()
+            Image.fromarray(photos[i]).resize((40, 36), Image.Resampling.BILINEAR).save(buffer, format="PNG")
+            images.append({"bytes": buffer.getvalue(), "path": f"{shard}_{i}.png"})
+        pq.write_table(pa.table({"image": images}), root / "data" / f"{shard}.parquet")
+        stored.setdefault(shard.split("-")[0], []).extend(image["path"] for image in images)
+    (root / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n"
+        "  - split: validation\n    path: data/validation-*\n---\n\n# photos\n"
+    )
+    return stored
+
+
+def test_dataset_flag_takes_a_path_an_id_or_a_source_description(tmp_path):
+    def source(dataset, **flags):
+        return eval_vae.dataset_source(eval_vae.EvalConfig(dataset=dataset, **flags))
+
+    folder = tmp_path / "in1k"
+    folder.mkdir()
+    spec = source(str(folder))  # a path: named after its folder, split from --split
+    assert (spec.name, spec.path, spec.kind, spec.split, spec.config) == (
+        "in1k",
+        str(folder),
+        "auto",
+        "validation",
+        None,
+    )
+    spec = source("ILSVRC/imagenet-1k", dataset_config="full", image_column="jpg")
+    assert (spec.name, spec.kind, spec.config, spec.image_column) == ("ILSVRC/imagenet-1k", "auto", "full", "jpg")
+    # The trainer's syntax: what it says wins, what it leaves out comes from the flags.
+    spec = source(f"path={folder},kind=hub_snapshot,split=test", split="train", dataset_config="c")
+    assert (spec.name, spec.path, spec.kind, spec.split, spec.config) == (
+        "in1k",
+        str(folder),
+        "hub_snapshot",
+        "test",
+        "c",
+    )
+    spec = source("name=in1k,path=ILSVRC/imagenet-1k,kind=hub")
+    assert (spec.name, spec.path, spec.kind, spec.split) == ("in1k", "ILSVRC/imagenet-1k", "hub", "validation")
+    assert source("path=ILSVRC/imagenet-1k").name == "ILSVRC/imagenet-1k"  # the card's dataset id, as a bare id
+    odd = tmp_path / "run=3,best"  # an existing path stays a path, '=' and ',' included
+    odd.mkdir()
+    assert source(str(odd)).path == str(odd) and source(str(odd)).name == "run=3,best"
+    with pytest.raises(data.DataError, match="unknown key"):
+        source(f"path={folder},spilt=train")
+
+
+@pytest.mark.e2e
+def test_hub_snapshot_folder_by_path_or_description(workspace, random_lpips, tmp_path, capsys):
+    """A downloaded Hub dataset is evaluated on the split asked for: by its path (--split), or described."""
+    stored = write_hub_snapshot(tmp_path / "in1k")
+    root = str(tmp_path / "in1k")
+    for dataset, extra in (
+        (root, []),  # --split validation, the default
+        (f"name=in1k,path={root},kind=hub_snapshot,split=validation", ["--split", "train"]),  # the description wins
+    ):
+        argv = base_args(workspace, "out_snapshot", "--no-fid", "--grid_images", "8", *extra)
+        result = eval_vae.main(argv + ["--dataset", dataset], lpips=random_lpips)
+        err = capsys.readouterr().err
+        assert result["num_images"] == len(stored["validation"]) == 3 and "3/3" in err  # the bar knew the count
+        assert result["split"] == "validation" and result["dataset_name"] == "in1k"
+        assert result["source"]["kind"] == "hub_snapshot"
+        assert sorted(key.split(":", 1)[1] for key in result["grid"]["images"]) == sorted(stored["validation"])
+    argv = base_args(workspace, "out_snapshot", "--no-fid", "--split", "val")
+    err = _error_line(capsys, argv + ["--dataset", root])
+    assert "split 'val'" in err and "its splits: train, validation" in err
+
+
 def _error_line(capsys, argv) -> str:
     with pytest.raises(SystemExit) as e:
         eval_vae.main(argv)
