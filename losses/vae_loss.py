@@ -63,6 +63,27 @@ def _as_conv(last_layer: nn.Conv2d | torch.Tensor):
     )
 
 
+class _InputKeeper:
+    """The forward hook of `watch(..., fast=True)`: keeps the watched layer's latest input in `.value`.
+
+    The hook holds this small object, not the loss, so that a deep copy of the watched model (EMA
+    validation, export) copies none of the loss's networks.
+    """
+
+    def __init__(self, active: bool = True) -> None:
+        self.value: torch.Tensor | None = None
+        self.active = active
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if self.active:
+            self.value = inputs[0]
+
+    def __deepcopy__(self, memo: dict) -> _InputKeeper:
+        # A copy of the model is not trained through this loss: its hook keeps nothing, so running
+        # the copy neither overwrites what the loss is about to read nor holds an activation alive.
+        return _InputKeeper(active=False)
+
+
 def _call_without_param_grads(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """module(x) with gradient flowing to x only, never into module's parameters."""
     if not any(p.requires_grad for p in module.parameters()):
@@ -144,7 +165,7 @@ class TransfusionLoss(nn.Module):
         self.discriminator = NLayerDiscriminator() if discriminator is None else discriminator
         self.lecam = LeCamEMA(lecam_decay)
         self._watched: nn.Conv2d | None = None
-        self._watched_input: torch.Tensor | None = None
+        self._keeper = _InputKeeper()
         self._watch_fast = False
 
     def watch(self, last_layer: nn.Conv2d, fast: bool = True) -> None:
@@ -153,13 +174,17 @@ class TransfusionLoss(nn.Module):
         fast=True registers a forward hook that keeps the layer's input, which turns on the
         fast path (see `generator_loss`); fast=False measures λ with two `autograd.grad` calls
         on the layer's weight, as the reference implementation does. Same values either way.
+        The hook holds only a small keeper of that input; a deep copy of the model gets a hook
+        that keeps nothing.
         """
         self._watched, self._watch_fast = last_layer, fast
         if fast:
-            last_layer.register_forward_hook(self._keep_input)
+            last_layer.register_forward_hook(self._keeper)
 
-    def _keep_input(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self._watched_input = inputs[0]
+    @property
+    def _watched_input(self) -> torch.Tensor | None:
+        """The input the hook captured and `generator_loss` has not taken yet (None between steps)."""
+        return self._keeper.value
 
     def train(self, mode: bool = True) -> TransfusionLoss:
         """Train mode reaches the discriminator only; the perception nets stay in eval."""
@@ -215,7 +240,7 @@ class TransfusionLoss(nn.Module):
                 raise ValueError("generator_loss needs last_layer_weight, or a layer given to watch() first")
             last_layer_weight = self._watched
             if self._watch_fast and last_layer_input is None:
-                last_layer_input, self._watched_input = self._watched_input, None
+                last_layer_input, self._keeper.value = self._keeper.value, None
         disc = self.discriminator if discriminator is None else discriminator
         active = self.gan_active(global_step)
         factor = self.gan_weight * gan_ramp(global_step, self.disc_start, self.gan_ramp_steps) if active else 0.0

@@ -6,8 +6,12 @@ Offline and CPU only: random-trunk LPIPS, random MoCo, tiny AutoencoderKL at 32Â
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import gc
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -37,6 +41,7 @@ from losses import (
 )
 from losses import identity as identity_module
 from losses import perceptual as perceptual_module
+from losses import vae_loss as vae_loss_module
 from losses import weights as weights_module
 from losses.vae_loss import LeCamEMA, _as_conv
 
@@ -421,6 +426,72 @@ def test_rejects_bad_options():
         TransfusionLoss(perception_weights="imagenet")
     with pytest.raises(ValueError, match="negative"):
         TransfusionLoss(lpips_weight=0, id_weight=0, gan_weight=-1)
+
+
+# ----------------------------------------------------------------------------- the watch hook and copies
+
+
+def reachable(root) -> list:
+    """Every object reachable from `root` through instances, containers, closures and bound methods (not
+    through classes, modules or a function's globals, which would reach everything)."""
+    seen, stack = {id(root)}, [root]
+    found = []
+    while stack:
+        obj = stack.pop()
+        found.append(obj)
+        if isinstance(obj, types.FunctionType):
+            cells = []
+            for cell in obj.__closure__ or ():
+                with contextlib.suppress(ValueError):  # an empty cell
+                    cells.append(cell.cell_contents)
+            referents = cells + list(obj.__defaults__ or ()) + list((obj.__kwdefaults__ or {}).values())
+        else:
+            referents = gc.get_referents(obj)
+        for ref in referents:
+            if isinstance(ref, type | types.ModuleType) or id(ref) in seen:
+                continue
+            seen.add(id(ref))
+            stack.append(ref)
+    return found
+
+
+def test_deep_copy_of_watched_model_copies_no_part_of_the_loss(lpips_random, moco_small, monkeypatch):
+    vae = tiny_vae()
+    torch.manual_seed(0)
+    loss_fn = TransfusionLoss(disc_start=0, perceptual=lpips_random, identity=moco_small)
+    loss_fn.watch(vae.decoder.conv_out, fast=True)
+    loss_types = (TransfusionLoss, LPIPS, IdentityLoss, NLayerDiscriminator)
+    for model in (vae, copy.deepcopy(vae)):
+        found = [type(obj).__name__ for obj in reachable(model) if isinstance(obj, loss_types)]
+        assert found == [], f"reachable from the model: {found}"
+
+    # Running a copy must not replace the input the original's forward left for the loss.
+    x = images()
+    reconstructions, mean, logvar, conv_in = autoencode(vae, x)
+    captured = loss_fn._watched_input
+    assert captured is not None and torch.equal(captured, conv_in)
+    twin = copy.deepcopy(vae)
+    twin_reconstructions, _, _, _ = autoencode(twin, x)
+    torch.testing.assert_close(twin_reconstructions, reconstructions, rtol=0, atol=0)
+    assert loss_fn._watched_input is captured
+    # Nor does the copy keep an activation of its own alive (nothing would ever read it).
+    assert not any(isinstance(obj, torch.Tensor) and obj.grad_fn is not None for obj in reachable(twin))
+
+    # The original's fast path still runs on what its hook captured, and agrees with the direct path.
+    calls, original = [0], vae_loss_module.conv_weight_grad
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(vae_loss_module, "conv_weight_grad", counted)
+    _, logs_fast = loss_fn.generator_loss(x, reconstructions, mean, logvar, 0)
+    assert calls[0] == 2 and loss_fn._watched_input is None
+    _, logs_direct = loss_fn.generator_loss(
+        x, reconstructions, mean, logvar, 0, last_layer_weight=vae.decoder.conv_out.weight
+    )
+    assert calls[0] == 2
+    torch.testing.assert_close(logs_fast["adaptive_weight"], logs_direct["adaptive_weight"], rtol=1e-5, atol=0)
 
 
 # ----------------------------------------------------------------------------- LPIPS weights
