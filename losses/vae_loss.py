@@ -84,6 +84,17 @@ class _InputKeeper:
         return _InputKeeper(active=False)
 
 
+def _scaled_grad(
+    output: torch.Tensor, inputs: torch.Tensor, grad_scale: float | torch.Tensor | None, retain_graph: bool = False
+) -> torch.Tensor:
+    """∂output/∂inputs in float32. With grad_scale, back-propagates output·grad_scale and divides the
+    result by grad_scale, so that fp16 intermediate gradients stay above fp16's underflow."""
+    if grad_scale is None:
+        return torch.autograd.grad(output, inputs, retain_graph=retain_graph)[0].float()
+    grad = torch.autograd.grad(output * grad_scale, inputs, retain_graph=retain_graph)[0]
+    return grad.float() / grad_scale
+
+
 def _call_without_param_grads(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """module(x) with gradient flowing to x only, never into module's parameters."""
     if not any(p.requires_grad for p in module.parameters()):
@@ -217,6 +228,7 @@ class TransfusionLoss(nn.Module):
         discriminator: nn.Module | None = None,
         last_layer_weight: nn.Conv2d | torch.Tensor | None = None,
         last_layer_input: torch.Tensor | None = None,
+        grad_scale: float | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Autoencoder loss nll + kl_weight·KL + gan_weight·ramp·λ·g; returns (loss, logs).
 
@@ -230,6 +242,12 @@ class TransfusionLoss(nn.Module):
         the same autoencoder gradients as the direct path, which back-propagates through the
         perception nets and D three times (two autograd.grad for λ, then the caller's backward).
         discriminator: defaults to self.discriminator; gradients never reach its parameters.
+        grad_scale: under fp16 autocast, the GradScaler's current scale (a float or a 1-element tensor,
+        never read on the host). λ's gradients are then taken of loss·grad_scale and divided by it in
+        float32: unscaled, g's gradients at an fp16 x̂ (~1e-6 and below early on) are subnormal or
+        zero, which inflates λ up to its clamp. Should nll's gradients overflow under the scale, the
+        caller's backward, scaled alike, overflows on the same values and the scaler skips the step.
+        None (bf16, fp32): unscaled, and a power-of-two scale gives the same values to the bit in fp32.
 
         With autograd off (evaluation) λ is 0, as in the reference implementation. Logs: total, nll, kl, gan (g),
         adaptive_weight (λ), gan_factor (gan_weight·ramp) and the raw terms l1 (mean |x − x̂|),
@@ -242,6 +260,8 @@ class TransfusionLoss(nn.Module):
             if self._watch_fast and last_layer_input is None:
                 last_layer_input, self._keeper.value = self._keeper.value, None
         disc = self.discriminator if discriminator is None else discriminator
+        if isinstance(grad_scale, torch.Tensor):
+            grad_scale = grad_scale.detach().float().reshape(())  # GradScaler's is (1,); the losses are 0-d
         active = self.gan_active(global_step)
         factor = self.gan_weight * gan_ramp(global_step, self.disc_start, self.gan_ramp_steps) if active else 0.0
         conv = _as_conv(last_layer_weight)
@@ -254,8 +274,8 @@ class TransfusionLoss(nn.Module):
             if active:
                 g = generator_adv_loss(_call_without_param_grads(disc, reconstructions))
                 if torch.is_grad_enabled():
-                    nll_grad = torch.autograd.grad(nll, conv.weight, retain_graph=True)[0]
-                    gan_grad = torch.autograd.grad(g, conv.weight, retain_graph=True)[0]
+                    nll_grad = _scaled_grad(nll, conv.weight, grad_scale, retain_graph=True)
+                    gan_grad = _scaled_grad(g, conv.weight, grad_scale, retain_graph=True)
                     lam = adaptive_weight(nll_grad, gan_grad, max_value=self.adaptive_weight_max)
             loss = nll + self.kl_weight * kl + factor * lam * g
             total = loss.detach()
@@ -263,10 +283,10 @@ class TransfusionLoss(nn.Module):
             # Gradients w.r.t. a detached copy of x̂ stop at x̂, so each frozen net is crossed once.
             xr = reconstructions.detach().requires_grad_(True)
             nll, parts = self._nll(inputs, xr)
-            coef = torch.autograd.grad(nll, xr)[0].float()  # ∂nll/∂x̂, (B, 3, H, W)
+            coef = _scaled_grad(nll, xr, grad_scale)  # ∂nll/∂x̂, (B, 3, H, W)
             if active:
                 g = generator_adv_loss(_call_without_param_grads(disc, xr))
-                gan_coef = torch.autograd.grad(g, xr)[0].float()  # ∂g/∂x̂
+                gan_coef = _scaled_grad(g, xr, grad_scale)  # ∂g/∂x̂
                 lam = adaptive_weight(
                     conv_weight_grad(last_layer_input, conv, coef),
                     conv_weight_grad(last_layer_input, conv, gan_coef),
