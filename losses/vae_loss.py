@@ -12,6 +12,7 @@ import os
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from losses.discriminator import NLayerDiscriminator
@@ -93,6 +94,18 @@ def _scaled_grad(
         return torch.autograd.grad(output, inputs, retain_graph=retain_graph)[0].float()
     grad = torch.autograd.grad(output * grad_scale, inputs, retain_graph=retain_graph)[0]
     return grad.float() / grad_scale
+
+
+def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """`values` averaged over the default process group's ranks (itself when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    world = dist.get_world_size()
+    if world == 1:
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)  # SUM: gloo has no AVG
+    return values / world
 
 
 def _call_without_param_grads(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -325,7 +338,9 @@ class TransfusionLoss(nn.Module):
         Real and fake go through D in separate calls, as in the reference implementation, so BatchNorm normalises
         each with its own batch statistics. Before disc_start (see gan_active) D is not called
         and the loss is a constant 0 without a graph: skip the D backward and step then.
-        Logs: loss, logits_real, logits_fake (mean logits), lecam.
+        With lecam_weight > 0 under torch.distributed, the mean logits that update LeCAM's EMAs are
+        averaged over the ranks (one all-reduce of 2 numbers), so every rank must make this call.
+        Logs: loss, logits_real, logits_fake (this rank's mean logits), lecam.
         """
         disc = self.discriminator if discriminator is None else discriminator
         zero = torch.zeros((), device=inputs.device)
@@ -338,7 +353,10 @@ class TransfusionLoss(nn.Module):
         fake_mean = logits_fake.detach().float().mean()
         reg = zero
         if self.lecam_weight > 0:
-            self.lecam.update(real_mean, fake_mean)
+            # Every rank folds the same (all-rank) means into its EMAs, so that the copy rank 0
+            # checkpoints is every rank's and a multi-GPU resume continues exactly.
+            real_mean_all, fake_mean_all = _mean_over_ranks(torch.stack([real_mean, fake_mean]))
+            self.lecam.update(real_mean_all, fake_mean_all)
             ema_real, ema_fake = self.lecam.values()
             reg = lecam_reg(logits_real, logits_fake, ema_real, ema_fake)
             loss = loss + self.lecam_weight * reg
