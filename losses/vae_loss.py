@@ -12,6 +12,7 @@ import os
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from losses.discriminator import NLayerDiscriminator
@@ -61,6 +62,50 @@ def _as_conv(last_layer: nn.Conv2d | torch.Tensor):
     return SimpleNamespace(
         weight=last_layer, stride=(1, 1), padding=(kh // 2, kw // 2), dilation=(1, 1), groups=1, padding_mode="zeros"
     )
+
+
+class _InputKeeper:
+    """The forward hook of `watch(..., fast=True)`: keeps the watched layer's latest input in `.value`.
+
+    The hook holds this small object, not the loss, so that a deep copy of the watched model (EMA
+    validation, export) copies none of the loss's networks.
+    """
+
+    def __init__(self, active: bool = True) -> None:
+        self.value: torch.Tensor | None = None
+        self.active = active
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if self.active:
+            self.value = inputs[0]
+
+    def __deepcopy__(self, memo: dict) -> _InputKeeper:
+        # A copy of the model is not trained through this loss: its hook keeps nothing, so running
+        # the copy neither overwrites what the loss is about to read nor holds an activation alive.
+        return _InputKeeper(active=False)
+
+
+def _scaled_grad(
+    output: torch.Tensor, inputs: torch.Tensor, grad_scale: float | torch.Tensor | None, retain_graph: bool = False
+) -> torch.Tensor:
+    """∂output/∂inputs in float32. With grad_scale, back-propagates output·grad_scale and divides the
+    result by grad_scale, so that fp16 intermediate gradients stay above fp16's underflow."""
+    if grad_scale is None:
+        return torch.autograd.grad(output, inputs, retain_graph=retain_graph)[0].float()
+    grad = torch.autograd.grad(output * grad_scale, inputs, retain_graph=retain_graph)[0]
+    return grad.float() / grad_scale
+
+
+def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """`values` averaged over the default process group's ranks (itself when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    world = dist.get_world_size()
+    if world == 1:
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)  # SUM: gloo has no AVG
+    return values / world
 
 
 def _call_without_param_grads(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +189,7 @@ class TransfusionLoss(nn.Module):
         self.discriminator = NLayerDiscriminator() if discriminator is None else discriminator
         self.lecam = LeCamEMA(lecam_decay)
         self._watched: nn.Conv2d | None = None
-        self._watched_input: torch.Tensor | None = None
+        self._keeper = _InputKeeper()
         self._watch_fast = False
 
     def watch(self, last_layer: nn.Conv2d, fast: bool = True) -> None:
@@ -153,13 +198,17 @@ class TransfusionLoss(nn.Module):
         fast=True registers a forward hook that keeps the layer's input, which turns on the
         fast path (see `generator_loss`); fast=False measures λ with two `autograd.grad` calls
         on the layer's weight, as the reference implementation does. Same values either way.
+        The hook holds only a small keeper of that input; a deep copy of the model gets a hook
+        that keeps nothing.
         """
         self._watched, self._watch_fast = last_layer, fast
         if fast:
-            last_layer.register_forward_hook(self._keep_input)
+            last_layer.register_forward_hook(self._keeper)
 
-    def _keep_input(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self._watched_input = inputs[0]
+    @property
+    def _watched_input(self) -> torch.Tensor | None:
+        """The input the hook captured and `generator_loss` has not taken yet (None between steps)."""
+        return self._keeper.value
 
     def train(self, mode: bool = True) -> TransfusionLoss:
         """Train mode reaches the discriminator only; the perception nets stay in eval."""
@@ -192,6 +241,7 @@ class TransfusionLoss(nn.Module):
         discriminator: nn.Module | None = None,
         last_layer_weight: nn.Conv2d | torch.Tensor | None = None,
         last_layer_input: torch.Tensor | None = None,
+        grad_scale: float | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Autoencoder loss nll + kl_weight·KL + gan_weight·ramp·λ·g; returns (loss, logs).
 
@@ -205,6 +255,12 @@ class TransfusionLoss(nn.Module):
         the same autoencoder gradients as the direct path, which back-propagates through the
         perception nets and D three times (two autograd.grad for λ, then the caller's backward).
         discriminator: defaults to self.discriminator; gradients never reach its parameters.
+        grad_scale: under fp16 autocast, the GradScaler's current scale (a float or a 1-element tensor,
+        never read on the host). λ's gradients are then taken of loss·grad_scale and divided by it in
+        float32: unscaled, g's gradients at an fp16 x̂ (~1e-6 and below early on) are subnormal or
+        zero, which inflates λ up to its clamp. Should nll's gradients overflow under the scale, the
+        caller's backward, scaled alike, overflows on the same values and the scaler skips the step.
+        None (bf16, fp32): unscaled, and a power-of-two scale gives the same values to the bit in fp32.
 
         With autograd off (evaluation) λ is 0, as in the reference implementation. Logs: total, nll, kl, gan (g),
         adaptive_weight (λ), gan_factor (gan_weight·ramp) and the raw terms l1 (mean |x − x̂|),
@@ -215,8 +271,10 @@ class TransfusionLoss(nn.Module):
                 raise ValueError("generator_loss needs last_layer_weight, or a layer given to watch() first")
             last_layer_weight = self._watched
             if self._watch_fast and last_layer_input is None:
-                last_layer_input, self._watched_input = self._watched_input, None
+                last_layer_input, self._keeper.value = self._keeper.value, None
         disc = self.discriminator if discriminator is None else discriminator
+        if isinstance(grad_scale, torch.Tensor):
+            grad_scale = grad_scale.detach().float().reshape(())  # GradScaler's is (1,); the losses are 0-d
         active = self.gan_active(global_step)
         factor = self.gan_weight * gan_ramp(global_step, self.disc_start, self.gan_ramp_steps) if active else 0.0
         conv = _as_conv(last_layer_weight)
@@ -229,8 +287,8 @@ class TransfusionLoss(nn.Module):
             if active:
                 g = generator_adv_loss(_call_without_param_grads(disc, reconstructions))
                 if torch.is_grad_enabled():
-                    nll_grad = torch.autograd.grad(nll, conv.weight, retain_graph=True)[0]
-                    gan_grad = torch.autograd.grad(g, conv.weight, retain_graph=True)[0]
+                    nll_grad = _scaled_grad(nll, conv.weight, grad_scale, retain_graph=True)
+                    gan_grad = _scaled_grad(g, conv.weight, grad_scale, retain_graph=True)
                     lam = adaptive_weight(nll_grad, gan_grad, max_value=self.adaptive_weight_max)
             loss = nll + self.kl_weight * kl + factor * lam * g
             total = loss.detach()
@@ -238,10 +296,10 @@ class TransfusionLoss(nn.Module):
             # Gradients w.r.t. a detached copy of x̂ stop at x̂, so each frozen net is crossed once.
             xr = reconstructions.detach().requires_grad_(True)
             nll, parts = self._nll(inputs, xr)
-            coef = torch.autograd.grad(nll, xr)[0].float()  # ∂nll/∂x̂, (B, 3, H, W)
+            coef = _scaled_grad(nll, xr, grad_scale)  # ∂nll/∂x̂, (B, 3, H, W)
             if active:
                 g = generator_adv_loss(_call_without_param_grads(disc, xr))
-                gan_coef = torch.autograd.grad(g, xr)[0].float()  # ∂g/∂x̂
+                gan_coef = _scaled_grad(g, xr, grad_scale)  # ∂g/∂x̂
                 lam = adaptive_weight(
                     conv_weight_grad(last_layer_input, conv, coef),
                     conv_weight_grad(last_layer_input, conv, gan_coef),
@@ -280,7 +338,9 @@ class TransfusionLoss(nn.Module):
         Real and fake go through D in separate calls, as in the reference implementation, so BatchNorm normalises
         each with its own batch statistics. Before disc_start (see gan_active) D is not called
         and the loss is a constant 0 without a graph: skip the D backward and step then.
-        Logs: loss, logits_real, logits_fake (mean logits), lecam.
+        With lecam_weight > 0 under torch.distributed, the mean logits that update LeCAM's EMAs are
+        averaged over the ranks (one all-reduce of 2 numbers), so every rank must make this call.
+        Logs: loss, logits_real, logits_fake (this rank's mean logits), lecam.
         """
         disc = self.discriminator if discriminator is None else discriminator
         zero = torch.zeros((), device=inputs.device)
@@ -293,7 +353,10 @@ class TransfusionLoss(nn.Module):
         fake_mean = logits_fake.detach().float().mean()
         reg = zero
         if self.lecam_weight > 0:
-            self.lecam.update(real_mean, fake_mean)
+            # Every rank folds the same (all-rank) means into its EMAs, so that the copy rank 0
+            # checkpoints is every rank's and a multi-GPU resume continues exactly.
+            real_mean_all, fake_mean_all = _mean_over_ranks(torch.stack([real_mean, fake_mean]))
+            self.lecam.update(real_mean_all, fake_mean_all)
             ema_real, ema_fake = self.lecam.values()
             reg = lecam_reg(logits_real, logits_fake, ema_real, ema_fake)
             loss = loss + self.lecam_weight * reg

@@ -6,8 +6,12 @@ Offline and CPU only: random-trunk LPIPS, random MoCo, tiny AutoencoderKL at 32�
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import gc
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -37,6 +41,7 @@ from losses import (
 )
 from losses import identity as identity_module
 from losses import perceptual as perceptual_module
+from losses import vae_loss as vae_loss_module
 from losses import weights as weights_module
 from losses.vae_loss import LeCamEMA, _as_conv
 
@@ -421,6 +426,188 @@ def test_rejects_bad_options():
         TransfusionLoss(perception_weights="imagenet")
     with pytest.raises(ValueError, match="negative"):
         TransfusionLoss(lpips_weight=0, id_weight=0, gan_weight=-1)
+
+
+# ----------------------------------------------------------------------------- fp16 loss scaling of λ
+
+
+GRAD_SCALES = [None, 1.0, torch.ones(1), 2.0**16, torch.full((1,), 2.0**16)]
+
+
+def test_grad_scale_leaves_float32_results_bit_identical(lpips_random):
+    """In float32 nothing underflows, and scaling by a power of two is exact: every grad_scale must give
+    today's loss, logs and autoencoder gradients to the bit, on both paths; the direct path is also
+    checked against the recipe's formula written out here."""
+    vae = tiny_vae()
+    torch.manual_seed(0)
+    loss_fn = TransfusionLoss(disc_start=0, gan_ramp_steps=4, id_weight=0, perceptual=lpips_random)
+    loss_fn.discriminator.requires_grad_(False)  # as in the trainer's G step
+    conv = vae.decoder.conv_out
+    x, step, factor = images(), 2, 0.25  # ramp 0.5 · gan_weight 0.5
+
+    def gradients():
+        grads = {n: p.grad.clone() for n, p in vae.named_parameters()}
+        vae.zero_grad(set_to_none=True)
+        return grads
+
+    # The direct path as the reference implementation writes it.
+    reconstructions, mean, logvar, _ = autoencode(vae, x)
+    nll, _ = reconstruction_nll(x, reconstructions, lpips_random(x, reconstructions), id_weight=0)
+    g = generator_adv_loss(loss_fn.discriminator(reconstructions))
+    nll_grad = torch.autograd.grad(nll, conv.weight, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(g, conv.weight, retain_graph=True)[0]
+    lam = adaptive_weight(nll_grad, gan_grad)
+    formula = nll + 1e-6 * kl_loss(mean, logvar) + factor * lam * g
+    formula.backward()
+    formula_grads = gradients()
+
+    results = {}
+    for fast in (False, True):
+        for i, grad_scale in enumerate(GRAD_SCALES):
+            reconstructions, mean, logvar, conv_in = autoencode(vae, x)
+            loss, logs = loss_fn.generator_loss(
+                x,
+                reconstructions,
+                mean,
+                logvar,
+                step,
+                last_layer_weight=conv if fast else conv.weight,
+                last_layer_input=conv_in if fast else None,
+                grad_scale=grad_scale,
+            )
+            loss.backward()
+            results[fast, i] = loss.detach(), logs, gradients()
+    assert torch.equal(results[False, 0][0], formula.detach())
+    assert torch.equal(results[False, 0][1]["adaptive_weight"], lam)
+    assert all(torch.equal(results[False, 0][2][n], formula_grads[n]) for n in formula_grads)
+    for fast in (False, True):
+        loss_0, logs_0, grads_0 = results[fast, 0]
+        for i in range(1, len(GRAD_SCALES)):
+            loss_i, logs_i, grads_i = results[fast, i]
+            assert torch.equal(loss_i, loss_0), (fast, GRAD_SCALES[i])
+            assert all(torch.equal(logs_i[k], logs_0[k]) for k in logs_0), (fast, GRAD_SCALES[i])
+            assert all(torch.equal(grads_i[n], grads_0[n]) for n in grads_0), (fast, GRAD_SCALES[i])
+    # And the scaled fast path's surrogate still back-propagates the direct path's gradient.
+    _, logs_direct, grads_direct = results[False, 3]
+    _, logs_fast, grads_fast = results[True, 3]
+    torch.testing.assert_close(logs_fast["adaptive_weight"], logs_direct["adaptive_weight"], rtol=1e-5, atol=0)
+    scale = max(g.abs().max() for g in grads_direct.values())
+    for name in grads_direct:
+        torch.testing.assert_close(grads_fast[name], grads_direct[name], rtol=1e-4, atol=1e-6 * scale, msg=name)
+
+
+class TinySlopeDiscriminator(nn.Module):
+    """D(x) = c·w⊙x in float32: ∂g/∂x̂ = −c·w/N (N = x̂.numel()), cast to fp16 at an fp16 x̂."""
+
+    def __init__(self, shape, c):
+        super().__init__()
+        self.register_buffer("w", torch.rand(shape, generator=torch.Generator().manual_seed(3)) + 0.5)
+        self.c = c
+
+    def forward(self, x):
+        return self.c * self.w * x.float()
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["direct", "fast"])
+def test_grad_scale_rescues_fp16_lambda(fast):
+    """fp16 autocast, as the trainer runs it: x̂ = conv_out(h) is fp16 and D's gradient at x̂ is
+    ~1.5e-8 per element, under fp16's smallest subnormal (6e-8), while summed over the 512 positions
+    it gives ‖∇_W g‖ ≈ 1e-3, ten times the 1e-4 in λ's denominator."""
+    batch, size = 2, 16
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 3, 3, padding=1)
+    gen = torch.Generator().manual_seed(0)
+    h = 10 + torch.randn(batch, 8, size, size, generator=gen)
+    with torch.no_grad():
+        target = conv(h)
+    # Inputs 1 away from x̂: |x − x̂|'s sign, hence ∂nll/∂x̂, is the same whether x̂ is rounded to fp16 or not.
+    x = target + torch.where(torch.rand(target.shape, generator=gen) < 0.5, -1.0, 1.0)
+    mean = logvar = torch.zeros(batch, 4, 4, 4)
+    disc = TinySlopeDiscriminator(x.shape, c=1.5e-8 * x.numel())
+    # l1_weight 3e-3 puts the true λ (~2.4e3) inside the clamp: the underflow is what pushes it to 1e4.
+    loss_fn = TransfusionLoss(lpips_weight=0, id_weight=0, disc_start=0, l1_weight=3e-3, discriminator=disc)
+    loss_fn.watch(conv, fast=fast)
+
+    def lam(fp16, grad_scale=None):
+        with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+            reconstructions = conv(h)
+            assert reconstructions.dtype == (torch.float16 if fp16 else torch.float32)
+            _, logs = loss_fn.generator_loss(x, reconstructions, mean, logvar, 0, grad_scale=grad_scale)
+        assert loss_fn._watched_input is None  # the fast path took the captured input (or none was kept)
+        return logs["adaptive_weight"]
+
+    expected = lam(fp16=False)
+    assert 1e3 < expected.item() < 5e3
+    assert lam(fp16=True).item() == loss_fn.adaptive_weight_max  # ∇_W g underflowed to 0: λ = ‖∇_W nll‖/1e-4
+    # fp16 keeps 11 significant bits: λ from 2^16-scaled fp16 gradients is within 0.05% here (rtol 2e-3).
+    torch.testing.assert_close(lam(fp16=True, grad_scale=2.0**16), expected, rtol=2e-3, atol=0)
+    torch.testing.assert_close(lam(fp16=True, grad_scale=torch.full((1,), 2.0**16)), expected, rtol=2e-3, atol=0)
+
+
+# ----------------------------------------------------------------------------- the watch hook and copies
+
+
+def reachable(root) -> list:
+    """Every object reachable from `root` through instances, containers, closures and bound methods (not
+    through classes, modules or a function's globals, which would reach everything)."""
+    seen, stack = {id(root)}, [root]
+    found = []
+    while stack:
+        obj = stack.pop()
+        found.append(obj)
+        if isinstance(obj, types.FunctionType):
+            cells = []
+            for cell in obj.__closure__ or ():
+                with contextlib.suppress(ValueError):  # an empty cell
+                    cells.append(cell.cell_contents)
+            referents = cells + list(obj.__defaults__ or ()) + list((obj.__kwdefaults__ or {}).values())
+        else:
+            referents = gc.get_referents(obj)
+        for ref in referents:
+            if isinstance(ref, type | types.ModuleType) or id(ref) in seen:
+                continue
+            seen.add(id(ref))
+            stack.append(ref)
+    return found
+
+
+def test_deep_copy_of_watched_model_copies_no_part_of_the_loss(lpips_random, moco_small, monkeypatch):
+    vae = tiny_vae()
+    torch.manual_seed(0)
+    loss_fn = TransfusionLoss(disc_start=0, perceptual=lpips_random, identity=moco_small)
+    loss_fn.watch(vae.decoder.conv_out, fast=True)
+    loss_types = (TransfusionLoss, LPIPS, IdentityLoss, NLayerDiscriminator)
+    for model in (vae, copy.deepcopy(vae)):
+        found = [type(obj).__name__ for obj in reachable(model) if isinstance(obj, loss_types)]
+        assert found == [], f"reachable from the model: {found}"
+
+    # Running a copy must not replace the input the original's forward left for the loss.
+    x = images()
+    reconstructions, mean, logvar, conv_in = autoencode(vae, x)
+    captured = loss_fn._watched_input
+    assert captured is not None and torch.equal(captured, conv_in)
+    twin = copy.deepcopy(vae)
+    twin_reconstructions, _, _, _ = autoencode(twin, x)
+    torch.testing.assert_close(twin_reconstructions, reconstructions, rtol=0, atol=0)
+    assert loss_fn._watched_input is captured
+    # Nor does the copy keep an activation of its own alive (nothing would ever read it).
+    assert not any(isinstance(obj, torch.Tensor) and obj.grad_fn is not None for obj in reachable(twin))
+
+    # The original's fast path still runs on what its hook captured, and agrees with the direct path.
+    calls, original = [0], vae_loss_module.conv_weight_grad
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(vae_loss_module, "conv_weight_grad", counted)
+    _, logs_fast = loss_fn.generator_loss(x, reconstructions, mean, logvar, 0)
+    assert calls[0] == 2 and loss_fn._watched_input is None
+    _, logs_direct = loss_fn.generator_loss(
+        x, reconstructions, mean, logvar, 0, last_layer_weight=vae.decoder.conv_out.weight
+    )
+    assert calls[0] == 2
+    torch.testing.assert_close(logs_fast["adaptive_weight"], logs_direct["adaptive_weight"], rtol=1e-5, atol=0)
 
 
 # ----------------------------------------------------------------------------- LPIPS weights
