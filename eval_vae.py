@@ -61,6 +61,7 @@ import metrics
 from autoencoder.models import load_vae
 from common.cli import arg, fail, parse_config, to_dict
 from common.errors import ConfigError, ModelError, UserError
+from common.helpers import set_torch_backends
 from losses.perceptual import build_lpips
 from metrics import fid as fid_backends
 from metrics import image_metrics, reconstruct, save_grid
@@ -154,6 +155,9 @@ class EvalConfig:
         None,
         choices=("no", "fp16", "bf16"),
         help="autocast for encode/decode; default: the accelerate launch setting, else no",
+    )
+    allow_tf32: bool = arg(
+        True, help="TF32 matmuls on Ampere+ GPUs, as the trainer's default, so its held-out figures equal these"
     )
     output_dir: str = arg("eval-out", help="where the JSON, the table, the grid and PNGs go")
     output_json: str | None = arg(None, help="JSON results path (default: <output_dir>/eval.json)")
@@ -341,6 +345,7 @@ def protocol_record(cfg: EvalConfig, chosen: dict[str, str], mixed_precision: st
         "lpips_weights": cfg.perception_weights,
         "std": "population std over images (np.std)",
         "mixed_precision": mixed_precision,
+        "tf32": cfg.allow_tf32,
     }
 
 
@@ -398,6 +403,7 @@ class Evaluator:
         self.device = accelerator.device
         self.protocol = cfg.resolved_protocol()
         self.mixed_precision = cfg.mixed_precision or accelerator.mixed_precision or "no"
+        set_torch_backends(cfg.allow_tf32)
 
         # Cheap checks first — data, models, FID weights, LPIPS weights — each fails with one line; the
         # model comes before the metric weights so that a mistyped model path is the first thing reported.

@@ -17,16 +17,22 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    broadcast_object_list,
+    set_seed,
+)
 from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -37,10 +43,11 @@ import data
 from autoencoder.models import build_vae, init_from_pretrained, load_vae
 from common.cli import fail, parse_config, to_dict
 from common.errors import ModelError, PerceptionWeightsError, UserError
+from common.helpers import set_torch_backends
 from losses import TransfusionLoss
 from metrics import held_out_metrics, save_grid
 from publishing import export, hub
-from training import checkpointing
+from training import checkpointing, cluster
 from training.config import TrainConfig, apply_demo_defaults
 from training.runlog import METRICS_LOG, SAMPLES_DIR, RunLog, log_images
 
@@ -48,7 +55,6 @@ PROG = "train_vae.py"
 # EX_TEMPFAIL ("try again later"): a preemption signal stopped the run after it wrote a checkpoint;
 # `--resume_from_checkpoint latest` continues it exactly.
 PREEMPTED_EXIT_CODE = 75
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 logger = get_logger(__name__)
 
 
@@ -58,6 +64,13 @@ class TrainingDivergedError(UserError):
 
 class Preempted(Exception):
     """A stop signal arrived; a checkpoint of the last finished step has been written."""
+
+    def __init__(self, step: int, signum: int, checkpoint: str):
+        super().__init__(
+            f"stopped by signal {signum} at step {step}; the checkpoint of this step is written: "
+            "resume with --resume_from_checkpoint latest"
+        )
+        self.step, self.signum, self.checkpoint = step, signum, checkpoint
 
 
 # ----------------------------------------------------------------------------------------
@@ -92,29 +105,17 @@ class TrainerState:
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
-class StopSignals:
-    """Remembers SIGTERM / SIGUSR1 (SLURM preemption and time limits, Kubernetes, spot instances).
+def shut_down_workers(loader) -> None:
+    """Stop a DataLoader's (persistent) workers now, through their queues.
 
-    The handler only sets a flag: the loop finishes the step in flight, every rank agrees to stop
-    (a rank that got no signal learns it from the others), a checkpoint is written and the
-    process exits with PREEMPTED_EXIT_CODE.
+    Left to interpreter exit, multiprocessing would stop them with SIGTERM, which the workers ignore
+    (cluster.ignore_stop_signals), and then wait for them forever.
     """
-
-    def __init__(self):
-        self.received = 0
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    if loader is not None:
+        loader._iterator = None
 
 
 def requires_grad(module: nn.Module, flag: bool) -> None:
@@ -219,7 +220,9 @@ def build_optimizers(cfg: TrainConfig, vae: AutoencoderKL, disc: nn.Module, devi
 def build_ema(cfg: TrainConfig, vae: AutoencoderKL, device: torch.device) -> EMAModel | None:
     if not cfg.use_ema:
         return None
-    ema = EMAModel(vae.parameters(), decay=cfg.ema_decay, model_cls=AutoencoderKL, model_config=vae.config)
+    ema = EMAModel(
+        vae.parameters(), decay=cfg.ema_decay, model_cls=AutoencoderKL, model_config=vae.config, foreach=True
+    )
     ema.to(device)
     return ema
 
@@ -261,6 +264,7 @@ def build_dataloader(cfg: TrainConfig, accelerator: Accelerator, sources):
         generator=torch.Generator().manual_seed(cfg.seed),
         pin_memory=accelerator.device.type == "cuda",
         persistent_workers=cfg.dataloader_num_workers > 0,
+        worker_init_fn=cluster.ignore_stop_signals,
     )
     return stream, loader
 
@@ -269,16 +273,22 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     project = ProjectConfiguration(
         project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, cfg.logging_dir)
     )
+    if cfg.deterministic:
+        # cuBLAS needs this before its first handle is made, i.e. before anything touches CUDA.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=project,
         step_scheduler_with_optimizer=False,
+        kwargs_handlers=[
+            # Gradients as views into DDP's all-reduce buckets: one copy of them less per step.
+            DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+            InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.ddp_timeout)),
+        ],
     )
-    if cfg.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    set_torch_backends(cfg.allow_tf32, cfg.deterministic, cfg.cudnn_benchmark)
     return accelerator
 
 
@@ -303,7 +313,8 @@ class Trainer:
         self.pusher: hub.BackgroundPusher | None = None
         self.run_log = RunLog(cfg.output_dir)
 
-        self.loss_fn = build_loss(cfg).to(self.device)
+        with accelerator.main_process_first():  # perception weights downloaded once, not by every rank at once
+            self.loss_fn = build_loss(cfg).to(self.device)
         if cfg.init_discriminator:
             export.load_discriminator(cfg.init_discriminator, self.loss_fn.discriminator)
             logger.info(f"discriminator initialised from {cfg.init_discriminator}", main_process_only=True)
@@ -312,13 +323,16 @@ class Trainer:
         disc = self.loss_fn.discriminator
         opt_g, opt_d = build_optimizers(cfg, vae, disc, self.device)
         sched_g, sched_d = build_schedules(cfg, opt_g, opt_d)
-        model = VAEForTraining(vae)
-        if cfg.torch_compile:
-            model = torch.compile(model)
         (self.model, self.disc, self.opt_g, self.opt_d, self.sched_g, self.sched_d) = accelerator.prepare(
-            model, disc, opt_g, opt_d, sched_g, sched_d
+            VAEForTraining(vae), disc, opt_g, opt_d, sched_g, sched_d
         )
+        if cfg.torch_compile:
+            # After prepare: compiling the DDP-wrapped module lets DDP overlap its gradient all-reduce with
+            # the backward pass (compiled before, DDP would wrap one opaque graph).
+            self.model = torch.compile(self.model)
         self.ema = build_ema(cfg, vae, self.device)
+        cluster.seed_ranks_apart(accelerator, cfg.seed)
+        self.stop_vote = cluster.StopVote(accelerator.num_processes)
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
 
@@ -358,9 +372,9 @@ class Trainer:
         unwrapped = self.accelerator.unwrap_model(model)
         return None if isinstance(unwrapped, VAEForTraining) or hasattr(unwrapped, "_orig_mod") else unwrapped
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> str:
         checkpointing.check_replicas(self.accelerator, [self.vae, self.loss_fn.discriminator], self.state.global_step)
-        checkpointing.save(
+        path = checkpointing.save(
             self.accelerator,
             self.cfg.output_dir,
             self.state.global_step,
@@ -374,8 +388,9 @@ class Trainer:
             # a failed upload is logged and the next save uploads everything again.
             step = self.state.global_step
             folder = os.path.join(self.cfg.output_dir, "hub_staging", f"step-{step}")
-            self.export_to(folder, repo_id=self.repo_id)
+            self.export_to(folder, repo_id=self.repo_id, quick=True)
             self.pusher.push(folder, f"Step {step}: exported model", cleanup=True)
+        return path
 
     def _checkpoint_state(self) -> dict:
         state = self.state.__dict__.copy()
@@ -383,7 +398,7 @@ class Trainer:
         return state
 
     def maybe_resume(self) -> None:
-        path = checkpointing.resolve(self.cfg.output_dir, self.cfg.resume_from_checkpoint)
+        path = resolve_resume(self.cfg, self.accelerator)
         if path is None:
             if self.cfg.resume_from_checkpoint:
                 logger.info("no checkpoint to resume from: starting a new run", main_process_only=True)
@@ -444,12 +459,21 @@ class Trainer:
             # The unwrapped D: the G step needs only ∂D(x̂)/∂x̂, never D's parameter gradients, so DDP
             # must not expect (and wait for) a gradient all-reduce of D here. The D step uses self.disc.
             loss, logs = self.loss_fn.generator_loss(
-                x, recon, mean, logvar, step, discriminator=self.loss_fn.discriminator
+                x, recon, mean, logvar, step, discriminator=self.loss_fn.discriminator, grad_scale=self._grad_scale()
             )
         logs = {f"loss/{k}": v for k, v in logs.items()}
         self.accelerator.backward(loss)
         applied = self._update(self.model, self.opt_g, self.sched_g, logs, "grad_norm/generator")
         return recon.detach(), logs, applied
+
+    def _grad_scale(self) -> torch.Tensor | float | None:
+        """fp16: the grad scaler's current scale, for the adaptive weight's own gradients (which would underflow
+        in fp16 unscaled); the tensor itself, so reading it costs no host sync. None without a scaler."""
+        scaler = self.accelerator.scaler
+        if scaler is None:
+            return None
+        scale = scaler._get_scale_async()  # None until the scaler's first scale(): then its initial value
+        return scaler.get_scale() if scale is None else scale
 
     def discriminator_step(self, x: torch.Tensor, recon: torch.Tensor, step: int):
         requires_grad(self.loss_fn.discriminator, True)
@@ -469,15 +493,20 @@ class Trainer:
             return True
         # clip_grad_norm_ with an infinite bound only measures: the norm is logged and checked.
         limit = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
-        grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), limit)
-        logs[norm_key] = grad_norm.detach()
-        if self.accelerator.scaler is not None:  # fp16: the grad scaler skips inf steps itself
-            optimizer.step()
-            applied = not optimizer.step_was_skipped
+        scaler = self.accelerator.scaler
+        if scaler is None:
+            grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), limit)
         else:
-            applied = bool(torch.isfinite(grad_norm))  # the one host sync per step; norms are all-reduced
-            if applied:
-                optimizer.step()
+            # fp16: unscale this optimizer's gradients only. accelerator.clip_grad_norm_ unscales every
+            # prepared optimizer, which would unscale D's gradients (still accumulating) before D's own update.
+            scaler.unscale_(optimizer.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
+        logs[norm_key] = grad_norm.detach()
+        # Decided from the (unscaled, all-reduced) gradient itself: with a fused Adam the grad scaler always
+        # calls step() and lets the kernel skip an overflow, so accelerate's step_was_skipped reads False.
+        applied = bool(torch.isfinite(grad_norm))  # the host sync of this update
+        if applied or scaler is not None:
+            optimizer.step()  # fp16: the scaler skips a non-finite step itself and lowers its scale
         if applied:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -489,19 +518,25 @@ class Trainer:
         cfg, acc, st = self.cfg, self.accelerator, self.state
         if acc.is_main_process and not st.initial_metrics:
             st.initial_metrics = self.evaluate_held_out(st.global_step)
+        # Under SLURM or Kubernetes stderr is a file: no carriage-return bar then, a log line per logging step.
+        self.plain_progress = not sys.stderr.isatty()
         progress = tqdm(
-            total=cfg.max_train_steps, initial=st.global_step, disable=not acc.is_main_process, desc="steps"
+            total=cfg.max_train_steps,
+            initial=st.global_step,
+            disable=not acc.is_main_process or self.plain_progress,
+            desc="steps",
         )
         self.model.train()
         self.loss_fn.train()
         try:
             # Log lines go through tqdm.write: each on a line of its own, not glued to the progress bar.
-            with StopSignals() as signals, logging_redirect_tqdm():
+            with cluster.StopSignals() as signals, logging_redirect_tqdm():
                 self._loop(iter(self.dataloader), progress, signals)
         finally:
             progress.close()  # so that an error message starts on a line of its own
+            shut_down_workers(self.dataloader)
 
-    def _loop(self, data_iter, progress, signals: StopSignals) -> None:
+    def _loop(self, data_iter, progress, signals: cluster.StopSignals) -> None:
         cfg, acc, st = self.cfg, self.accelerator, self.state
         per_step = cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
         skipped_images = torch.zeros(len(self.stream.source_names), dtype=torch.long)
@@ -523,7 +558,7 @@ class Trainer:
                     "stopping. The last checkpoint is intact: lower the learning rate or use bf16, then resume."
                 )
             done = st.global_step == cfg.max_train_steps
-            stop = self._stop_requested(signals)
+            stop = self.stop_vote(signals.poll())
             if st.global_step % cfg.logging_steps == 0 or done or stop:
                 self._update_skip_counts(skipped_images)
                 skipped_images.zero_()
@@ -536,19 +571,9 @@ class Trainer:
             if st.global_step % cfg.checkpointing_steps == 0 or done or stop:
                 self._update_skip_counts(skipped_images)  # the checkpoint holds every skip so far
                 skipped_images.zero_()
-                self.save_checkpoint()
+                path = self.save_checkpoint()
             if stop:
-                raise Preempted(
-                    f"stopped by signal {stop} at step {st.global_step}; the checkpoint of this step "
-                    f"is written: resume with --resume_from_checkpoint latest"
-                )
-
-    def _stop_requested(self, signals: StopSignals) -> int:
-        """The signal any rank received (0 = none); every rank gets the same answer."""
-        if self.accelerator.num_processes == 1:
-            return signals.received  # no device tensor, no host sync
-        flag = torch.tensor([signals.received], device=self.device)
-        return int(self.accelerator.gather(flag).max().item())
+                raise Preempted(st.global_step, stop, path)
 
     def _update_skip_counts(self, skipped_images: torch.Tensor) -> None:
         totals = self.accelerator.reduce(skipped_images.to(self.device), reduction="sum").cpu()
@@ -571,6 +596,11 @@ class Trainer:
         self.accelerator.log(scalars, step=st.global_step)
         if self.accelerator.is_main_process:
             self.run_log.append(st.global_step, scalars)
+            if getattr(self, "plain_progress", False):
+                logger.info(
+                    f"step {st.global_step}/{self.cfg.max_train_steps}: loss {scalars.get('loss/total', float('nan')):.4g}, "
+                    f"{scalars['perf/images_per_s']:.1f} img/s"
+                )
             progress.set_postfix(
                 loss=f"{scalars.get('loss/total', float('nan')):.4g}", img_s=f"{scalars['perf/images_per_s']:.1f}"
             )
@@ -607,11 +637,17 @@ class Trainer:
             return export.averaged_copy(self.vae, self.ema)
         return copy.deepcopy(self.vae) if copy_live else self.vae
 
-    def export_to(self, folder: str, repo_id: str | None) -> dict:
-        """The exported model folder (EMA weights when on), as publishing.export.export_run writes it."""
+    def export_to(self, folder: str, repo_id: str | None, quick: bool = False) -> dict:
+        """The exported model folder (EMA weights when on), as publishing.export.export_run writes it.
+
+        quick: the latent statistics from the held-out batch already in memory, not a fresh sample of
+        --latent_stats_samples images: a checkpoint's export for the Hub then costs seconds of rank 0's
+        time while the other ranks wait, not minutes.
+        """
         # Its own copy in eval mode: the EMA's is one already, the live model must not be switched to eval.
         vae = self.averaged_model(copy_live=True).eval()
-        return export.export_run(folder, vae, self.loss_fn.discriminator, run_record(self), repo_id=repo_id)
+        run = run_record(self)
+        return export.export_run(folder, vae, self.loss_fn.discriminator, run, repo_id=repo_id, full_sample=not quick)
 
 
 class LogWindow:
@@ -675,12 +711,22 @@ def publish(trainer: Trainer) -> None:
     logger.info(export.run_summary(run_record(trainer)), main_process_only=True)
 
 
+def resolve_resume(cfg: TrainConfig, accelerator: Accelerator) -> str | None:
+    """The checkpoint to resume from, as rank 0 sees it, on every rank: ranks that resolved `latest` each on
+    their own could pick different steps (a folder listed mid-prune, a node that does not see it) and then
+    wait in mismatched collectives."""
+    found = [checkpointing.resolve(cfg.output_dir, cfg.resume_from_checkpoint) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(found)
+    return found[0]
+
+
 def claim_output_dir(cfg: TrainConfig, accelerator: Accelerator) -> None:
     """A run that does not resume must not mix with another run's checkpoints and metrics log in
     --output_dir: `--resume_from_checkpoint latest` would later pick the other run's newest checkpoint,
     and the curves would draw both runs as one. Refused in one line, or removed with --overwrite_output_dir
     (or when --resume_from_checkpoint finds no checkpoint: what is there cannot be continued)."""
-    if checkpointing.resolve(cfg.output_dir, cfg.resume_from_checkpoint) is not None:
+    if resolve_resume(cfg, accelerator) is not None:
         return
     leftovers = checkpointing.previous_run(cfg.output_dir, (METRICS_LOG, SAMPLES_DIR))
     if not leftovers:
@@ -704,7 +750,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         checkpointing.check_writable(cfg.output_dir)
         accelerator = build_accelerator(cfg)
+        cluster.check_shared_output_dir(accelerator, cfg.output_dir)
         claim_output_dir(cfg, accelerator)
+        if accelerator.is_main_process:
+            cluster.clear_preempted_marker(cfg.output_dir)
         # A missing token or an unwritable repository ends the run now, not after days of training.
         repo_id = (
             hub.prepare_repo(cfg.hub_model_id, cfg.hub_private)
@@ -712,7 +761,8 @@ def main(argv: list[str] | None = None) -> None:
             else None
         )
         set_seed(cfg.seed)
-        sources, heldout_sources, disjoint = build_data(cfg)
+        with accelerator.main_process_first():  # lists the sources (and writes the demo's photographs) once first
+            sources, heldout_sources, disjoint = build_data(cfg)
         trainer = Trainer(cfg, accelerator)
         trainer.attach_data(sources, heldout_sources, disjoint)
         trainer.repo_id = repo_id
@@ -734,6 +784,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(PROG, str(e))
     except Preempted as e:
         logger.warning(str(e))
+        if accelerator.is_main_process:
+            cluster.write_preempted_marker(cfg.output_dir, e.step, e.signum, e.checkpoint)
         accelerator.end_training()
         raise SystemExit(PREEMPTED_EXIT_CODE) from None
 

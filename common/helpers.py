@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+import torch
 from huggingface_hub import constants
 from torch import nn
 
@@ -49,3 +50,14 @@ class FrozenModule(nn.Module):
 
     def train(self, mode: bool = True) -> FrozenModule:
         return super().train(False)
+
+
+def set_torch_backends(allow_tf32: bool, deterministic: bool = False, cudnn_benchmark: bool = False) -> None:
+    """TF32, deterministic kernels and cuDNN autotuning, the same way for the trainer and the evaluator."""
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    # Every step has the same shapes: cuDNN's autotuner picks the fastest kernels once.
+    torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True)

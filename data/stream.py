@@ -240,7 +240,7 @@ class ImageStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         worker, num_workers = _worker()
         if num_workers > 1:
-            import fsspec
+            import fsspec.asyn  # the submodule itself: `import fsspec` alone does not load it
 
             fsspec.asyn.reset_lock()  # as HF does in workers: a lock forked from the parent can hang
         node, num_nodes = self.rank * num_workers + worker, self.world_size * num_workers

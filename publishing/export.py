@@ -246,12 +246,24 @@ def latent_sample(run: TrainingRun) -> tuple[torch.Tensor, str]:
 
 
 def export_run(
-    folder: str, vae: AutoencoderKL, discriminator: nn.Module, run: TrainingRun, repo_id: str | None
+    folder: str,
+    vae: AutoencoderKL,
+    discriminator: nn.Module,
+    run: TrainingRun,
+    repo_id: str | None,
+    full_sample: bool = True,
 ) -> dict:
     """Write a run's model folder: the VAE (in eval mode, as given), its latent statistics, D, the grid of its
-    last validation, its curves and its card. Returns the latent statistics."""
+    last validation, its curves and its card. Returns the latent statistics.
+
+    full_sample: latent statistics from --latent_stats_samples seeded images; False takes the held-out batch
+    (a checkpoint's quick export while training goes on).
+    """
     cfg = run.config
-    images, note = latent_sample(run)
+    if full_sample:
+        images, note = latent_sample(run)
+    else:
+        images, note = run.heldout_images, f"the {len(run.heldout_images)} held-out validation images"
     card = dict(
         repo_id=repo_id,
         license=cfg.license,

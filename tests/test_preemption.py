@@ -103,3 +103,97 @@ def test_sigterm_on_a_two_rank_run_then_resume_equals_uninterrupted(
     )
     for f in logs.values():
         f.close()
+
+
+# ----------------------------------------------------------------------------------------
+# Every path a preemption signal takes on a cluster, with DataLoader workers
+# ----------------------------------------------------------------------------------------
+
+STEPS = 24
+
+
+def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Those still running (a zombie waiting for a reaper that is not us counts as gone)."""
+    alive = []
+    for p in processes:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _worker_args(tiny_args, image_folder, out, **kw):
+    """Two data workers per rank, checkpoints only when stopped or at the end, a log line every step."""
+    return tiny_args(
+        image_folder, out, STEPS, dataloader_num_workers=2, checkpointing_steps=1000, shuffle_block=2, **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_two_rank_run(image_folder, tmp_path_factory, tiny_args, two_rank_launch, repo_root):
+    out = tmp_path_factory.mktemp("whole") / "out"
+    cmd, env = two_rank_launch(_worker_args(tiny_args, image_folder, out), 29521)
+    done = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def _logged_steps(out) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+@pytest.mark.parametrize("path", ["every_process", "launcher_sigterm", "launcher_sigusr1"])
+def test_preemption_by_every_signal_path_with_data_workers(
+    path, image_folder, tmp_path, tiny_args, two_rank_launch, repo_root, tensors_of, uninterrupted_two_rank_run
+):
+    """SLURM signals every process of the job step (workers included); Kubernetes signals the launcher (PID 1);
+    `--signal=B:USR1` reaches the launcher, which does not forward SIGUSR1 and dies of it. Each ends in a
+    checkpoint of the step in flight, the PREEMPTED marker and no process left; the resumed run equals an
+    uninterrupted one bit for bit."""
+    out = tmp_path / "out"
+    port = {"every_process": 29531, "launcher_sigterm": 29541, "launcher_sigusr1": 29551}[path]
+    cmd, env = two_rank_launch(_worker_args(tiny_args, image_folder, out), port)
+    with open(tmp_path / "stopped.log", "w") as log:
+        launcher = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 300
+        while _logged_steps(out) < 3:  # training is under way on both ranks
+            assert launcher.poll() is None and time.time() < deadline, (tmp_path / "stopped.log").read_text()[-3000:]
+            time.sleep(0.05)
+        tree = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+        ranks = [p for p in tree[1:] if "train_vae.py" in " ".join(p.cmdline())]
+        assert len(ranks) >= 2 + 2 * 2, f"expected 2 ranks with 2 data workers each, found {len(ranks)}"
+        if path == "every_process":
+            for p in tree:
+                p.send_signal(signal.SIGTERM)
+        else:
+            launcher.send_signal(signal.SIGTERM if path == "launcher_sigterm" else signal.SIGUSR1)
+        launcher.wait(timeout=300)
+        deadline = time.time() + 120
+        while _alive(tree) and time.time() < deadline:
+            time.sleep(0.2)
+    text = (tmp_path / "stopped.log").read_text()
+    assert not _alive(tree), f"left running: {[p.pid for p in _alive(tree)]}\n{text[-3000:]}"
+    assert "is killed by signal" not in text, text[-3000:]
+    marker = (out / "PREEMPTED").read_text()
+    step = int(re.search(r"^step (\d+)$", marker, flags=re.M).group(1))
+    assert 3 <= step < STEPS, marker
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{step}"], text[-3000:]
+
+    cmd, env = two_rank_launch(_worker_args(tiny_args, image_folder, out, resume_from_checkpoint="latest"), port + 1)
+    resumed = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert not (out / "PREEMPTED").exists()  # the requeued run took over: nothing left to requeue
+    assert_same_checkpoint(uninterrupted_two_rank_run / f"checkpoint-{STEPS}", out / f"checkpoint-{STEPS}", tensors_of)
+
+
+def test_each_rank_draws_its_own_noise(uninterrupted_two_rank_run):
+    """Posterior samples differ across ranks: their RNG states, saved per rank, differ (they would be equal if
+    every rank drew the same noise)."""
+    from accelerate.utils import load
+
+    checkpoint = uninterrupted_two_rank_run / f"checkpoint-{STEPS}"
+    states = [load(checkpoint / f"random_states_{rank}.pkl") for rank in (0, 1)]
+    assert not torch.equal(states[0]["torch_manual_seed"], states[1]["torch_manual_seed"])

@@ -214,6 +214,21 @@ class TrainConfig:
         resume="warn",
     )
     allow_tf32: bool = arg(True, "TF32 matmuls on Ampere+ GPUs", resume="warn")
+    cudnn_benchmark: bool = arg(
+        True, "let cuDNN time its convolution kernels once and keep the fastest (shapes never change)", resume="warn"
+    )
+    deterministic: bool = arg(
+        False,
+        "deterministic CUDA kernels (torch.use_deterministic_algorithms; slower): a resumed GPU run then equals an "
+        "uninterrupted one bit for bit, not only in data and state",
+        resume="warn",
+    )
+    ddp_timeout: int = arg(
+        30,
+        "minutes a rank waits in a collective (NCCL/gloo process-group timeout) before the job fails",
+        bound="positive",
+        resume="free",
+    )
     use_ema: bool = arg(
         False, "keep an EMA of the autoencoder, used for validation and export", resume="fixed", demo=True
     )
