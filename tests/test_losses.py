@@ -815,3 +815,19 @@ def test_identity_pooled_feature_is_cosine_distance(moco_random):
         assert pooled(x, x).abs().item() < 1e-5
     with pytest.raises(ValueError, match="feature"):
         IdentityLoss(moco_random.encoder, feature="logits")
+
+
+def test_equivariant_transform_scales_and_turns():
+    from losses.equivariance import equivariant_transform
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    assert equivariant_transform(x) is x
+    half = equivariant_transform(x, 0.5)
+    assert half.shape == (2, 3, 4, 4)
+    # antialiased ×1/2 of a linear ramp: away from the border, the mean of each 2×2 block (a symmetric filter)
+    torch.testing.assert_close(half[..., 1:-1, 1:-1], torch.nn.functional.avg_pool2d(x, 2)[..., 1:-1, 1:-1])
+    turned = equivariant_transform(x, quarter_turns=1)
+    assert torch.equal(turned[0, 0, 0], x[0, 0, :, -1])  # the last column becomes the first row
+    assert torch.equal(equivariant_transform(x, quarter_turns=4), x)
+    with pytest.raises(ValueError, match="scale"):
+        equivariant_transform(x, 1.5)
