@@ -1,4 +1,4 @@
-"""Measuring reconstructions: PSNR/SSIM, the rFID backends, the reconstruct + image-metrics path, the grid."""
+"""Measuring reconstructions: PSNR/SSIM, the rFID backends, the reconstruct + image-metrics path, the grid, latent diagnostics."""
 
 from metrics.fid import (
     FID_BACKENDS,
@@ -9,6 +9,7 @@ from metrics.fid import (
     resolve_inception_weights,
 )
 from metrics.grid import save_grid
+from metrics.latents import latent_diagnostics, latent_pca_rgb
 from metrics.pixel import MeanStd, psnr, ssim, to_uint8, to_unit
 from metrics.reconstruction import held_out_metrics, image_metrics, load_images, reconstruct
 
@@ -21,6 +22,8 @@ __all__ = [
     "default_inception_path",
     "held_out_metrics",
     "image_metrics",
+    "latent_diagnostics",
+    "latent_pca_rgb",
     "load_images",
     "psnr",
     "reconstruct",
