@@ -45,7 +45,7 @@ from common.cli import fail, parse_config, to_dict
 from common.errors import ModelError, PerceptionWeightsError, UserError
 from common.helpers import set_torch_backends
 from losses import TransfusionLoss
-from metrics import held_out_metrics, save_grid
+from metrics import held_out_metrics, latent_diagnostics, latent_pca_rgb, latents, save_grid
 from publishing import export, hub
 from training import checkpointing, cluster
 from training.config import TrainConfig, apply_demo_defaults
@@ -606,23 +606,31 @@ class Trainer:
             )
 
     def evaluate_held_out(self, step: int) -> dict[str, float]:
-        """Held-out PSNR/SSIM/LPIPS (EMA weights when on), a reconstruction grid, the curves; main process only."""
+        """Held-out PSNR/SSIM/LPIPS and latent diagnostics (EMA weights when on), the grid, the curves; main process only."""
         images = self.heldout_images.to(self.device)
+        vae = self.averaged_model()
         metrics, recon = held_out_metrics(
-            self.averaged_model(),
+            vae,
             images,
             self.loss_fn.perceptual,
             self.cfg.train_batch_size,
             autocast=self.accelerator.autocast,
         )
-        grid = save_grid(images, recon, self.run_log.grid_path(step))
-        scalars = {f"validation/{k}": v for k, v in metrics.items()}
+        # Latent diagnostics on the posterior mean: no RNG draw, so validating never changes the run.
+        diag, means = latent_diagnostics(vae, images, self.cfg.train_batch_size, autocast=self.accelerator.autocast)
+        pca = latent_pca_rgb(means, images.shape[-2:])
+        grid = save_grid(images, [recon, pca], self.run_log.grid_path(step), labels=["input", "recon", "latent PCA"])
+        scalars = {f"validation/{k}": v for k, v in metrics.items()} | latents.scalars(diag)
         self.accelerator.log(scalars, step=step)
         log_images(self.accelerator, grid, step)
         self.run_log.append(step, scalars)
         self.run_log.plot_curves(self.gan_start())
         logger.info(
-            f"step {step}: held-out " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), main_process_only=True
+            f"step {step}: held-out "
+            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            + "; "
+            + latents.describe(diag),
+            main_process_only=True,
         )
         return metrics
 

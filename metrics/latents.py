@@ -201,6 +201,16 @@ def scalars(summary: dict, prefix: str = "latent/") -> dict[str, float]:
     return {prefix + k: v for k, v in out.items()}
 
 
+def describe(summary: dict) -> str:
+    """One log line: 'latent KL mean .. min .., dead channels [..], hf share latent .. / image .., equivariance PSNR ..'."""
+    eq = ", ".join(f"{k} {v:.2f} dB" for k, v in summary["equivariance_psnr"].items())
+    return (
+        f"latent KL mean {summary['kl_mean']:.4g} min {summary['kl_min']:.4g} nats, "
+        f"dead channels {summary['dead_channels']}, hf share latent {summary['hf_share']:.3f} / "
+        f"image {summary['hf_share_image']:.3f}, equivariance PSNR {eq}"
+    )
+
+
 @torch.no_grad()
 def latent_diagnostics(
     vae,

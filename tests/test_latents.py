@@ -9,10 +9,11 @@ import pytest
 import scipy.fft
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import eval_vae
 from metrics import latents
-from metrics.grid import save_grid
+from metrics.grid import GRID_PAD, save_grid
 
 
 class PoolVAE(torch.nn.Module):
@@ -175,13 +176,15 @@ def test_trainer_logs_latent_keys_at_validation(image_folder, tmp_path, tiny_arg
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     validations = [r for r in records if "validation/psnr" in r]
-    assert [r["step"] for r in validations] == [1, 2]
+    assert [r["step"] for r in validations] == [0, 1, 2]  # before the first step, then every step
     for r in validations:
         for key in ("kl_mean", "kl_min", "dead_channels", "hf_share", "hf_share_image"):
             assert math.isfinite(r[f"latent/{key}"]), key
         assert 0 <= r["latent/hf_share"] <= 1 and r["latent/equivariance_psnr_rot90"] > 0
         assert "latent/equivariance_psnr_scale" in r
-    assert (tmp_path / "run" / "samples").is_dir()
+    # The held-out grid has a third row, the latent PCA picture: 3 rows of 32-px tiles upscaled to 128.
+    with Image.open(tmp_path / "run" / "samples" / "step_0000002.png") as grid:
+        assert grid.height == GRID_PAD + 3 * (128 + GRID_PAD)
 
 
 @pytest.mark.e2e

@@ -109,6 +109,9 @@ def _write_log(path, with_validation: bool = True, disc_start: int = 60) -> None
             f.write(json.dumps(record) + "\n")
             if with_validation and step % 50 == 0:
                 held_out = {"validation/psnr": 10 + step / 10, "validation/ssim": 0.1 + step / 500}
+                held_out |= {"latent/kl_mean": 2.0, "latent/kl_min": 1e-4, "latent/dead_channels": 1.0}
+                held_out |= {"latent/hf_share": 0.2, "latent/hf_share_image": 0.05}
+                held_out |= {"latent/equivariance_psnr_scale": 20.0, "latent/equivariance_psnr_rot90": 25.0}
                 f.write(json.dumps({"step": step, **held_out, "validation/lpips": 0.3 - step / 1000}) + "\n")
         f.write('{"step": 105, "loss/total": 12')  # a line cut short by a crash
 
@@ -132,6 +135,7 @@ def test_curves_png_with_gan_start_in_every_panel(tmp_path):
     titles = [ax.get_title() for ax in panels]
     assert len(titles) == len(curves.PANELS)
     want = {"held-out PSNR (dB)", "held-out SSIM", "held-out LPIPS", "L1", "KL", "discriminator mean logits"}
+    want |= {"latent KL (nats/element), dead channels", "latent DCT share > ½ Nyquist, equivariance PSNR"}
     assert want <= set(titles)
     gan_lines = _gan_lines(fig)
     assert len(gan_lines) == len(panels)  # one per panel

@@ -1,4 +1,4 @@
-"""Training curves from the trainer's JSON-lines log: held-out metrics, loss terms, λ, the discriminator.
+"""Training curves from the trainer's JSON-lines log: held-out metrics, loss terms, λ, the discriminator, latents.
 
 Each line of the log is one JSON object {"step": int, "<key>": float, ...}. The keys plotted are
 the trainer's (see PANELS); a key the log lacks, or one that is 0 at every step (a term switched
@@ -28,9 +28,30 @@ PANELS: list[tuple[str, list[tuple[str, str]], bool]] = [
     ("discriminator mean logits", [("disc/logits_real", "real"), ("disc/logits_fake", "fake")], False),
     ("discriminator hinge loss", [("disc/loss", "D loss")], False),
     ("learning rate", [("lr/generator", "generator")], True),
+    (
+        "latent KL (nats/element), dead channels",
+        [("latent/kl_mean", "mean KL"), ("latent/kl_min", "min KL"), ("latent/dead_channels", "dead channels")],
+        True,
+    ),
+    (
+        "latent DCT share > ½ Nyquist, equivariance PSNR",
+        [
+            ("latent/hf_share", "hf share latent"),
+            ("latent/hf_share_image", "hf share image"),
+            ("latent/equivariance_psnr_scale", "PSNR ×0.5 (dB)"),
+            ("latent/equivariance_psnr_rot90", "PSNR rot90 (dB)"),
+        ],
+        False,
+    ),
 ]
-# λ spans orders of magnitude while gan_factor ramps in [0, 1]: the latter gets its own right-hand axis.
-SECONDARY_AXIS_KEYS = {"loss/gan_factor"}
+# λ spans orders of magnitude while gan_factor ramps in [0, 1]: the latter gets its own right-hand axis; so do
+# the dead-channel count (next to KL in nats) and the equivariance PSNRs in dB (next to shares in [0, 1]).
+SECONDARY_AXIS_KEYS = {
+    "loss/gan_factor",
+    "latent/dead_channels",
+    "latent/equivariance_psnr_scale",
+    "latent/equivariance_psnr_rot90",
+}
 GAN_START_GID = "gan_start"  # the gid of the dashed GAN-start lines (tests look for it)
 COLUMNS = 3
 
