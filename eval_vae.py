@@ -64,7 +64,7 @@ from common.errors import ConfigError, ModelError, UserError
 from common.helpers import set_torch_backends
 from losses.perceptual import build_lpips
 from metrics import fid as fid_backends
-from metrics import image_metrics, reconstruct, save_grid
+from metrics import image_metrics, latents, reconstruct, save_grid
 from publishing.card import load_card, update_model_card
 
 PROG = "eval_vae.py"
@@ -221,6 +221,7 @@ class ModelUnderEval:
     vae: torch.nn.Module
     fid: object | None
     nonfinite: int = 0
+    latent: dict | None = None  # metrics.latents sums over this rank's images
 
 
 def model_labels(paths: list[str]) -> list[str]:
@@ -371,6 +372,39 @@ def format_cell(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def sum_all(sums: list[dict]) -> dict:
+    """The ranks' metrics.latents sums added up."""
+    total = None
+    for s in sums:
+        total = latents.add_sums(total, s)
+    return total
+
+
+def latent_table(result: dict) -> str:
+    """The latent diagnostics (metrics/latents.py), a row per model; printed under the results table."""
+    lines = [
+        "| latent | dead channels | KL mean (nats) | KL min (nats) | hf share latent | hf share image "
+        "| equivariance PSNR ×0.5 (dB) | equivariance PSNR rot90 (dB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in result["models"]:
+        d = m.get("latent")
+        if d is None:
+            continue
+        dead = ", ".join(map(str, d["dead_channels"])) or "none"
+        cells = [format_cell(d[k], 4) for k in ("kl_mean", "kl_min")] + [
+            format_cell(d[k]) for k in ("hf_share", "hf_share_image")
+        ]
+        cells += [format_cell(d["equivariance_psnr"][k], 2) for k in ("scale", "rot90")]
+        lines.append(f"| {m['label']} | {dead} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        f"Dead: KL < {latents.DEAD_KL_NATS:g} nats per element. hf share: {latents.HF_BAND}. Equivariance: "
+        "decode(T(posterior mean)) vs T(image), losses.equivariance.equivariant_transform."
+    )
+    return "\n".join(lines)
+
+
 def markdown_table(result: dict) -> str:
     """The results table: a row per model; the protocol under it."""
     p = result["protocol"]
@@ -509,6 +543,7 @@ class Evaluator:
                 m.vae, x, latent=latent, batch_size=len(x), generator=generators, autocast=self.autocast
             )  # (B, 3, R, R) float32, unclamped
             m.nonfinite += int((~torch.isfinite(recon).flatten(1).all(dim=1)).sum())
+            m.latent = latents.add_sums(m.latent, latents.batch_sums(m.vae, x, self.autocast)[0])  # posterior mean
             scores = image_metrics(x, recon, lpips=self.lpips, ssim_window=protocol["ssim_window"])
             scores = {name: v.tolist() for name, v in scores.items()}
             for i, k in enumerate(keys):
@@ -535,6 +570,7 @@ class Evaluator:
         skipped = sum(gather_object([self.skipped]))
         seconds = max(gather_object([self.seconds]))
         nonfinite = [sum(gather_object([m.nonfinite])) for m in self.models]
+        latent_sums = [[s for s in gather_object([m.latent]) if s is not None] for m in self.models]
         backend = self.protocol["fid_backend"]
         rfids = [finish_fid(m.fid, is_main, backend) if m.fid is not None else None for m in self.models]
 
@@ -557,7 +593,7 @@ class Evaluator:
             "versions": versions(),
             "config": to_dict(self.cfg),
         }
-        for m, rfid, bad in zip(self.models, rfids, nonfinite, strict=False):
+        for m, rfid, bad, sums in zip(self.models, rfids, nonfinite, latent_sums, strict=False):
             acc = metrics.MeanStd()
             for _, per_model in per_image:
                 acc.update(**{name: [v] for name, v in per_model[m.label].items()})
@@ -572,6 +608,7 @@ class Evaluator:
                         "rfid": {"value": rfid, "count": len(keys) if m.fid is not None else 0},
                         **acc.summary(),
                     },
+                    "latent": latents.summarize(sum_all(sums)) if sums else None,
                 }
             )
         return result, grid_rows
@@ -611,6 +648,7 @@ def write_outputs(cfg: EvalConfig, result: dict, grid_rows: list) -> None:
     os.makedirs(cfg.output_dir, exist_ok=True)
     table = markdown_table(result)
     print(table, flush=True)
+    print("\n" + latent_table(result), flush=True)
     for m in result["models"]:
         if m["nonfinite_reconstructions"]:
             bad = m["nonfinite_reconstructions"]

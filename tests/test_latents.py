@@ -217,4 +217,7 @@ def test_evaluator_writes_latent_per_model(image_folder, tmp_path, capsys):
     assert set(latent["equivariance_psnr"]) == {"scale", "rot90"}
     assert result["models"][0]["latent"]["kl_mean"] == pytest.approx(latent["kl_mean"])
     tables = [line for line in stdout.splitlines() if line.startswith("|")]
-    assert tables[0].startswith("| images validation") and any(line.startswith("| latent ") for line in tables)
+    # The main table unchanged (header, separator, one row), then the latent table with its own row per model.
+    assert " validation 3, 32² | rFID | PSNR |" in tables[0] and tables[2].startswith("| model | ")
+    assert tables[3].startswith("| latent | dead channels |") and tables[5].startswith("| model | ")
+    assert len(tables) == 6
