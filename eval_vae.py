@@ -396,7 +396,8 @@ def latent_table(result: dict) -> str:
             format_cell(d[k]) for k in ("hf_share", "hf_share_image")
         ]
         cells += [format_cell(d["equivariance_psnr"][k], 2) for k in ("scale", "rot90")]
-        lines.append(f"| {m['label']} | {dead} | " + " | ".join(cells) + " |")
+        # "label (C ch)": a row of its own kind, not a second "| label |" row of the results table.
+        lines.append(f"| {m['label']} ({m['latent_channels']} ch) | {dead} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
         f"Dead: KL < {latents.DEAD_KL_NATS:g} nats per element. hf share: {latents.HF_BAND}. Equivariance: "

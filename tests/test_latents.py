@@ -219,5 +219,5 @@ def test_evaluator_writes_latent_per_model(image_folder, tmp_path, capsys):
     tables = [line for line in stdout.splitlines() if line.startswith("|")]
     # The main table unchanged (header, separator, one row), then the latent table with its own row per model.
     assert " validation 3, 32² | rFID | PSNR |" in tables[0] and tables[2].startswith("| model | ")
-    assert tables[3].startswith("| latent | dead channels |") and tables[5].startswith("| model | ")
+    assert tables[3].startswith("| latent | dead channels |") and tables[5].startswith("| model (8 ch) | ")
     assert len(tables) == 6
