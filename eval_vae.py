@@ -143,6 +143,11 @@ class EvalConfig:
         help="Inception file of --fid_backend; default: <torch hub dir>/checkpoints/ + "
         f"{', '.join(f'{fid_backends.BACKENDS[b].weights_file} ({b})' for b in metrics.FID_BACKENDS)}",
     )
+    latent_diagnostics: bool = arg(
+        True,
+        help="per model: dead latent channels, KL, DCT high-frequency share, equivariance PSNR (metrics/latents.py); "
+        "about one more encode and 1.25 decodes per image (--no-latent_diagnostics skips them)",
+    )
     perception_weights: str = arg(
         "pretrained",
         choices=("pretrained", "random"),
@@ -544,7 +549,8 @@ class Evaluator:
                 m.vae, x, latent=latent, batch_size=len(x), generator=generators, autocast=self.autocast
             )  # (B, 3, R, R) float32, unclamped
             m.nonfinite += int((~torch.isfinite(recon).flatten(1).all(dim=1)).sum())
-            m.latent = latents.add_sums(m.latent, latents.batch_sums(m.vae, x, self.autocast)[0])  # posterior mean
+            if cfg.latent_diagnostics:  # on the posterior mean, whatever --latent decodes
+                m.latent = latents.add_sums(m.latent, latents.batch_sums(m.vae, x, self.autocast)[0])
             scores = image_metrics(x, recon, lpips=self.lpips, ssim_window=protocol["ssim_window"])
             scores = {name: v.tolist() for name, v in scores.items()}
             for i, k in enumerate(keys):
@@ -649,7 +655,8 @@ def write_outputs(cfg: EvalConfig, result: dict, grid_rows: list) -> None:
     os.makedirs(cfg.output_dir, exist_ok=True)
     table = markdown_table(result)
     print(table, flush=True)
-    print("\n" + latent_table(result), flush=True)
+    if any(m["latent"] is not None for m in result["models"]):
+        print("\n" + latent_table(result), flush=True)
     for m in result["models"]:
         if m["nonfinite_reconstructions"]:
             bad = m["nonfinite_reconstructions"]

@@ -221,3 +221,11 @@ def test_evaluator_writes_latent_per_model(image_folder, tmp_path, capsys):
     assert " validation 3, 32² | rFID | PSNR |" in tables[0] and tables[2].startswith("| model | ")
     assert tables[3].startswith("| latent | dead channels |") and tables[5].startswith("| model (8 ch) | ")
     assert len(tables) == 6
+
+    # --no-latent_diagnostics: none computed, no second table, the main results unchanged.
+    eval_vae.main([*argv, "--no-latent_diagnostics"], lpips=build_lpips(pretrained=False))
+    stdout = capsys.readouterr().out
+    with open(out / "eval.json") as f:
+        skipped = json.load(f)
+    assert skipped["models"][0]["latent"] is None and "| latent |" not in stdout
+    assert skipped["models"][0]["metrics"]["psnr"] == saved["models"][0]["metrics"]["psnr"]
