@@ -38,6 +38,11 @@ population std (np.std, as the reference prints). The reconstruction path
 Side effects (progress bar, stdout, JSON, the table, the grid, --update_model_card) happen on
 the main process only; with --save_images each rank writes the PNGs of its own images
 (disjoint files) rather than funnelling 50k images through rank 0.
+
+--probe (off by default) adds the latent probe (metrics/probe.py, docs/latent_quality.md): a small
+DiT trained with rectified flow on each model's normalised latents of seeded crops of this split,
+the same settings for every model; held-out loss at fixed t, the loss curves (probe_curve.png),
+gFID of its samples, a second table. It runs on the main process only, after the gathering.
 """
 
 from __future__ import annotations
