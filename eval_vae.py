@@ -38,6 +38,11 @@ population std (np.std, as the reference prints). The reconstruction path
 Side effects (progress bar, stdout, JSON, the table, the grid, --update_model_card) happen on
 the main process only; with --save_images each rank writes the PNGs of its own images
 (disjoint files) rather than funnelling 50k images through rank 0.
+
+--probe (off by default) adds the latent probe (metrics/probe.py, docs/latent_quality.md): a small
+DiT trained with rectified flow on each model's normalised latents of seeded crops of this split,
+the same settings for every model; held-out loss at fixed t, the loss curves (probe_curve.png),
+gFID of its samples, a second table. It runs on the main process only, after the gathering.
 """
 
 from __future__ import annotations
@@ -65,7 +70,8 @@ from common.helpers import set_torch_backends
 from losses.perceptual import build_lpips
 from metrics import fid as fid_backends
 from metrics import image_metrics, latents, reconstruct, save_grid
-from publishing.card import load_card, update_model_card
+from metrics import probe as latent_probe
+from publishing.card import load_card, update_model_card, update_model_card_probe
 
 PROG = "eval_vae.py"
 
@@ -173,6 +179,30 @@ class EvalConfig:
     update_model_card: str | None = arg(
         None, help="model folder whose README.md (model card) gets the results table and model-index metadata"
     )
+    # Latent probe (metrics/probe.py, docs/latent_quality.md): off by default.
+    probe: bool = arg(
+        False,
+        help="also train a small DiT (rectified flow) on each model's normalised latents of this split: held-out "
+        "denoising loss at t=0.25/0.5/0.75, loss curve, gFID of its samples; same settings for every model",
+    )
+    probe_steps: int = arg(2000, help="probe training steps (Adam, constant lr)", bound="at_least_1")
+    probe_batch_size: int = arg(64, help="probe latents per step", bound="at_least_1")
+    probe_lr: float = arg(3e-4, help="probe Adam learning rate", bound="positive")
+    probe_seed: int = arg(0, help="seed of the probe's crops, split, latent samples, init, batches and noise")
+    probe_crops_per_image: int = arg(
+        8, help="seeded random crops per image at --resolution (the probe's data)", bound="at_least_1"
+    )
+    probe_crop_mode: str = arg(
+        "random_scale", choices=data.CROP_MODES, help="how the probe's crops are taken (the trainer's --crop_mode)"
+    )
+    probe_held_out_fraction: float = arg(
+        0.25, help="fraction of the images (all their crops) held out for the probe's held-out loss"
+    )
+    probe_max_images: int | None = arg(
+        1024, help="the probe reads at most the first N images of the split (crops are held in memory as uint8)"
+    )
+    probe_samples: int = arg(256, help="probe samples decoded for gFID (0: no gFID)", bound="non_negative")
+    probe_sample_steps: int = arg(50, help="Euler steps of the probe's flow when sampling", bound="at_least_1")
 
     def check(self) -> None:
         if not self.pretrained_model_name_or_path:
@@ -201,6 +231,12 @@ class EvalConfig:
                         f"--protocol seed means --{key} {value}; drop --{key} {given} or the --protocol flag"
                     )
 
+        if not 0.0 < self.probe_held_out_fraction < 1.0:
+            raise ConfigError(f"--probe_held_out_fraction must be in (0, 1), got {self.probe_held_out_fraction}")
+        if self.probe_max_images is not None and self.probe_max_images < 2:
+            raise ConfigError(
+                f"--probe_max_images must be >= 2 (one image to train on, one held out), got {self.probe_max_images}"
+            )
         backend = self.fid_backend or PROTOCOLS[self.protocol]["fid_backend"]
         if self.fid and backend == "clean-fid" and self.fid_features != 2048:
             raise ConfigError("--fid_backend clean-fid has only the 2048-d pool3 features; drop --fid_features")
@@ -644,10 +680,134 @@ def evaluate(
         )
     evaluator.run()
     result, grid_rows = evaluator.result()
+    if cfg.probe and accelerator.is_main_process:
+        run_probes(cfg, evaluator, result)  # rank 0 alone; the other ranks wait below
     if accelerator.is_main_process:
         write_outputs(cfg, result, grid_rows)
     accelerator.wait_for_everyone()
     return result
+
+
+# ----------------------------------------------------------------------------------------
+# Latent probe (--probe): how fast a small DiT learns each model's latents (metrics/probe.py)
+# ----------------------------------------------------------------------------------------
+
+PROBE_CURVE_PNG = "probe_curve.png"
+
+
+def probe_settings(cfg: EvalConfig) -> latent_probe.ProbeSettings:
+    return latent_probe.ProbeSettings(
+        steps=cfg.probe_steps,
+        batch_size=cfg.probe_batch_size,
+        lr=cfg.probe_lr,
+        seed=cfg.probe_seed,
+        crops_per_image=cfg.probe_crops_per_image,
+        crop_mode=cfg.probe_crop_mode,
+        held_out_fraction=cfg.probe_held_out_fraction,
+        max_images=cfg.probe_max_images,
+        samples=cfg.probe_samples,
+        sample_steps=cfg.probe_sample_steps,
+    )
+
+
+def run_probes(cfg: EvalConfig, evaluator: Evaluator, result: dict) -> None:
+    """Main process only: the same probe (data, settings, seeds) on every model; fills result["probe"] (the
+    settings, the split, how gFID was measured) and each model's result["models"][i]["probe"]."""
+    settings = probe_settings(cfg)
+    probe_data = latent_probe.load_probe_data(
+        evaluator.source,
+        cfg.resolution,
+        settings,
+        max_samples=cfg.max_samples,
+        interpolation=evaluator.protocol["interpolation"],
+    )
+    backend = evaluator.protocol["fid_backend"]
+    fid = None
+    first_fid = next((m.fid for m in evaluator.models if m.fid is not None), None)
+    if first_fid is not None and settings.samples > 0:
+        # The evaluation's feature network; the crops' features stay as the real side for every model.
+        fid = metrics.build_fid(feature_extractor=first_fid.inception, reset_real_features=False).to(evaluator.device)
+        latent_probe.real_fid(fid, probe_data.pixels, settings.batch_size)
+    standard = cfg.fid_features == 2048 and "custom feature extractor" not in evaluator.record["rfid"]
+    gfid = "skipped (--no-fid or --probe_samples 0)"
+    if fid is not None:
+        gfid = (
+            f"FID of {settings.samples} decoded probe samples ({settings.sample_steps} Euler steps) against the "
+            f"{len(probe_data.pixels)} uint8 probe crops, with the rFID feature network: {evaluator.record['rfid']}"
+        )
+    result["probe"] = {
+        "settings": settings.record(),
+        "objective": "rectified flow: x_t = (1-t) z + t eps, predict v = eps - z, MSE; t ~ U(0,1); timestep 1000 t",
+        "latents": "seeded sample of q(z|x) per crop, (z - shift_factor) * scaling_factor (shift None -> 0)",
+        "model": f"diffusers DiTTransformer2DModel, {settings.num_layers} layers, {settings.num_heads} heads of "
+        f"{settings.head_dim}, patch {settings.patch_size}, adaLN-zero, unconditional (one class)",
+        "num_images": len(probe_data.train_images) + len(probe_data.held_out_images),
+        "num_crops": len(probe_data.pixels),
+        "train_images": probe_data.train_images,
+        "held_out_images": probe_data.held_out_images,
+        "gfid": gfid,
+        "gfid_standard": standard and fid is not None,
+        "rank": "main process only",
+    }
+    for i, (m, entry) in enumerate(zip(evaluator.models, result["models"], strict=True)):
+        desc = f"probe {i + 1}/{len(evaluator.models)} {m.label}"
+        entry["probe"] = latent_probe.run_probe(
+            m.vae, probe_data, settings, fid=fid, fid_backend=backend, autocast=evaluator.autocast, desc=desc
+        )
+
+
+def probe_table(result: dict) -> str:
+    """The probe's side-by-side table: a row per model; how it was measured under it."""
+    p = result["probe"]
+    s = p["settings"]
+    t_keys = [f"{t:g}" for t in s["t_eval"]]
+    if p["gfid_standard"]:
+        gfid_head = "gFID (probe)"
+    elif p["gfid"].startswith("skipped"):
+        gfid_head = "gFID"
+    else:
+        gfid_head = "gFID (RANDOM/CUSTOM features or not pool3, not gFID)"
+    title = (
+        f"probe: {p['num_images']} images × {s['crops_per_image']} crops, {result['resolution']}², {s['steps']} steps"
+    )
+    lines = [
+        f"| {title} | " + " | ".join(f"held-out loss t={t}" for t in t_keys) + f" | {gfid_head} | seconds |",
+        "|---|" + "---|" * (len(t_keys) + 2),
+    ]
+    for m in result["models"]:
+        r = m["probe"]
+        cells = [format_cell(r["held_out_loss"][t], 4) for t in t_keys] + [format_cell(r["gfid"], 2)]
+        lines.append(f"| {m['label']} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
+    lines.append("")
+    lines.append(
+        f"Latent probe (docs/latent_quality.md): {p['model']}, {p['objective']}; Adam lr {s['lr']:g}, batch "
+        f"{s['batch_size']}, seed {s['seed']}; held-out loss on {len(p['held_out_images'])} images never trained on; "
+        f"gFID: {p['gfid']}. A relative measure between these VAEs, not a gFID as published."
+    )
+    return "\n".join(lines)
+
+
+def write_probe_outputs(cfg: EvalConfig, result: dict) -> None:
+    """Main process only: the probe table on stdout and appended to eval.md, every model's loss curve in one PNG."""
+    table = probe_table(result)
+    print(table, flush=True)
+    for m in result["models"]:
+        if m["probe"]["gfid_error"]:
+            print(f"WARNING: {m['label']}: probe gFID failed: {m['probe']['gfid_error']}", flush=True)
+        std = m["probe"]["latent_std"]
+        if not 0.75 <= std <= 1.33:  # e.g. a checkpoint folder whose config still has the preset's scaling_factor
+            print(
+                f"WARNING: {m['label']}: its latents have std {std:.3f} after its own scaling_factor/shift_factor "
+                "(not ~1): its probe losses are not comparable with the other rows'",
+                flush=True,
+            )
+    with open(os.path.join(cfg.output_dir, "eval.md"), "a") as f:
+        f.write("\n" + table + "\n")
+    curves = {m["label"]: m["probe"]["train_loss"] for m in result["models"]}
+    title = f"latent probe: {result['dataset_name']} {result['split']}, {result['resolution']}²"
+    result["probe"]["curve_png"] = latent_probe.plot_probe_curves(
+        curves, os.path.join(cfg.output_dir, PROBE_CURVE_PNG), title
+    )
 
 
 def write_outputs(cfg: EvalConfig, result: dict, grid_rows: list) -> None:
@@ -670,6 +830,8 @@ def write_outputs(cfg: EvalConfig, result: dict, grid_rows: list) -> None:
         result["grid"] = {"path": grid_path, "rows": labels, "images": [key for key, _ in grid_rows]}
     with open(os.path.join(cfg.output_dir, "eval.md"), "w") as f:
         f.write(table + "\n")
+    if result.get("probe"):
+        write_probe_outputs(cfg, result)  # the probe table (stdout, appended to eval.md) and probe_curve.png
     json_path = cfg.output_json or os.path.join(cfg.output_dir, "eval.json")
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     with open(json_path, "w") as f:
@@ -677,6 +839,8 @@ def write_outputs(cfg: EvalConfig, result: dict, grid_rows: list) -> None:
     print(f"wrote {json_path}", flush=True)
     if cfg.update_model_card:
         print(f"wrote {update_model_card(cfg.update_model_card, result, table)}", flush=True)
+        if result.get("probe"):
+            print(f"wrote {update_model_card_probe(cfg.update_model_card, result, probe_table(result))}", flush=True)
 
 
 def main(

@@ -385,3 +385,38 @@ def update_model_card(folder: str, result: dict, table: str) -> str:
     path = os.path.join(folder, "README.md")
     card.save(path)
     return path
+
+
+# ----------------------------------------------------------------------------------------
+# Latent probe results (eval_vae.py --probe --update_model_card)
+# ----------------------------------------------------------------------------------------
+
+
+def update_model_card_probe(folder: str, result: dict, table: str) -> str:
+    """Write the latent probe's table into <folder>/README.md as its own marked section (replaced on a re-run).
+
+    No model-index metadata: the probe's numbers are a relative measure between the VAEs of one
+    evaluation (a ~2 M-parameter DiT on few latents), not a gFID as published.
+    """
+    card = load_card(folder)
+    dataset_type, dataset_name = card_dataset(result)
+    key = re.sub(r"[^\w./-]+", "_", f"{dataset_type} {result['split']} {result['resolution']}")
+    start, end = f"<!-- eval_vae probe {key} -->", f"<!-- /eval_vae probe {key} -->"
+    body = (
+        f"## Latent probe: {dataset_name}\n\n"
+        "How fast a small diffusion transformer learns this VAE's normalised latents (held-out flow-matching "
+        "loss, lower is easier; gFID of its samples), next to the other VAEs of the same evaluation "
+        "(`eval_vae.py --probe`; docs/latent_quality.md in the training repository).\n\n"
+        f"{table}\n"
+    )
+    section = f"{start}\n{body}{end}"
+    text = card.text
+    if start in text and end in text.split(start, 1)[1]:
+        before, rest = text.split(start, 1)
+        text = before + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    card.text = text
+    path = os.path.join(folder, "README.md")
+    card.save(path)
+    return path

@@ -1,0 +1,223 @@
+"""The latent probe (metrics/probe.py, eval_vae.py --probe): it learns, it is seeded, it holds images out,
+it normalises latents with the model's own factors, and the evaluator writes its outputs for every model."""
+
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+import eval_vae
+from autoencoder.models import build_vae
+from metrics import probe as latent_probe
+
+# A tiny probe: one DiT block of 2 heads × 16 on 4×4 latents.
+TINY = dict(num_layers=1, num_heads=2, head_dim=16, batch_size=16, lr=1e-3, sample_steps=2, samples=0)
+
+
+class PooledColour(torch.nn.Module):
+    """Stand-in FID feature network (as tests/test_eval.py): uint8 (B, 3, H, W) -> 2×2 pooled colours (12-d)."""
+
+    num_features = 12
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x.float() / 255.0, 2).flatten(1)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Six photographs (various sizes) in a folder, a tiny model and a tiny baseline (another seed)."""
+    root = tmp_path_factory.mktemp("probe")
+    photos = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket(), skdata.immunohistochemistry()]
+    photos.append(np.stack([skdata.camera()] * 3, axis=-1))
+    sizes = [(64, 56), (56, 72), (60, 60), (80, 56), (64, 64), (72, 64)]
+    (root / "images").mkdir()
+    for i, (photo, size) in enumerate(zip(photos, sizes, strict=True)):
+        Image.fromarray(photo).resize(size, Image.Resampling.BILINEAR).save(root / "images" / f"img{i}.png")
+    torch.manual_seed(0)
+    build_vae("tiny").save_pretrained(root / "model")
+    torch.manual_seed(1)
+    build_vae("tiny").save_pretrained(root / "baseline")
+    return root
+
+
+def structured_latents(n: int, seed: int = 0) -> torch.Tensor:
+    """(n, 4, 4, 4): a per-channel offset and a spatial pattern a network can learn, plus a little noise."""
+    gen = torch.Generator().manual_seed(seed)
+    pattern = torch.linspace(-1.5, 1.5, 4).view(1, 4, 1, 1) * torch.cos(torch.arange(4.0)).view(1, 1, 4, 1)
+    return pattern + 0.3 * torch.randn((n, 4, 4, 4), generator=gen)
+
+
+def test_training_loss_falls():
+    settings = latent_probe.ProbeSettings(steps=60, **TINY)
+    model = latent_probe.build_probe_model(4, 4, settings)
+    losses = latent_probe.train_probe(model, structured_latents(64), settings, progress=False)
+    assert len(losses) == 60 and all(torch.isfinite(torch.tensor(losses)))
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
+
+
+def _probe(workspace, seed: int) -> tuple[latent_probe.ProbeData, dict]:
+    from autoencoder.models import load_vae
+
+    settings = latent_probe.ProbeSettings(steps=6, seed=seed, crops_per_image=2, held_out_fraction=0.34, **TINY)
+    probe_data = latent_probe.load_probe_data(str(workspace / "images"), 32, settings)
+    vae = load_vae(str(workspace / "model")).eval()
+    return probe_data, latent_probe.run_probe(vae, probe_data, settings, progress=False)
+
+
+def test_one_seed_gives_identical_figures_another_seed_different_ones(workspace):
+    rng_before = torch.get_rng_state()
+    data_a, first = _probe(workspace, seed=0)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the probe never draws from the global RNG
+    torch.manual_seed(1234)  # ...nor depends on it
+    data_b, second = _probe(workspace, seed=0)
+    _, other = _probe(workspace, seed=1)
+
+    assert torch.equal(data_a.pixels, data_b.pixels) and data_a.crop_keys == data_b.crop_keys
+    figures = ("held_out_loss", "train_loss", "latent_std", "latent_mean")
+    assert {k: first[k] for k in figures} == {k: second[k] for k in figures}
+    assert first["train_loss"] != other["train_loss"]
+    assert first["held_out_loss"] != other["held_out_loss"]
+    assert set(first["held_out_loss"]) == {"0.25", "0.5", "0.75"}
+
+
+def test_held_out_loss_is_on_images_the_probe_never_trained_on(workspace, monkeypatch):
+    settings = latent_probe.ProbeSettings(steps=3, crops_per_image=3, held_out_fraction=0.34, **TINY)
+    probe_data = latent_probe.load_probe_data(str(workspace / "images"), 32, settings)
+    keys = {f"img{i}.png" for i in range(6)}
+    train, held = set(probe_data.train_images), set(probe_data.held_out_images)
+    assert train | held == keys and not train & held and len(held) == 2
+    assert len(probe_data.pixels) == 6 * 3 == len(probe_data.image_keys)
+    # Three different crops of one image (a seeded random crop each), every crop of an image on one side.
+    crops_of_first = probe_data.pixels[[i for i, k in enumerate(probe_data.image_keys) if k == "img0.png"]]
+    assert len(crops_of_first) == 3 and not torch.equal(crops_of_first[0], crops_of_first[1])
+    assert {probe_data.image_keys[i] for i in probe_data.train_index.tolist()} == train
+    assert {probe_data.image_keys[i] for i in probe_data.held_out_index.tolist()} == held
+
+    seen = {}
+    real_train, real_held = latent_probe.train_probe, latent_probe.held_out_losses
+
+    def spy_train(model, latents, *args, **kwargs):
+        seen["train"] = latents.clone()
+        return real_train(model, latents, *args, **kwargs)
+
+    def spy_held(model, latents, *args, **kwargs):
+        seen["held"] = latents.clone()
+        return real_held(model, latents, *args, **kwargs)
+
+    monkeypatch.setattr(latent_probe, "train_probe", spy_train)
+    monkeypatch.setattr(latent_probe, "held_out_losses", spy_held)
+    torch.manual_seed(0)
+    vae = build_vae("tiny").eval()
+    latent_probe.run_probe(vae, probe_data, settings, progress=False)
+    every = latent_probe.encode_latents(
+        vae,
+        probe_data.pixels,
+        probe_data.crop_keys,
+        seed=latent_probe.derive_seed(settings.seed, latent_probe._ENCODE),
+        batch_size=5,  # another batching: the latent sample of a crop depends on its key only
+    )
+    torch.testing.assert_close(seen["train"], every[probe_data.train_index])
+    torch.testing.assert_close(seen["held"], every[probe_data.held_out_index])
+    # No held-out latent among the training latents.
+    distances = torch.cdist(seen["held"].flatten(1), seen["train"].flatten(1))
+    assert distances.min() > 1e-3
+
+    # The split depends on the keys and the seed only.
+    assert latent_probe.split_images(sorted(keys, reverse=True), 0.34, 0) == (sorted(train), sorted(held))
+
+
+class HandMadeEncoder(torch.nn.Module):
+    """encode(x) -> q(z|x) with mean `mean` and std `std` everywhere; config with the given factors."""
+
+    def __init__(self, mean: float, std: float, scaling_factor: float, shift_factor: float | None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))  # a device to be on
+        self.mean, self.std = mean, std
+        self.config = SimpleNamespace(scaling_factor=scaling_factor, shift_factor=shift_factor)
+
+    def encode(self, x):
+        shape = (len(x), 4, x.shape[2] // 8, x.shape[3] // 8)
+        dist = SimpleNamespace(mean=torch.full(shape, self.mean), std=torch.full(shape, self.std))
+        return SimpleNamespace(latent_dist=dist)
+
+
+@pytest.mark.parametrize(
+    ("mean", "std", "scaling", "shift", "want_mean", "want_std"),
+    [
+        (2.0, 4.0, 0.25, 2.0, 0.0, 1.0),  # the model's own factors: mean 0, std 1
+        (3.0, 4.0, 0.5, None, 1.5, 2.0),  # shift_factor None -> 0: (z - 0) * 0.5
+        (1.0, 2.0, 1.0, 1.0, 0.0, 2.0),
+    ],
+)
+def test_latents_are_normalised_with_the_models_factors(mean, std, scaling, shift, want_mean, want_std):
+    vae = HandMadeEncoder(mean, std, scaling, shift)
+    pixels = torch.zeros(64, 3, 32, 32, dtype=torch.uint8)
+    keys = [f"k{i}" for i in range(64)]
+    latents = latent_probe.encode_latents(vae, pixels, keys, seed=0, batch_size=16)  # (64, 4, 4, 4)
+    assert latents.mean().item() == pytest.approx(want_mean, abs=0.1 * want_std)
+    assert latents.std().item() == pytest.approx(want_std, rel=0.08)
+    z = torch.randn(2, 4, 4, 4)
+    torch.testing.assert_close(latent_probe.normalise_latents(z, vae.config), (z - (shift or 0.0)) * scaling)
+    torch.testing.assert_close(
+        latent_probe.denormalise_latents(latent_probe.normalise_latents(z, vae.config), vae.config), z
+    )
+
+
+@pytest.mark.e2e
+def test_eval_with_probe_writes_entries_table_curve_and_card(workspace, capsys):
+    from losses.perceptual import build_lpips
+
+    ws = workspace
+    torch.manual_seed(0)
+    lpips = build_lpips(pretrained=False)
+    out = ws / "out"
+    argv = [
+        "--pretrained_model_name_or_path", str(ws / "model"),
+        "--baseline", str(ws / "baseline"),
+        "--dataset", str(ws / "images"),
+        "--resolution", "32",
+        "--batch_size", "3",
+        "--num_workers", "0",
+        "--perception_weights", "random",
+        "--grid_images", "0",
+        "--output_dir", str(out),
+        "--update_model_card", str(ws / "model"),
+        "--probe", "--probe_steps", "12", "--probe_batch_size", "8", "--probe_crops_per_image", "4",
+        "--probe_samples", "24", "--probe_sample_steps", "2", "--probe_held_out_fraction", "0.34",
+    ]  # fmt: skip
+    result = eval_vae.main(argv, feature_extractor=PooledColour(), lpips=lpips)
+    captured = capsys.readouterr()
+    assert "probe 1/2 model" in captured.err and "probe 2/2 baseline" in captured.err  # the progress bars
+
+    saved = json.loads((out / "eval.json").read_text())
+    assert [m["label"] for m in saved["models"]] == ["model", "baseline"]
+    for m in saved["models"]:
+        p = m["probe"]
+        assert set(p["held_out_loss"]) == {"0.25", "0.5", "0.75"} and len(p["train_loss"]) == 12
+        assert p["gfid"] is not None and p["gfid"] >= 0 and p["seconds"] > 0
+        assert p["latent_shape"] == [8, 4, 4] and p["num_held_out_latents"] == 2 * 4
+    assert saved["models"][0]["probe"]["held_out_loss"] != saved["models"][1]["probe"]["held_out_loss"]
+    assert saved["probe"]["settings"]["steps"] == 12 and not saved["probe"]["gfid_standard"]
+    assert "custom feature extractor" in saved["probe"]["gfid"]
+    assert saved["probe"]["curve_png"] == str(out / "probe_curve.png") and os.path.isfile(out / "probe_curve.png")
+    assert result["models"][1]["probe"]["held_out_loss"] == saved["models"][1]["probe"]["held_out_loss"]
+
+    rows = [line for line in captured.out.splitlines() if line.startswith("| probe: ")]
+    assert len(rows) == 1 and "held-out loss t=0.25" in rows[0] and "not gFID" in rows[0]
+    markdown = (out / "eval.md").read_text()
+    assert markdown.startswith("| images validation") and "| probe: 6 images × 4 crops, 32², 12 steps" in markdown
+    assert "\n| model | " in markdown.split("| probe:")[1] and "\n| baseline | " in markdown.split("| probe:")[1]
+    card = (ws / "model" / "README.md").read_text()
+    assert card.count("## Latent probe: images validation, 32²") == 1 and "## Reconstruction:" in card
+
+    # Off by default: no probe entries, no curve.
+    plain = eval_vae.main([*argv[: argv.index("--update_model_card")], "--output_dir", str(ws / "plain")],
+                          feature_extractor=PooledColour(), lpips=lpips)  # fmt: skip
+    assert "probe" not in plain and all("probe" not in m for m in plain["models"])
+    assert not os.path.exists(ws / "plain" / "probe_curve.png")
