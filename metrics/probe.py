@@ -54,6 +54,7 @@ from data.stream import ImageStream, derive_seed
 from metrics.fid import compute_fid
 from metrics.pixel import to_uint8
 
+LATENT_STD_RANGE = (0.75, 1.33)  # normalised latents outside it were not normalised by measured factors
 PROBE_T = (0.25, 0.5, 0.75)  # the noise levels of the held-out loss
 TIMESTEP_SCALE = 1000.0  # DiT's sinusoidal timestep embedding expects DDPM-like step numbers
 # Stream ids of derive_seed: one generator per purpose.
@@ -386,6 +387,14 @@ def run_probe(
         batch_size=settings.batch_size,
         autocast=autocast,
     )
+    # A checkpoint folder's config still holds the preset's scaling_factor (the export measures the real one):
+    # latents that far from unit std would give losses that compare with no other row. They are standardised
+    # with their own mean and std instead, and the record says so.
+    config_std = latents.std().item()
+    measured = None
+    if not LATENT_STD_RANGE[0] <= config_std <= LATENT_STD_RANGE[1]:
+        measured = (latents.mean().item(), config_std)
+        latents = (latents - measured[0]) / measured[1]
     train_idx, held_idx = probe_data.train_index, probe_data.held_out_index
     channels, size = latents.shape[1], latents.shape[2]
     model = build_probe_model(channels, size, settings)
@@ -396,6 +405,8 @@ def run_probe(
     gfid, gfid_error = None, None
     if fid is not None and settings.samples > 0:
         samples = sample_flow(model, settings.samples, latents.shape[1:], settings, device=device)
+        if measured is not None:
+            samples = samples * measured[1] + measured[0]  # back to the model's own convention for decoding
         images = decode_latents(vae, samples, settings.batch_size, autocast)
         fid.reset()  # the fake side only: the metric was built with reset_real_features=False
         for chunk in images.split(settings.batch_size):
@@ -416,7 +427,11 @@ def run_probe(
         "gfid_error": gfid_error,
         "gfid_samples": settings.samples if fid is not None else 0,
         "latent_shape": list(latents.shape[1:]),
-        "latent_std": latents.std().item(),
+        "latent_std": config_std,  # after the model's own scaling_factor / shift_factor
+        "normalisation": "config"
+        if measured is None
+        else "measured (the config's factors gave std "
+        f"{config_std:.3f}; standardised with the latents' own mean {measured[0]:.4f} and std {measured[1]:.4f})",
         "latent_mean": latents.mean().item(),
         "num_train_latents": len(train_idx),
         "num_held_out_latents": len(held_idx),

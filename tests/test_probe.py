@@ -114,7 +114,7 @@ def test_held_out_loss_is_on_images_the_probe_never_trained_on(workspace, monkey
     monkeypatch.setattr(latent_probe, "held_out_losses", spy_held)
     torch.manual_seed(0)
     vae = build_vae("tiny").eval()
-    latent_probe.run_probe(vae, probe_data, settings, progress=False)
+    record = latent_probe.run_probe(vae, probe_data, settings, progress=False)
     every = latent_probe.encode_latents(
         vae,
         probe_data.pixels,
@@ -122,6 +122,8 @@ def test_held_out_loss_is_on_images_the_probe_never_trained_on(workspace, monkey
         seed=latent_probe.derive_seed(settings.seed, latent_probe._ENCODE),
         batch_size=5,  # another batching: the latent sample of a crop depends on its key only
     )
+    if record["normalisation"] != "config":  # a random tiny VAE's latents are far from unit std: standardised
+        every = (every - every.mean()) / every.std()
     torch.testing.assert_close(seen["train"], every[probe_data.train_index])
     torch.testing.assert_close(seen["held"], every[probe_data.held_out_index])
     # No held-out latent among the training latents.
@@ -221,3 +223,16 @@ def test_eval_with_probe_writes_entries_table_curve_and_card(workspace, capsys):
                           feature_extractor=PooledColour(), lpips=lpips)  # fmt: skip
     assert "probe" not in plain and all("probe" not in m for m in plain["models"])
     assert not os.path.exists(ws / "plain" / "probe_curve.png")
+
+
+def test_latents_far_from_unit_std_are_standardised_and_said_so(workspace):
+    """A checkpoint's config still has the preset's scaling_factor: its latents are standardised with their own
+    statistics (else its losses would compare with no other row), and the record names it."""
+    settings = latent_probe.ProbeSettings(steps=2, crops_per_image=2, held_out_fraction=0.34, **TINY)
+    probe_data = latent_probe.load_probe_data(str(workspace / "images"), 32, settings)
+    torch.manual_seed(0)
+    vae = build_vae("tiny").eval()
+    vae.register_to_config(scaling_factor=100.0, shift_factor=None)
+    record = latent_probe.run_probe(vae, probe_data, settings, progress=False)
+    assert record["latent_std"] > latent_probe.LATENT_STD_RANGE[1]
+    assert record["normalisation"].startswith("measured")
