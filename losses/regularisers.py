@@ -49,9 +49,10 @@ class EquivarianceTransform:
         The image is scaled by the latent's own size ratio h'/h (h' = round(h·scale)), so that T(x) is
         exactly H/h times T(z) in each side even where h·scale is not a whole number.
         """
-        tz = equivariant_transform(z, self.scale, self.quarter_turns)
+        # In float32: antialiased bilinear resizing has no bf16 kernel on CPU (and T(z) is tiny).
+        tz = equivariant_transform(z.float(), self.scale, self.quarter_turns).to(z.dtype)
         new_h = max(1, round(z.shape[-2] * self.scale))
-        tx = equivariant_transform(x, new_h / z.shape[-2], self.quarter_turns)
+        tx = equivariant_transform(x.float(), new_h / z.shape[-2], self.quarter_turns).to(x.dtype)
         factor = x.shape[-2] // z.shape[-2]
         if tx.shape[-2:] != (tz.shape[-2] * factor, tz.shape[-1] * factor):
             raise ValueError(

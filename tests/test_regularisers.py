@@ -260,6 +260,9 @@ def test_transform_pairs_latent_and_image_sizes():
     assert tz.shape[-2:] == (4, 4) and tx.shape[-2:] == (32, 32)
     tz, tx = EquivarianceTransform(1.0, 2).apply(z, x)
     assert torch.equal(tz, torch.rot90(z, 2, (-2, -1))) and torch.equal(tx, torch.rot90(x, 2, (-2, -1)))
+    # A bf16 latent (autocast): transformed in float32 (no bf16 antialiasing kernel on CPU), returned in bf16.
+    tz, _ = EquivarianceTransform(0.5, 0).apply(z.bfloat16(), x)
+    assert tz.dtype == torch.bfloat16 and tz.shape == (1, 4, 2, 2)
 
 
 def test_vf_loss_on_hand_made_features():
