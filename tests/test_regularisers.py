@@ -15,10 +15,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import set_seed
+from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 from transformers import Dinov2Config, Dinov2Model
 
 import train_vae
+from autoencoder.models import build_vae
 from common.cli import parse_config
 from common.errors import CheckpointError, ConfigError
 from losses import regularisers, vae_loss
@@ -395,6 +397,23 @@ def test_vf_adaptive_weight_is_the_gradient_norm_ratio_at_encoder_conv_out(tmp_p
         torch.testing.assert_close(logs["vf"], vf.detach())
         values[mode] = logs["vf_adaptive_weight"]
     torch.testing.assert_close(values["fast"], values["reference"], rtol=1e-4, atol=0)
+
+
+def test_equivariance_fine_tunes_a_pretrained_autoencoder(tmp_path, accelerator, monkeypatch):
+    """EQ-VAE's use: --init_from a trained autoencoder, GAN on, equivariance term on; the step starts from its weights."""
+    set_seed(1)
+    build_vae("tiny").save_pretrained(tmp_path / "pretrained")
+    pretrained = AutoencoderKL.from_pretrained(tmp_path / "pretrained")
+    cfg = tiny_config(
+        tmp_path, init_from=str(tmp_path / "pretrained"), equivariance_weight=1.0, equivariance_prob=1.0, disc_start=0
+    )
+    set_seed(0)
+    trainer = train_vae.Trainer(cfg, accelerator)
+    for name, p in pretrained.named_parameters():
+        assert torch.equal(trainer.vae.state_dict()[name], p), name
+    logs = trainer.train_step(batch(), 0)
+    assert logs["loss/equivariance"] > 0 and logs["loss/gan_factor"] > 0 and logs["disc/loss"].isfinite()
+    assert not torch.equal(trainer.vae.decoder.conv_out.weight, pretrained.decoder.conv_out.weight)
 
 
 # ----------------------------------------------------------------------------------------
