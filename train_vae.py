@@ -45,6 +45,7 @@ from common.cli import fail, parse_config, to_dict
 from common.errors import ModelError, PerceptionWeightsError, UserError
 from common.helpers import set_torch_backends
 from losses import TransfusionLoss
+from losses.regularisers import EquivarianceTransform, build_vf_projection, draw_equivariance, transform_generator
 from metrics import held_out_metrics, latent_diagnostics, latent_pca_rgb, latents, save_grid
 from publishing import export, hub
 from training import checkpointing, cluster
@@ -79,16 +80,34 @@ class Preempted(Exception):
 
 
 class VAEForTraining(nn.Module):
-    """encode -> sample z -> decode in one forward, so DDP sees (and syncs) a single call."""
+    """encode -> sample z -> decode in one forward, so DDP sees (and syncs) a single call.
 
-    def __init__(self, vae: AutoencoderKL):
+    With the latent regularisers on, the same forward also decodes T(z) (equivariance) and projects z to the
+    foundation model's width (VF alignment, `vf_projection`): every gradient is still synced once per step.
+    """
+
+    def __init__(self, vae: AutoencoderKL, vf_projection: nn.Module | None = None):
         super().__init__()
         self.vae = vae
+        self.vf_projection = vf_projection  # trained with the autoencoder, checkpointed, never exported
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, equivariance: EquivarianceTransform | None = None):
+        """(recon, mean, logvar), plus a dict of the regularisers' inputs when any is on:
+        "equivariance": (T(x), decode(T(z))) for a transform given, "latent_projection": z' (B, D, h, w)."""
         posterior = self.vae.encode(x).latent_dist  # mean/logvar: (B, C_lat, H/8, W/8), logvar clamped [-30, 20]
-        recon = self.vae.decode(posterior.sample()).sample  # (B, 3, H, W); training decodes a *sampled* z
-        return recon, posterior.mean, posterior.logvar
+        z = posterior.sample()
+        if equivariance is None and self.vf_projection is None:
+            recon = self.vae.decode(z).sample  # (B, 3, H, W); training decodes a *sampled* z
+            return recon, posterior.mean, posterior.logvar
+        extras = {}
+        if equivariance is not None:
+            tz, tx = equivariance.apply(z, x)
+            # Decoded before z: the adaptive weight's hook keeps the input of decoder.conv_out of the last decode.
+            extras["equivariance"] = (tx, self.vae.decode(tz).sample)
+        recon = self.vae.decode(z).sample
+        if self.vf_projection is not None:
+            extras["latent_projection"] = self.vf_projection(z)
+        return recon, posterior.mean, posterior.logvar, extras
 
 
 @dataclass
@@ -208,9 +227,13 @@ def build_optimizer(cfg: TrainConfig, params, lr: float, device: torch.device) -
     return torch.optim.Adam(params, **kw)
 
 
-def build_optimizers(cfg: TrainConfig, vae: AutoencoderKL, disc: nn.Module, device: torch.device):
-    """Adam for the autoencoder's trainable parameters and for D."""
+def build_optimizers(
+    cfg: TrainConfig, vae: AutoencoderKL, disc: nn.Module, device: torch.device, extra: nn.Module | None = None
+):
+    """Adam for the autoencoder's trainable parameters (and `extra`'s, e.g. the VF projection, after them) and for D."""
     g_params = [p for p in vae.parameters() if p.requires_grad]
+    if extra is not None:
+        g_params += list(extra.parameters())
     if not g_params:
         raise ModelError("every autoencoder parameter is frozen: nothing to train")
     opt_g = build_optimizer(cfg, g_params, cfg.learning_rate, device)
@@ -320,11 +343,15 @@ class Trainer:
             logger.info(f"discriminator initialised from {cfg.init_discriminator}", main_process_only=True)
         self.vae = vae = build_autoencoder(cfg)
         self.loss_fn.watch(vae.decoder.conv_out, fast=cfg.adaptive_weight_mode == "fast")
+        # VA-VAE's trainable 1×1 conv z -> z' (VF alignment); None when off.
+        self.vf_projection = None
+        if self.loss_fn.foundation is not None:
+            self.vf_projection = build_vf_projection(vae.config.latent_channels, self.loss_fn.foundation.width)
         disc = self.loss_fn.discriminator
-        opt_g, opt_d = build_optimizers(cfg, vae, disc, self.device)
+        opt_g, opt_d = build_optimizers(cfg, vae, disc, self.device, extra=self.vf_projection)
         sched_g, sched_d = build_schedules(cfg, opt_g, opt_d)
         (self.model, self.disc, self.opt_g, self.opt_d, self.sched_g, self.sched_d) = accelerator.prepare(
-            VAEForTraining(vae), disc, opt_g, opt_d, sched_g, sched_d
+            VAEForTraining(vae, self.vf_projection), disc, opt_g, opt_d, sched_g, sched_d
         )
         if cfg.torch_compile:
             # After prepare: compiling the DDP-wrapped module lets DDP overlap its gradient all-reduce with
@@ -357,6 +384,8 @@ class Trainer:
         for model in models:
             if main:
                 checkpointing.save_model(self._discriminator_or_none(model), output_dir, self.vae)
+        if self.vf_projection is not None and main:
+            checkpointing.save_vf_projection(self.vf_projection, output_dir)
         weights.clear()  # saved above; keep accelerate from writing model_N.safetensors too
         if self.ema is not None and main:
             checkpointing.save_ema(self.ema, output_dir)
@@ -364,6 +393,7 @@ class Trainer:
     def _load_hook(self, models, input_dir):
         while models:
             checkpointing.load_model(self._discriminator_or_none(models.pop()), input_dir, self.vae)
+        checkpointing.load_vf_projection(self.vf_projection, input_dir)
         if self.ema is not None:
             checkpointing.load_ema(self.ema, input_dir, self.device)
 
@@ -373,7 +403,8 @@ class Trainer:
         return None if isinstance(unwrapped, VAEForTraining) or hasattr(unwrapped, "_orig_mod") else unwrapped
 
     def save_checkpoint(self) -> str:
-        checkpointing.check_replicas(self.accelerator, [self.vae, self.loss_fn.discriminator], self.state.global_step)
+        modules = [self.vae, self.loss_fn.discriminator] + ([self.vf_projection] if self.vf_projection else [])
+        checkpointing.check_replicas(self.accelerator, modules, self.state.global_step)
         path = checkpointing.save(
             self.accelerator,
             self.cfg.output_dir,
@@ -430,12 +461,12 @@ class Trainer:
         gan_buffers = list(self.loss_fn.discriminator.buffers()) + list(self.loss_fn.lecam.buffers())
         before = [b.detach().clone() for b in gan_buffers]  # BatchNorm statistics and LeCAM EMAs: a few KiB
         g_ok = d_ok = True
-        for x in micro_batches:
+        for micro, x in enumerate(micro_batches):
             x = x.to(self.device, non_blocking=True)
             if self.cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self.accelerator.accumulate(self.model, self.disc):
-                recon, logs, g_ok = self.generator_step(x, step)
+                recon, logs, g_ok = self.generator_step(x, step, micro)
                 if self.loss_fn.gan_active(step):
                     d_logs, d_ok = self.discriminator_step(x, recon, step)
                     logs.update(d_logs)
@@ -452,14 +483,43 @@ class Trainer:
             self.ema.step(self.vae.parameters())
         return logs
 
-    def generator_step(self, x: torch.Tensor, step: int):
+    def equivariance_transform(self, step: int, micro_batch: int = 0) -> EquivarianceTransform | None:
+        """This (step, micro-batch)'s transform T of the equivariance term, or None (term off, or not drawn).
+
+        Drawn from a generator seeded from (seed, step, micro-batch): every rank and a resumed run draw the
+        same T, and the global RNG is never touched (with the term off, nothing is drawn at all)."""
+        cfg = self.cfg
+        if cfg.equivariance_weight == 0 or cfg.equivariance_prob == 0:
+            return None
+        return draw_equivariance(
+            transform_generator(cfg.seed, step, micro_batch),
+            cfg.equivariance_prob,
+            cfg.equivariance_scales,
+            cfg.equivariance_rotations,
+        )
+
+    def generator_step(self, x: torch.Tensor, step: int, micro_batch: int = 0):
         requires_grad(self.loss_fn.discriminator, False)  # D is a constant in the G step
+        transform = self.equivariance_transform(step, micro_batch)
         with self.accelerator.autocast():
-            recon, mean, logvar = self.model(x)
+            if transform is None and self.vf_projection is None:
+                recon, mean, logvar = self.model(x)
+                regularisers = {}
+            else:
+                recon, mean, logvar, regularisers = self.model(x, transform)
+                if self.vf_projection is not None:
+                    regularisers["encoder_last_layer"] = self.vae.encoder.conv_out
             # The unwrapped D: the G step needs only ∂D(x̂)/∂x̂, never D's parameter gradients, so DDP
             # must not expect (and wait for) a gradient all-reduce of D here. The D step uses self.disc.
             loss, logs = self.loss_fn.generator_loss(
-                x, recon, mean, logvar, step, discriminator=self.loss_fn.discriminator, grad_scale=self._grad_scale()
+                x,
+                recon,
+                mean,
+                logvar,
+                step,
+                discriminator=self.loss_fn.discriminator,
+                grad_scale=self._grad_scale(),
+                **regularisers,
             )
         logs = {f"loss/{k}": v for k, v in logs.items()}
         self.accelerator.backward(loss)

@@ -28,6 +28,13 @@ from losses.functional import (
 )
 from losses.identity import MOCO_V2_800EP_URL, build_identity_loss
 from losses.perceptual import build_lpips
+from losses.regularisers import (
+    DINOV2_BASE,
+    VF_ADAPTIVE_WEIGHT_MAX,
+    build_foundation,
+    equivariance_nll,
+    vf_loss,
+)
 
 
 class LeCamEMA(nn.Module):
@@ -144,6 +151,12 @@ class TransfusionLoss(nn.Module):
         perceptual: nn.Module | None = None,
         identity: nn.Module | None = None,
         discriminator: nn.Module | None = None,
+        equivariance_weight: float = 0.0,
+        vf_weight: float = 0.0,
+        vf_margin_cos: float = 0.5,
+        vf_margin_distmat: float = 0.25,
+        vf_model: str = DINOV2_BASE,
+        foundation: nn.Module | None = None,
     ):
         super().__init__()
         if perception_weights not in ("pretrained", "random"):
@@ -156,6 +169,8 @@ class TransfusionLoss(nn.Module):
             kl_weight=kl_weight,
             lecam_weight=lecam_weight,
             gan_ramp_steps=gan_ramp_steps,
+            equivariance_weight=equivariance_weight,
+            vf_weight=vf_weight,
         )
         negative = [name for name, value in weights.items() if value < 0]
         if negative:
@@ -171,6 +186,10 @@ class TransfusionLoss(nn.Module):
         self.adaptive_weight_max = adaptive_weight_max
         self.gan_ramp_steps = gan_ramp_steps
         self.lecam_weight = lecam_weight
+        self.equivariance_weight = equivariance_weight
+        self.vf_weight = vf_weight
+        self.vf_margin_cos = vf_margin_cos
+        self.vf_margin_distmat = vf_margin_distmat
         random_weights = perception_weights == "random"
 
         if lpips_weight == 0:
@@ -186,6 +205,14 @@ class TransfusionLoss(nn.Module):
                 frozen.requires_grad_(False).eval()
         self.perceptual = perceptual
         self.identity = identity
+        # The VF loss's frozen DINOv2 (losses.regularisers.FoundationFeatures: forward(images, grid), .width).
+        if vf_weight == 0:
+            foundation = None
+        elif foundation is None:
+            foundation = build_foundation(vf_model, random_init=random_weights)
+        if foundation is not None:
+            foundation.requires_grad_(False).eval()
+        self.foundation = foundation
         self.discriminator = NLayerDiscriminator() if discriminator is None else discriminator
         self.lecam = LeCamEMA(lecam_decay)
         self._watched: nn.Conv2d | None = None
@@ -213,7 +240,7 @@ class TransfusionLoss(nn.Module):
     def train(self, mode: bool = True) -> TransfusionLoss:
         """Train mode reaches the discriminator only; the perception nets stay in eval."""
         super().train(mode)
-        for frozen in (self.perceptual, self.identity):
+        for frozen in (self.perceptual, self.identity, self.foundation):
             if frozen is not None:
                 frozen.train(False)
         return self
@@ -242,6 +269,9 @@ class TransfusionLoss(nn.Module):
         last_layer_weight: nn.Conv2d | torch.Tensor | None = None,
         last_layer_input: torch.Tensor | None = None,
         grad_scale: float | torch.Tensor | None = None,
+        equivariance: tuple[torch.Tensor, torch.Tensor] | None = None,
+        latent_projection: torch.Tensor | None = None,
+        encoder_last_layer: nn.Conv2d | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Autoencoder loss nll + kl_weight·KL + gan_weight·ramp·λ·g; returns (loss, logs).
 
@@ -265,6 +295,16 @@ class TransfusionLoss(nn.Module):
         With autograd off (evaluation) λ is 0, as in the reference implementation. Logs: total, nll, kl, gan (g),
         adaptive_weight (λ), gan_factor (gan_weight·ramp) and the raw terms l1 (mean |x − x̂|),
         lpips (mean per image) and id, each a detached float32 0-d tensor.
+
+        Latent regularisers (docs/recipe.md, "Latent regularisers (off by default)"); with their weights 0
+        and these arguments None, nothing of them runs and the loss, logs and gradients are the recipe's:
+        equivariance: (T(x), decode(T(z))) of this step's transform, or None on a step that drew none; adds
+        equivariance_weight·nll(T(x), decode(T(z))) (L1 + LPIPS, losses.regularisers.equivariance_nll).
+        Logged (with equivariance_weight > 0) as `equivariance`, that nll per pixel of T(x) (0 without a draw).
+        latent_projection: z' = the trainable 1×1 projection of the sampled latent, (B, D, h, w); adds
+        vf_weight·λ_vf·VF(z', DINOv2(x)), λ_vf = ‖∇nll‖/‖∇VF‖ at `encoder_last_layer` (encoder.conv_out or its
+        weight), clamped to [0, 1e8], as VA-VAE. Logged (with vf_weight > 0) as vf, vf_cos, vf_distmat and
+        vf_adaptive_weight.
         """
         if last_layer_weight is None:
             if self._watched is None:
@@ -292,11 +332,14 @@ class TransfusionLoss(nn.Module):
                     lam = adaptive_weight(nll_grad, gan_grad, max_value=self.adaptive_weight_max)
             loss = nll + self.kl_weight * kl + factor * lam * g
             total = loss.detach()
+            nll_for_encoder = nll
         else:
             # Gradients w.r.t. a detached copy of x̂ stop at x̂, so each frozen net is crossed once.
             xr = reconstructions.detach().requires_grad_(True)
             nll, parts = self._nll(inputs, xr)
             coef = _scaled_grad(nll, xr, grad_scale)  # ∂nll/∂x̂, (B, 3, H, W)
+            # Same gradients as nll at every autoencoder parameter (for the VF weight at the encoder).
+            nll_for_encoder = None if latent_projection is None else (reconstructions.float() * coef).sum()
             if active:
                 g = generator_adv_loss(_call_without_param_grads(disc, xr))
                 gan_coef = _scaled_grad(g, xr, grad_scale)  # ∂g/∂x̂
@@ -311,6 +354,43 @@ class TransfusionLoss(nn.Module):
             surrogate = (reconstructions.float() * coef.detach()).sum() + self.kl_weight * kl
             loss = total + (surrogate - surrogate.detach())
 
+        extra_logs = {}
+        if self.equivariance_weight > 0:
+            eq_logged = zero
+            if equivariance is not None:
+                target, eq_recon = equivariance
+                eq = equivariance_nll(target, eq_recon, self.perceptual, self.l1_weight, self.lpips_weight)
+                eq_term = self.equivariance_weight * eq
+                total = total + eq_term.detach()
+                loss = loss + eq_term
+                eq_logged = eq.detach() / target[0].numel()
+            extra_logs["equivariance"] = eq_logged
+        if self.vf_weight > 0:
+            vf, vf_parts, vf_lam = zero, {"cos": zero, "distmat": zero}, zero
+            if latent_projection is not None:
+                if self.foundation is None:
+                    raise ValueError("latent_projection given but the loss has no foundation model (vf_weight 0)")
+                features = self.foundation(inputs, latent_projection.shape[-2:])
+                vf, vf_parts = vf_loss(latent_projection, features, self.vf_margin_cos, self.vf_margin_distmat)
+                if torch.is_grad_enabled():
+                    if encoder_last_layer is None:
+                        raise ValueError("the VF loss needs encoder_last_layer (the encoder's conv_out)")
+                    enc_w = _as_conv(encoder_last_layer).weight
+                    vf_lam = adaptive_weight(
+                        _scaled_grad(nll_for_encoder, enc_w, grad_scale, retain_graph=True),
+                        _scaled_grad(vf, enc_w, grad_scale, retain_graph=True),
+                        max_value=VF_ADAPTIVE_WEIGHT_MAX,
+                    )
+                vf_term = (self.vf_weight * vf_lam) * vf
+                total = total + vf_term.detach()
+                loss = loss + vf_term
+            extra_logs.update(
+                vf=vf.detach(),
+                vf_cos=vf_parts["cos"].detach(),
+                vf_distmat=vf_parts["distmat"].detach(),
+                vf_adaptive_weight=vf_lam,
+            )
+
         pixels = inputs[0].numel()
         logs = {
             "total": total,
@@ -322,6 +402,7 @@ class TransfusionLoss(nn.Module):
             "gan": g.detach(),
             "adaptive_weight": lam.detach(),
             "gan_factor": torch.full_like(zero, factor),
+            **extra_logs,
         }
         return loss, logs
 

@@ -86,14 +86,15 @@ def test_every_training_flag_carries_its_facts():
     assert set(config.FIXED_ON_RESUME) == {n for n, f in fields.items() if f.metadata["resume"] == "fixed"}
     # The derived sets, as the trainer uses them: a flag moved between them is a deliberate change.
     assert config.FIXED_ON_RESUME == (
-        "train_decoder_only", "freeze", "shuffle_block", "dataloader_num_workers", "learning_rate",
+        "train_decoder_only", "freeze", "shuffle_block", "dataloader_num_workers", "vf_model", "learning_rate",
         "disc_learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "use_ema",
         "ema_decay", "seed",
     )  # fmt: skip
     assert config.CHECKED_AS_MODEL == ("model_config", "latent_channels")
     assert config.RECIPE_KEYS == (
         "l1_weight", "lpips_weight", "gan_weight", "id_weight", "kl_weight", "disc_start",
-        "adaptive_weight_max", "gan_ramp_steps", "lecam_weight",
+        "adaptive_weight_max", "gan_ramp_steps", "lecam_weight", "equivariance_weight", "equivariance_prob",
+        "equivariance_scales", "equivariance_rotations", "vf_weight", "vf_margin_cos", "vf_margin_distmat",
     )  # fmt: skip
     assert config.LOSS_KEYWORDS["id_checkpoint"] == "moco_weights"
     cfg = TrainConfig()

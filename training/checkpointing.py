@@ -259,6 +259,7 @@ def load_error(e: Exception) -> str:
 VAE_DIR = "vae"
 EMA_DIR = "vae_ema"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
+VF_PROJECTION_FILE = "vf_projection.safetensors"
 
 
 def save_model(discriminator: nn.Module | None, folder: str, vae: AutoencoderKL) -> None:
@@ -275,6 +276,30 @@ def load_model(discriminator: nn.Module | None, folder: str, vae: AutoencoderKL)
         vae.load_state_dict(AutoencoderKL.from_pretrained(folder, subfolder=VAE_DIR).state_dict())
     else:
         discriminator.load_state_dict(load_file(os.path.join(folder, DISCRIMINATOR_FILE)))
+
+
+def save_vf_projection(projection: nn.Module, folder: str) -> None:
+    """The VF loss's trainable latent projection (trained state, not part of the exported autoencoder)."""
+    save_file(projection.state_dict(), os.path.join(folder, VF_PROJECTION_FILE))
+
+
+def load_vf_projection(projection: nn.Module | None, folder: str) -> None:
+    """The inverse of save_vf_projection, in place; refuses a checkpoint whose VF setting differs (on vs off),
+    before the optimizer state, whose parameter list it changes, is loaded."""
+    path = os.path.join(folder, VF_PROJECTION_FILE)
+    if projection is None:
+        if os.path.isfile(path):
+            raise CheckpointError(
+                f"{folder} was trained with the VF loss (--vf_weight > 0): resume it with --vf_weight > 0, or "
+                f"start a new run from its weights with --init_from {os.path.join(folder, VAE_DIR)}"
+            )
+        return
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"{folder} was trained without the VF loss: resume it with --vf_weight 0, or start a new run from "
+            f"its weights with --init_from {os.path.join(folder, VAE_DIR)}"
+        )
+    projection.load_state_dict(load_file(path))
 
 
 def save_ema(ema: EMAModel, folder: str) -> None:

@@ -154,6 +154,64 @@ class TrainConfig:
     lecam_decay: float = arg(
         0.999, "EMA decay of LeCAM's logit anchors", bound="unit_interval", resume="warn", loss=True
     )
+    # --- latent regularisers (off by default; docs/recipe.md, "Latent regularisers (off by default)") ---
+    equivariance_weight: float = arg(
+        0.0,
+        "EQ-VAE equivariance: weight of the L1 (+LPIPS) loss between decode(T(z)) and T(x), T a random downscale "
+        "and/or quarter turn (0 = off)",
+        bound="non_negative",
+        resume="warn",
+        recipe=True,
+        loss=True,
+    )
+    equivariance_prob: float = arg(
+        0.5,
+        "probability that a step adds the equivariance term (in [0, 1])",
+        bound="non_negative",
+        resume="warn",
+        recipe=True,
+    )
+    equivariance_scales: list[float] = arg(
+        [0.5, 0.75],
+        "downscale factors T draws from, each in (0, 1] (repeatable; 1 = rotation only)",
+        resume="warn",
+        recipe=True,
+    )
+    equivariance_rotations: bool = arg(
+        True, "T also turns by a random multiple of 90 degrees", resume="warn", recipe=True
+    )
+    vf_weight: float = arg(
+        0.0,
+        "VA-VAE vision-foundation alignment: base weight of the adaptively weighted DINOv2 margin loss on the "
+        "latent (0 = off; 0.1-0.5 in VA-VAE)",
+        bound="non_negative",
+        resume="warn",
+        recipe=True,
+        loss=True,
+    )
+    vf_margin_cos: float = arg(
+        0.5,
+        "margin m1 of the VF loss's per-position cosine term relu(1 - m1 - cos)",
+        bound="non_negative",
+        resume="warn",
+        recipe=True,
+        loss=True,
+    )
+    vf_margin_distmat: float = arg(
+        0.25,
+        "margin m2 of the VF loss's cosine-similarity-matrix term relu(|cos_z - cos_f| - m2)",
+        bound="non_negative",
+        resume="warn",
+        recipe=True,
+        loss=True,
+    )
+    vf_model: str = arg(
+        "facebook/dinov2-base",
+        "the frozen DINOv2 of the VF loss: a transformers Dinov2Model folder or hub id (random weights with "
+        "--perception_weights random)",
+        resume="fixed",
+        loss=True,
+    )
     perception_weights: str = arg(
         "pretrained",
         "LPIPS-VGG and MoCo weights: pretrained (required for real runs), random (smoke tests), auto (pretrained when cached, else random, loudly)",
@@ -318,6 +376,22 @@ class TrainConfig:
             )
         if self.source and self.mixture:
             raise ConfigError("give either --source (repeatable) or --mixture, not both")
+        if not 0.0 <= self.equivariance_prob <= 1.0:
+            raise ConfigError(f"--equivariance_prob must be in [0, 1], got {self.equivariance_prob}")
+        bad = [s for s in self.equivariance_scales if not 0.0 < s <= 1.0]
+        if bad:
+            raise ConfigError(f"--equivariance_scales must each be in (0, 1], got {bad}")
+        if self.equivariance_weight > 0 and not self.equivariance_rotations and set(self.equivariance_scales) <= {1.0}:
+            raise ConfigError(
+                "--equivariance_weight needs a transform: --equivariance_scales below 1 or --equivariance_rotations"
+            )
+        if self.vf_weight > 0 and (
+            self.train_decoder_only or any("encoder.conv_out.weight".startswith(p) for p in self.freeze)
+        ):
+            raise ConfigError(
+                "--vf_weight trains the encoder and measures its weight at encoder.conv_out: "
+                "do not freeze it (--train_decoder_only, --freeze)"
+            )
 
     def recipe(self) -> dict:
         """The flags a model card reports as the recipe."""
