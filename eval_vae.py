@@ -265,6 +265,11 @@ class ModelUnderEval:
     latent: dict | None = None  # metrics.latents sums over this rank's images
 
 
+def stderr_is_terminal() -> bool:
+    """Progress bars only on a terminal: in a log file (SLURM, Kubernetes) each update would be another line."""
+    return sys.stderr.isatty()
+
+
 def model_labels(paths: list[str]) -> list[str]:
     """Short unique table labels: the last path component (or hub id), numbered on clashes."""
     labels = []
@@ -559,7 +564,10 @@ class Evaluator:
         # Main process only: images/s and the ETA of its own share (the ranks split the images evenly).
         loader = self.loader()
         total = self.expected_images(loader.dataset.sources[0]) if is_main else None
-        progress = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, disable=not is_main)
+        # A log file (stderr not a terminal: SLURM, Kubernetes) gets no carriage-return bar; the table says the rest.
+        progress = tqdm(
+            total=total, desc=desc, unit="img", dynamic_ncols=True, disable=not is_main or not stderr_is_terminal()
+        )
         start = time.perf_counter()
         for batch in loader:
             self.skipped += int(batch["skipped"].sum())  # (B, sources): unreadable files met before each image
@@ -752,7 +760,14 @@ def run_probes(cfg: EvalConfig, evaluator: Evaluator, result: dict) -> None:
     for i, (m, entry) in enumerate(zip(evaluator.models, result["models"], strict=True)):
         desc = f"probe {i + 1}/{len(evaluator.models)} {m.label}"
         entry["probe"] = latent_probe.run_probe(
-            m.vae, probe_data, settings, fid=fid, fid_backend=backend, autocast=evaluator.autocast, desc=desc
+            m.vae,
+            probe_data,
+            settings,
+            fid=fid,
+            fid_backend=backend,
+            autocast=evaluator.autocast,
+            desc=desc,
+            progress=stderr_is_terminal(),
         )
 
 

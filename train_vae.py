@@ -110,6 +110,31 @@ class VAEForTraining(nn.Module):
         return recon, posterior.mean, posterior.logvar, extras
 
 
+def equivariance_transform(cfg: TrainConfig, step: int, micro_batch: int = 0) -> EquivarianceTransform | None:
+    """This (step, micro-batch)'s transform T of the equivariance term, or None (term off, or not drawn).
+
+    Drawn from a generator seeded from (seed, step, micro-batch): every rank and a resumed run draw the
+    same T, and the global RNG is never touched (with the term off, nothing is drawn at all)."""
+    if cfg.equivariance_weight == 0 or cfg.equivariance_prob == 0:
+        return None
+    return draw_equivariance(
+        transform_generator(cfg.seed, step, micro_batch),
+        cfg.equivariance_prob,
+        cfg.equivariance_scales,
+        cfg.equivariance_rotations,
+    )
+
+
+def loss_scale(accelerator: Accelerator) -> torch.Tensor | float | None:
+    """fp16: the grad scaler's current scale, for the adaptive weight's own gradients (which would underflow
+    in fp16 unscaled); the tensor itself, so reading it costs no host sync. None without a scaler."""
+    scaler = accelerator.scaler
+    if scaler is None:
+        return None
+    scale = scaler._get_scale_async()  # None until the scaler's first scale(): then its initial value
+    return scaler.get_scale() if scale is None else scale
+
+
 @dataclass
 class TrainerState:
     """What a checkpoint needs beyond models, optimizers, schedulers and RNG (JSON-serialisable)."""
@@ -419,7 +444,7 @@ class Trainer:
             # a failed upload is logged and the next save uploads everything again.
             step = self.state.global_step
             folder = os.path.join(self.cfg.output_dir, "hub_staging", f"step-{step}")
-            self.export_to(folder, repo_id=self.repo_id, quick=True)
+            export_to(self, folder, repo_id=self.repo_id, quick=True)
             self.pusher.push(folder, f"Step {step}: exported model", cleanup=True)
         return path
 
@@ -483,24 +508,9 @@ class Trainer:
             self.ema.step(self.vae.parameters())
         return logs
 
-    def equivariance_transform(self, step: int, micro_batch: int = 0) -> EquivarianceTransform | None:
-        """This (step, micro-batch)'s transform T of the equivariance term, or None (term off, or not drawn).
-
-        Drawn from a generator seeded from (seed, step, micro-batch): every rank and a resumed run draw the
-        same T, and the global RNG is never touched (with the term off, nothing is drawn at all)."""
-        cfg = self.cfg
-        if cfg.equivariance_weight == 0 or cfg.equivariance_prob == 0:
-            return None
-        return draw_equivariance(
-            transform_generator(cfg.seed, step, micro_batch),
-            cfg.equivariance_prob,
-            cfg.equivariance_scales,
-            cfg.equivariance_rotations,
-        )
-
     def generator_step(self, x: torch.Tensor, step: int, micro_batch: int = 0):
         requires_grad(self.loss_fn.discriminator, False)  # D is a constant in the G step
-        transform = self.equivariance_transform(step, micro_batch)
+        transform = equivariance_transform(self.cfg, step, micro_batch)
         with self.accelerator.autocast():
             if transform is None and self.vf_projection is None:
                 recon, mean, logvar = self.model(x)
@@ -518,22 +528,13 @@ class Trainer:
                 logvar,
                 step,
                 discriminator=self.loss_fn.discriminator,
-                grad_scale=self._grad_scale(),
+                grad_scale=loss_scale(self.accelerator),
                 **regularisers,
             )
         logs = {f"loss/{k}": v for k, v in logs.items()}
         self.accelerator.backward(loss)
         applied = self._update(self.model, self.opt_g, self.sched_g, logs, "grad_norm/generator")
         return recon.detach(), logs, applied
-
-    def _grad_scale(self) -> torch.Tensor | float | None:
-        """fp16: the grad scaler's current scale, for the adaptive weight's own gradients (which would underflow
-        in fp16 unscaled); the tensor itself, so reading it costs no host sync. None without a scaler."""
-        scaler = self.accelerator.scaler
-        if scaler is None:
-            return None
-        scale = scaler._get_scale_async()  # None until the scaler's first scale(): then its initial value
-        return scaler.get_scale() if scale is None else scale
 
     def discriminator_step(self, x: torch.Tensor, recon: torch.Tensor, step: int):
         requires_grad(self.loss_fn.discriminator, True)
@@ -577,7 +578,7 @@ class Trainer:
         """Train to max_train_steps. Raises Preempted (after a checkpoint) when a stop signal arrives."""
         cfg, acc, st = self.cfg, self.accelerator, self.state
         if acc.is_main_process and not st.initial_metrics:
-            st.initial_metrics = self.evaluate_held_out(st.global_step)
+            st.initial_metrics = evaluate_held_out(self, st.global_step)
         # Under SLURM or Kubernetes stderr is a file: no carriage-return bar then, a log line per logging step.
         self.plain_progress = not sys.stderr.isatty()
         progress = tqdm(
@@ -626,7 +627,7 @@ class Trainer:
                 window = LogWindow()
             if (st.global_step % cfg.validation_steps == 0 or done) and not stop:
                 if acc.is_main_process:
-                    st.last_metrics = self.evaluate_held_out(st.global_step)
+                    st.last_metrics = evaluate_held_out(self, st.global_step)
                 acc.wait_for_everyone()
             if st.global_step % cfg.checkpointing_steps == 0 or done or stop:
                 self._update_skip_counts(skipped_images)  # the checkpoint holds every skip so far
@@ -665,35 +666,6 @@ class Trainer:
                 loss=f"{scalars.get('loss/total', float('nan')):.4g}", img_s=f"{scalars['perf/images_per_s']:.1f}"
             )
 
-    def evaluate_held_out(self, step: int) -> dict[str, float]:
-        """Held-out PSNR/SSIM/LPIPS and latent diagnostics (EMA weights when on), the grid, the curves; main process only."""
-        images = self.heldout_images.to(self.device)
-        vae = self.averaged_model()
-        metrics, recon = held_out_metrics(
-            vae,
-            images,
-            self.loss_fn.perceptual,
-            self.cfg.train_batch_size,
-            autocast=self.accelerator.autocast,
-        )
-        # Latent diagnostics on the posterior mean: no RNG draw, so validating never changes the run.
-        diag, means = latent_diagnostics(vae, images, self.cfg.train_batch_size, autocast=self.accelerator.autocast)
-        pca = latent_pca_rgb(means, images.shape[-2:])
-        grid = save_grid(images, [recon, pca], self.run_log.grid_path(step), labels=["input", "recon", "latent PCA"])
-        scalars = {f"validation/{k}": v for k, v in metrics.items()} | latents.scalars(diag)
-        self.accelerator.log(scalars, step=step)
-        log_images(self.accelerator, grid, step)
-        self.run_log.append(step, scalars)
-        self.run_log.plot_curves(self.gan_start())
-        logger.info(
-            f"step {step}: held-out "
-            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            + "; "
-            + latents.describe(diag),
-            main_process_only=True,
-        )
-        return metrics
-
     def gan_start(self) -> int | None:
         """The step the curves mark as the GAN's start (None: the GAN term never switches on in this run)."""
         cfg = self.cfg
@@ -704,18 +676,6 @@ class Trainer:
         if self.ema is not None:
             return export.averaged_copy(self.vae, self.ema)
         return copy.deepcopy(self.vae) if copy_live else self.vae
-
-    def export_to(self, folder: str, repo_id: str | None, quick: bool = False) -> dict:
-        """The exported model folder (EMA weights when on), as publishing.export.export_run writes it.
-
-        quick: the latent statistics from the held-out batch already in memory, not a fresh sample of
-        --latent_stats_samples images: a checkpoint's export for the Hub then costs seconds of rank 0's
-        time while the other ranks wait, not minutes.
-        """
-        # Its own copy in eval mode: the EMA's is one already, the live model must not be switched to eval.
-        vae = self.averaged_model(copy_live=True).eval()
-        run = run_record(self)
-        return export.export_run(folder, vae, self.loss_fn.discriminator, run, repo_id=repo_id, full_sample=not quick)
 
 
 class LogWindow:
@@ -745,6 +705,50 @@ class LogWindow:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
 
 
+def evaluate_held_out(trainer: Trainer, step: int) -> dict[str, float]:
+    """Held-out PSNR/SSIM/LPIPS and latent diagnostics (EMA weights when on), the grid, the curves; main process only."""
+    images = trainer.heldout_images.to(trainer.device)
+    vae = trainer.averaged_model()
+    metrics, recon = held_out_metrics(
+        vae,
+        images,
+        trainer.loss_fn.perceptual,
+        trainer.cfg.train_batch_size,
+        autocast=trainer.accelerator.autocast,
+    )
+    # Latent diagnostics on the posterior mean: no RNG draw, so validating never changes the run.
+    diag, means = latent_diagnostics(vae, images, trainer.cfg.train_batch_size, autocast=trainer.accelerator.autocast)
+    pca = latent_pca_rgb(means, images.shape[-2:])
+    grid = save_grid(images, [recon, pca], trainer.run_log.grid_path(step), labels=["input", "recon", "latent PCA"])
+    scalars = {f"validation/{k}": v for k, v in metrics.items()} | latents.scalars(diag)
+    trainer.accelerator.log(scalars, step=step)
+    log_images(trainer.accelerator, grid, step)
+    trainer.run_log.append(step, scalars)
+    trainer.run_log.plot_curves(trainer.gan_start())
+    logger.info(
+        f"step {step}: held-out "
+        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        + "; "
+        + latents.describe(diag),
+        main_process_only=True,
+    )
+    return metrics
+
+
+def export_to(trainer: Trainer, folder: str, repo_id: str | None, quick: bool = False) -> dict:
+    """The trainer's exported model folder (EMA weights when on), as publishing.export.export_run writes it.
+
+    quick: the latent statistics from the held-out batch already in memory, not a fresh sample of
+    --latent_stats_samples images: a checkpoint's export for the Hub then costs seconds of rank 0's
+    time while the other ranks wait, not minutes.
+    """
+    # Its own copy in eval mode: the EMA's is one already, the live model must not be switched to eval.
+    vae = trainer.averaged_model(copy_live=True).eval()
+    return export.export_run(
+        folder, vae, trainer.loss_fn.discriminator, run_record(trainer), repo_id=repo_id, full_sample=not quick
+    )
+
+
 def run_record(trainer: Trainer) -> export.TrainingRun:
     """What the export, the card and the summary need to know of the trainer's run so far."""
     st = trainer.state
@@ -769,7 +773,7 @@ def publish(trainer: Trainer) -> None:
     if not trainer.accelerator.is_main_process:
         return
     trainer.run_log.plot_curves(trainer.gan_start())
-    trainer.export_to(trainer.cfg.output_dir, repo_id=trainer.repo_id)
+    export_to(trainer, trainer.cfg.output_dir, repo_id=trainer.repo_id)
     if trainer.pusher is not None:
         trainer.pusher.finish(timeout=3600)  # the final upload below sends everything anyway
     if trainer.repo_id:

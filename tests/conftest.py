@@ -130,11 +130,23 @@ def tensors_of():
     return _tensors_of
 
 
-def _two_rank_launch(argv: list[str], port: int = 29500) -> tuple[list[str], dict[str, str]]:
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it): a fixed rendezvous port can still be held by a
+    process of an earlier run that has not finished exiting."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_rank_launch(argv: list[str], port: int | None = None) -> tuple[list[str], dict[str, str]]:
     """(command, environment) of `accelerate launch` running train_vae.py on 2 real DDP ranks on CPU (gloo).
 
-    Runs at the same time need different rendezvous ports."""
+    Runs at the same time need different rendezvous ports; by default each launch gets a free one."""
     import sys
+
+    port = free_port() if port is None else port
 
     cmd = [
         os.path.join(os.path.dirname(sys.executable), "accelerate"),
@@ -153,3 +165,12 @@ def _two_rank_launch(argv: list[str], port: int = 29500) -> tuple[list[str], dic
 def two_rank_launch():
     """`two_rank_launch(argv)` -> (command, env) of a 2-process CPU DDP run of train_vae.py; run it in the repo root."""
     return _two_rank_launch
+
+
+@pytest.fixture
+def terminal(capsys, monkeypatch):
+    """eval_vae draws its progress bars as on a terminal (in a log file they are left out); returns capsys."""
+    import eval_vae
+
+    monkeypatch.setattr(eval_vae, "stderr_is_terminal", lambda: True)
+    return capsys

@@ -46,7 +46,7 @@ def test_ranks_that_see_different_output_folders_stop_in_one_line(image_folder, 
             """
         )
     )
-    cmd, env = two_rank_launch(tiny_args(image_folder, "out", 4), 29571)
+    cmd, env = two_rank_launch(tiny_args(image_folder, "out", 4))
     cmd[cmd.index("train_vae.py")] = str(wrapper)
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr

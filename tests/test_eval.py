@@ -100,7 +100,8 @@ def base_args(ws, out: str, *extra: str) -> list[str]:
 
 
 @pytest.mark.e2e
-def test_end_to_end_table_json_images(workspace, random_lpips, capsys):
+def test_end_to_end_table_json_images(workspace, random_lpips, terminal):
+    capsys = terminal
     ws = workspace
     baseline = str(ws / "run" / "checkpoint-3")
     argv = base_args(ws, "out_e2e", "--baseline", baseline, "--save_images", "--grid_images", "3")
@@ -334,7 +335,8 @@ def test_dataset_flag_takes_a_path_an_id_or_a_source_description(tmp_path):
 
 
 @pytest.mark.e2e
-def test_hub_snapshot_folder_by_path_or_description(workspace, random_lpips, tmp_path, capsys):
+def test_hub_snapshot_folder_by_path_or_description(workspace, random_lpips, tmp_path, terminal):
+    capsys = terminal
     """A downloaded Hub dataset is evaluated on the split asked for: by its path (--split), or described."""
     stored = write_hub_snapshot(tmp_path / "in1k")
     root = str(tmp_path / "in1k")

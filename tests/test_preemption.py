@@ -60,7 +60,7 @@ def test_sigterm_on_a_two_rank_run_then_resume_equals_uninterrupted(
 ):
     """SLURM sends SIGTERM to every task of the job step: here to both ranks of a real 2-process DDP run."""
 
-    def launch(argv, log, port=29500):
+    def launch(argv, log, port=None):
         cmd, env = two_rank_launch(argv, port)
         return subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
@@ -91,7 +91,7 @@ def test_sigterm_on_a_two_rank_run_then_resume_equals_uninterrupted(
 
     # The uninterrupted run and the resumed one run side by side: the same 2 cores, less wall time.
     whole = launch(argv(tmp_path / "whole"), logs["whole"])
-    resumed = launch(argv(tmp_path / "stopped", resume_from_checkpoint="latest"), logs["resumed"], port=29511)
+    resumed = launch(argv(tmp_path / "stopped", resume_from_checkpoint="latest"), logs["resumed"])
     assert whole.wait(timeout=600) == 0, (tmp_path / "whole.log").read_text()[-3000:]
     assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     assert (
@@ -134,7 +134,7 @@ def _worker_args(tiny_args, image_folder, out, **kw):
 @pytest.fixture(scope="module")
 def uninterrupted_two_rank_run(image_folder, tmp_path_factory, tiny_args, two_rank_launch, repo_root):
     out = tmp_path_factory.mktemp("whole") / "out"
-    cmd, env = two_rank_launch(_worker_args(tiny_args, image_folder, out), 29521)
+    cmd, env = two_rank_launch(_worker_args(tiny_args, image_folder, out))
     done = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
@@ -154,8 +154,7 @@ def test_preemption_by_every_signal_path_with_data_workers(
     checkpoint of the step in flight, the PREEMPTED marker and no process left; the resumed run equals an
     uninterrupted one bit for bit."""
     out = tmp_path / "out"
-    port = {"every_process": 29531, "launcher_sigterm": 29541, "launcher_sigusr1": 29551}[path]
-    cmd, env = two_rank_launch(_worker_args(tiny_args, image_folder, out), port)
+    cmd, env = two_rank_launch(_worker_args(tiny_args, image_folder, out))
     with open(tmp_path / "stopped.log", "w") as log:
         launcher = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 300
@@ -182,7 +181,7 @@ def test_preemption_by_every_signal_path_with_data_workers(
     assert 3 <= step < STEPS, marker
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{step}"], text[-3000:]
 
-    cmd, env = two_rank_launch(_worker_args(tiny_args, image_folder, out, resume_from_checkpoint="latest"), port + 1)
+    cmd, env = two_rank_launch(_worker_args(tiny_args, image_folder, out, resume_from_checkpoint="latest"))
     resumed = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert not (out / "PREEMPTED").exists()  # the requeued run took over: nothing left to requeue

@@ -172,7 +172,8 @@ def test_latents_are_normalised_with_the_models_factors(mean, std, scaling, shif
 
 
 @pytest.mark.e2e
-def test_eval_with_probe_writes_entries_table_curve_and_card(workspace, capsys):
+def test_eval_with_probe_writes_entries_table_curve_and_card(workspace, terminal):
+    capsys = terminal
     from losses.perceptual import build_lpips
 
     ws = workspace

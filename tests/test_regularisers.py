@@ -450,7 +450,7 @@ def test_trainer_draws_from_its_seed_and_step(tmp_path, accelerator):
     trainer = train_vae.Trainer(tiny_config(tmp_path, equivariance_weight=1.0, seed=4), accelerator)
     for step in range(10):
         expected = draw_equivariance(transform_generator(4, step), 0.5, [0.5, 0.75], True)
-        assert trainer.equivariance_transform(step) == expected
+        assert train_vae.equivariance_transform(trainer.cfg, step) == expected
 
 
 # ----------------------------------------------------------------------------------------
