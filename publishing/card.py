@@ -360,18 +360,20 @@ def card_section(result: dict, table: str) -> tuple[str, str, str]:
     return start, end, body
 
 
+def replace_section(text: str, start: str, end: str, body: str) -> str:
+    """`text` with the section between the markers `start` and `end` replaced by `body` (appended when absent)."""
+    section = f"{start}\n{body}{end}"
+    if start in text and end in text.split(start, 1)[1]:
+        before, rest = text.split(start, 1)
+        return before + section + rest.split(end, 1)[1]
+    return text.rstrip("\n") + "\n\n" + section + "\n"
+
+
 def update_model_card(folder: str, result: dict, table: str) -> str:
     """Write the results into <folder>/README.md: a marked section (replaced on a re-run) and model-index metadata."""
     card = load_card(folder)
     start, end, body = card_section(result, table)
-    section = f"{start}\n{body}{end}"
-    text = card.text
-    if start in text and end in text.split(start, 1)[1]:
-        before, rest = text.split(start, 1)
-        text = before + section + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    card.text = text
+    card.text = replace_section(card.text, start, end, body)
     new = card_eval_results(result)
     replaced = {(r.task_type, r.dataset_type, r.dataset_name, r.dataset_split) for r in new}
     kept = [
@@ -409,14 +411,7 @@ def update_model_card_probe(folder: str, result: dict, table: str) -> str:
         "(`eval_vae.py --probe`; docs/latent_quality.md in the training repository).\n\n"
         f"{table}\n"
     )
-    section = f"{start}\n{body}{end}"
-    text = card.text
-    if start in text and end in text.split(start, 1)[1]:
-        before, rest = text.split(start, 1)
-        text = before + section + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    card.text = text
+    card.text = replace_section(card.text, start, end, body)
     path = os.path.join(folder, "README.md")
     card.save(path)
     return path

@@ -174,3 +174,16 @@ def terminal(capsys, monkeypatch):
 
     monkeypatch.setattr(eval_vae, "stderr_is_terminal", lambda: True)
     return capsys
+
+
+@pytest.fixture
+def accelerator():
+    """A CPU Accelerator, with accelerate's process-wide singletons reset before and after the test."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state()
+    yield Accelerator(cpu=True)
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state()

@@ -26,6 +26,7 @@ from accelerate.utils import set_seed
 
 import train_vae
 from common.helpers import set_torch_backends
+from tiny import batch, tiny_config
 from training.config import TrainConfig
 
 
@@ -152,23 +153,12 @@ def test_compiled_after_prepare_gives_the_eager_losses(tmp_path, monkeypatch):
     def run(compile_: bool) -> list[dict]:
         for state in (AcceleratorState, GradientState, PartialState):
             state._reset_state()
-        cfg = TrainConfig(
-            source=[str(tmp_path)],
-            model_config="tiny",
-            resolution=32,
-            train_batch_size=2,
-            disc_start=1,
-            perception_weights="random",
-            id_weight=0.0,
-            report_to="none",
-            output_dir=str(tmp_path / "out"),
-            torch_compile=compile_,
-        )
+        cfg = tiny_config(tmp_path, disc_start=1, learning_rate=1e-4, torch_compile=compile_)
         set_seed(0)
         trainer = train_vae.Trainer(cfg, Accelerator(cpu=True))
         if compile_:
             assert hasattr(trainer.model, "_orig_mod"), "the prepared model was not compiled"
-        batches = [torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(3)]
+        batches = [batch(i) for i in range(3)]
         return [trainer.train_step(x, step) for step, x in enumerate(batches)]
 
     monkeypatch.setattr(train_vae.torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
@@ -185,22 +175,10 @@ def test_a_steady_state_step_syncs_with_the_host_only_to_apply_or_skip_each_upda
     skipped step, which only the host can decide). The stop vote, the log window and the loss make none."""
     for state in (AcceleratorState, GradientState, PartialState):
         state._reset_state()
-    cfg = TrainConfig(
-        source=[str(tmp_path)],
-        model_config="tiny",
-        resolution=32,
-        train_batch_size=2,
-        disc_start=0,
-        lecam_weight=0.1,
-        perception_weights="random",
-        id_weight=0.0,
-        report_to="none",
-        output_dir=str(tmp_path / "out"),
-        use_ema=True,
-    )
+    cfg = tiny_config(tmp_path, lecam_weight=0.1, use_ema=True, learning_rate=1e-4)
     set_seed(0)
     trainer = train_vae.Trainer(cfg, Accelerator(cpu=True))
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x = batch(0)
     trainer.train_step(x, 0)  # the first step builds optimizer states and the scaler's lazy parts
     syncs = []
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu"):

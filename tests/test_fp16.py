@@ -17,7 +17,7 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import set_seed
 
 import train_vae
-from training.config import TrainConfig
+from tiny import batch, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,21 +36,7 @@ def fresh_accelerator():
 
 
 def trainer_for(tmp_path, accelerator, **extra) -> train_vae.Trainer:
-    kw = dict(
-        source=[str(tmp_path)],
-        model_config="tiny",
-        resolution=32,
-        train_batch_size=2,
-        disc_start=0,
-        perception_weights="random",
-        id_weight=0.0,
-        report_to="none",
-        output_dir=str(tmp_path / "out"),
-        learning_rate=1e-3,
-    )
-    kw.update(extra)
-    cfg = TrainConfig(**kw)
-    cfg.check()
+    cfg = tiny_config(tmp_path, **extra)
     set_seed(0)
     return train_vae.Trainer(cfg, accelerator)
 
@@ -62,10 +48,6 @@ def give_scaler(trainer, init_scale: float) -> torch.amp.GradScaler:
         optimizer.scaler = scaler
         optimizer.__setstate__({})  # what AcceleratedOptimizer.__init__ does with a scaler: wrap step()
     return scaler
-
-
-def batch(seed: int) -> torch.Tensor:
-    return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 def test_a_skipped_fp16_step_is_seen_and_moves_nothing(tmp_path, fresh_accelerator, monkeypatch):

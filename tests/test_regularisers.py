@@ -34,6 +34,7 @@ from losses.regularisers import (
     transform_generator,
     vf_loss,
 )
+from tiny import batch, tiny_config
 from training import checkpointing
 from training.config import TrainConfig
 
@@ -43,15 +44,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ----------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def accelerator():
-    for state in (AcceleratorState, GradientState, PartialState):
-        state._reset_state()
-    yield Accelerator(cpu=True)
-    for state in (AcceleratorState, GradientState, PartialState):
-        state._reset_state()
 
 
 def tiny_dino() -> FoundationFeatures:
@@ -66,29 +58,6 @@ def tiny_dino() -> FoundationFeatures:
 def small_dino(monkeypatch):
     """TransfusionLoss builds a 2-layer-wide DINOv2 instead of dinov2-base (seconds, not minutes, on CPU)."""
     monkeypatch.setattr(vae_loss, "build_foundation", lambda name, random_init: tiny_dino())
-
-
-def tiny_config(tmp_path, **extra) -> TrainConfig:
-    kw = dict(
-        source=[str(tmp_path)],
-        model_config="tiny",
-        resolution=32,
-        train_batch_size=2,
-        disc_start=0,
-        perception_weights="random",
-        id_weight=0.0,
-        report_to="none",
-        output_dir=str(tmp_path / "out"),
-        learning_rate=1e-3,
-    )
-    kw.update(extra)
-    cfg = TrainConfig(**kw)
-    cfg.check()
-    return cfg
-
-
-def batch(seed: int = 0) -> torch.Tensor:
-    return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 def capture_gradients(monkeypatch, trainer) -> list[dict[str, torch.Tensor]]:

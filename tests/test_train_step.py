@@ -9,47 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import set_seed
 
 import train_vae
 from autoencoder.models import ModelError, build_vae
-from training.config import TrainConfig
+from tiny import batch, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def accelerator():
-    for state in (AcceleratorState, GradientState, PartialState):
-        state._reset_state()
-    yield Accelerator(cpu=True)
-    for state in (AcceleratorState, GradientState, PartialState):
-        state._reset_state()
-
-
-def tiny_config(tmp_path, **extra) -> TrainConfig:
-    kw = dict(
-        source=[str(tmp_path)],
-        model_config="tiny",
-        resolution=32,
-        train_batch_size=2,
-        disc_start=0,
-        perception_weights="random",
-        id_weight=0.0,
-        report_to="none",
-        output_dir=str(tmp_path / "out"),
-        learning_rate=1e-3,
-    )
-    kw.update(extra)
-    cfg = TrainConfig(**kw)
-    cfg.check()
-    return cfg
-
-
-def batch(seed: int = 0) -> torch.Tensor:
-    return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 def gan_buffers(trainer) -> dict[str, torch.Tensor]:
