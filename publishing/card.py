@@ -86,6 +86,17 @@ def _recipe_lines(recipe: Mapping) -> list[str]:
     ]
     if r["lecam_weight"]:
         lines.append(f"- LeCAM regularisation of the discriminator: weight {_fmt(r['lecam_weight'])}")
+    if r["equivariance_weight"]:
+        turns = ", quarter turns" if r["equivariance_rotations"] else ""
+        lines.append(
+            f"- equivariance (EQ-VAE): weight {_fmt(r['equivariance_weight'])}, probability "
+            f"{_fmt(r['equivariance_prob'])}, scales {r['equivariance_scales']}{turns}"
+        )
+    if r["vf_weight"]:
+        lines.append(
+            f"- DINOv2 alignment (VA-VAE's VF loss): weight {_fmt(r['vf_weight'])}, margins "
+            f"{_fmt(r['vf_margin_cos'])} / {_fmt(r['vf_margin_distmat'])}"
+        )
     return lines
 
 

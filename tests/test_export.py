@@ -224,6 +224,18 @@ def test_card_without_perception_terms_has_no_random_warning():
     assert "WARNING" not in text and "LPIPS and ID terms are off" in text
 
 
+def test_card_names_the_latent_regularisers_only_when_on():
+    from publishing.card import build_model_card
+    from training.config import TrainConfig
+
+    off = build_model_card(**card_args(recipe=TrainConfig().recipe())).content
+    assert "equivariance" not in off and "DINOv2" not in off
+    recipe = TrainConfig(equivariance_weight=0.5, vf_weight=0.1).recipe()
+    on = build_model_card(**card_args(recipe=recipe)).content
+    assert "equivariance (EQ-VAE): weight 0.5, probability 0.5, scales [0.5, 0.75], quarter turns" in on
+    assert "DINOv2 alignment (VA-VAE's VF loss): weight 0.1, margins 0.5 / 0.25" in on
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. the discriminator ships
 # ---------------------------------------------------------------------------------------------
