@@ -48,7 +48,6 @@ gFID of its samples, a second table. It runs on the main process only, after the
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -66,7 +65,7 @@ import metrics
 from autoencoder.models import load_vae
 from common.cli import arg, fail, parse_config, to_dict
 from common.errors import ConfigError, ModelError, UserError
-from common.helpers import set_torch_backends
+from common.helpers import set_torch_backends, stderr_is_terminal, text_seed
 from losses.perceptual import build_lpips
 from metrics import fid as fid_backends
 from metrics import image_metrics, latents, reconstruct, save_grid
@@ -265,11 +264,6 @@ class ModelUnderEval:
     latent: dict | None = None  # metrics.latents sums over this rank's images
 
 
-def stderr_is_terminal() -> bool:
-    """Progress bars only on a terminal: in a log file (SLURM, Kubernetes) each update would be another line."""
-    return sys.stderr.isatty()
-
-
 def model_labels(paths: list[str]) -> list[str]:
     """Short unique table labels: the last path component (or hub id), numbered on clashes."""
     labels = []
@@ -284,7 +278,7 @@ def model_labels(paths: list[str]) -> list[str]:
 
 def image_noise_seed(seed: int, key: str) -> int:
     """A per-image seed: the sampled latent depends on the image, never on batching or rank."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & (2**63 - 1)
+    return text_seed(f"{seed}:{key}")
 
 
 def safe_name(text: str) -> str:

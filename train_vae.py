@@ -43,7 +43,7 @@ import data
 from autoencoder.models import build_vae, init_from_pretrained, load_vae
 from common.cli import fail, parse_config, to_dict
 from common.errors import ModelError, PerceptionWeightsError, UserError
-from common.helpers import set_torch_backends
+from common.helpers import set_torch_backends, stderr_is_terminal
 from losses import TransfusionLoss
 from losses.regularisers import EquivarianceTransform, build_vf_projection, draw_equivariance, transform_generator
 from metrics import held_out_metrics, latent_diagnostics, latent_pca_rgb, latents, save_grid
@@ -580,7 +580,7 @@ class Trainer:
         if acc.is_main_process and not st.initial_metrics:
             st.initial_metrics = evaluate_held_out(self, st.global_step)
         # Under SLURM or Kubernetes stderr is a file: no carriage-return bar then, a log line per logging step.
-        self.plain_progress = not sys.stderr.isatty()
+        self.plain_progress = not stderr_is_terminal()
         progress = tqdm(
             total=cfg.max_train_steps,
             initial=st.global_step,

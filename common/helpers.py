@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 from collections.abc import Mapping
 
 import torch
@@ -21,6 +23,17 @@ def one_line(exc: BaseException, *, name: bool = True, limit: int = 300) -> str:
     status = getattr(getattr(exc, "response", None), "status_code", None)
     head = type(exc).__name__ + (f" {status}" if status else "")
     return f"{head}: {text}"[:limit] if text else head
+
+
+def text_seed(text: str) -> int:
+    """A 63-bit seed (what torch.Generator.manual_seed takes) from the sha256 of `text`: the same text gives the
+    same seed on every process and run, whatever else was drawn before."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def stderr_is_terminal() -> bool:
+    """Progress bars only on a terminal: in a log file (SLURM, Kubernetes) each update would be another line."""
+    return sys.stderr.isatty()
 
 
 def key_mismatch(expected: Mapping, given: Mapping) -> tuple[list[str], list[str]]:

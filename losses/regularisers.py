@@ -7,7 +7,6 @@ extractor and the trainable 1×1 projection; `TransfusionLoss.generator_loss` we
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ from torch import nn
 from transformers import Dinov2Config, Dinov2Model
 
 from common.errors import PerceptionWeightsError
-from common.helpers import FrozenModule
+from common.helpers import FrozenModule, text_seed
 from losses.equivariance import equivariant_transform
 from losses.functional import reconstruction_nll
 
@@ -65,8 +64,7 @@ class EquivarianceTransform:
 def transform_generator(seed: int, step: int, micro_batch: int = 0) -> torch.Generator:
     """A CPU generator seeded from (seed, step, micro-batch) alone: a resumed run draws the same transforms,
     and the global RNG (the posterior noise) is never touched."""
-    digest = hashlib.sha256(f"equivariance:{seed}:{step}:{micro_batch}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.Generator().manual_seed(text_seed(f"equivariance:{seed}:{step}:{micro_batch}"))
 
 
 def draw_equivariance(

@@ -49,10 +49,12 @@ from tqdm.auto import tqdm
 
 import data
 from common.errors import DataError, MetricError
+from common.helpers import text_seed
 from data.sources import resolve_source
 from data.stream import ImageStream, derive_seed
 from metrics.fid import compute_fid
 from metrics.pixel import to_uint8
+from metrics.reconstruction import latent_noise
 
 LATENT_STD_RANGE = (0.75, 1.33)  # normalised latents outside it were not normalised by measured factors
 PROBE_T = (0.25, 0.5, 0.75)  # the noise levels of the held-out loss
@@ -196,9 +198,7 @@ def load_probe_data(
 
 
 def _crop_seed(seed: int, crop_key: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:probe-latent:{crop_key}".encode()).digest()[:8], "little") & (
-        2**63 - 1
-    )
+    return text_seed(f"{seed}:probe-latent:{crop_key}")
 
 
 @torch.no_grad()
@@ -222,9 +222,8 @@ def encode_latents(
             posterior = vae.encode(x).latent_dist
         mean, std = posterior.mean.float(), posterior.std.float()
         keys = crop_keys[start : start + batch_size]
-        noise = torch.stack(
-            [torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(_crop_seed(seed, k))) for k in keys]
-        ).to(device)
+        generators = [torch.Generator().manual_seed(_crop_seed(seed, k)) for k in keys]
+        noise = latent_noise(mean.shape, generators, device).to(device)
         out.append(normalise_latents(mean + std * noise, vae.config).cpu())
     return torch.cat(out)
 

@@ -30,7 +30,7 @@ def load_images(source, resolution: int, count: int, interpolation: str = "bilin
     return torch.stack(images)
 
 
-def _latent_noise(shape: torch.Size, generator, device: torch.device) -> torch.Tensor:
+def latent_noise(shape: torch.Size, generator, device: torch.device) -> torch.Tensor:
     """Standard normal noise of `shape` (float32): one generator for the batch, one per image, or the global RNG."""
     if generator is None:
         return torch.randn(shape, device=device)
@@ -75,7 +75,7 @@ def reconstruct(
             z = posterior.mode()
             if latent == "sample":
                 gen = generator[start : start + batch_size] if per_image else generator
-                noise = _latent_noise(z.shape, gen, z.device)
+                noise = latent_noise(z.shape, gen, z.device)
                 z = posterior.mean + posterior.std * noise.to(z.device, z.dtype)
             recon = vae.decode(z).sample  # (b, 3, H, W)
         out.append(recon.float())
