@@ -360,6 +360,8 @@ class Trainer:
         self.repo_id: str | None = None  # the Hub repository, once checked writable (main process)
         self.pusher: hub.BackgroundPusher | None = None
         self.run_log = RunLog(cfg.output_dir)
+        # Under SLURM or Kubernetes stderr is a file: no carriage-return bar then, a log line per logging step.
+        self.plain_progress = not stderr_is_terminal()
 
         with accelerator.main_process_first():  # perception weights downloaded once, not by every rank at once
             self.loss_fn = build_loss(cfg).to(self.device)
@@ -579,8 +581,6 @@ class Trainer:
         cfg, acc, st = self.cfg, self.accelerator, self.state
         if acc.is_main_process and not st.initial_metrics:
             st.initial_metrics = evaluate_held_out(self, st.global_step)
-        # Under SLURM or Kubernetes stderr is a file: no carriage-return bar then, a log line per logging step.
-        self.plain_progress = not stderr_is_terminal()
         progress = tqdm(
             total=cfg.max_train_steps,
             initial=st.global_step,
@@ -657,7 +657,7 @@ class Trainer:
         self.accelerator.log(scalars, step=st.global_step)
         if self.accelerator.is_main_process:
             self.run_log.append(st.global_step, scalars)
-            if getattr(self, "plain_progress", False):
+            if self.plain_progress:
                 logger.info(
                     f"step {st.global_step}/{self.cfg.max_train_steps}: loss {scalars.get('loss/total', float('nan')):.4g}, "
                     f"{scalars['perf/images_per_s']:.1f} img/s"
