@@ -1,18 +1,12 @@
 """Streaming image data for the Transfusion VAE: sources, mixture, transforms, resumable loader, held-out samples."""
 
+from common.errors import DataError
+
 from .demo import demo_sources
+from .records import count_records
+from .resolve import ResolvedSource, check_sources, detect_kind, list_images, resolve_sources
 from .sample import sample_images
-from .sources import (
-    DataError,
-    SourceSpec,
-    check_sources,
-    count_records,
-    detect_kind,
-    list_images,
-    load_mixture,
-    parse_source,
-    source_fields,
-)
+from .specs import SourceSpec, load_mixture, parse_source, source_fields
 from .stream import ImageStream, build_eval_stream, build_train_stream, make_dataloader
 from .transforms import CROP_MODES, MAX_IMAGE_PIXELS, BadImageError, eval_transform, load_image, to_rgb, train_transform
 
@@ -22,6 +16,7 @@ __all__ = [
     "BadImageError",
     "DataError",
     "ImageStream",
+    "ResolvedSource",
     "SourceSpec",
     "build_eval_stream",
     "build_train_stream",
@@ -35,6 +30,7 @@ __all__ = [
     "load_mixture",
     "make_dataloader",
     "parse_source",
+    "resolve_sources",
     "sample_images",
     "source_fields",
     "to_rgb",

@@ -18,7 +18,10 @@ import os
 
 from PIL import Image
 
-from .sources import DataError, SourceSpec, list_images
+from common.errors import DataError
+
+from .resolve import list_images
+from .specs import SourceSpec
 from .transforms import resize_shorter_side, to_rgb
 
 COLOUR_TRAIN = (

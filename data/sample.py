@@ -29,18 +29,12 @@ import os
 import numpy as np
 import torch
 
-from .sources import (
-    FOLDER_KINDS,
-    DataError,
-    ResolvedSource,
-    SourceSpec,
-    _image_value,
-    _record_key,
-    _webdataset_samples,
-    check_weights,
-    resolve_source,
-    shard_labels,
-)
+from common.errors import DataError
+
+from .kinds import FILES, HUB, PARQUET, WEBDATASET, reader_of
+from .records import image_value, record_key, shard_labels, webdataset_samples
+from .resolve import ResolvedSource, resolve_source
+from .specs import SourceSpec, check_weights
 from .stream import derive_seed
 from .transforms import INTERPOLATIONS, MAX_IMAGE_PIXELS, BadImageError, eval_transform, load_image
 
@@ -137,10 +131,10 @@ def _from_parquet(src: ResolvedSource, out: _Collector, rng: np.random.Generator
             for batch in reader.iter_batches(batch_size=64, row_groups=[g], columns=columns):
                 table = batch.to_pydict()
                 for row in sorted(r for r in rows if start <= r < start + batch.num_rows):
-                    data, path, original = _image_value({c: table[c][row - start] for c in table}, src.image_columns)
+                    data, path, original = image_value({c: table[c][row - start] for c in table}, src.image_columns)
                     found[(f, row)] = (
                         data if data is not None else path,
-                        _record_key(f"{src.name}/{labels[f]}", row, str(original)),
+                        record_key(f"{src.name}/{labels[f]}", row, str(original)),
                     )
                 start += batch.num_rows
         for f, row in drawn:  # in draw order: the sample does not depend on the file layout
@@ -174,10 +168,10 @@ def _from_webdataset(src: ResolvedSource, out: _Collector, rng: np.random.Genera
     base = int(rng.integers(2**62))
 
     def candidates(s, skip):
-        samples = list(_webdataset_samples(files[s], src.image_columns))  # a tar has no index: read it through
+        samples = list(webdataset_samples(files[s], src.image_columns))  # a tar has no index: read it through
         for index in np.random.default_rng((base, s)).permutation(len(samples))[skip:].tolist():
             key, found = samples[index]
-            yield _image_value(found, src.image_columns)[0], _record_key(f"{src.name}/{labels[s]}", index, key)
+            yield image_value(found, src.image_columns)[0], record_key(f"{src.name}/{labels[s]}", index, key)
 
     _from_shards(len(files), out, rng, candidates)
 
@@ -195,10 +189,13 @@ def _from_hub(src: ResolvedSource, out: _Collector, rng: np.random.Generator) ->
     def candidates(s, skip):
         shard = ds.shard(num_shards=num_shards, index=s, contiguous=True)
         for row, example in enumerate(itertools.islice(shard, skip, None), start=skip):
-            data, path, original = _image_value(example, src.image_columns)
-            yield (data if data is not None else path), _record_key(f"{src.name}/shard{s}", row, str(original))
+            data, path, original = image_value(example, src.image_columns)
+            yield (data if data is not None else path), record_key(f"{src.name}/shard{s}", row, str(original))
 
     _from_shards(num_shards, out, rng, candidates)
+
+
+_SAMPLERS = {FILES: _from_folder, PARQUET: _from_parquet, WEBDATASET: _from_webdataset, HUB: _from_hub}
 
 
 def sample_images(
@@ -222,14 +219,7 @@ def sample_images(
         src = resolve_source(spec, index)
         out = _Collector(share, resolution, interpolation)
         rng = np.random.default_rng(derive_seed(seed, index, share))
-        if src.kind in FOLDER_KINDS:
-            _from_folder(src, out, rng)
-        elif src.kind == "parquet":
-            _from_parquet(src, out, rng)
-        elif src.kind == "webdataset":
-            _from_webdataset(src, out, rng)
-        else:
-            _from_hub(src, out, rng)
+        _SAMPLERS[reader_of(src.kind)](src, out, rng)
         if out.bad:
             logger.warning("held-out sample of source '%s': skipped %d unreadable image(s)", spec.name, out.bad)
         if out.missing > 0:

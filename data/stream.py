@@ -40,7 +40,11 @@ import warnings
 import numpy as np
 import torch
 
-from .sources import DataError, ResolvedSource, SourceSpec, open_records, parse_source, resolve_source, resolve_sources
+from common.errors import DataError
+
+from .records import open_records
+from .resolve import ResolvedSource, resolve_source, resolve_sources
+from .specs import SourceSpec, parse_source
 from .transforms import (
     CROP_MODES,
     INTERPOLATIONS,

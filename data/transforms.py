@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .sources import DataError
+from common.errors import DataError
 
 # An explicit limit instead of relying on PIL's global: images above it are skipped as bad files.
 # The value is PIL's own warning threshold (about 9459 x 9459); PIL's DecompressionBombWarning is

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 import data
 from common.errors import DataError, MetricError
 from common.helpers import text_seed
-from data.sources import resolve_source
+from data.resolve import resolve_source
 from data.stream import ImageStream, derive_seed
 from metrics.fid import compute_fid
 from metrics.pixel import to_uint8

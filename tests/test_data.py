@@ -191,6 +191,23 @@ def test_each_layout_reads_every_image_once(tmp_path, layout, kind, split, expec
         assert sorted(keys) == ["a.jpg", "b.png", "c.webp", "sub/d.JPG", "sub/deeper/e.bmp"]
 
 
+def test_every_kind_is_resolved_read_and_sampled_through_the_one_table():
+    # Each place that branches per kind looks up the kind's reader in data/kinds.py: a kind whose
+    # reader one of them does not know would fail only when a user first names it.
+    from data import kinds, records, resolve, sample
+
+    assert set(kinds.KINDS) == {"auto"} | {k.name for k in kinds.TABLE}
+    assert kinds.FOLDER_KINDS == ("folder", "imagenet", "coco", "ffhq")
+    for kind in kinds.TABLE:
+        assert kind.reader in resolve._RESOLVERS, kind.name
+        if kind.reader is not None:
+            assert kind.reader in records._OPENERS and kind.reader in sample._SAMPLERS, kind.name
+    with pytest.raises(DataError, match="unknown kind 'zip'"):
+        kinds.kind_of("zip", "odd")
+    with pytest.raises(DataError, match="resolved into another kind"):
+        kinds.reader_of("hub_snapshot")
+
+
 def test_ffhq_without_json_uses_index_convention(tmp_path):
     root = make_ffhq(str(tmp_path / "FFHQ"), with_json=False)
     train = keys_of(build_eval_stream(SourceSpec("ffhq", root, split="train"), 16))
@@ -318,7 +335,7 @@ def test_hub_branch_with_a_decoding_image_feature(tmp_path):
     # (cast to decode=False) and still split it across ranks.
     import datasets
 
-    from data.sources import ResolvedSource
+    from data.resolve import ResolvedSource
     from data.stream import ImageStream
 
     make_parquet(str(tmp_path / "pq"), files=2, rows=3)
@@ -573,7 +590,7 @@ def test_hub_snapshot_trains_on_disjoint_rank_parts_and_resumes_exactly(tmp_path
 
 def test_count_records_is_what_each_rank_reads(tmp_path):
     from data import count_records
-    from data.sources import resolve_source
+    from data.resolve import resolve_source
 
     root = make_hub_snapshot(str(tmp_path / "snap"))
     specs = [SourceSpec("snap", root, split=split) for split in SNAPSHOT_ROWS]
@@ -1118,7 +1135,7 @@ def test_sample_images_from_a_hub_style_dataset(tmp_path, monkeypatch):
     import datasets
 
     import data.sample
-    from data.sources import ResolvedSource
+    from data.resolve import ResolvedSource
 
     make_parquet(str(tmp_path / "pq"), files=3, rows=4, row_group_size=2)
     files = sorted(str(p) for p in (tmp_path / "pq").glob("*.parquet"))

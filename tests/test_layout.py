@@ -143,7 +143,7 @@ def test_every_package_says_what_it_holds():
     ("module", "bad_line", "expected"),
     [
         ("common.helpers", "import train_vae", "common.helpers:1 imports train_vae (floor 5) from floor 0"),
-        ("losses.functional", "from data import sources", "losses.functional:1 imports data.sources (floor 1)"),
+        ("losses.functional", "from data import specs", "losses.functional:1 imports data.specs (floor 1)"),
         ("metrics.pixel", "def f():\n    import publishing.card", "metrics.pixel:2 imports publishing.card inside"),
     ],
 )
