@@ -12,6 +12,10 @@ import os
 import re
 import sys
 
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
 from common.cli import markdown_reference
 from eval_vae import EvalConfig
 from losses import TransfusionLoss
@@ -109,12 +113,17 @@ def test_ci_runs_the_readme_test_command():
     ci = read(".ci", "run")
     assert commands[-1] == "HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests"
     assert commands[-1] in ci.splitlines()
-    # The README's setup installs what CI installs: the runtime and the test requirements.
+    # The README's setup installs what CI installs: the runtime and the test requirements, at the tested versions.
     install = next(c for c in commands if "pip install" in c)
     files = re.findall(r"-r (\S+)", install)
     assert files == ["requirements.txt", "requirements-test.txt"], install
+    assert re.findall(r"-c (\S+)", install) == ["constraints.txt"], install
     ci_install = next(line for line in ci.splitlines() if "pip install" in line and "-r" in line)
     assert re.findall(r"-r (\S+)", ci_install) == files, ci_install
+    assert re.findall(r"-c (\S+)", ci_install) == ["constraints.txt"], ci_install
+    # The demo's setup (the first block) installs the same tested versions.
+    demo = re.findall(r"```bash\n(.*?)```", read("README.md"), flags=re.S)[0]
+    assert "pip install -r requirements.txt -c constraints.txt" in demo, demo
     # CI lints before testing, with the settings in pyproject.toml.
     assert ".venv/bin/ruff check ." in ci and ".venv/bin/ruff format --check ." in ci
 
@@ -127,19 +136,31 @@ def test_readme_points_at_the_recipe_and_the_quick_loop():
     assert "e2e: " in read("pyproject.toml"), "the e2e marker must stay registered"
 
 
-def requirement_pins(name: str) -> dict[str, str]:
-    """{normalised distribution name: pinned version} of a requirements file (and the files it includes)."""
-    pins = {}
+def requirements(name: str) -> dict[str, SpecifierSet]:
+    """{normalised distribution name: version range} of a requirements file (and the files it includes)."""
+    found = {}
     for line in read(name).splitlines():
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         if line.startswith("-r "):
-            pins.update(requirement_pins(line[3:].strip()))
+            found.update(requirements(line[3:].strip()))
             continue
-        match = re.fullmatch(r"([A-Za-z0-9_.\-]+)==([A-Za-z0-9_.+\-]+)", line)
-        assert match, f"{name}: {line!r} is not pinned as name==version"
-        pins[normalise(match.group(1))] = match.group(2)
+        requirement = Requirement(line)
+        assert not requirement.marker and not requirement.url, f"{name}: {line!r}: a plain name and range, please"
+        found[normalise(requirement.name)] = requirement.specifier
+    return found
+
+
+def constraint_pins() -> dict[str, str]:
+    """{normalised distribution name: version} of constraints.txt, each pinned as name==version."""
+    pins = {}
+    for line in read("constraints.txt").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            match = re.fullmatch(r"([A-Za-z0-9_.\-]+)==([A-Za-z0-9_.+\-]+)", line)
+            assert match, f"constraints.txt: {line!r} is not pinned as name==version"
+            pins[normalise(match.group(1))] = match.group(2)
     return pins
 
 
@@ -182,9 +203,9 @@ def first_party_modules() -> set[str]:
     return names
 
 
-def test_every_imported_package_is_a_pinned_requirement():
-    pins = requirement_pins("requirements-test.txt")
-    runtime = requirement_pins("requirements.txt")
+def test_every_imported_package_is_a_requirement():
+    pins = requirements("requirements-test.txt")
+    runtime = requirements("requirements.txt")
     assert "pytest" not in runtime and "ruff" not in runtime, "test tools belong in requirements-test.txt"
     distributions = importlib.metadata.packages_distributions()
     local = first_party_modules()
@@ -196,6 +217,37 @@ def test_every_imported_package_is_a_pinned_requirement():
         if not any(n in pins for n in names):
             missing.append(f"{module} ({where})")
     assert not missing, f"imported but not in requirements*.txt: {missing}"
+
+
+def test_requirements_are_ranges_and_constraints_pin_the_tested_set():
+    """requirements*.txt give ranges (joining an environment that has its own torch); constraints.txt pins
+    exactly those packages, each inside its range, and the environment the tests run in has those versions."""
+    wanted = requirements("requirements-test.txt")
+    pins = constraint_pins()
+    assert set(pins) == set(wanted), (
+        f"constraints.txt must pin exactly the requirements: missing {sorted(set(wanted) - set(pins))}, "
+        f"extra {sorted(set(pins) - set(wanted))}"
+    )
+    exact = [name for name, spec in wanted.items() if any(s.operator in ("==", "===") for s in spec)]
+    assert not exact, f"requirements pinned exactly (put the pin in constraints.txt, a range here): {exact}"
+    outside = [
+        f"{n}=={pins[n]} not in {wanted[n]}" for n in wanted if not wanted[n].contains(pins[n], prereleases=True)
+    ]
+    assert not outside, f"constraints.txt pins outside their requirement's range: {outside}"
+    for heavy in ("torch", "torchvision"):
+        spec = wanted[heavy]
+        assert any(s.operator == ">=" for s in spec) and any(s.operator == "<" for s in spec), f"{heavy}: {spec}"
+    installed = {}
+    for name in pins:
+        try:
+            installed[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            installed[name] = None
+    # Local builds (torch's "+cpu"/"+cu128") are the same release.
+    differ = {
+        n: (v, pins[n]) for n, v in installed.items() if v is None or Version(v).public != Version(pins[n]).public
+    }
+    assert not differ, f"this environment is not constraints.txt's (installed, pinned): {differ}"
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write-flags"]:
