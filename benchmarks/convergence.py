@@ -64,6 +64,7 @@ from publishing import export
 from training.config import DEMO_DEFAULTS, TrainConfig
 
 RUNS = ("ours", "reference")
+GAN_NEVER = 2**31 - 1  # --gan off: a --disc_start no run reaches
 FRACTIONS = (0.25, 0.5, 1.0)  # of the budget: the table's rows
 METRICS = ("psnr", "ssim", "lpips")
 FIRST_STEP_KEYS = ("loss/total", "loss/nll", "loss/kl", "loss/gan", "loss/adaptive_weight")
@@ -266,12 +267,14 @@ def train_interleaved(
 # ----------------------------------------------------------------------------------------
 
 
-def time_to_reach(points: list[dict], target: float, key: str = "psnr") -> float | None:
-    """Training time at which points[key] first reaches `target`, linear between evaluation points; None if never."""
-    if points and points[0][key] >= target:
+def time_to_reach(points: list[dict], target: float, key: str = "psnr", lower_is_better: bool = False) -> float | None:
+    """Training time at which points[key] first reaches `target` (at or above it; at or below it with
+    lower_is_better, as for LPIPS), linear between evaluation points; None if never."""
+    sign = -1.0 if lower_is_better else 1.0
+    if points and sign * points[0][key] >= sign * target:
         return points[0]["train_s"]
     for prev, cur in itertools.pairwise(points):
-        if cur[key] >= target:
+        if sign * cur[key] >= sign * target:
             frac = (target - prev[key]) / (cur[key] - prev[key])
             return prev["train_s"] + frac * (cur["train_s"] - prev["train_s"])
     return None
@@ -293,6 +296,21 @@ def first_step_check(runs: dict[str, Run]) -> dict:
     return {
         "same_first_batch": ours.first_batch_sum == ref.first_batch_sum,
         "max_rel_diff_first_step_losses": max(diffs) if diffs else None,
+    }
+
+
+def time_to_lpips(ours: Run, ref: Run) -> dict | None:
+    """Training time ours needs to reach the reference loop's final held-out LPIPS (lower is better), over the
+    reference's total; None when the points carry no LPIPS (--ema_decay 0 measures it on the raw weights only)."""
+    if "lpips" not in ref.points[-1]:
+        return None
+    target, ref_total = ref.points[-1]["lpips"], ref.points[-1]["train_s"]
+    t_ours = time_to_reach(ours.points, target, "lpips", lower_is_better=True)
+    return {
+        "target_lpips": target,
+        "ours_s": t_ours,
+        "reference_total_s": ref_total,
+        "ratio": None if t_ours is None else t_ours / ref_total,
     }
 
 
@@ -321,6 +339,7 @@ def summarize(runs: dict[str, Run], budget_s: float, args, header: str) -> tuple
     raw_target = ref.points[-1]["psnr_raw"]
     t_ours_raw = time_to_reach(ours.points, raw_target, "psnr_raw")
     raw_ratio = None if t_ours_raw is None else t_ours_raw / ref_total
+    lpips_ttq = time_to_lpips(ours, ref)
     lines.append("")
     weights = f"EMA {args.ema_decay:g} weights" if args.ema_decay > 0 else "raw weights"
     if ratio is None:
@@ -336,8 +355,18 @@ def summarize(runs: dict[str, Run], budget_s: float, args, header: str) -> tuple
     if args.ema_decay > 0:
         reached = "never reached it" if raw_ratio is None else f"reached it after {t_ours_raw:.1f} s -> {raw_ratio:.2f}"
         lines.append(
-            f"  the same on the raw weights (noisier: the GAN makes them swing): the reference's final raw PSNR "
+            f"  the same on the raw weights (noisier from one evaluation to the next): the reference's final raw PSNR "
             f"{raw_target:.2f} dB; ours {reached}"
+        )
+    if lpips_ttq is not None:
+        reached = (
+            "never reached it"
+            if lpips_ttq["ratio"] is None
+            else f"reached it after {lpips_ttq['ours_s']:.1f} s -> {lpips_ttq['ratio']:.2f}"
+        )
+        lines.append(
+            f"time-to-LPIPS ({weights}, random-weight VGG): the reference's final LPIPS "
+            f"{lpips_ttq['target_lpips']:.4f}; ours {reached}"
         )
     for run in (ours, ref):
         lines.append(
@@ -357,6 +386,7 @@ def summarize(runs: dict[str, Run], budget_s: float, args, header: str) -> tuple
         "table": table,
         "time_to_psnr": {"target_psnr": target, "ours_s": t_ours, "reference_total_s": ref_total, "ratio": ratio},
         "time_to_psnr_raw": {"target_psnr": raw_target, "ours_s": t_ours_raw, "ratio": raw_ratio},
+        "time_to_lpips": lpips_ttq,
         "first_step": check,
         "runs": {
             run.name: {
@@ -371,6 +401,87 @@ def summarize(runs: dict[str, Run], budget_s: float, args, header: str) -> tuple
         },
     }
     return "\n".join(lines), result
+
+
+# Over several draws: each ratio's median and range, "never reached" counting as worse than any number.
+DRAW_RATIOS = {
+    "ratio": ("time_to_psnr", "time-to-PSNR (EMA weights)"),
+    "ratio_raw": ("time_to_psnr_raw", "time-to-PSNR (raw weights)"),
+    "ratio_lpips": ("time_to_lpips", "time-to-LPIPS (EMA weights)"),
+}
+
+
+def median_and_range(values: list[float | None]) -> dict:
+    """Median, min and max of ratios where None (never reached) ranks above every number: the median of
+    [0.4, 0.5, never] is 0.5, of [0.4, never, never] never (None)."""
+    ranked = sorted(math.inf if v is None else v for v in values)
+    n = len(ranked)
+    middle = ranked[n // 2] if n % 2 else (ranked[n // 2 - 1] + ranked[n // 2]) / 2
+
+    def finite(v: float) -> float | None:
+        return None if math.isinf(v) else v
+
+    return {
+        "median": finite(middle),
+        "min": finite(ranked[0]),
+        "max": finite(ranked[-1]),
+        "never_reached": sum(v is None for v in values),
+        "draws": n,
+    }
+
+
+def draw_row(result: dict) -> dict:
+    """One draw's figures: its ratios, final held-out metrics of both runs and their batches per second."""
+    runs = result["runs"]
+    config = result["config"]
+    gan = "off" if config.get("gan") == "off" else f"from batch {config['disc_start']}"
+    row = {"seed": config["seed"], "gan": gan}
+    for key, (section, _) in DRAW_RATIOS.items():
+        row[key] = (result.get(section) or {}).get("ratio")
+    for name in RUNS:
+        last = runs[name]["points"][-1]
+        row[f"{name}_psnr"] = last["psnr"]
+        row[f"{name}_lpips"] = last.get("lpips")
+        row[f"{name}_batches_per_s"] = runs[name]["batches"] / runs[name]["train_s"]
+    return row
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "never" if value is None else f"{value:.2f}"
+
+
+def write_draws(results: list[dict], out_dir: str) -> dict:
+    """Print and write (convergence_seeds.txt / .json) every draw and each ratio's median and range."""
+    rows = [draw_row(r) for r in results]
+    summary = {key: median_and_range([row[key] for row in rows]) for key in DRAW_RATIOS}
+    lines = [f"{len(rows)} draws; first: {results[0]['header'].splitlines()[0]}", ""]
+    lines.append(
+        f"  {'seed':>4}  {'GAN':<15}{'PSNR ratio':>10}{'raw':>7}{'LPIPS ratio':>12}   {'PSNR ours/ref':>15}"
+        f"{'LPIPS ours/ref':>17}{'batches/s ours/ref':>20}"
+    )
+    for row in rows:
+        lpips = "–" if row["ours_lpips"] is None else f"{row['ours_lpips']:.4f}/{row['reference_lpips']:.4f}"
+        lines.append(
+            f"  {row['seed']:>4}  {row['gan']:<15}{fmt_ratio(row['ratio']):>10}{fmt_ratio(row['ratio_raw']):>7}"
+            f"{fmt_ratio(row['ratio_lpips']):>12}   {row['ours_psnr']:>7.2f}/{row['reference_psnr']:<7.2f}"
+            f"{lpips:>17}{row['ours_batches_per_s']:>11.3f}/{row['reference_batches_per_s']:.3f}"
+        )
+    lines.append("")
+    for key, (_, label) in DRAW_RATIOS.items():
+        stats = summary[key]
+        lines.append(
+            f"{label}: median {fmt_ratio(stats['median'])}, range {fmt_ratio(stats['min'])}–"
+            f"{fmt_ratio(stats['max'])} over {stats['draws']} draws ({stats['never_reached']} never reached)"
+        )
+    text = "\n".join(lines)
+    print(text, flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "convergence_seeds.txt"), "w") as f:
+        f.write(text + "\n")
+    result = {"draws": rows, "summary": summary, "results": results}
+    with open(os.path.join(out_dir, "convergence_seeds.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
 
 
 def plot(result: dict, path: str) -> None:
@@ -430,6 +541,13 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=4e-4, help="Adam lr of AE and D (constant)")
     p.add_argument("--disc_start", type=int, default=0, help="batch at which the GAN switches on (both runs)")
     p.add_argument(
+        "--gan",
+        default="on",
+        choices=("on", "off"),
+        help="off: no GAN in either run (--disc_start ignored): the same loss, batches and updates, so time to "
+        "quality measures the trainer's own speed; on: the GAN from --disc_start",
+    )
+    p.add_argument(
         "--gan_ramp_steps",
         type=int,
         default=0,
@@ -464,6 +582,22 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 1 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run one draw per seed, one after another, each into OUT_DIR/seedN, then print every draw's ratios "
+        "with their median and range (convergence_seeds.txt/.json in OUT_DIR); overrides --seed",
+    )
+    p.add_argument(
+        "--collect",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="train nothing: summarise draws already run (each DIR holds a convergence.json), e.g. seeds run as "
+        "parallel processes, into OUT_DIR/convergence_seeds.txt/.json",
+    )
+    p.add_argument(
         "--out_dir", default=None, help="default outputs/convergence (outputs/convergence_smoke with --smoke)"
     )
     args = p.parse_args(argv)
@@ -478,11 +612,38 @@ def parse_args(argv=None):
         p.error("--minutes, --eval_every_s and --slice_s must be positive")
     if not 0 <= args.ema_decay < 1:
         p.error("--ema_decay must be in [0, 1)")
+    if args.gan == "off":
+        args.disc_start = GAN_NEVER
     return args
 
 
+def gan_text(args) -> str:
+    if args.disc_start == GAN_NEVER:
+        return "GAN off"
+    return f"GAN from batch {args.disc_start} (ramp {args.gan_ramp_steps})"
+
+
 def main(argv=None) -> dict:
+    """One draw (--seed), several one after another (--seeds), or a summary of draws already run (--collect)."""
     args = parse_args(argv)
+    if args.collect:
+        results = []
+        for folder in args.collect:
+            with open(os.path.join(folder, "convergence.json")) as f:
+                results.append(json.load(f))
+        return write_draws(results, args.out_dir)
+    if args.seeds is None:
+        return run_draw(args)
+    results = []
+    for seed in args.seeds:
+        draw = argparse.Namespace(**vars(args))
+        draw.seed, draw.out_dir = seed, os.path.join(args.out_dir, f"seed{seed}")
+        results.append(run_draw(draw))
+    return write_draws(results, args.out_dir)
+
+
+def run_draw(args) -> dict:
+    """Train both runs once (one seed) and write convergence.txt/.json/.png to args.out_dir."""
     if args.threads or args.device == "cpu":
         torch.set_num_threads(args.threads or 1)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -502,8 +663,8 @@ def main(argv=None) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
     header = (
         f"convergence: preset {args.preset} ({n_params:.1f} M), {args.resolution}² native crops of the demo "
-        f"photographs, batch {args.batch_size}, lr {args.lr:g}, GAN from batch {args.disc_start} "
-        f"(ramp {args.gan_ramp_steps}), {args.minutes:g} min of training per run\n"
+        f"photographs, batch {args.batch_size}, lr {args.lr:g}, {gan_text(args)}, seed {args.seed}, "
+        f"{args.minutes:g} min of training per run\n"
         f"{name} | torch {torch.__version__} | {args.mixed_precision} | random LPIPS, ID off | "
         f"{'EMA ' + format(args.ema_decay, 'g') if args.ema_decay > 0 else 'raw'} weights evaluated | reference "
         f"schedule {args.reference_schedule} | interleaved {args.slice_s:g} s slices | held-out: "

@@ -49,6 +49,43 @@ def test_time_to_reach_interpolates_between_evaluations():
     assert convergence.time_to_reach(dip, 11.5) == pytest.approx(7.5)
 
 
+def test_time_to_reach_lower_is_better_for_lpips():
+    points = [{"train_s": 0.0, "lpips": 0.3}, {"train_s": 10.0, "lpips": 0.2}, {"train_s": 20.0, "lpips": 0.25}]
+    assert convergence.time_to_reach(points, 0.25, "lpips", lower_is_better=True) == pytest.approx(5.0)
+    assert convergence.time_to_reach(points, 0.3, "lpips", lower_is_better=True) == 0.0
+    assert convergence.time_to_reach(points, 0.1, "lpips", lower_is_better=True) is None
+    assert convergence.time_to_reach(points, 0.25, "lpips") == 0.0  # higher-is-better reads it the other way
+
+
+def test_median_and_range_rank_never_reached_last():
+    stats = convergence.median_and_range([0.5, None, 0.4])
+    assert stats == {"median": 0.5, "min": 0.4, "max": None, "never_reached": 1, "draws": 3}
+    assert convergence.median_and_range([0.4, None, None])["median"] is None
+    assert convergence.median_and_range([0.2, 0.6, 0.4, 0.3])["median"] == pytest.approx(0.35)
+
+
+@pytest.mark.e2e
+def test_convergence_seeds_gan_off_keeps_every_draw_and_summarises(tmp_path, capsys):
+    """--gan off: neither run touches D; --seeds: one folder per draw, and the summary's median is the draws'."""
+    out = tmp_path / "out"
+    result = convergence.main(
+        ["--smoke", "--minutes", "0.02", "--gan", "off", "--seeds", "3", "4", "--out_dir", str(out)]
+    )
+    assert [row["seed"] for row in result["draws"]] == [3, 4]
+    for seed, draw in zip((3, 4), result["results"], strict=True):
+        assert (out / f"seed{seed}" / "convergence.json").exists() and draw["config"]["seed"] == seed
+        for run in draw["runs"].values():
+            assert run["d_updates"] == 0 and run["ae_updates"] == run["batches"] > 0
+    ratios = [row["ratio"] for row in result["draws"]]
+    assert result["summary"]["ratio"] == convergence.median_and_range(ratios)
+    with open(out / "convergence_seeds.json") as f:
+        assert json.load(f)["draws"] == result["draws"]
+    assert "time-to-PSNR (EMA weights): median" in capsys.readouterr().out
+    # --collect rebuilds the same summary from the folders, training nothing.
+    again = convergence.main(["--collect", str(out / "seed3"), str(out / "seed4"), "--out_dir", str(tmp_path / "c")])
+    assert again["draws"] == result["draws"] and again["summary"] == result["summary"]
+
+
 @pytest.mark.e2e
 def test_both_loops_start_from_the_same_weights_batch_and_losses(tmp_path):
     args = convergence.parse_args(["--smoke", "--out_dir", str(tmp_path)])
