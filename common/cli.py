@@ -6,6 +6,10 @@ line and exit status 2 — before any model is built. Each field is declared wit
 carries everything known about the flag: its help, choices and bound (checked here), and whatever
 further metadata the config class defines (the trainer's resume policy, recipe and demo default);
 lists of flags are derived from that metadata, never written out by hand.
+
+A config class may also list `ALIASES` (`Alias`: another tool's name for something a flag already
+says, e.g. diffusers' `--dataset_name`) and translate them in `apply_aliases(values, given)`; an alias
+is a flag and a config-file key like any other, and the flag list shows it once, with what it maps to.
 """
 
 from __future__ import annotations
@@ -39,6 +43,19 @@ BOUNDS = {
     "non_negative": (lambda v: v >= 0, "must be >= 0"),
     "unit_interval": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """A flag that is another tool's name for what a field says; `maps_to` says onto what, for --help and the flag list."""
+
+    name: str
+    help: str
+    maps_to: str
+
+
+def aliases_of(cls: type) -> tuple[Alias, ...]:
+    return tuple(getattr(cls, "ALIASES", ()))
 
 
 def arg(
@@ -120,6 +137,9 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         # argparse %-formats help strings: a literal % (e.g. "within 0.4%") would crash --help.
         kw["help"] = f"{kw['help']} (default: {default!r})".replace("%", "%%")
         parser.add_argument(f"--{f.name}", **kw)
+    for alias in aliases_of(cls):
+        help_text = f"{alias.help} (maps to: {alias.maps_to})".replace("%", "%%")
+        parser.add_argument(f"--{alias.name}", default=argparse.SUPPRESS, metavar="STR", help=help_text)
     return parser
 
 
@@ -169,11 +189,12 @@ def load_config_file(cls: type, path: str) -> dict[str, Any]:
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of flag names to values")
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} | {a.name for a in aliases_of(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"config file {path!r}: unknown key(s) {', '.join(unknown)}")
-    values = {k: _coerce(cls, k, v) for k, v in data.items()}
+    alias_names = {a.name for a in aliases_of(cls)}
+    values = {k: str(v) if k in alias_names else _coerce(cls, k, v) for k, v in data.items()}
     for f in dataclasses.fields(cls):
         choices = f.metadata.get("choices")
         if f.name in values and choices and values[f.name] not in choices:
@@ -186,6 +207,8 @@ def parse_config(cls: type, argv: list[str] | None, prog: str, description: str 
 
     Exits with status 2 and one line on stderr for any bad flag, key or value: a declared bound
     (`check_bounds`), or what `cls.check()` finds when the class has one (checks across flags).
+    Aliases given (flag or file) go to `cls.apply_aliases(values, given)`, which sets the fields they map onto;
+    the names returned are the fields', not the aliases'.
     """
     parser = build_parser(cls, prog, description)
     ns = vars(parser.parse_args(argv))
@@ -193,6 +216,9 @@ def parse_config(cls: type, argv: list[str] | None, prog: str, description: str 
     try:
         values = load_config_file(cls, config_path) if config_path else {}
         values.update(ns)
+        given = {a.name: values.pop(a.name) for a in aliases_of(cls) if a.name in values}
+        if given:
+            cls.apply_aliases(values, given)
         cfg = cls(**values)
         check_bounds(cfg)
         if hasattr(cfg, "check"):
@@ -239,4 +265,15 @@ def markdown_reference(cls: type, columns: dict[str, str] | None = None) -> str:
             help_text,
         ]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    if aliases_of(cls):
+        lines += [
+            "",
+            "Aliases (other tools' names for the flags above):",
+            "",
+            "| alias | maps to | description |",
+            "|---|---|---|",
+        ]
+        for alias in aliases_of(cls):
+            cells = [f"`--{alias.name}`", alias.maps_to, alias.help]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"

@@ -66,6 +66,97 @@ def test_parse_help_reads_flags_choices_and_defaults():
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# diffusers' flags: data aliases, a checkpoint's name inside --output_dir, any accelerate tracker
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_train(argv):
+    from common.cli import parse_config
+    from training.config import TrainConfig
+
+    return parse_config(TrainConfig, argv, "train_vae.py")[0]
+
+
+def test_diffusers_data_flags_map_onto_one_source_each(tmp_path):
+    from data import parse_source
+
+    cfg = parse_train(
+        ["--source", "/data/a", "--dataset_name", "user/pets", "--dataset_config_name", "cats"]
+        + ["--image_column", "img", "--train_data_dir", "/data/b"]
+    )
+    assert cfg.source == ["/data/a", "path=user/pets,config=cats,image_column=img", "/data/b"]
+    spec = parse_source(cfg.source[1])
+    assert (spec.path, spec.config, spec.image_column) == ("user/pets", "cats", "img")
+    # Alone, each is exactly the --source of the same path (so a resume with either form sees no change).
+    assert parse_train(["--dataset_name", "user/pets"]).source == parse_train(["--source", "user/pets"]).source
+    assert parse_train(["--train_data_dir", "/x"]).source == ["/x"]
+    config = tmp_path / "run.yaml"
+    config.write_text("dataset_name: user/pets\nimage_column: picture\n")
+    assert parse_train(["--config", str(config)]).source == ["path=user/pets,image_column=picture"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--image_column", "img"], "--image_column needs --dataset_name"),
+        (["--dataset_config_name", "c", "--train_data_dir", "/x"], "--dataset_config_name needs --dataset_name"),
+        (["--dataset_name", "a=b"], "cannot be written as a --source"),
+        (["--dataset_name", "user/pets", "--mixture", "transfusion", "--data_root", "/d"], "not both"),
+    ],
+)
+def test_bad_diffusers_data_flags_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_train(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_flag_list_shows_each_alias_once_with_its_target():
+    from training.config import DATA_ALIASES
+
+    with open(os.path.join(os.path.dirname(FIXTURE), "..", "..", "docs", "flags.md")) as f:
+        text = f.read().split("## train_vae.py")[1].split("## eval_vae.py")[0]
+    for alias in DATA_ALIASES:
+        rows = [line for line in text.splitlines() if f"`--{alias.name}`" in line]
+        assert len(rows) == 1 and alias.maps_to.replace("|", "\\|") in rows[0], rows
+
+
+def test_report_to_takes_any_accelerate_tracker_and_a_missing_one_is_one_line(monkeypatch, capsys):
+    from accelerate.utils import LoggerType
+
+    import training.config
+
+    for tracker in LoggerType:  # every tracker accelerate knows is a choice
+        monkeypatch.setattr(training.config.tracking, "get_available_trackers", lambda t=tracker: [t])
+        assert parse_train(["--report_to", tracker.value]).report_to == tracker.value
+    monkeypatch.setattr(training.config.tracking, "get_available_trackers", lambda: [LoggerType.TENSORBOARD])
+    monkeypatch.setattr(train_vae, "build_vae", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(SystemExit) as exit_info:
+        train_vae.main(["--report_to", "mlflow"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert "--report_to mlflow needs the mlflow package (pip install mlflow); installed trackers: tensorboard" in err[0]
+
+
+def test_resume_from_a_checkpoint_name_looks_inside_output_dir(tmp_path, monkeypatch):
+    from common.errors import CheckpointError
+    from training import checkpointing
+
+    out = tmp_path / "out"
+    (out / "checkpoint-5").mkdir(parents=True)
+    (out / "checkpoint-5" / checkpointing.TRAINER_STATE).write_text("{}")
+    elsewhere = tmp_path / "cwd"
+    (elsewhere / "checkpoint-7").mkdir(parents=True)
+    (elsewhere / "checkpoint-7" / checkpointing.TRAINER_STATE).write_text("{}")
+    monkeypatch.chdir(elsewhere)
+    assert checkpointing.resolve(str(out), "checkpoint-5") == str(out / "checkpoint-5")
+    assert checkpointing.resolve(str(out), "latest") == str(out / "checkpoint-5")
+    assert checkpointing.resolve(str(out), "./checkpoint-7") == "./checkpoint-7"  # a path: as given
+    with pytest.raises(CheckpointError, match=r"'checkpoint-7' in --output_dir .* is not a complete checkpoint"):
+        checkpointing.resolve(str(out), "checkpoint-7")  # a name: in --output_dir only, as diffusers
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
     import contextlib
     import io

@@ -75,14 +75,20 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
 
 
 def resolve(output_dir: str, resume: str | None) -> str | None:
+    """The checkpoint folder `--resume_from_checkpoint` names: `latest` (None when there is none yet), a
+    name without a folder such as `checkpoint-500` inside output_dir (as diffusers' scripts look it up),
+    or a path as given."""
     if not resume:
         return None
     if resume == "latest":
         found = list_checkpoints(output_dir)
         return found[-1][1] if found else None
-    if not os.path.isfile(os.path.join(resume, TRAINER_STATE)):
-        raise CheckpointError(f"--resume_from_checkpoint {resume!r} is not a complete checkpoint folder")
-    return resume
+    bare = os.path.dirname(resume.rstrip(os.sep)) == ""
+    path = os.path.join(output_dir, resume) if bare else resume
+    if not os.path.isfile(os.path.join(path, TRAINER_STATE)):
+        where = f" in --output_dir {output_dir!r}" if bare else ""
+        raise CheckpointError(f"--resume_from_checkpoint {resume!r}{where} is not a complete checkpoint folder")
+    return path
 
 
 def previous_run(output_dir: str, record: tuple[str, ...]) -> list[str]:

@@ -22,10 +22,63 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from accelerate import tracking
+from accelerate.utils import LoggerType
+
 from autoencoder.models import PRESETS
-from common.cli import arg
+from common.cli import Alias, arg
 from common.errors import ConfigError
 from losses.identity import MOCO_V2_800EP_URL
+
+# accelerate's trackers (tensorboard, wandb, comet_ml, mlflow, clearml, ...), `all` and `none`.
+TRACKERS = tuple(t.value for t in LoggerType) + ("none",)
+
+# diffusers' example scripts' data flags, each mapped onto one --source (TrainConfig.apply_aliases).
+DATA_ALIASES = (
+    Alias(
+        "dataset_name",
+        "diffusers' flag: a Hub dataset id or a local dataset folder to train on",
+        "one `--source PATH` (with `config=` / `image_column=` from the two flags below)",
+    ),
+    Alias("dataset_config_name", "diffusers' flag: the configuration of --dataset_name", "`config=` of that source"),
+    Alias("image_column", "diffusers' flag: the image column of --dataset_name", "`image_column=` of that source"),
+    Alias("train_data_dir", "diffusers' flag: a folder of training images", "one `--source DIR`"),
+)
+
+
+def alias_sources(given: dict[str, str]) -> list[str]:
+    """The --source texts that diffusers' data flags in `given` stand for (ConfigError for a bad combination)."""
+    extra = {k: given[k] for k in ("dataset_config_name", "image_column") if k in given}
+    if extra and "dataset_name" not in given:
+        raise ConfigError(f"--{next(iter(extra))} needs --dataset_name")
+    texts = []
+    if "dataset_name" in given:
+        pairs = {"path": given["dataset_name"], "config": extra.get("dataset_config_name")}
+        pairs["image_column"] = extra.get("image_column")
+        texts.append(_source_text({k: v for k, v in pairs.items() if v is not None}))
+    if "train_data_dir" in given:
+        texts.append(_source_text({"path": given["train_data_dir"]}))
+    return texts
+
+
+def _source_text(pairs: dict[str, str]) -> str:
+    """A bare path when that is all, else 'key=value,...' (--source's syntax)."""
+    for key, value in pairs.items():
+        if not value or "=" in value or (len(pairs) > 1 and "," in value):
+            raise ConfigError(f"{key} {value!r} cannot be written as a --source (empty, or holds '=' or ',')")
+    return pairs["path"] if len(pairs) == 1 else ",".join(f"{k}={v}" for k, v in pairs.items())
+
+
+def check_tracker(report_to: str) -> None:
+    """A named tracker whose package is missing: one line now (accelerate would drop it without a word)."""
+    if report_to in ("all", "none"):
+        return
+    installed = [str(t) for t in tracking.get_available_trackers()]
+    if report_to not in installed:
+        raise ConfigError(
+            f"--report_to {report_to} needs the {report_to} package (pip install {report_to}); "
+            f"installed trackers: {', '.join(installed) or 'none'}"
+        )
 
 
 @dataclass
@@ -300,7 +353,12 @@ class TrainConfig:
         "vae-output", "where checkpoints, samples, logs and the exported model go", resume="free", demo="outputs/demo"
     )
     logging_dir: str = arg("logs", "tracker folder, relative to --output_dir", resume="free")
-    report_to: str = arg("tensorboard", "tracker", choices=("tensorboard", "wandb", "all", "none"), resume="free")
+    report_to: str = arg(
+        "tensorboard",
+        "tracker (any that accelerate supports; all = every one installed)",
+        choices=TRACKERS,
+        resume="free",
+    )
     tracker_project_name: str = arg("transfusion-vae", "tracker project name", resume="free")
     logging_steps: int = arg(50, "log losses every N steps", bound="positive", resume="free", demo=20)
     validation_steps: int = arg(
@@ -316,7 +374,12 @@ class TrainConfig:
     checkpoints_total_limit: int | None = arg(
         None, "keep at most this many checkpoints", bound="at_least_1", resume="free"
     )
-    resume_from_checkpoint: str | None = arg(None, "'latest' or a checkpoint folder", resume="free")
+    resume_from_checkpoint: str | None = arg(
+        None,
+        "'latest' (the newest in --output_dir), a checkpoint's name in --output_dir (checkpoint-N, as diffusers' "
+        "scripts), or a checkpoint folder's path",
+        resume="free",
+    )
     overwrite_output_dir: bool = arg(
         False,
         "start a new run in an --output_dir that holds another run's checkpoints or metrics log, removing them "
@@ -355,6 +418,13 @@ class TrainConfig:
         resume="free",
     )
 
+    ALIASES = DATA_ALIASES
+
+    @staticmethod
+    def apply_aliases(values: dict, given: dict[str, str]) -> None:
+        """diffusers' data flags become --source entries (after any given with --source)."""
+        values["source"] = list(values.get("source", [])) + alias_sources(given)
+
     def check(self) -> None:
         """Checks across flags, and those a bound cannot say (bounds are checked by common.cli.parse_config)."""
         if self.resolution <= 0 or self.resolution % 8:
@@ -367,6 +437,7 @@ class TrainConfig:
             )
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("--push_to_hub needs --hub_model_id")
+        check_tracker(self.report_to)
         if self.mixture == "transfusion" and not self.data_root:
             raise ConfigError("--mixture transfusion needs --data_root (the folder holding ImageNet/, COCO/, FFHQ/)")
         if self.torch_compile and self.adaptive_weight_mode == "reference":
