@@ -9,6 +9,7 @@ logs as detached 0-d tensors (no host syncs, no logging in here).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -121,6 +122,24 @@ def _call_without_param_grads(module: nn.Module, x: torch.Tensor) -> torch.Tenso
         return module(x)
     params = {name: p.detach() for name, p in module.named_parameters()}
     return torch.func.functional_call(module, params, (x,))
+
+
+@dataclass
+class _GeneratorStep:
+    """What every term of one `generator_loss` call reads (and `nll_for_encoder`, which the λ path sets)."""
+
+    inputs: torch.Tensor
+    reconstructions: torch.Tensor
+    global_step: int
+    discriminator: nn.Module
+    conv: nn.Conv2d | SimpleNamespace
+    grad_scale: float | torch.Tensor | None
+    kl: torch.Tensor
+    nll_for_encoder: torch.Tensor | None = None
+
+    @property
+    def zero(self) -> torch.Tensor:
+        return self.kl.new_zeros(())
 
 
 class TransfusionLoss(nn.Module):
@@ -312,99 +331,142 @@ class TransfusionLoss(nn.Module):
             last_layer_weight = self._watched
             if self._watch_fast and last_layer_input is None:
                 last_layer_input, self._keeper.value = self._keeper.value, None
-        disc = self.discriminator if discriminator is None else discriminator
         if isinstance(grad_scale, torch.Tensor):
             grad_scale = grad_scale.detach().float().reshape(())  # GradScaler's is (1,); the losses are 0-d
-        active = self.gan_active(global_step)
-        factor = self.gan_weight * gan_ramp(global_step, self.disc_start, self.gan_ramp_steps) if active else 0.0
-        conv = _as_conv(last_layer_weight)
-        kl = kl_loss(mean, logvar)
-        zero = kl.new_zeros(())
-        g, lam = zero, zero
-
+        step = _GeneratorStep(
+            inputs=inputs,
+            reconstructions=reconstructions,
+            global_step=global_step,
+            discriminator=self.discriminator if discriminator is None else discriminator,
+            conv=_as_conv(last_layer_weight),
+            grad_scale=grad_scale,
+            kl=kl_loss(mean, logvar),
+        )
         if last_layer_input is None or not torch.is_grad_enabled():
-            nll, parts = self._nll(inputs, reconstructions)
-            if active:
-                g = generator_adv_loss(_call_without_param_grads(disc, reconstructions))
-                if torch.is_grad_enabled():
-                    nll_grad = _scaled_grad(nll, conv.weight, grad_scale, retain_graph=True)
-                    gan_grad = _scaled_grad(g, conv.weight, grad_scale, retain_graph=True)
-                    lam = adaptive_weight(nll_grad, gan_grad, max_value=self.adaptive_weight_max)
-            loss = nll + self.kl_weight * kl + factor * lam * g
-            total = loss.detach()
-            nll_for_encoder = nll
+            loss, logs = self._direct_terms(step)
         else:
-            # Gradients w.r.t. a detached copy of x̂ stop at x̂, so each frozen net is crossed once.
-            xr = reconstructions.detach().requires_grad_(True)
-            nll, parts = self._nll(inputs, xr)
-            coef = _scaled_grad(nll, xr, grad_scale)  # ∂nll/∂x̂, (B, 3, H, W)
-            # Same gradients as nll at every autoencoder parameter (for the VF weight at the encoder).
-            nll_for_encoder = None if latent_projection is None else (reconstructions.float() * coef).sum()
-            if active:
-                g = generator_adv_loss(_call_without_param_grads(disc, xr))
-                gan_coef = _scaled_grad(g, xr, grad_scale)  # ∂g/∂x̂
-                lam = adaptive_weight(
-                    conv_weight_grad(last_layer_input, conv, coef),
-                    conv_weight_grad(last_layer_input, conv, gan_coef),
-                    max_value=self.adaptive_weight_max,
-                )
-                coef = coef + (factor * lam) * gan_coef
-            total = (nll + self.kl_weight * kl + factor * lam * g).detach()
-            # d(surrogate)/dx̂ = ∂nll/∂x̂ + gan_weight·ramp·λ·∂g/∂x̂, the direct path's gradient.
-            surrogate = (reconstructions.float() * coef.detach()).sum() + self.kl_weight * kl
-            loss = total + (surrogate - surrogate.detach())
+            loss, logs = self._fast_terms(step, last_layer_input, need_encoder_nll=latent_projection is not None)
+        for term, term_logs in (
+            self._equivariance_term(step, equivariance),
+            self._vf_term(step, latent_projection, encoder_last_layer),
+        ):
+            if term is not None:
+                logs["total"] = logs["total"] + term.detach()
+                loss = loss + term
+            logs.update(term_logs)
+        return loss, logs
 
-        extra_logs = {}
-        if self.equivariance_weight > 0:
-            eq_logged = zero
-            if equivariance is not None:
-                target, eq_recon = equivariance
-                eq = equivariance_nll(target, eq_recon, self.perceptual, self.l1_weight, self.lpips_weight)
-                eq_term = self.equivariance_weight * eq
-                total = total + eq_term.detach()
-                loss = loss + eq_term
-                eq_logged = eq.detach() / target[0].numel()
-            extra_logs["equivariance"] = eq_logged
-        if self.vf_weight > 0:
-            vf, vf_parts, vf_lam = zero, {"cos": zero, "distmat": zero}, zero
-            if latent_projection is not None:
-                if self.foundation is None:
-                    raise ValueError("latent_projection given but the loss has no foundation model (vf_weight 0)")
-                features = self.foundation(inputs, latent_projection.shape[-2:])
-                vf, vf_parts = vf_loss(latent_projection, features, self.vf_margin_cos, self.vf_margin_distmat)
-                if torch.is_grad_enabled():
-                    if encoder_last_layer is None:
-                        raise ValueError("the VF loss needs encoder_last_layer (the encoder's conv_out)")
-                    enc_w = _as_conv(encoder_last_layer).weight
-                    vf_lam = adaptive_weight(
-                        _scaled_grad(nll_for_encoder, enc_w, grad_scale, retain_graph=True),
-                        _scaled_grad(vf, enc_w, grad_scale, retain_graph=True),
-                        max_value=VF_ADAPTIVE_WEIGHT_MAX,
-                    )
-                vf_term = (self.vf_weight * vf_lam) * vf
-                total = total + vf_term.detach()
-                loss = loss + vf_term
-            extra_logs.update(
-                vf=vf.detach(),
-                vf_cos=vf_parts["cos"].detach(),
-                vf_distmat=vf_parts["distmat"].detach(),
-                vf_adaptive_weight=vf_lam,
-            )
+    # -- the terms of generator_loss: each returns (its addition to the loss or None, its logs) --------------
 
-        pixels = inputs[0].numel()
-        logs = {
+    def _recipe_logs(self, step: _GeneratorStep, total, nll, parts, g, lam, factor) -> dict[str, torch.Tensor]:
+        pixels = step.inputs[0].numel()
+        return {
             "total": total,
             "nll": nll.detach(),
             "l1": parts["l1"].detach() / pixels,
             "lpips": parts["lpips"].detach() / pixels,
             "id": parts["id"].detach() / pixels,
-            "kl": kl.detach(),
+            "kl": step.kl.detach(),
             "gan": g.detach(),
             "adaptive_weight": lam.detach(),
-            "gan_factor": torch.full_like(zero, factor),
-            **extra_logs,
+            "gan_factor": torch.full_like(step.zero, factor),
         }
-        return loss, logs
+
+    def _gan_factor(self, global_step: int) -> tuple[bool, float]:
+        active = self.gan_active(global_step)
+        factor = self.gan_weight * gan_ramp(global_step, self.disc_start, self.gan_ramp_steps) if active else 0.0
+        return active, factor
+
+    def _direct_terms(self, step: _GeneratorStep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """nll + kl_weight·KL + gan_weight·ramp·λ·g, λ from two autograd.grad calls at the conv's weight
+        (the reference implementation's path; also every call with autograd off, where λ is 0)."""
+        active, factor = self._gan_factor(step.global_step)
+        g = lam = step.zero
+        nll, parts = self._nll(step.inputs, step.reconstructions)
+        if active:
+            g = generator_adv_loss(_call_without_param_grads(step.discriminator, step.reconstructions))
+            if torch.is_grad_enabled():
+                nll_grad = _scaled_grad(nll, step.conv.weight, step.grad_scale, retain_graph=True)
+                gan_grad = _scaled_grad(g, step.conv.weight, step.grad_scale, retain_graph=True)
+                lam = adaptive_weight(nll_grad, gan_grad, max_value=self.adaptive_weight_max)
+        loss = nll + self.kl_weight * step.kl + factor * lam * g
+        step.nll_for_encoder = nll
+        return loss, self._recipe_logs(step, loss.detach(), nll, parts, g, lam, factor)
+
+    def _fast_terms(
+        self, step: _GeneratorStep, last_layer_input: torch.Tensor, need_encoder_nll: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The same value and autoencoder gradients as `_direct_terms`, each frozen net crossed once:
+        λ from the conv's input and ∂/∂x̂, and a surrogate whose gradient at x̂ is the direct path's."""
+        active, factor = self._gan_factor(step.global_step)
+        g = lam = step.zero
+        reconstructions = step.reconstructions
+        # Gradients w.r.t. a detached copy of x̂ stop at x̂, so each frozen net is crossed once.
+        xr = reconstructions.detach().requires_grad_(True)
+        nll, parts = self._nll(step.inputs, xr)
+        coef = _scaled_grad(nll, xr, step.grad_scale)  # ∂nll/∂x̂, (B, 3, H, W)
+        # Same gradients as nll at every autoencoder parameter (for the VF weight at the encoder).
+        step.nll_for_encoder = (reconstructions.float() * coef).sum() if need_encoder_nll else None
+        if active:
+            g = generator_adv_loss(_call_without_param_grads(step.discriminator, xr))
+            gan_coef = _scaled_grad(g, xr, step.grad_scale)  # ∂g/∂x̂
+            lam = adaptive_weight(
+                conv_weight_grad(last_layer_input, step.conv, coef),
+                conv_weight_grad(last_layer_input, step.conv, gan_coef),
+                max_value=self.adaptive_weight_max,
+            )
+            coef = coef + (factor * lam) * gan_coef
+        total = (nll + self.kl_weight * step.kl + factor * lam * g).detach()
+        # d(surrogate)/dx̂ = ∂nll/∂x̂ + gan_weight·ramp·λ·∂g/∂x̂, the direct path's gradient.
+        surrogate = (reconstructions.float() * coef.detach()).sum() + self.kl_weight * step.kl
+        loss = total + (surrogate - surrogate.detach())
+        return loss, self._recipe_logs(step, total, nll, parts, g, lam, factor)
+
+    def _equivariance_term(
+        self, step: _GeneratorStep, equivariance: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """equivariance_weight·nll(T(x), decode(T(z))); logged per pixel of T(x) (0 on a step without a draw)."""
+        if self.equivariance_weight == 0:
+            return None, {}
+        if equivariance is None:
+            return None, {"equivariance": step.zero}
+        target, eq_recon = equivariance
+        eq = equivariance_nll(target, eq_recon, self.perceptual, self.l1_weight, self.lpips_weight)
+        return self.equivariance_weight * eq, {"equivariance": eq.detach() / target[0].numel()}
+
+    def _vf_term(
+        self,
+        step: _GeneratorStep,
+        latent_projection: torch.Tensor | None,
+        encoder_last_layer: nn.Conv2d | torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """vf_weight·λ_vf·VF(z', DINOv2(x)), λ_vf = ‖∇nll‖/‖∇VF‖ at the encoder's conv_out (VA-VAE)."""
+        if self.vf_weight == 0:
+            return None, {}
+        zero = step.zero
+        vf, vf_parts, vf_lam, term = zero, {"cos": zero, "distmat": zero}, zero, None
+        if latent_projection is not None:
+            if self.foundation is None:
+                raise ValueError("latent_projection given but the loss has no foundation model (vf_weight 0)")
+            features = self.foundation(step.inputs, latent_projection.shape[-2:])
+            vf, vf_parts = vf_loss(latent_projection, features, self.vf_margin_cos, self.vf_margin_distmat)
+            if torch.is_grad_enabled():
+                if encoder_last_layer is None:
+                    raise ValueError("the VF loss needs encoder_last_layer (the encoder's conv_out)")
+                enc_w = _as_conv(encoder_last_layer).weight
+                vf_lam = adaptive_weight(
+                    _scaled_grad(step.nll_for_encoder, enc_w, step.grad_scale, retain_graph=True),
+                    _scaled_grad(vf, enc_w, step.grad_scale, retain_graph=True),
+                    max_value=VF_ADAPTIVE_WEIGHT_MAX,
+                )
+            term = (self.vf_weight * vf_lam) * vf
+        logs = {
+            "vf": vf.detach(),
+            "vf_cos": vf_parts["cos"].detach(),
+            "vf_distmat": vf_parts["distmat"].detach(),
+            "vf_adaptive_weight": vf_lam,
+        }
+        return term, logs
 
     def discriminator_loss(
         self,
