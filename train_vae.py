@@ -321,7 +321,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     project = ProjectConfiguration(
         project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, cfg.logging_dir)
     )
-    if cfg.deterministic:
+    if cfg.deterministic != "off":
         # cuBLAS needs this before its first handle is made, i.e. before anything touches CUDA.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     accelerator = Accelerator(
@@ -336,7 +336,9 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
             InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.ddp_timeout)),
         ],
     )
-    set_torch_backends(cfg.allow_tf32, cfg.deterministic, cfg.cudnn_benchmark)
+    cfg.check_deterministic(accelerator.device.type)  # the device is known now; no model is built yet
+    deterministic = cfg.deterministic != "off"
+    set_torch_backends(cfg.allow_tf32, deterministic, cfg.cudnn_benchmark, warn_only=cfg.deterministic == "warn")
     return accelerator
 
 

@@ -65,12 +65,16 @@ class FrozenModule(nn.Module):
         return super().train(False)
 
 
-def set_torch_backends(allow_tf32: bool, deterministic: bool = False, cudnn_benchmark: bool = False) -> None:
-    """TF32, deterministic kernels and cuDNN autotuning, the same way for the trainer and the evaluator."""
+def set_torch_backends(
+    allow_tf32: bool, deterministic: bool = False, cudnn_benchmark: bool = False, warn_only: bool = False
+) -> None:
+    """TF32, deterministic kernels and cuDNN autotuning, the same way for the trainer and the evaluator.
+
+    warn_only: an op without a deterministic kernel warns instead of raising (torch's warn_only)."""
     torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     torch.backends.cudnn.allow_tf32 = allow_tf32
     # Every step has the same shapes: cuDNN's autotuner picks the fastest kernels once.
     torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
     if deterministic:
         torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)

@@ -328,10 +328,13 @@ class TrainConfig:
     cudnn_benchmark: bool = arg(
         True, "let cuDNN time its convolution kernels once and keep the fastest (shapes never change)", resume="warn"
     )
-    deterministic: bool = arg(
-        False,
-        "deterministic CUDA kernels (torch.use_deterministic_algorithms; slower): a resumed GPU run then equals an "
-        "uninterrupted one bit for bit, not only in data and state",
+    deterministic: str = arg(
+        "off",
+        "deterministic kernels (torch.use_deterministic_algorithms; slower): on makes a resumed GPU run equal an "
+        "uninterrupted one bit for bit, not only in data and state, and is refused on CUDA while a term whose "
+        "backward has no deterministic CUDA kernel is on (the ID and equivariance terms); warn runs those with a "
+        "warning instead (then not bit for bit)",
+        choices=("off", "on", "warn"),
         resume="warn",
     )
     ddp_timeout: int = arg(
@@ -462,6 +465,28 @@ class TrainConfig:
             raise ConfigError(
                 "--vf_weight trains the encoder and measures its weight at encoder.conv_out: "
                 "do not freeze it (--train_decoder_only, --freeze)"
+            )
+
+    def nondeterministic_terms(self) -> list[str]:
+        """The switched-on loss terms whose backward runs through ops that have no deterministic CUDA kernel
+        (torch.use_deterministic_algorithms raises in them on CUDA; tests/test_deterministic.py records the ops
+        a training step runs and checks this list against them)."""
+        terms = []
+        if self.id_weight > 0:
+            terms.append(f"--id_weight {self.id_weight:g} (kornia's bicubic resize and its reflect-padded blur)")
+        if self.equivariance_weight > 0 and self.equivariance_prob > 0 and set(self.equivariance_scales) != {1.0}:
+            terms.append(
+                f"--equivariance_weight {self.equivariance_weight:g} (antialiased bilinear downscaling of the latent)"
+            )
+        return terms
+
+    def check_deterministic(self, device_type: str) -> None:
+        """`--deterministic on` on CUDA with a term that cannot be deterministic there: one line, before any model."""
+        terms = self.nondeterministic_terms() if self.deterministic == "on" and device_type == "cuda" else []
+        if terms:
+            raise ConfigError(
+                f"--deterministic on: on CUDA the backward of {' and of '.join(terms)} has no deterministic kernel; "
+                "set that weight to 0, or pass --deterministic warn to run it with a warning (not bit for bit)"
             )
 
     def recipe(self) -> dict:
