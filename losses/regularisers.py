@@ -23,6 +23,12 @@ from losses.functional import reconstruction_nll
 logger = logging.getLogger(__name__)
 
 DINOV2_BASE = "facebook/dinov2-base"
+DINOV2_LARGE = "facebook/dinov2-large"  # ViT-L/14, the model VA-VAE aligns to (timm vit_large_patch14_dinov2.lvd142m)
+# The architectures of the two, for a random DINOv2 offline (--perception_weights random) without a cached config.
+DINOV2_ARCHITECTURES = {
+    DINOV2_BASE: dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
+    DINOV2_LARGE: dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16),
+}
 # ImageNet statistics DINOv2 was trained with (its image processor's).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -130,7 +136,8 @@ class FoundationFeatures(FrozenModule):
 
     Images in [−1, 1] are normalised with ImageNet statistics and resized so that one patch covers about
     16 pixels (256² -> 224², DINOv2's 16×16 patch grid), then the patch tokens (CLS dropped) are
-    bilinearly resized to the latent's (h, w).
+    bilinearly resized to the latent's (h, w). VA-VAE instead feeds [−1, 1] resized to 224² without
+    antialiasing (docs/recipe.md lists each difference).
     """
 
     def __init__(self, model: nn.Module):
@@ -165,7 +172,12 @@ def build_foundation(name_or_path: str = DINOV2_BASE, random_init: bool = False)
         try:
             config = Dinov2Config.from_pretrained(name_or_path)
         except OSError:
-            config = Dinov2Config()  # the dinov2-base architecture
+            if name_or_path not in DINOV2_ARCHITECTURES:
+                raise PerceptionWeightsError(
+                    f"no DINOv2 config for {name_or_path!r} offline: give {DINOV2_BASE}, {DINOV2_LARGE} or a local "
+                    "folder with --vf_model"
+                ) from None
+            config = Dinov2Config(**DINOV2_ARCHITECTURES[name_or_path])
         return FoundationFeatures(Dinov2Model(config))
     try:
         model = Dinov2Model.from_pretrained(name_or_path)
@@ -178,5 +190,7 @@ def build_foundation(name_or_path: str = DINOV2_BASE, random_init: bool = False)
 
 
 def build_vf_projection(latent_channels: int, width: int) -> nn.Conv2d:
-    """The trainable 1×1 conv z -> z' from the latent channels to the foundation model's width."""
-    return nn.Conv2d(latent_channels, width, kernel_size=1)
+    """The trainable 1×1 conv z -> z' from the latent channels to the foundation model's width, without bias
+    as VA-VAE's (`linear_proj`, reverse_proj: bias=False): a bias could take DINOv2's mean feature and meet
+    part of the cosine term without z moving."""
+    return nn.Conv2d(latent_channels, width, kernel_size=1, bias=False)

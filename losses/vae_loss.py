@@ -174,6 +174,7 @@ class TransfusionLoss(nn.Module):
         vf_weight: float = 0.0,
         vf_margin_cos: float = 0.5,
         vf_margin_distmat: float = 0.25,
+        vf_margin_start: int = 0,
         vf_model: str = DINOV2_BASE,
         foundation: nn.Module | None = None,
     ):
@@ -209,6 +210,7 @@ class TransfusionLoss(nn.Module):
         self.vf_weight = vf_weight
         self.vf_margin_cos = vf_margin_cos
         self.vf_margin_distmat = vf_margin_distmat
+        self.vf_margin_start = vf_margin_start
         random_weights = perception_weights == "random"
 
         if lpips_weight == 0:
@@ -434,13 +436,21 @@ class TransfusionLoss(nn.Module):
         eq = equivariance_nll(target, eq_recon, self.perceptual, self.l1_weight, self.lpips_weight)
         return self.equivariance_weight * eq, {"equivariance": eq.detach() / target[0].numel()}
 
+    def vf_margins(self, global_step: int) -> tuple[float, float]:
+        """(m1, m2) of the VF loss at this step: 0 before `vf_margin_start` (VA-VAE's released schedule trains
+        its first stages without margins), the configured margins from it."""
+        if global_step < self.vf_margin_start:
+            return 0.0, 0.0
+        return self.vf_margin_cos, self.vf_margin_distmat
+
     def _vf_term(
         self,
         step: _GeneratorStep,
         latent_projection: torch.Tensor | None,
         encoder_last_layer: nn.Conv2d | torch.Tensor | None,
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        """vf_weight·λ_vf·VF(z', DINOv2(x)), λ_vf = ‖∇nll‖/‖∇VF‖ at the encoder's conv_out (VA-VAE)."""
+        """vf_weight·λ_vf·VF(z', DINOv2(x)), λ_vf = ‖∇nll‖/‖∇VF‖ at the encoder's conv_out (VA-VAE); margins
+        from `vf_margins`."""
         if self.vf_weight == 0:
             return None, {}
         zero = step.zero
@@ -449,7 +459,7 @@ class TransfusionLoss(nn.Module):
             if self.foundation is None:
                 raise ValueError("latent_projection given but the loss has no foundation model (vf_weight 0)")
             features = self.foundation(step.inputs, latent_projection.shape[-2:])
-            vf, vf_parts = vf_loss(latent_projection, features, self.vf_margin_cos, self.vf_margin_distmat)
+            vf, vf_parts = vf_loss(latent_projection, features, *self.vf_margins(step.global_step))
             if torch.is_grad_enabled():
                 if encoder_last_layer is None:
                     raise ValueError("the VF loss needs encoder_last_layer (the encoder's conv_out)")

@@ -96,6 +96,8 @@ def _recipe_lines(recipe: Mapping) -> list[str]:
         lines.append(
             f"- DINOv2 alignment (VA-VAE's VF loss): weight {_fmt(r['vf_weight'])}, margins "
             f"{_fmt(r['vf_margin_cos'])} / {_fmt(r['vf_margin_distmat'])}"
+            + (f" from step {r['vf_margin_start']} (0 before)" if r["vf_margin_start"] else "")
+            + (f", foundation model {r['vf_model']}" if r["vf_model"] else "")
         )
     return lines
 

@@ -233,7 +233,13 @@ def test_card_names_the_latent_regularisers_only_when_on():
     recipe = TrainConfig(equivariance_weight=0.5, vf_weight=0.1).recipe()
     on = build_model_card(**card_args(recipe=recipe)).content
     assert "equivariance (EQ-VAE): weight 0.5, probability 0.5, scales [0.5, 0.75], quarter turns" in on
-    assert "DINOv2 alignment (VA-VAE's VF loss): weight 0.1, margins 0.5 / 0.25" in on
+    assert (
+        "DINOv2 alignment (VA-VAE's VF loss): weight 0.1, margins 0.5 / 0.25, foundation model facebook/dinov2-base"
+        in on
+    )
+    recipe = TrainConfig(vf_weight=0.1, vf_margin_start=500, vf_model="facebook/dinov2-large").recipe()
+    on = build_model_card(**card_args(recipe=recipe)).content
+    assert "margins 0.5 / 0.25 from step 500 (0 before), foundation model facebook/dinov2-large" in on
 
 
 # ---------------------------------------------------------------------------------------------

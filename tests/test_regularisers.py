@@ -23,7 +23,7 @@ from transformers import Dinov2Config, Dinov2Model
 import train_vae
 from autoencoder.models import build_vae
 from common.cli import parse_config
-from common.errors import CheckpointError, ConfigError
+from common.errors import CheckpointError, ConfigError, PerceptionWeightsError
 from losses import regularisers, vae_loss
 from losses.equivariance import equivariant_transform
 from losses.regularisers import (
@@ -259,6 +259,60 @@ def test_vf_loss_on_hand_made_features():
     assert value.item() == 0 and not zg.grad.any()
 
 
+class FixedFeatures(torch.nn.Module):
+    """A stand-in DINOv2: the same hand-made features for any image."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.features = features
+        self.width = features.shape[1]
+
+    def forward(self, images, grid):
+        return self.features.expand(images.shape[0], -1, -1, -1)
+
+
+def test_vf_margins_are_zero_before_vf_margin_start():
+    # The hand-made pair of test_vf_loss_on_hand_made_features: VF = 1.0 without margins, 0.625 with (0.5, 0.25).
+    z = torch.tensor([[1.0, 0.0], [0.0, 3.0]]).T.reshape(1, 2, 1, 2)
+    f = torch.tensor([[2.0, 0.0], [5.0, 0.0]]).T.reshape(1, 2, 1, 2)
+    loss_fn = vae_loss.TransfusionLoss(
+        lpips_weight=0, id_weight=0, gan_weight=0, vf_weight=0.5, vf_margin_start=10, foundation=FixedFeatures(f)
+    )
+    assert loss_fn.vf_margins(9) == (0.0, 0.0) and loss_fn.vf_margins(10) == (0.5, 0.25)
+    x = torch.zeros(1, 3, 16, 32)
+    with torch.no_grad():  # λ_vf is 0 without autograd; the logged VF is the formula's value
+        for step, expected in ((0, 1.0), (9, 1.0), (10, 0.625), (500, 0.625)):
+            _, logs = loss_fn.generator_loss(
+                x, x, torch.zeros(1, 2, 1, 2), torch.zeros(1, 2, 1, 2), step, last_layer_weight=torch.zeros(3, 8, 3, 3),
+                latent_projection=z,
+            )  # fmt: skip
+            assert logs["vf"].item() == pytest.approx(expected), step
+    assert TrainConfig().vf_margin_start == 0  # default: margins from step 0, as before
+
+
+def test_vf_projection_has_no_bias():
+    proj = regularisers.build_vf_projection(4, 8)
+    assert proj.bias is None and proj.weight.shape == (8, 4, 1, 1)
+    # Without a bias, z = 0 projects to z' = 0 whatever the weights: the cosine term cannot be met by a constant.
+    assert not proj(torch.zeros(1, 4, 2, 2)).any()
+
+
+def test_random_dinov2_offline_builds_the_named_architecture(monkeypatch):
+    def no_config(name):
+        raise OSError("offline")
+
+    monkeypatch.setattr(regularisers.Dinov2Config, "from_pretrained", no_config)
+    monkeypatch.setattr(regularisers, "Dinov2Model", lambda config: config)
+    monkeypatch.setattr(regularisers, "FoundationFeatures", lambda model: model)
+    large = regularisers.build_foundation("facebook/dinov2-large", random_init=True)
+    base = regularisers.build_foundation("facebook/dinov2-base", random_init=True)
+    assert (large.hidden_size, large.num_hidden_layers, large.num_attention_heads) == (1024, 24, 16)
+    assert (base.hidden_size, base.num_hidden_layers, base.num_attention_heads) == (768, 12, 12)
+    assert large.patch_size == base.patch_size == 14
+    with pytest.raises(PerceptionWeightsError, match="no DINOv2 config"):
+        regularisers.build_foundation("my/dino", random_init=True)
+
+
 def test_foundation_features_sit_on_the_latent_grid_and_stay_frozen():
     dino = tiny_dino()
     feats = dino(torch.rand(2, 3, 32, 48) * 2 - 1, (4, 6))
@@ -317,7 +371,7 @@ def test_vf_gradients_reach_projection_and_encoder_never_dinov2(tmp_path, accele
     assert trainer.vf_projection is not None and trainer.vf_projection.weight.shape == (16, 8, 1, 1)
     # The projection is trained with the autoencoder's optimizer, after the autoencoder's parameters.
     opt_params = trainer.opt_g.optimizer.param_groups[0]["params"]
-    assert opt_params[-2] is trainer.vf_projection.weight and opt_params[-1] is trainer.vf_projection.bias
+    assert opt_params[-1] is trainer.vf_projection.weight and trainer.vf_projection.bias is None
 
     # Only the VF term, through the loss: z' and the encoder get gradients, the decoder and DINOv2 none.
     x = batch()
@@ -432,13 +486,17 @@ def test_vf_projection_is_checkpointed_and_a_changed_vf_setting_is_refused(tmp_p
     checkpointing.save_vf_projection(proj, str(tmp_path))
     other = regularisers.build_vf_projection(4, 8)
     checkpointing.load_vf_projection(other, str(tmp_path))
-    assert torch.equal(other.weight, proj.weight) and torch.equal(other.bias, proj.bias)
+    assert torch.equal(other.weight, proj.weight) and proj.bias is None
     with pytest.raises(CheckpointError, match="with the VF loss"):
         checkpointing.load_vf_projection(None, str(tmp_path))
     os.remove(tmp_path / checkpointing.VF_PROJECTION_FILE)
     with pytest.raises(CheckpointError, match="without the VF loss"):
         checkpointing.load_vf_projection(other, str(tmp_path))
     checkpointing.load_vf_projection(None, str(tmp_path))  # off and absent: nothing to do
+    # A projection saved with a bias (before it was bias-free): one line, not a state-dict traceback.
+    checkpointing.save_vf_projection(torch.nn.Conv2d(4, 8, 1), str(tmp_path))
+    with pytest.raises(CheckpointError, match="with a bias"):
+        checkpointing.load_vf_projection(other, str(tmp_path))
 
 
 @pytest.mark.e2e

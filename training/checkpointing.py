@@ -305,7 +305,13 @@ def load_vf_projection(projection: nn.Module | None, folder: str) -> None:
             f"{folder} was trained without the VF loss: resume it with --vf_weight 0, or start a new run from "
             f"its weights with --init_from {os.path.join(folder, VAE_DIR)}"
         )
-    projection.load_state_dict(load_file(path))
+    state = load_file(path)
+    if "bias" in state and getattr(projection, "bias", None) is None:
+        raise CheckpointError(
+            f"{folder} holds a VF projection with a bias (trained before the projection became bias-free, as "
+            f"VA-VAE's): it cannot resume; start a new run from its weights with --init_from {os.path.join(folder, VAE_DIR)}"
+        )
+    projection.load_state_dict(state)
 
 
 def save_ema(ema: EMAModel, folder: str) -> None:

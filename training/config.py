@@ -258,11 +258,22 @@ class TrainConfig:
         recipe=True,
         loss=True,
     )
+    vf_margin_start: int = arg(
+        0,
+        "the VF margins m1, m2 apply from this step; before it they are 0 (VA-VAE's released schedule trains its "
+        "first stages without margins)",
+        bound="non_negative",
+        resume="warn",
+        recipe=True,
+        loss=True,
+    )
     vf_model: str = arg(
         "facebook/dinov2-base",
-        "the frozen DINOv2 of the VF loss: a transformers Dinov2Model folder or hub id (random weights with "
+        "the frozen DINOv2 of the VF loss: facebook/dinov2-base (ViT-B/14, 768-d), facebook/dinov2-large "
+        "(ViT-L/14, 1024-d, VA-VAE's), or a transformers Dinov2Model folder (random weights with "
         "--perception_weights random)",
         resume="fixed",
+        recipe=True,
         loss=True,
     )
     perception_weights: str = arg(
