@@ -195,7 +195,18 @@ def build_data(cfg: TrainConfig):
 
 
 def build_autoencoder(cfg: TrainConfig) -> AutoencoderKL:
-    vae = build_vae(cfg.model_config, latent_channels=cfg.latent_channels)
+    """The model to train: --pretrained_model_name_or_path as it is (fp32), else a fresh --model_config, into
+    which --init_from copies its tensors; then the frozen parameters (--freeze, --train_decoder_only) marked."""
+    if cfg.pretrained_model_name_or_path:
+        vae = load_vae(cfg.pretrained_model_name_or_path, dtype=torch.float32, config=cfg.model_config)
+        logger.info(
+            f"starting from {cfg.pretrained_model_name_or_path} as it is: latent_channels "
+            f"{vae.config.latent_channels}, block_out_channels {list(vae.config.block_out_channels)}, "
+            f"scaling_factor {vae.config.scaling_factor}, shift_factor {vae.config.shift_factor}",
+            main_process_only=True,
+        )
+    else:
+        vae = build_vae(cfg.model_config, latent_channels=cfg.latent_channels)
     if cfg.init_from:
         report = init_from_pretrained(vae, load_vae(cfg.init_from))
         logger.info(report.summary(), main_process_only=True)
@@ -206,7 +217,7 @@ def build_autoencoder(cfg: TrainConfig) -> AutoencoderKL:
                 f"--train_decoder_only would freeze encoder layers that --init_from could not copy "
                 f"({', '.join(fresh)}: the latent channel count changed); train the encoder too"
             )
-    frozen = list(cfg.freeze) + (["encoder.", "quant_conv."] if cfg.train_decoder_only else [])
+    frozen = cfg.frozen_prefixes()
     for name, p in vae.named_parameters():
         if any(name.startswith(prefix) for prefix in frozen):
             p.requires_grad_(False)

@@ -6,6 +6,10 @@ documents for SD3/Flux-style VAEs. `latents_mean` / `latents_std` stay None in t
 diffusers' SDXL-family pipelines, when both are set, decode with
 `latents * latents_std / scaling_factor + latents_mean`, i.e. a second normalisation on top of
 the first. The per-channel values go to `latent_stats.json` instead.
+
+A fine-tune whose encoder and quant_conv did not train keeps its start model's convention instead
+(`--latent_scaling keep`): its latents are the start model's, so pipelines and diffusion models built on
+them keep working. `latent_stats.json` then holds the measured statistics beside the kept values.
 """
 
 from __future__ import annotations
@@ -60,12 +64,25 @@ def apply_latent_convention(vae: AutoencoderKL, stats: Mapping) -> None:
     )
 
 
-def write_latent_stats(folder: str, stats: Mapping) -> str:
+def write_latent_stats(folder: str, stats: Mapping, kept: Mapping | None = None) -> str:
+    """latent_stats.json: the measured statistics; `kept`: the config's latent convention when it was kept
+    from the start model (then the measured shift_factor / scaling_factor are NOT in config.json)."""
     path = os.path.join(folder, LATENT_STATS_FILE)
+    if kept is None:
+        head = {
+            "convention": "latents = (z - shift_factor) * scaling_factor; z = latents / scaling_factor + shift_factor"
+        }
+    else:
+        head = {
+            "convention": "config.json keeps the start model's scaling_factor / shift_factor / latents_mean / "
+            "latents_std (the values under 'config'); the statistics below were measured on this model and are "
+            "not in config.json",
+            "config": dict(kept),
+        }
     record = {
-        "convention": "latents = (z - shift_factor) * scaling_factor; z = latents / scaling_factor + shift_factor",
+        **head,
         **stats,
-        "note": "latents_mean / latents_std are per channel and NOT in config.json; to normalise per channel "
+        "note": "the measured latents_mean / latents_std above are per channel and NOT in config.json; to normalise per channel "
         "instead, use (z - latents_mean[c]) / latents_std[c] on its own, never together with "
         "scaling_factor / shift_factor",
     }

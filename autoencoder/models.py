@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 
 import torch
 from diffusers import AutoencoderKL
 
 from common.errors import ModelError
-from common.helpers import key_mismatch, one_line
+from common.helpers import hub_offline, key_mismatch, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +47,53 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def build_vae(preset: str, latent_channels: int | None = None) -> AutoencoderKL:
-    """A freshly initialised AutoencoderKL from a preset name or a JSON config file."""
-    if preset in PRESETS:
-        config = dict(PRESETS[preset])
-    elif preset.endswith(".json") and os.path.isfile(preset):
-        with open(preset) as f:
+DEFAULT_PRESET = "transfusion"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+# diffusers' latent convention keys of an AutoencoderKL config (autoencoder/latents.py).
+LATENT_CONVENTION_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+
+
+def is_hub_id(path: str) -> bool:
+    """A name that can only mean a Hub repository: nothing there locally, no path prefix, at most one '/'."""
+    return not os.path.exists(path) and not path.startswith((".", "/", "~")) and path.count("/") <= 1
+
+
+def is_single_file(path: str) -> bool:
+    """A single-file checkpoint (original LDM layout; a local file or a URL), as `from_single_file` reads it."""
+    return path.lower().endswith(SINGLE_FILE_SUFFIXES) and not os.path.isdir(path)
+
+
+def vae_config(name: str) -> dict:
+    """An AutoencoderKL config (no weights) from a preset name, a JSON file, a model folder or a Hub id."""
+    if name in PRESETS:
+        return dict(PRESETS[name])
+    if name.endswith(".json") and os.path.isfile(name):
+        with open(name) as f:
             config = json.load(f)
-        config = {k: v for k, v in config.items() if not k.startswith("_")}
+    elif "/" not in name and not os.path.exists(name):
+        raise ModelError(
+            f"unknown model preset {name!r}: use one of {sorted(PRESETS)}, a JSON config file, "
+            "a folder holding config.json or a Hub id"
+        )
     else:
-        raise ModelError(f"unknown model preset {preset!r}: use one of {sorted(PRESETS)} or a path to a JSON config")
+        try:
+            location, sub = resolve_vae_location(name)
+        except ModelError:
+            raise ModelError(
+                f"unknown model config {name!r}: use one of {sorted(PRESETS)}, a JSON config file, "
+                "a folder holding config.json or a Hub id"
+            ) from None
+        try:
+            config = AutoencoderKL.load_config(location, subfolder=sub)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot read an AutoencoderKL config from {name!r}: {one_line(e, name=False)}") from None
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def build_vae(preset: str | None = None, latent_channels: int | None = None) -> AutoencoderKL:
+    """A freshly initialised AutoencoderKL from a preset name (default: transfusion), a JSON config file,
+    a model folder or a Hub id (only its config.json is read)."""
+    config = vae_config(preset or DEFAULT_PRESET)
     if latent_channels is not None:
         config["latent_channels"] = latent_channels
     try:
@@ -77,13 +115,18 @@ def resolve_vae_location(path: str) -> tuple[str, str | None]:
             if os.path.isfile(os.path.join(path, sub, "config.json")):
                 return path, sub
         raise ModelError(f"{path!r} is a folder but holds no AutoencoderKL (no config.json, vae/ or vae_ema/)")
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
+    if not is_hub_id(path):
         raise ModelError(f"model path {path!r} does not exist")
     return path, None
 
 
-def load_vae(path: str, subfolder: str | None = None, dtype: torch.dtype | None = None) -> AutoencoderKL:
-    """Load a pretrained AutoencoderKL from a folder, a training checkpoint or a hub id; clear error otherwise."""
+def load_vae(
+    path: str, subfolder: str | None = None, dtype: torch.dtype | None = None, config: str | None = None
+) -> AutoencoderKL:
+    """Load a pretrained AutoencoderKL as it is, with its own config: a folder, a training checkpoint, a Hub id,
+    or a single file in the original LDM layout (`config`: its config, see `load_single_file`); clear error otherwise."""
+    if is_single_file(path):
+        return load_single_file(path, config, dtype)
     location, found_sub = resolve_vae_location(path)
     subfolder = subfolder or found_sub
     try:
@@ -93,11 +136,45 @@ def load_vae(path: str, subfolder: str | None = None, dtype: torch.dtype | None 
     return vae
 
 
+def load_single_file(path: str, config: str | None = None, dtype: torch.dtype | None = None) -> AutoencoderKL:
+    """`AutoencoderKL.from_single_file` of a .safetensors/.ckpt file (or URL) in the original LDM key layout.
+
+    config: the model's config as a preset name, a JSON file, a folder holding config.json or a Hub id;
+    None lets diffusers infer it from the checkpoint (it then fetches that model's config.json from the Hub
+    or its cache, so offline pass `config`). .ckpt files are read with torch.load(weights_only=True).
+    """
+    if not path.startswith(("http://", "https://")) and not os.path.isfile(path):
+        raise ModelError(f"single-file checkpoint {path!r} does not exist")
+    with tempfile.TemporaryDirectory() as tmp:
+        if config is not None and (config in PRESETS or config.endswith(".json")):
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump({"_class_name": "AutoencoderKL", **vae_config(config)}, f)
+            config = tmp
+        elif config is not None:
+            location, sub = resolve_vae_location(config)
+            config = os.path.join(location, sub) if sub else location
+        try:
+            return AutoencoderKL.from_single_file(
+                path, config=config, torch_dtype=dtype, local_files_only=hub_offline() or None
+            )
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            hint = " (offline: give its config with --model_config)" if config is None and hub_offline() else ""
+            raise ModelError(
+                f"cannot load AutoencoderKL from the single file {path!r}{hint}: {one_line(e, name=False)}"
+            ) from None
+
+
+def latent_convention(vae: AutoencoderKL) -> dict:
+    """The model's latent convention as its config holds it: scaling_factor, shift_factor, latents_mean, latents_std."""
+    return {key: vae.config.get(key) for key in LATENT_CONVENTION_KEYS}
+
+
 @dataclass
 class InitReport:
     copied: list[str] = field(default_factory=list)
     adapted: list[str] = field(default_factory=list)
     reinitialized: list[str] = field(default_factory=list)
+    latent_convention: dict | None = None  # the source's, taken over when the latent channels match
 
     def summary(self) -> str:
         lines = [f"init_from: copied {len(self.copied)} tensors exactly"]
@@ -108,6 +185,8 @@ class InitReport:
             )
         if self.reinitialized:
             lines.append("  re-initialised: " + ", ".join(self.reinitialized))
+        if self.latent_convention:
+            lines.append(f"  the source's latent convention taken over: {self.latent_convention}")
         return "\n".join(lines)
 
 
@@ -150,6 +229,8 @@ def init_from_pretrained(vae: AutoencoderKL, source: AutoencoderKL, adapt_latent
     Matching tensors are copied exactly. When the latent channel count differs, the four
     latent-facing layers get their overlapping channels copied (`adapt_latent`) or stay at
     their fresh initialisation. Any other mismatch is an error: the architectures differ.
+    With the same latent channels, `vae`'s config takes over the source's latent convention
+    (scaling_factor, shift_factor, latents_mean, latents_std): the latents are then the source's.
     """
     report = InitReport()
     src_state = source.state_dict()
@@ -179,6 +260,9 @@ def init_from_pretrained(vae: AutoencoderKL, source: AutoencoderKL, adapt_latent
             report.adapted.append(name)
         else:
             report.reinitialized.append(name)
+    if old_latent == new_latent:
+        report.latent_convention = latent_convention(source)
+        vae.register_to_config(**report.latent_convention)
     return report
 
 

@@ -102,6 +102,13 @@ def _recipe_lines(recipe: Mapping) -> list[str]:
     return lines
 
 
+def _start_sentence(base_model: str, loaded_as_is: bool) -> str:
+    shown = base_model if base_model.startswith(("http://", "https://")) else public_path(base_model)
+    if loaded_as_is:
+        return f" Fine-tuned from `{shown}` (loaded as it is, with its own config)."
+    return f" Initialised from `{shown}` (its tensors copied into this architecture)."
+
+
 def _metrics_table(initial: Mapping, final: Mapping) -> str:
     names = list(final) + [k for k in initial if k not in final]
     if not names:
@@ -110,29 +117,41 @@ def _metrics_table(initial: Mapping, final: Mapping) -> str:
     return "\n".join(["| metric | step 0 | final |", "|---|---|---|", *rows])
 
 
-def _latent_section(stats: Mapping | None) -> str:
+def _latent_section(stats: Mapping | None, kept: Mapping | None = None) -> str:
     if not stats:
         return "_Latent statistics were not computed._"
     rows = [
         f"| {c} | {m:.4f} | {s:.4f} |"
         for c, (m, s) in enumerate(zip(stats["latents_mean"], stats["latents_std"], strict=True))
     ]
-    return "\n".join(
-        [
-            f"Sampled latents z ~ q(z|x) of {stats['num_images']} images ({stats.get('images', 'held-out images')}), "
-            f"seed {stats['seed']}:",
+    measured = (
+        f"Sampled latents z ~ q(z|x) of {stats['num_images']} images ({stats.get('images', 'held-out images')}), "
+        f"seed {stats['seed']}:"
+    )
+    if kept is None:
+        lines = [
+            measured,
             "",
             f"- overall mean μ = {stats['mean']:.6f}, std σ = {stats['std']:.6f}",
-            f"- `shift_factor` = μ = {stats['shift_factor']:.6f}, `scaling_factor` = 1/σ = {stats['scaling_factor']:.6f} "
-            "(in `config.json`)",
-            "- `config.json` holds no `latents_mean` / `latents_std`: diffusers' SDXL-family pipelines would otherwise "
-            "normalise twice. The per-channel statistics are in `latent_stats.json`:",
-            "",
-            "| channel | mean | std |",
-            "|---|---|---|",
-            *rows,
+            f"- `shift_factor` = μ = {stats['shift_factor']:.6f}, `scaling_factor` = 1/σ = "
+            f"{stats['scaling_factor']:.6f} (in `config.json`)",
+            "- `config.json` holds no `latents_mean` / `latents_std`: diffusers' SDXL-family pipelines would "
+            "otherwise normalise twice. The per-channel statistics are in `latent_stats.json`:",
         ]
-    )
+    else:
+        lines = [
+            "`config.json` keeps the start model's latent convention unchanged"
+            + (f" ({kept['reason']})" if kept.get("reason") else "")
+            + ": "
+            + ", ".join(f"`{k}` = {kept[k]}" for k in ("scaling_factor", "shift_factor", "latents_mean", "latents_std"))
+            + ". Pipelines and diffusion models made for the start model's latents use this VAE as a drop-in.",
+            "",
+            measured,
+            "",
+            f"- overall mean μ = {stats['mean']:.6f}, std σ = {stats['std']:.6f} (1/σ = {stats['scaling_factor']:.6f}); "
+            "not in `config.json`. Per channel, in `latent_stats.json`:",
+        ]
+    return "\n".join([*lines, "", "| channel | mean | std |", "|---|---|---|", *rows])
 
 
 def build_model_card(
@@ -159,17 +178,25 @@ def build_model_card(
     metrics_final: Mapping | None = None,
     latent_stats: Mapping | None = None,
     has_discriminator: bool = False,
+    base_loaded_as_is: bool = False,
+    kept_latent_convention: Mapping | None = None,
+    single_file: str | None = None,
 ) -> ModelCard:
     """The card of an exported model.
 
     folder: the export folder (its basename names a local model; images in it are embedded).
     repo_id: the Hub repository when pushed (metadata and loading snippet use it), else None.
-    base_model: the `--init_from` hub id or path (metadata only when it is a hub id), else None.
+    base_model: the start model (`--pretrained_model_name_or_path` or `--init_from`): a hub id, path or
+        single file (metadata only when it is a hub id), else None; `base_loaded_as_is`: it was loaded
+        with its own config (--pretrained_model_name_or_path), not copied into another architecture.
     sources: data.SourceSpec objects or mappings (name, path, split, weight, kind); hub ids go into
         the `datasets` metadata, local sources are listed in the body only.
     perception_weights: what the LPIPS/MoCo nets actually were: "pretrained", "random", or "none" (both terms off).
     heldout_disjoint: False when the held-out images come from the training data.
     latent_stats: the dict `vae.export.latent_statistics` returns (plus "images": how they were drawn).
+    kept_latent_convention: the start model's scaling_factor / shift_factor / latents_mean / latents_std (and
+        "reason") when config.json keeps them, else None (config.json holds the measured values).
+    single_file: the file name of the single-file (original LDM layout) copy of the weights, when written.
     """
     recipe = dict(recipe or {})
     vae_config = dict(vae_config or {})
@@ -205,7 +232,7 @@ def build_model_card(
         "([Transfusion, arXiv 2408.11039](https://arxiv.org/abs/2408.11039), app. A; reference implementation "
         "[lavinal712/AutoencoderKL, branch transfusion_vae]"
         "(https://github.com/lavinal712/AutoencoderKL/tree/transfusion_vae))."
-        + (f" Initialised from `{public_path(base_model)}`." if base_model else ""),
+        + (_start_sentence(base_model, base_loaded_as_is) if base_model else ""),
     ]
 
     factor = 2 ** (len(vae_config.get("block_out_channels", ())) - 1) if vae_config.get("block_out_channels") else None
@@ -284,7 +311,7 @@ def build_model_card(
     usage = [
         "## Latent statistics",
         "",
-        _latent_section(latent_stats),
+        _latent_section(latent_stats, kept_latent_convention),
         "",
         "## Use",
         "",
@@ -293,10 +320,19 @@ def build_model_card(
         "",
         f'vae = AutoencoderKL.from_pretrained("{load_from}")' + ("" if repo_id else "  # the folder holding this card"),
         "posterior = vae.encode(images).latent_dist      # images in [-1, 1], (B, 3, H, W)",
-        "latents = (posterior.sample() - vae.config.shift_factor) * vae.config.scaling_factor  # mean 0, std 1",
-        "recon = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample",
+        "shift = vae.config.shift_factor or 0.0            # None in SD 1.x / SDXL-style configs",
+        "latents = (posterior.sample() - shift) * vae.config.scaling_factor"
+        + ("  # mean 0, std 1" if kept_latent_convention is None else ""),
+        "recon = vae.decode(latents / vae.config.scaling_factor + shift).sample",
         "```",
     ]
+    if single_file:
+        usage += [
+            "",
+            f"`{single_file}`: the same weights in the original latent-diffusion key layout, for ComfyUI "
+            "(`models/vae/`) and AUTOMATIC1111 (`models/VAE/`); diffusers reads it with "
+            f'`AutoencoderKL.from_single_file("{single_file}", config="{load_from}")`.',
+        ]
     sections = [head, model, training, mixture, heldout + ([""] + images if images else []), usage]
     body = "\n\n".join("\n".join(s).rstrip() for s in sections)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")

@@ -5,8 +5,12 @@
     <folder>/discriminator/{model.safetensors,config.json}     the PatchGAN discriminator
     <folder>/reconstructions.png                               the last held-out grid, when given
     <folder>/README.md                                         the model card (publishing/card.py)
+    <folder>/vae_single_file.safetensors                       with --export_single_file: the VAE in the original
+                                                               LDM key layout (autoencoder/single_file.py)
 
-The latent convention (shift_factor / scaling_factor in config.json): autoencoder/latents.py.
+The latent convention (shift_factor / scaling_factor in config.json, measured or kept): autoencoder/latents.py.
+An existing folder (or training checkpoint) gets its single file with
+`python -m publishing.export --single_file FOLDER [--output FILE.safetensors]`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -27,7 +32,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from autoencoder.latents import apply_latent_convention, latent_statistics, write_latent_stats
-from autoencoder.models import count_parameters, resolve_vae_location
+from autoencoder.models import count_parameters, latent_convention, load_vae, resolve_vae_location
+from autoencoder.single_file import save_single_file
 from common.errors import DataError, HubError, ModelError
 from common.helpers import hub_offline, key_mismatch, one_line
 from data import sample_images
@@ -40,6 +46,7 @@ logger = logging.getLogger(__name__)
 DISCRIMINATOR_DIR = "discriminator"
 DISCRIMINATOR_WEIGHTS = "model.safetensors"
 DISCRIMINATOR_CONFIG = "config.json"
+SINGLE_FILE = "vae_single_file.safetensors"
 
 
 # ----------------------------------------------------------------------------------------
@@ -156,14 +163,21 @@ def export_model(
     discriminator: nn.Module | None = None,
     reconstructions: str | None = None,
     card: Mapping | None = None,
+    latent_scaling: str = "measure",
+    latent_scaling_reason: str = "",
+    single_file: bool = False,
 ) -> dict:
     """Write the model folder; returns the latent statistics (reuse them to skip the encode pass).
 
     latent_images: (N, 3, R, R) in [-1, 1] for `latent_statistics` (or pass `latent_stats` already
         computed); `images_note` says how they were drawn and lands in latent_stats.json and the card.
     reconstructions: a grid PNG to copy as GRID_PNG (reconstructions.png, the last held-out grid).
-    card: keyword arguments of `publishing.card.build_model_card` other than folder, latent_stats and
-        has_discriminator, which this function fills in.
+    card: keyword arguments of `publishing.card.build_model_card` other than folder, latent_stats,
+        has_discriminator, kept_latent_convention and single_file, which this function fills in.
+    latent_scaling: "measure" writes the measured shift_factor / scaling_factor into config.json (and no
+        latents_mean / latents_std); "keep" leaves the four as `vae.config` holds them (the start model's),
+        said in the log and card with `latent_scaling_reason`. latent_stats.json gets the measured values either way.
+    single_file: also write SINGLE_FILE, the weights in the original LDM key layout.
     Writes no optimizer or trainer state: the folder is what goes to the Hub.
     """
     if latent_stats is None:
@@ -171,10 +185,16 @@ def export_model(
             raise ValueError("export_model needs latent_images or latent_stats")
         latent_stats = latent_statistics(vae, latent_images, batch_size, seed=seed)
     stats = {**latent_stats, "images": latent_stats.get("images", images_note)}
+    if latent_scaling not in ("keep", "measure"):
+        raise ValueError(f"latent_scaling must be keep or measure, got {latent_scaling!r}")
+    kept = latent_convention(vae) if latent_scaling == "keep" else None
     os.makedirs(folder, exist_ok=True)
-    apply_latent_convention(vae, stats)
+    if kept is None:
+        apply_latent_convention(vae, stats)
     vae.save_pretrained(folder, safe_serialization=True)
-    write_latent_stats(folder, stats)
+    write_latent_stats(folder, stats, kept=kept)
+    if single_file:
+        save_single_file(vae, os.path.join(folder, SINGLE_FILE))
     if discriminator is not None:
         save_discriminator(discriminator, folder)
     if reconstructions and os.path.isfile(reconstructions):
@@ -182,17 +202,32 @@ def export_model(
         if os.path.abspath(reconstructions) != os.path.abspath(target):
             shutil.copyfile(reconstructions, target)
     model_card = build_model_card(
-        folder=folder, latent_stats=stats, has_discriminator=discriminator is not None, **dict(card or {})
+        folder=folder,
+        latent_stats=stats,
+        has_discriminator=discriminator is not None,
+        kept_latent_convention=kept and {**kept, "reason": latent_scaling_reason},
+        single_file=SINGLE_FILE if single_file else None,
+        **dict(card or {}),
     )
     model_card.save(os.path.join(folder, "README.md"))
-    logger.info(
-        "exported the model to %s (scaling_factor %.4f, shift_factor %.4f, %d images)",
-        folder,
-        stats["scaling_factor"],
-        stats["shift_factor"],
-        stats["num_images"],
-    )
+    if kept is None:
+        how = f"measured: scaling_factor {stats['scaling_factor']:.4f}, shift_factor {stats['shift_factor']:.4f}"
+    else:
+        how = (
+            f"scaling_factor {kept['scaling_factor']}, shift_factor {kept['shift_factor']}, latents_mean/std "
+            f"{'set' if kept['latents_mean'] is not None else 'None'} KEPT from the start model"
+            + (f" ({latent_scaling_reason})" if latent_scaling_reason else "")
+            + f"; measured 1/σ {stats['scaling_factor']:.4f}, μ {stats['shift_factor']:.4f} in latent_stats.json"
+        )
+    logger.info("exported the model to %s (%s; %d images)", folder, how, stats["num_images"])
     return stats
+
+
+def export_single_file(folder: str, output: str | None = None) -> str:
+    """Write the single-file (LDM layout) VAE of an existing export folder or training checkpoint;
+    returns its path (default: <folder>/vae_single_file.safetensors)."""
+    vae = load_vae(folder)
+    return save_single_file(vae, output or os.path.join(folder, SINGLE_FILE))
 
 
 # ----------------------------------------------------------------------------------------
@@ -245,6 +280,20 @@ def latent_sample(run: TrainingRun) -> tuple[torch.Tensor, str]:
     return images, f"{len(images)} {how}, a seeded random sample (seed {cfg.seed})"
 
 
+def latent_scaling_mode(cfg: TrainConfig, vae: nn.Module) -> tuple[str, str]:
+    """("keep" or "measure", why) for --latent_scaling: auto keeps the start model's convention when the run
+    started from a model and every encoder and quant_conv parameter was frozen (the latents are then the start's)."""
+    start = cfg.pretrained_model_name_or_path or cfg.init_from
+    frozen = cfg.frozen_prefixes()
+    encoder = [n for n, _ in vae.named_parameters() if n.startswith(("encoder.", "quant_conv."))]
+    encoder_frozen = bool(encoder) and all(n.startswith(tuple(frozen)) for n in encoder)
+    if cfg.latent_scaling != "auto":
+        return cfg.latent_scaling, f"--latent_scaling {cfg.latent_scaling}"
+    if start and encoder_frozen:
+        return "keep", f"encoder and quant_conv frozen: the latents are those of {start}"
+    return "measure", "the encoder trained" if start else "a model trained from scratch"
+
+
 def export_run(
     folder: str,
     vae: AutoencoderKL,
@@ -267,7 +316,8 @@ def export_run(
     card = dict(
         repo_id=repo_id,
         license=cfg.license,
-        base_model=cfg.init_from,
+        base_model=cfg.pretrained_model_name_or_path or cfg.init_from,
+        base_loaded_as_is=bool(cfg.pretrained_model_name_or_path),
         sources=run.sources,
         heldout_name=", ".join(s.name for s in run.heldout_sources),
         heldout_disjoint=run.heldout_disjoint,
@@ -290,6 +340,7 @@ def export_run(
         os.makedirs(folder, exist_ok=True)
         shutil.copyfile(run_log.curves_path, os.path.join(folder, CURVES_PNG))
     device = next(vae.parameters()).device
+    latent_scaling, reason = latent_scaling_mode(cfg, vae)
     return export_model(
         folder,
         vae,
@@ -300,6 +351,9 @@ def export_run(
         discriminator=discriminator,
         reconstructions=run_log.grid_path(run.steps),
         card=card,
+        latent_scaling=latent_scaling,
+        latent_scaling_reason=reason,
+        single_file=cfg.export_single_file,
     )
 
 
@@ -320,3 +374,27 @@ def run_summary(run: TrainingRun) -> str:
     return f"done at step {run.steps}: {held_out}" + ", ".join(
         [f"model in {out} (AutoencoderKL.from_pretrained)", *pictures]
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m publishing.export --single_file FOLDER [--output FILE]`: the single file of an existing folder."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m publishing.export", description=main.__doc__)
+    parser.add_argument(
+        "--single_file",
+        required=True,
+        metavar="FOLDER",
+        help="an exported model folder, a diffusers AutoencoderKL folder or a training checkpoint folder",
+    )
+    parser.add_argument("--output", help=f"the .safetensors file to write (default: FOLDER/{SINGLE_FILE})")
+    args = parser.parse_args(argv)
+    try:
+        path = export_single_file(args.single_file, args.output)
+    except ModelError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    print(f"wrote {path} (the VAE in the original LDM key layout; AutoencoderKL.from_single_file reads it)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

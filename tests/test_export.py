@@ -321,6 +321,136 @@ def test_export_folder_loads_and_holds_what_goes_to_the_hub(exported):
 
 
 # ---------------------------------------------------------------------------------------------
+# 5b. a fine-tune's latent convention (--latent_scaling) and the single-file export
+# ---------------------------------------------------------------------------------------------
+
+SD_CONVENTION = {"scaling_factor": 0.18215, "shift_factor": None, "latents_mean": None, "latents_std": None}
+
+
+def sd_like_vae(**convention):
+    """A tiny random-weight VAE whose config carries a start model's latent convention (SD 1.x's by default)."""
+    torch.manual_seed(3)
+    vae = build_vae("tiny").eval()
+    vae.register_to_config(**{**SD_CONVENTION, **convention})
+    return vae
+
+
+@pytest.mark.parametrize(
+    "convention", [{}, {"scaling_factor": 0.3611, "shift_factor": 0.1159, "latents_mean": [0.1] * 8}]
+)
+def test_keep_leaves_the_start_models_convention_exactly_and_still_measures(images, tmp_path, convention):
+    vae = sd_like_vae(**convention)
+    expected = {**SD_CONVENTION, **convention}
+    stats = export_model(
+        str(tmp_path / "kept"),
+        vae,
+        latent_images=images,
+        batch_size=BATCH,
+        seed=SEED,
+        card=card_args(base_model="stabilityai/sd-vae-ft-mse", base_loaded_as_is=True),
+        latent_scaling="keep",
+        latent_scaling_reason="encoder and quant_conv frozen",
+    )
+    config = json.loads((tmp_path / "kept" / "config.json").read_text())
+    assert {k: config.get(k) for k in expected} == expected
+    # latent_stats.json holds the measured values (the same as an independent computation) and the kept ones.
+    record = json.loads((tmp_path / "kept" / LATENT_STATS_FILE).read_text())
+    z = independent_latents(vae, images, SEED, BATCH)
+    assert record["scaling_factor"] == pytest.approx(1 / z.std().item(), rel=1e-6) == stats["scaling_factor"]
+    assert record["config"] == expected and "not in config.json" in record["convention"]
+    card = ModelCard.load(tmp_path / "kept" / "README.md")
+    assert card.data.to_dict()["base_model"] == "stabilityai/sd-vae-ft-mse"
+    assert "keeps the start model's latent convention" in card.text and "frozen" in card.text
+    assert "Fine-tuned from `stabilityai/sd-vae-ft-mse` (loaded as it is" in card.text
+
+
+def test_measure_replaces_a_start_models_convention(images, tmp_path):
+    vae = sd_like_vae(latents_mean=[0.1] * 8, latents_std=[2.0] * 8)
+    stats = export_model(
+        str(tmp_path / "m"), vae, latent_images=images, batch_size=BATCH, seed=SEED, latent_scaling="measure"
+    )
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["scaling_factor"] == pytest.approx(stats["scaling_factor"]) != SD_CONVENTION["scaling_factor"]
+    assert config["shift_factor"] == pytest.approx(stats["shift_factor"])
+    assert config["latents_mean"] is None and config["latents_std"] is None
+    assert "config" not in json.loads((tmp_path / "m" / LATENT_STATS_FILE).read_text())
+    with pytest.raises(ValueError, match="keep or measure"):
+        export_model(str(tmp_path / "x"), vae, latent_stats=stats, latent_scaling="auto")
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (dict(pretrained_model_name_or_path="a/b", train_decoder_only=True), "keep"),
+        (dict(init_from="a/b", freeze=["encoder.", "quant_conv."]), "keep"),
+        (dict(init_from="a/b", freeze=["encoder."]), "measure"),  # quant_conv trains: the latents move
+        (dict(pretrained_model_name_or_path="a/b"), "measure"),
+        (dict(train_decoder_only=True), "measure"),  # a random frozen encoder: nothing to keep
+        (dict(pretrained_model_name_or_path="a/b", train_decoder_only=True, latent_scaling="measure"), "measure"),
+        (dict(latent_scaling="keep"), "keep"),
+    ],
+)
+def test_latent_scaling_auto_keeps_only_a_start_models_frozen_encoder(tmp_path, flags, expected):
+    from publishing.export import latent_scaling_mode
+    from tiny import tiny_config
+
+    mode, reason = latent_scaling_mode(tiny_config(tmp_path, **{"model_config": None, **flags}), build_vae("tiny"))
+    assert mode == expected and reason
+
+
+def test_single_file_is_the_ldm_layout_and_loads_back_equal(tmp_path, capsys):
+    """A random-weight tiny model -> LDM keys (ours) -> AutoencoderKL.from_single_file (diffusers' map, offline,
+    local config): the same tensors and the same outputs."""
+    from safetensors.torch import load_file
+
+    from autoencoder.single_file import ldm_key
+    from publishing.export import SINGLE_FILE
+    from publishing.export import main as export_main
+
+    torch.manual_seed(5)
+    vae = build_vae("tiny").eval()
+    vae.save_pretrained(tmp_path / "vae")
+    export_main(["--single_file", str(tmp_path / "vae")])
+    assert SINGLE_FILE in capsys.readouterr().out
+    ldm = load_file(tmp_path / "vae" / SINGLE_FILE)
+    # The original names: (tiny: 4 levels, 1 resnet per encoder level, 2 per decoder level, 16 -> 32 shortcut)
+    for key, shape in [
+        ("encoder.down.1.block.0.nin_shortcut.weight", (32, 16, 1, 1)),
+        ("encoder.down.0.downsample.conv.weight", (16, 16, 3, 3)),
+        ("encoder.mid.block_2.norm2.weight", (32,)),
+        ("encoder.mid.attn_1.q.weight", (32, 32, 1, 1)),
+        ("decoder.mid.attn_1.proj_out.weight", (32, 32, 1, 1)),
+        ("decoder.up.3.upsample.conv.weight", (32, 32, 3, 3)),  # diffusers' up_blocks.0, the lowest resolution
+        ("decoder.up.0.block.1.conv1.weight", (16, 16, 3, 3)),  # its last, the highest (16 channels)
+        ("decoder.norm_out.weight", (16,)),
+        ("quant_conv.weight", (16, 16, 1, 1)),
+    ]:
+        assert tuple(ldm[key].shape) == shape, key
+    assert "decoder.up.0.upsample.conv.weight" not in ldm
+    diffusers_words = ("_blocks", "resnets", "attentions", "conv_shortcut", "to_q", "group_norm", "conv_norm_out")
+    assert not [k for k in ldm if any(w in k for w in diffusers_words)]
+    loaded = AutoencoderKL.from_single_file(
+        str(tmp_path / "vae" / SINGLE_FILE), config=str(tmp_path / "vae"), local_files_only=True
+    ).eval()
+    ours, theirs = vae.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(vae(x).sample, loaded(x).sample)
+    with pytest.raises(ModelError, match="no place for the tensor"):
+        ldm_key("encoder.extra_head.weight", 4)
+
+
+def test_single_file_export_of_a_missing_folder_is_one_line(tmp_path, capsys):
+    from publishing.export import main as export_main
+
+    with pytest.raises(SystemExit) as info:
+        export_main(["--single_file", str(tmp_path / "nothing")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
 # 6. the Hub: fail fast, fail soft
 # ---------------------------------------------------------------------------------------------
 

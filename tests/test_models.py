@@ -126,3 +126,107 @@ def test_train_decoder_only_keeps_the_encoder_bit_identical(image_folder, tmp_pa
     opt = torch.load(tmp_path / "run" / "checkpoint-3" / "optimizer.bin", weights_only=True)
     n_params = sum(len(group["params"]) for group in opt["param_groups"])
     assert n_params == len([k for k in decoder if not k.endswith(("running_mean", "running_var"))])
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the model starts: --model_config (any config), --pretrained_model_name_or_path (as it is), --init_from
+# ---------------------------------------------------------------------------------------------
+
+
+def test_model_config_reads_a_folder_or_checkpoint_but_not_its_weights(tmp_path):
+    torch.manual_seed(0)
+    saved = build_vae("tiny", latent_channels=4)
+    saved.save_pretrained(tmp_path / "checkpoint-3" / "vae")
+    for where in (tmp_path / "checkpoint-3", tmp_path / "checkpoint-3" / "vae"):
+        fresh = build_vae(str(where))
+        assert fresh.config.latent_channels == 4 and fresh.state_dict().keys() == saved.state_dict().keys()
+        assert not torch.equal(
+            fresh.state_dict()["decoder.conv_in.weight"], saved.state_dict()["decoder.conv_in.weight"]
+        )
+    with pytest.raises(ModelError, match="cannot read an AutoencoderKL config from 'nobody/nothing'"):
+        build_vae("nobody/nothing")  # offline in the tests: one line, not a traceback
+
+
+def test_single_file_start_loads_as_it_is_with_a_local_config(tmp_path):
+    from autoencoder.single_file import save_single_file
+
+    torch.manual_seed(1)
+    vae = build_vae("tiny", latent_channels=4)
+    vae.register_to_config(scaling_factor=0.13025)
+    vae.save_pretrained(tmp_path / "sdxl_like")
+    path = save_single_file(vae, str(tmp_path / "vae.safetensors"))
+    for config in (str(tmp_path / "sdxl_like"), str(tmp_path / "sdxl_like" / "config.json")):
+        loaded = load_vae(path, config=config)
+        assert loaded.config.scaling_factor == 0.13025 and loaded.config.latent_channels == 4
+        assert all(
+            torch.equal(a, b) for a, b in zip(vae.state_dict().values(), loaded.state_dict().values(), strict=True)
+        )
+    with pytest.raises(ModelError, match="offline: give its config with --model_config"):
+        load_vae(path)  # diffusers would fetch the config of the model it guesses from the Hub
+    with pytest.raises(ModelError, match="does not exist"):
+        load_vae(str(tmp_path / "missing.safetensors"), config="tiny")
+
+
+def test_init_from_takes_over_the_latent_convention_only_with_the_same_latent_channels():
+    source = build_vae("tiny")
+    source.register_to_config(scaling_factor=0.3611, shift_factor=0.1159)
+    same = build_vae("tiny")
+    assert init_from_pretrained(same, source).latent_convention["scaling_factor"] == 0.3611
+    assert (same.config.scaling_factor, same.config.shift_factor) == (0.3611, 0.1159)
+    other = build_vae("tiny", latent_channels=4)
+    assert init_from_pretrained(other, source).latent_convention is None
+    assert other.config.scaling_factor != 0.3611
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--pretrained_model_name_or_path", "a/vae", "--init_from", "b/vae"], "not both"),
+        (
+            ["--pretrained_model_name_or_path", "a/vae", "--latent_channels", "16"],
+            "--init_from a/vae --latent_channels 16",
+        ),
+        (["--pretrained_model_name_or_path", "a/vae", "--model_config", "tiny"], "brings its own config"),
+        (["--pretrained_model_name_or_path", "./missing.safetensors"], "does not exist"),
+        (["--model_config", "./no_such_folder"], "unknown --model_config"),
+    ],
+)
+def test_model_start_conflicts_are_one_line_before_any_model_is_built(flags, message, capsys, monkeypatch, run_main):
+    import train_vae
+
+    monkeypatch.setattr(train_vae, "build_vae", lambda *a, **k: pytest.fail("a model was built"))
+    monkeypatch.setattr(train_vae, "load_vae", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as info:
+        run_main(flags)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.e2e
+def test_decoder_fine_tune_from_a_single_file_is_a_drop_in(image_folder, tmp_path, tiny_args, run_main):
+    """SD-style start (scaling_factor 0.18215, no shift) as one LDM file with a local config, decoder only:
+    the export keeps the convention exactly, says so, measures anyway, and writes its own single file."""
+    from autoencoder.single_file import save_single_file
+    from publishing.export import SINGLE_FILE
+
+    torch.manual_seed(2)
+    base = build_vae("tiny", latent_channels=4)
+    base.register_to_config(scaling_factor=0.18215, shift_factor=None)
+    base.save_pretrained(tmp_path / "config_only")
+    save_single_file(base, str(tmp_path / "base.safetensors"))
+    args = tiny_args(image_folder, tmp_path / "run", 2, train_decoder_only=True, export_single_file=True)
+    args[args.index("--model_config") + 1] = str(tmp_path / "config_only")
+    run_main([*args, "--pretrained_model_name_or_path", str(tmp_path / "base.safetensors")])
+    out = tmp_path / "run"
+    config = json.loads((out / "config.json").read_text())
+    assert (config["scaling_factor"], config["shift_factor"], config["latents_mean"]) == (0.18215, None, None)
+    assert config["latent_channels"] == 4
+    stats = json.loads((out / "latent_stats.json").read_text())
+    assert stats["config"]["scaling_factor"] == 0.18215 and stats["scaling_factor"] != 0.18215
+    card = (out / "README.md").read_text()
+    assert "keeps the start model's latent convention" in card and "base.safetensors" in card
+    trained = AutoencoderKL.from_pretrained(out)
+    exported = AutoencoderKL.from_single_file(str(out / SINGLE_FILE), config=str(out), local_files_only=True)
+    for (name, a), b in zip(trained.state_dict().items(), exported.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(trained.state_dict()["encoder.conv_out.weight"], base.state_dict()["encoder.conv_out.weight"])

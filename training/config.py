@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from accelerate import tracking
 from accelerate.utils import LoggerType
 
-from autoencoder.models import PRESETS
+from autoencoder.models import DEFAULT_PRESET, PRESETS, is_hub_id, is_single_file
 from common.cli import Alias, arg
 from common.errors import ConfigError
 from losses.identity import MOCO_V2_800EP_URL
@@ -84,15 +84,28 @@ def check_tracker(report_to: str) -> None:
 @dataclass
 class TrainConfig:
     # --- model ---
-    model_config: str = arg(
-        "transfusion", f"AutoencoderKL preset ({', '.join(PRESETS)}) or a JSON config file", resume="model", demo="tiny"
+    pretrained_model_name_or_path: str | None = arg(
+        None,
+        "start from this AutoencoderKL as it is, with its own config: a Hub id, a folder (or a training checkpoint), "
+        "or a single file in the original LDM layout (.safetensors/.ckpt; its config from --model_config, else "
+        "inferred by diffusers, which needs the Hub or its cache)",
+        resume="free",
+    )
+    model_config: str | None = arg(
+        None,
+        f"the architecture of a freshly initialised model: a preset ({', '.join(PRESETS)}; default "
+        f"{DEFAULT_PRESET}), a JSON config file, a folder holding config.json or a Hub id (only its config is "
+        "read); with a single-file --pretrained_model_name_or_path, that file's config",
+        resume="model",
+        demo="tiny",
     )
     latent_channels: int | None = arg(
         None, "override the preset's latent channels (e.g. 4, 8, 16)", bound="positive", resume="model"
     )
     init_from: str | None = arg(
         None,
-        "start from a pretrained AutoencoderKL (folder or hub id); latent-facing layers are adapted when the channel count differs",
+        "copy a pretrained AutoencoderKL (folder or hub id) into the architecture of --model_config / "
+        "--latent_channels; latent-facing layers are adapted when the channel count differs",
         resume="free",
     )
     train_decoder_only: bool = arg(
@@ -409,6 +422,22 @@ class TrainConfig:
         resume="free",
         demo=16,
     )
+    latent_scaling: str = arg(
+        "auto",
+        "the exported config.json's scaling_factor / shift_factor / latents_mean / latents_std: keep the start "
+        "model's (a decoder fine-tune stays a drop-in for models trained on its latents), measure them on this model "
+        "(shift_factor = mean, scaling_factor = 1/std, no per-channel values), or auto: keep when the run starts "
+        "from a model (--pretrained_model_name_or_path, --init_from) with encoder and quant_conv frozen, else "
+        "measure; the measured statistics go to latent_stats.json in every case",
+        choices=("auto", "keep", "measure"),
+        resume="free",
+    )
+    export_single_file: bool = arg(
+        False,
+        "also write the exported VAE as one .safetensors file in the original LDM key layout "
+        "(vae_single_file.safetensors, what ComfyUI and AUTOMATIC1111 load)",
+        resume="free",
+    )
     # --- Hub ---
     push_to_hub: bool = arg(
         False, "upload the exported model to the Hub (token from HF_TOKEN or `hf auth login`)", resume="free"
@@ -443,12 +472,7 @@ class TrainConfig:
         """Checks across flags, and those a bound cannot say (bounds are checked by common.cli.parse_config)."""
         if self.resolution <= 0 or self.resolution % 8:
             raise ConfigError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
-        if self.model_config not in PRESETS and not (
-            self.model_config.endswith(".json") and os.path.isfile(self.model_config)
-        ):
-            raise ConfigError(
-                f"unknown --model_config {self.model_config!r}: use one of {', '.join(PRESETS)} or an existing .json file"
-            )
+        self._check_model_start()
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("--push_to_hub needs --hub_model_id")
         check_tracker(self.report_to)
@@ -500,6 +524,47 @@ class TrainConfig:
                 "set that weight to 0, or pass --deterministic warn to run it with a warning (not bit for bit)"
             )
 
+    def _check_model_start(self) -> None:
+        """Where the model comes from: a fresh --model_config, --init_from's copy into it, or
+        --pretrained_model_name_or_path as it is; combinations that would silently ignore a flag are refused."""
+        pretrained, config = self.pretrained_model_name_or_path, self.model_config
+        if config is not None and not (
+            config in PRESETS
+            or (config.endswith(".json") and os.path.isfile(config))
+            or os.path.isdir(config)
+            or ("/" in config and is_hub_id(config))
+        ):
+            raise ConfigError(
+                f"unknown --model_config {config!r}: use one of {', '.join(PRESETS)}, an existing .json file, "
+                "a folder holding config.json or a Hub id"
+            )
+        if not pretrained:
+            return
+        if self.init_from:
+            raise ConfigError(
+                "give either --pretrained_model_name_or_path (the model as it is) or --init_from (its tensors copied "
+                "into the architecture of --model_config / --latent_channels), not both"
+            )
+        if self.latent_channels is not None:
+            raise ConfigError(
+                "--latent_channels changes the architecture, and --pretrained_model_name_or_path loads the model as "
+                f"it is: use --init_from {pretrained} --latent_channels {self.latent_channels} instead"
+            )
+        if is_single_file(pretrained):
+            if not pretrained.startswith(("http://", "https://")) and not os.path.isfile(pretrained):
+                raise ConfigError(f"--pretrained_model_name_or_path {pretrained!r} does not exist")
+        elif config is not None:
+            raise ConfigError(
+                "--pretrained_model_name_or_path brings its own config: --model_config is only for a fresh model "
+                "or a single-file checkpoint (to copy the weights into another architecture use --init_from)"
+            )
+        elif not (os.path.isdir(pretrained) or is_hub_id(pretrained)):
+            raise ConfigError(f"--pretrained_model_name_or_path {pretrained!r} does not exist")
+
+    def frozen_prefixes(self) -> list[str]:
+        """Parameter-name prefixes that do not train: --freeze, and encoder + quant_conv with --train_decoder_only."""
+        return list(self.freeze) + (["encoder.", "quant_conv."] if self.train_decoder_only else [])
+
     def recipe(self) -> dict:
         """The flags a model card reports as the recipe."""
         return {name: getattr(self, name) for name in RECIPE_KEYS}
@@ -531,6 +596,8 @@ def apply_demo_defaults(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     """Fill in the demo's defaults for every field the user did not set."""
     if cfg.is_demo:
         for key, value in DEMO_DEFAULTS.items():
+            if key == "model_config" and cfg.pretrained_model_name_or_path:
+                continue  # the pretrained model (or a single file's inferred config) is the architecture
             if key not in explicit:
                 setattr(cfg, key, value)
     return cfg
