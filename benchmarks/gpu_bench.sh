@@ -12,6 +12,8 @@
 #   bash benchmarks/gpu_bench.sh fetch-wheels   # here, once: wheels of what the device image lacks -> .whl/
 #   bash benchmarks/gpu_bench.sh                # on the device (device tool: run with carry [".whl"])
 #   bash benchmarks/gpu_bench.sh smoke          # here, on CPU: the same steps with the tiny preset
+#   bash benchmarks/gpu_bench.sh selftest [ARGS] # on the device: benchmarks/gpu_selftest.py ARGS (its checks and
+#                                               # exit status), after the same wheel install
 #
 # The device image has python3 with torch, accelerate, torchmetrics, scikit-image, safetensors,
 # but not diffusers, lpips, kornia (nor datasets/torchdata/torch-fidelity for the data and eval parts),
@@ -53,8 +55,11 @@ elif [ "$MODE" = "gpu" ]; then
     SWEEP_STEPS="--warmup 3 --steps 10 --rounds 2" CMP_STEPS="--warmup 3 --steps 12 --rounds 3"
     DATA_ARGS="--num_images 200 --images 400 --workers 0,2,4,8 --resolution $RES --batch_size $CMP_BATCH"
     EVAL_ARGS="--device cuda --resolution $RES --batch_size 32 --batches 4 --rounds 2 --preset $PRESET --num_images 64"
+elif [ "$MODE" = "selftest" ]; then
+    PY=${PYTHON:-python3}
+    DEVICE=cuda
 else
-    echo "usage: $0 [gpu|smoke|fetch-wheels]" >&2
+    echo "usage: $0 [gpu|smoke|selftest|fetch-wheels]" >&2
     exit 2
 fi
 
@@ -80,6 +85,10 @@ print("cuda:", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch
 EOF
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 echo "$(nproc) CPUs; output in $OUT_DIR"
+if [ "$MODE" = "selftest" ]; then
+    $PY benchmarks/gpu_selftest.py "${@:2}" --json "$OUT_DIR/selftest.json"
+    exit $?
+fi
 
 COMMON="--device $DEVICE --preset $PRESET --resolution $RES --mixed_precision $PREC"
 section "1. our step, batch sizes $BATCHES"

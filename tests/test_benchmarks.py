@@ -19,6 +19,7 @@ import data
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import bench_train_step  # benchmarks/ is not a package: its scripts import their neighbours
 import convergence
+import gpu_selftest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -171,3 +172,37 @@ def test_bench_train_step_variants_agree_on_the_first_step():
                 assert losses[name][key] == pytest.approx(losses["ours"][key], rel=1e-5), (name, key)
     assert "disc/loss" not in losses["reference_alternating"]
     assert [row["variant"] for row in result["runs"][0]["rows"]] == variants
+
+
+@pytest.mark.e2e
+def test_gpu_selftest_runs_every_check_on_cpu_and_a_failed_check_exits_non_zero(tmp_path, capsys):
+    """The GPU self-test at toy size: every check runs through the real trainer and reports its figures; the sync
+    limit set one below the step's two decisions (is G's, is D's update finite) fails, and the exit status is 1.
+    fp16 (CPU autocast and a CPU grad scaler) is only required to report: whether its steps are finite is what
+    the check is for, not what this test asserts."""
+    out = tmp_path / "selftest.json"
+    argv = ["--device", "cpu", "--tiny", "--batch_sizes", "2", "--steps", "1", "--fp16_steps", "2"]
+    argv += ["--deterministic_steps", "2", "--compile_steps", "2", "--max_syncs", "1", "--json", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_selftest.cli(argv)
+    assert exit_info.value.code == 1
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    checks = {c["name"]: c for c in result["checks"]}
+    expected = ["throughput bf16", "syncs bf16", "throughput fp16", "syncs fp16", "memory", "fp16_scale"]
+    assert list(checks) == [*expected, "deterministic recipe", "compile"]
+    assert result["failed"] == [n for n, c in checks.items() if not c["ok"]]
+    syncs = checks["syncs bf16"]
+    assert not syncs["ok"] and syncs["data"]["count"] == 2 and "FAIL  syncs bf16" in printed
+    for precision in ("bf16", "fp16"):
+        syncs = checks[f"syncs {precision}"]
+        assert syncs["ok"] == (syncs["data"]["count"] <= 1)
+        assert all(where.startswith("train_vae.py:") for where in syncs["data"]["where"]), syncs["data"]
+        (row,) = checks[f"throughput {precision}"]["data"]["rows"]
+        assert row["batch_size"] == 2 and row["images_per_s"] > 0 and row["peak_bytes"] > 0
+    assert checks["throughput bf16"]["ok"], checks["throughput bf16"]["detail"]
+    for name in ("memory", "deterministic recipe", "compile"):
+        assert checks[name]["ok"], checks[name]["detail"]
+    assert checks["memory"]["data"]["max_rel_diff"] == 0  # checkpointing recomputes the same forward on the CPU
+    assert 0 < checks["fp16_scale"]["data"]["scale"] <= 2.0**16
+    assert printed.strip().splitlines()[-1].startswith("gpu_selftest: 8 checks, ")

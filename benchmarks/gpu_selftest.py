@@ -1,0 +1,555 @@
+"""What only a GPU shows about the training step, checked in one command; exit status 1 if any check fails.
+
+    python benchmarks/gpu_selftest.py                        # CUDA: Transfusion preset, 256², bf16 and fp16
+    python benchmarks/gpu_selftest.py --device cpu --tiny    # CPU: tiny preset, 32², every check end to end (toy)
+
+Every step is the real trainer's: `train_vae.build_accelerator` (TF32, cuDNN autotuning, the --deterministic check)
+and `train_vae.Trainer(cfg, accelerator).train_step`, one G and one D update, the GAN on from step 0 (λ measured),
+L1 + LPIPS-VGG + ID (MoCo ResNet-50) + KL, random perception weights (the same cost as the real ones), on smooth
+random images (bicubic-upsampled noise plus a little pixel noise). Checks, each printed PASS or FAIL with its figures:
+
+  throughput     per precision (--precisions) and batch size (--batch_sizes): img/s, MFU (--tflop_per_image over
+                 the device's dense bf16/fp16 peak, --peak_tflops), peak memory, skipped steps; fails on a non-finite
+                 loss, an out-of-memory or a skipped step
+  syncs          per precision: host syncs in one steady-state step, with the loop's stop vote and log window
+                 (CUDA: torch.cuda.set_sync_debug_mode; CPU: Tensor methods that read a value), each with its line
+                 of code; fails above --max_syncs (2: whether G's and whether D's update is finite)
+  memory         bf16 (CPU: fp32) at --memory_batch, without and with --gradient_checkpointing: peak memory of a
+                 steady step; fails if the first two steps' losses differ by more than --memory_rtol, or (CUDA) if
+                 checkpointing does not lower the peak
+  fp16_scale     the GradScaler's scale after --fp16_steps fp16 steps on new images each; fails below
+                 --min_fp16_scale (a collapsed scale: every skipped step halves it from 65536)
+  deterministic  --deterministic on with the recipe's loss: refused in one line naming the terms that
+                 TrainConfig.nondeterministic_terms names (CUDA), or else two runs equal bit for bit; then with those
+                 terms off, two runs of --deterministic_steps steps equal bit for bit (weights of G and D, losses).
+                 On CUDA in a child process: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it starts
+  compile        --torch_compile against eager, the same weights, images and posterior noise (inductor's
+                 fallback_random): the losses of --compile_steps steps within --compile_rtol
+
+fp16 on the CPU (--tiny): accelerate has neither fp16 autocast nor a grad scaler there, so the trainer's accelerator
+gets torch.autocast("cpu", float16) and a CPU GradScaler in the places accelerate puts its CUDA ones (as
+tests/test_fp16.py does). --tiny turns the ID term off (MoCo runs at 224² whatever the image size: minutes on a CPU).
+--json FILE writes every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass, field
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the trainer's packages, without PYTHONPATH
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random perception weights: nothing is downloaded
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from accelerate.state import AcceleratorState, GradientState, PartialState  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
+
+import train_vae  # noqa: E402
+from bench_train_step import TFLOP_PER_IMAGE_256, PeakMemory, fmt_bytes, synchronize  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
+
+CHECKS = ("throughput", "syncs", "memory", "fp16_scale", "deterministic", "compile")
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by a substring of the device name.
+PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
+LOSS_KEYS = ("loss/total", "loss/l1", "loss/lpips", "loss/id", "loss/kl", "loss/gan", "disc/loss")
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    data: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------
+# The trainer, built as train_vae.main builds it
+# ----------------------------------------------------------------------------------------
+
+
+def reset_accelerate() -> None:
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state()
+
+
+def selftest_config(args, precision: str, **overrides) -> TrainConfig:
+    """The recipe's loss (GAN from step 0) on the preset; fp16 on the CPU is set up by `cpu_fp16`."""
+    kw = dict(
+        model_config=args.preset,
+        resolution=args.resolution,
+        train_batch_size=args.memory_batch,
+        mixed_precision="no" if precision == "fp16" and args.device == "cpu" else precision,
+        disc_start=0,
+        perception_weights="random",
+        report_to="none",
+        dataloader_num_workers=0,
+        output_dir=args.out_dir,
+        seed=args.seed,
+    )
+    if args.tiny:
+        kw["id_weight"] = 0.0
+    kw.update(overrides)
+    cfg = TrainConfig(**kw)
+    cfg.check()
+    return cfg
+
+
+def cpu_fp16(trainer: train_vae.Trainer) -> None:
+    """fp16 autocast and a GradScaler on the CPU, where accelerate would put them on a GPU."""
+    scaler = torch.amp.GradScaler("cpu")
+    trainer.accelerator.scaler = scaler
+    for optimizer in (trainer.opt_g, trainer.opt_d):
+        optimizer.scaler = scaler
+        optimizer.__setstate__({})  # what AcceleratedOptimizer.__init__ does with a scaler: wrap step()
+    trainer.accelerator.autocast = lambda *a, **k: torch.autocast("cpu", dtype=torch.float16)
+
+
+def build(args, precision: str, **overrides) -> train_vae.Trainer:
+    """A Trainer in train mode on a fresh accelerator (train_vae.build_accelerator: backends, deterministic check)."""
+    reset_accelerate()
+    cfg = selftest_config(args, precision, **overrides)
+    accelerator = train_vae.build_accelerator(cfg)
+    set_seed(args.seed)
+    trainer = train_vae.Trainer(cfg, accelerator)
+    if precision == "fp16" and accelerator.scaler is None:
+        cpu_fp16(trainer)
+    trainer.model.train()
+    trainer.loss_fn.train()
+    return trainer
+
+
+def release(*objects) -> None:
+    """Drop trainers before the next is built, so that peak memory is each one's own."""
+    del objects
+    reset_accelerate()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def images(args, n: int, seed: int) -> torch.Tensor:
+    """(n, 3, R, R) in [-1, 1]: bicubic-upsampled 16×-coarser noise plus a little pixel noise."""
+    g = torch.Generator().manual_seed(seed)
+    r = args.resolution
+    low = torch.rand(n, 3, max(r // 16, 2), max(r // 16, 2), generator=g) * 2 - 1
+    x = F.interpolate(low, size=(r, r), mode="bicubic", align_corners=False)
+    x = x + 0.05 * torch.randn(n, 3, r, r, generator=g)
+    return x.clamp(-1, 1).to(args.device)
+
+
+def floats(logs: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in logs.items()}
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    keys = [k for k in LOSS_KEYS if k in a and k in b]
+    return max((abs(a[k] - b[k]) / max(abs(a[k]), 1e-12) for k in keys), default=0.0)
+
+
+# ----------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------
+
+
+def peak_tflops(args) -> float | None:
+    if args.peak_tflops or args.device != "cuda":
+        return args.peak_tflops
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def time_batch(args, trainer, bs: int, step: int) -> tuple[dict, int]:
+    """Warm-up, then timed steps at batch size bs: (row of figures, next step index)."""
+    x = images(args, bs, seed=bs)
+    for _ in range(args.warmup):  # new shapes: allocator, cuDNN's autotuner
+        trainer.train_step(x, step)
+        step += 1
+    skipped = trainer.state.skipped_g_steps + trainer.state.skipped_d_steps
+    with PeakMemory(torch.device(args.device)) as mem:
+        synchronize(torch.device(args.device))
+        tic = time.perf_counter()
+        for _ in range(args.steps):
+            logs = trainer.train_step(x, step)
+            step += 1
+        synchronize(torch.device(args.device))
+        seconds = (time.perf_counter() - tic) / args.steps
+    row = {
+        "batch_size": bs,
+        "images_per_s": bs / seconds,
+        "s_per_step": seconds,
+        "peak_bytes": mem.absolute,
+        "skipped_steps": trainer.state.skipped_g_steps + trainer.state.skipped_d_steps - skipped,
+        "finite": all(bool(torch.isfinite(v).all()) for v in logs.values()),
+        "losses": floats(logs),
+    }
+    flop, peak = args.tflop_per_image, peak_tflops(args)
+    row["mfu"] = row["images_per_s"] * flop / peak if flop and peak else None
+    return row, step
+
+
+def check_throughput(args, precision: str) -> list[Check]:
+    trainer = build(args, precision)
+    rows, parts, ok, step = [], [], True, 0
+    for bs in args.batch_sizes:
+        try:
+            row, step = time_batch(args, trainer, bs, step)
+        except torch.OutOfMemoryError:
+            rows.append({"batch_size": bs, "oom": True})
+            parts.append(f"batch {bs}: out of memory")
+            ok = False
+            torch.cuda.empty_cache()
+            continue
+        rows.append(row)
+        mfu = f"MFU {100 * row['mfu']:.1f} %" if row["mfu"] is not None else "MFU n/a"
+        parts.append(
+            f"batch {bs}: {row['images_per_s']:.2f} img/s, {mfu}, peak {fmt_bytes(row['peak_bytes'])}"
+            + ("" if row["finite"] else ", NON-FINITE loss")
+            + (f", {row['skipped_steps']} skipped steps" if row["skipped_steps"] else "")
+        )
+        ok = ok and row["finite"] and not row["skipped_steps"]
+    checks = [Check(f"throughput {precision}", ok, "; ".join(parts), {"rows": rows})]
+    if "syncs" in args.checks:
+        bs = args.batch_sizes[0]
+        checks.append(check_syncs(args, trainer, precision, images(args, bs, seed=bs), step))
+    release(trainer)
+    return checks
+
+
+@contextlib.contextmanager
+def record_syncs(device: str):
+    """Yields a list that fills with the code line of each host sync inside the block."""
+    found: list[str] = []
+    if device == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield found
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        found += [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+        return
+    originals = {}
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"):
+        originals[name] = original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, **kw):
+            caller = traceback.extract_stack(limit=2)[0]
+            found.append(f"{caller.filename}:{caller.lineno}")
+            return _original(self, *a, **kw)
+
+        setattr(torch.Tensor, name, counted)
+    try:
+        yield found
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def check_syncs(args, trainer, precision: str, x: torch.Tensor, step: int) -> Check:
+    synchronize(torch.device(args.device))
+    with record_syncs(args.device) as found:
+        logs = trainer.train_step(x, step)
+        train_vae.LogWindow().add(logs, len(x))  # what the loop does with them outside logging steps
+        trainer.stop_vote(0)
+    where = {}
+    for line in found:
+        short = os.path.relpath(line, REPO) if line.startswith(REPO) else line
+        where[short] = where.get(short, 0) + 1
+    listed = ", ".join(f"{k} ×{n}" for k, n in where.items()) or "none"
+    detail = f"{len(found)} host syncs in a steady-state step (at most {args.max_syncs}): {listed}"
+    return Check(f"syncs {precision}", len(found) <= args.max_syncs, detail, {"count": len(found), "where": where})
+
+
+def check_memory(args) -> Check:
+    precision = "bf16" if args.device == "cuda" else "no"
+    x = images(args, args.memory_batch, seed=1)
+    runs = {}
+    for checkpointing in (False, True):
+        trainer = build(args, precision, gradient_checkpointing=checkpointing)
+        torch.manual_seed(args.seed + 1)
+        first = floats(trainer.train_step(x, 0))  # also builds the optimizer states
+        with PeakMemory(torch.device(args.device)) as mem:
+            second = floats(trainer.train_step(x, 1))
+        runs[checkpointing] = {"losses": [first, second], "peak_bytes": mem.absolute}
+        release(trainer)
+    plain, ckpt = runs[False], runs[True]
+    diff = max(max_rel_diff(a, b) for a, b in zip(plain["losses"], ckpt["losses"], strict=True))
+    lower = ckpt["peak_bytes"] < plain["peak_bytes"]
+    ok = diff <= args.memory_rtol and (lower or args.device != "cuda")
+    detail = (
+        f"batch {args.memory_batch}, {precision.replace('no', 'fp32')}: peak {fmt_bytes(plain['peak_bytes'])} without, "
+        f"{fmt_bytes(ckpt['peak_bytes'])} with --gradient_checkpointing; losses of 2 steps within {diff:.1e} "
+        f"(at most {args.memory_rtol:g})" + ("" if args.device == "cuda" else "; CPU: RSS, lower peak not required")
+    )
+    return Check("memory", ok, detail, {"without": plain, "with": ckpt, "max_rel_diff": diff})
+
+
+def check_fp16_scale(args) -> Check:
+    trainer = build(args, "fp16")
+    for i in range(args.fp16_steps):
+        trainer.train_step(images(args, args.memory_batch, seed=1000 + i), i)
+    scale = float(trainer.accelerator.scaler.get_scale())
+    st = trainer.state
+    release(trainer)
+    detail = (
+        f"scale {scale:g} after {args.fp16_steps} steps (at least {args.min_fp16_scale:g}; starts at 65536); "
+        f"skipped {st.skipped_g_steps} G and {st.skipped_d_steps} D steps"
+    )
+    data = {"scale": scale, "skipped_g_steps": st.skipped_g_steps, "skipped_d_steps": st.skipped_d_steps}
+    return Check("fp16_scale", scale >= args.min_fp16_scale, detail, data)
+
+
+def deterministic_run(args, mode: str, **overrides) -> tuple[list[dict], dict]:
+    precision = "bf16" if args.device == "cuda" else "no"
+    trainer = build(args, precision, deterministic=mode, **overrides)
+    torch.manual_seed(args.seed + 1)
+    logs = [
+        floats(trainer.train_step(images(args, args.memory_batch, seed=i), i)) for i in range(args.deterministic_steps)
+    ]
+    modules = {"vae": trainer.vae, "discriminator": trainer.loss_fn.discriminator}
+    state = {f"{n}.{k}": v.detach().cpu().clone() for n, m in modules.items() for k, v in m.state_dict().items()}
+    release(trainer)
+    return logs, state
+
+
+def two_runs_equal(args, mode: str, **overrides) -> tuple[bool, str]:
+    (logs_a, state_a), (logs_b, state_b) = (deterministic_run(args, mode, **overrides) for _ in range(2))
+    differ = [k for k in state_a if not torch.equal(state_a[k], state_b[k])]
+    same = logs_a == logs_b and not differ
+    return (
+        same,
+        "equal bit for bit"
+        if same
+        else f"differ ({len(differ)} tensors, losses {'equal' if logs_a == logs_b else 'not equal'})",
+    )
+
+
+@contextlib.contextmanager
+def restored_backends():
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2:]
+
+
+def check_deterministic(args) -> list[Check]:
+    terms = selftest_config(args, "no").nondeterministic_terms() if args.device == "cuda" else []
+    checks = []
+    with restored_backends():
+        try:
+            same, how = two_runs_equal(args, "on")
+            refused = None
+        except ConfigError as e:
+            refused = str(e)
+        if terms:
+            ok = refused is not None and all(t.split()[0] in refused for t in terms)
+            detail = (
+                f"the recipe's loss: refused, as designed: {refused}" if ok else "the recipe's loss was not refused"
+            )
+        else:
+            ok = refused is None and same
+            detail = f"the recipe's loss: two runs {how}" if refused is None else f"refused: {refused}"
+        checks.append(Check("deterministic recipe", ok, detail, {"refused": refused}))
+        if terms:
+            same, how = two_runs_equal(args, "on", id_weight=0.0, equivariance_weight=0.0)
+            checks.append(Check("deterministic without them", same, f"ID and equivariance off: two runs {how}"))
+    return checks
+
+
+def deterministic_in_child(args, argv: list[str]) -> list[Check]:
+    """check_deterministic in a new process, whose cuBLAS starts with CUBLAS_WORKSPACE_CONFIG set."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "deterministic.json")
+        env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--checks", "deterministic", "--json", out]
+        done = subprocess.run(cmd, env=env, check=False)
+        if not os.path.isfile(out):
+            return [Check("deterministic", False, f"the child process exited with {done.returncode} and no result")]
+        with open(out) as f:
+            return [Check(**c) for c in json.load(f)["checks"]]
+
+
+def check_compile(args) -> Check:
+    precision = "bf16" if args.device == "cuda" else "no"
+    batches = [images(args, args.memory_batch, seed=i) for i in range(args.compile_steps)]
+    losses = {}
+    for compiled in (False, True):
+        with compile_backend(args.compile_backend):
+            trainer = build(args, precision, torch_compile=compiled)
+            torch.manual_seed(args.seed + 1)
+            tic = time.perf_counter()
+            losses[compiled] = [floats(trainer.train_step(x, i)) for i, x in enumerate(batches)]
+            seconds = time.perf_counter() - tic
+        release(trainer)
+    diff = max(max_rel_diff(e, c) for e, c in zip(losses[False], losses[True], strict=True))
+    detail = (
+        f"{args.compile_backend}, {precision.replace('no', 'fp32')}: losses of {args.compile_steps} steps within {diff:.1e} of eager "
+        f"(at most {args.compile_rtol:g}); compiled steps took {seconds:.0f} s with compilation"
+    )
+    return Check("compile", diff <= args.compile_rtol, detail, {"eager": losses[False], "compiled": losses[True]})
+
+
+@contextlib.contextmanager
+def compile_backend(backend: str):
+    """train_vae's torch.compile with this backend; inductor draws the posterior noise with eager's RNG."""
+    original = train_vae.torch.compile
+    train_vae.torch.compile = functools.partial(original, backend=backend)
+    try:
+        if backend == "inductor":
+            import torch._inductor.config as inductor_config
+
+            with inductor_config.patch(fallback_random=True):
+                yield
+        else:
+            yield
+    finally:
+        train_vae.torch.compile = original
+
+
+# ----------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------
+
+
+def int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    p.add_argument("--tiny", action="store_true", help="toy size: tiny preset, 32², few steps, ID term off")
+    p.add_argument("--checks", default=",".join(CHECKS), help=f"comma list of {', '.join(CHECKS)}")
+    p.add_argument("--preset", default=None, help="autoencoder preset (default transfusion; tiny with --tiny)")
+    p.add_argument("--resolution", type=int, default=None, help="default 256 (32 with --tiny)")
+    p.add_argument("--precisions", default="bf16,fp16", help="throughput and syncs: comma list of bf16, fp16")
+    p.add_argument("--batch_sizes", type=int_list, default=None, help="throughput: default 8,16,32 (1,2 with --tiny)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per batch size (default 3; 1 with --tiny)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per batch size (default 10; 2 with --tiny)")
+    p.add_argument("--memory_batch", type=int, default=None, help="memory, fp16, deterministic, compile: batch size")
+    p.add_argument("--max_syncs", type=int, default=2, help="host syncs allowed in a steady-state step")
+    p.add_argument("--fp16_steps", type=int, default=None, help="default 50 (4 with --tiny)")
+    p.add_argument("--min_fp16_scale", type=float, default=256.0, help="lowest GradScaler scale that passes")
+    p.add_argument("--memory_rtol", type=float, default=1e-3, help="losses with and without checkpointing")
+    p.add_argument("--deterministic_steps", type=int, default=3)
+    p.add_argument("--compile_steps", type=int, default=3)
+    p.add_argument("--compile_rtol", type=float, default=2e-2, help="losses compiled against eager")
+    p.add_argument("--compile_backend", default=None, help="default inductor on CUDA, aot_eager on CPU (no compiler)")
+    p.add_argument("--tflop_per_image", type=float, default=None, help=f"default {TFLOP_PER_IMAGE_256} × (R/256)²")
+    p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: by device name)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write every check and figure here")
+    args = p.parse_args(argv)
+    toy = args.tiny
+    defaults = dict(
+        preset="tiny" if toy else "transfusion",
+        resolution=32 if toy else 256,
+        batch_sizes=[1, 2] if toy else [8, 16, 32],
+        warmup=1 if toy else 3,
+        steps=2 if toy else 10,
+        memory_batch=2 if toy else 8,
+        fp16_steps=4 if toy else 50,
+        compile_backend="inductor" if args.device == "cuda" else "aot_eager",
+    )
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.tflop_per_image is None and args.preset == "transfusion":
+        args.tflop_per_image = TFLOP_PER_IMAGE_256 * (args.resolution / 256) ** 2
+    args.checks = [c.strip() for c in args.checks.split(",") if c.strip()]
+    args.precisions = [c.strip() for c in args.precisions.split(",") if c.strip()]
+    if not args.checks or set(args.checks) - set(CHECKS):
+        p.error(f"--checks: choose from {', '.join(CHECKS)}")
+    if not args.precisions or set(args.precisions) - {"bf16", "fp16"}:
+        p.error("--precisions: choose from bf16, fp16")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here (use --device cpu --tiny for the toy run)")
+    if min(args.batch_sizes + [args.warmup, args.steps, args.memory_batch, args.fp16_steps]) < 1:
+        p.error("batch sizes, --warmup, --steps, --memory_batch and --fp16_steps must be >= 1")
+    return args
+
+
+def header(args) -> str:
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    terms = "L1 + LPIPS + GAN (λ) + KL, ID off (--tiny)" if args.tiny else "L1 + LPIPS + GAN (λ) + ID + KL"
+    return (
+        f"gpu_selftest: torch {torch.__version__} | {device} | preset {args.preset} | {args.resolution}² | "
+        f"{terms}, random perception weights | checks {', '.join(args.checks)}"
+    )
+
+
+def run_checks(args, argv: list[str]) -> list[Check]:
+    results = []
+
+    def report(checks: list[Check]) -> None:
+        for c in checks:
+            print(f"{'PASS' if c.ok else 'FAIL'}  {c.name:<26} {c.detail}", flush=True)
+        results.extend(checks)
+
+    if "throughput" in args.checks or "syncs" in args.checks:
+        for precision in args.precisions:
+            report(check_throughput(args, precision))
+    if "memory" in args.checks:
+        report([check_memory(args)])
+    if "fp16_scale" in args.checks:
+        report([check_fp16_scale(args)])
+    if "deterministic" in args.checks:
+        alone = args.checks == ["deterministic"]
+        report(check_deterministic(args) if args.device == "cpu" or alone else deterministic_in_child(args, argv))
+    if "compile" in args.checks:
+        report([check_compile(args)])
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # OpenMP threads spinning on shared cores made CPU steps several times slower
+    print(header(args), flush=True)
+    tic = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out_dir:
+        args.out_dir = out_dir
+        results = run_checks(args, argv)
+    failed = [c.name for c in results if not c.ok]
+    print(
+        f"gpu_selftest: {len(results)} checks, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''} "
+        f"({time.perf_counter() - tic:.0f} s)",
+        flush=True,
+    )
+    result = {"header": header(args), "checks": [asdict(c) for c in results], "failed": failed}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Exit status 1 when a check failed."""
+    raise SystemExit(1 if main(argv)["failed"] else 0)
+
+
+if __name__ == "__main__":
+    cli()
