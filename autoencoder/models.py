@@ -158,7 +158,11 @@ def load_single_file(path: str, config: str | None = None, dtype: torch.dtype | 
                 path, config=config, torch_dtype=dtype, local_files_only=hub_offline() or None
             )
         except (OSError, ValueError, KeyError, RuntimeError) as e:
-            hint = " (offline: give its config with --model_config)" if config is None and hub_offline() else ""
+            hint = (
+                " (offline: give its config, a folder or Hub id holding config.json)"
+                if config is None and hub_offline()
+                else ""
+            )
             raise ModelError(
                 f"cannot load AutoencoderKL from the single file {path!r}{hint}: {one_line(e, name=False)}"
             ) from None

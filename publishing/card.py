@@ -102,6 +102,17 @@ def _recipe_lines(recipe: Mapping) -> list[str]:
     return lines
 
 
+def hub_repo_of(start: str) -> str | None:
+    """The Hub repository a start model names: a Hub id as it is, a huggingface.co file URL's repository
+    (`https://huggingface.co/owner/name/blob/main/vae.safetensors` -> owner/name); None for local paths."""
+    m = re.match(r"https?://(?:www\.)?huggingface\.co/([^/]+/[^/]+)/(?:blob|resolve)/", start)
+    if m:
+        return m[1]
+    if start.startswith(("http://", "https://", ".", "/", "~")) or os.path.exists(start) or start.count("/") != 1:
+        return None
+    return start
+
+
 def _start_sentence(base_model: str, loaded_as_is: bool) -> str:
     shown = base_model if base_model.startswith(("http://", "https://")) else public_path(base_model)
     if loaded_as_is:
@@ -202,12 +213,12 @@ def build_model_card(
     vae_config = dict(vae_config or {})
     rows = [_source_fields(s) for s in sources]
     hub_datasets = [r["path"] for r in rows if r["kind"] == "hub"]
-    base_is_hub = bool(base_model) and not os.path.exists(base_model) and not base_model.startswith((".", "/", "~"))
+    base_hub_id = hub_repo_of(base_model) if base_model else None
     data = ModelCardData(
         license=license,
         library_name="diffusers",
         tags=list(TAGS),
-        base_model=base_model if base_is_hub else None,
+        base_model=base_hub_id,
         datasets=hub_datasets or None,
     )
     name = repo_id or (os.path.basename(os.path.abspath(folder)) if folder else "transfusion-vae")

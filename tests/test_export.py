@@ -653,3 +653,24 @@ def test_pusher_offline_or_broken_api_is_never_fatal(tmp_path, monkeypatch, capl
         pusher.push(str(tmp_path), "step 1")
     assert pusher.finish(timeout=5) and pusher.failures == 1 and "HF_HUB_OFFLINE" in pusher.last_error
     assert tmp_path.exists()  # no cleanup asked: the folder stays
+
+
+@pytest.mark.parametrize(
+    ("start", "expected"),
+    [
+        ("stabilityai/sd-vae-ft-mse", "stabilityai/sd-vae-ft-mse"),
+        (
+            "https://huggingface.co/stabilityai/sd-vae-ft-mse-original/blob/main/vae-ft-mse-840000-ema-pruned.safetensors",
+            "stabilityai/sd-vae-ft-mse-original",
+        ),
+        ("https://example.com/vae.safetensors", None),
+        ("./vae.safetensors", None),
+        ("/models/vae/my_vae.safetensors", None),
+    ],
+)
+def test_card_base_model_metadata_names_the_start_when_it_is_on_the_hub(start, expected):
+    from publishing.card import build_model_card
+
+    card = build_model_card(**card_args(base_model=start, base_loaded_as_is=True))
+    assert card.data.to_dict().get("base_model") == expected
+    assert "Fine-tuned from `" in card.content and "/models/vae" not in card.content

@@ -161,7 +161,7 @@ def test_single_file_start_loads_as_it_is_with_a_local_config(tmp_path):
         assert all(
             torch.equal(a, b) for a, b in zip(vae.state_dict().values(), loaded.state_dict().values(), strict=True)
         )
-    with pytest.raises(ModelError, match="offline: give its config with --model_config"):
+    with pytest.raises(ModelError, match="offline: give its config"):
         load_vae(path)  # diffusers would fetch the config of the model it guesses from the Hub
     with pytest.raises(ModelError, match="does not exist"):
         load_vae(str(tmp_path / "missing.safetensors"), config="tiny")
@@ -230,3 +230,15 @@ def test_decoder_fine_tune_from_a_single_file_is_a_drop_in(image_folder, tmp_pat
     for (name, a), b in zip(trained.state_dict().items(), exported.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert torch.equal(trained.state_dict()["encoder.conv_out.weight"], base.state_dict()["encoder.conv_out.weight"])
+
+
+def test_the_demo_keeps_a_pretrained_models_own_architecture(tmp_path):
+    from common.cli import parse_config
+    from training.config import TrainConfig, apply_demo_defaults
+
+    build_vae("tiny").save_pretrained(tmp_path / "mine")
+    cfg, explicit = parse_config(TrainConfig, ["--pretrained_model_name_or_path", str(tmp_path / "mine")], "t")
+    cfg = apply_demo_defaults(cfg, explicit)
+    assert cfg.is_demo and cfg.model_config is None and cfg.resolution == 64  # other demo defaults still apply
+    cfg, explicit = parse_config(TrainConfig, [], "t")
+    assert apply_demo_defaults(cfg, explicit).model_config == "tiny"
