@@ -31,6 +31,7 @@ from accelerate.utils import (
     InitProcessGroupKwargs,
     ProjectConfiguration,
     broadcast_object_list,
+    gather_object,
     set_seed,
 )
 from diffusers import AutoencoderKL
@@ -42,10 +43,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import data
 from autoencoder.models import build_vae, init_from_pretrained, load_vae
 from common.cli import fail, parse_config, to_dict
-from common.errors import ModelError, PerceptionWeightsError, UserError
+from common.errors import DataError, ModelError, PerceptionWeightsError, UserError
 from common.helpers import set_torch_backends, stderr_is_terminal
 from losses import TransfusionLoss
 from losses.regularisers import EquivarianceTransform, build_vf_projection, draw_equivariance, transform_generator
+from losses.weights import check_same_weights, weights_fingerprint
 from metrics import held_out_metrics, latent_diagnostics, latent_pca_rgb, latents, save_grid
 from publishing import export, hub
 from training import checkpointing, cluster
@@ -190,8 +192,72 @@ def build_data(cfg: TrainConfig):
             heldout_sources, disjoint = [data.parse_source(cfg.validation_source)], True
         else:
             heldout_sources, disjoint = sources, False
-    data.check_sources(sources + [s for s in heldout_sources if s not in sources])
     return sources, heldout_sources, disjoint
+
+
+@dataclass
+class DataPlan:
+    """The job's data, listed once: the sources as given (the card names them) and as resolved."""
+
+    sources: list  # SourceSpec
+    heldout_sources: list  # SourceSpec
+    heldout_disjoint: bool
+    resolved: list  # ResolvedSource, for the training streams
+    heldout_resolved: list  # ResolvedSource, for the held-out sample
+
+
+def resolve_data(cfg: TrainConfig) -> DataPlan:
+    """`build_data`, then every source listed (the held-out ones once more only when they are other sources)."""
+    sources, heldout_sources, disjoint = build_data(cfg)
+    resolved = data.resolve_sources(sources)
+    heldout = resolved if heldout_sources is sources else data.resolve_sources(heldout_sources)
+    return DataPlan(sources, heldout_sources, disjoint, resolved, heldout)
+
+
+def on_main_process(accelerator: Accelerator, make):
+    """`make()` on rank 0 alone, its result on every rank; the UserError it raised is raised on every rank."""
+    result = [None]
+    if accelerator.is_main_process:
+        try:
+            result[0] = (make(), None)
+        except UserError as e:
+            result[0] = (None, e)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(result)
+    value, error = result[0]
+    if error is not None:
+        raise error
+    return value
+
+
+def list_data(cfg: TrainConfig, accelerator: Accelerator) -> DataPlan:
+    """The sources resolved once per job: on rank 0 (which also writes the demo's photographs into the shared
+    --output_dir), broadcast to every rank. Each node's local main process then checks that it sees a few
+    of the listed files, so a node-local copy that differs stops all ranks in one line instead of failing
+    in a DataLoader worker."""
+    plan = on_main_process(accelerator, lambda: resolve_data(cfg))
+    if accelerator.num_processes > 1:
+        listed = list({id(s): s for s in plan.resolved + plan.heldout_resolved}.values())
+        local = data.missing_files(listed) if accelerator.is_local_main_process else []
+        blind = {rank: missing for rank, missing in enumerate(gather_object([local])) if missing}
+        if blind:
+            first = min(blind)
+            raise DataError(
+                f"rank(s) {', '.join(map(str, sorted(blind)))} do not see files rank 0 listed (rank {first}: "
+                f"{len(blind[first])} missing, e.g. {blind[first][0]}): put the data on a filesystem all nodes "
+                "share, or the same files at the same path on every node"
+            )
+    return plan
+
+
+def draw_held_out(cfg: TrainConfig, accelerator: Accelerator, heldout_resolved: list) -> torch.Tensor:
+    """The fixed held-out batch: drawn on rank 0 alone (reading images spread over the data), broadcast."""
+    return on_main_process(
+        accelerator,
+        lambda: data.sample_images(
+            heldout_resolved, cfg.num_validation_images, cfg.resolution, seed=cfg.seed, interpolation=cfg.interpolation
+        )[0],
+    )
 
 
 def build_autoencoder(cfg: TrainConfig) -> AutoencoderKL:
@@ -247,6 +313,32 @@ def build_loss(cfg: TrainConfig) -> TransfusionLoss:
             loss, used = TransfusionLoss(perception_weights="random", **kw), "random"
     loss.perception_weights = used if (loss.perceptual is not None or loss.identity is not None) else "none"
     return loss
+
+
+def build_loss_on_every_node(cfg: TrainConfig, accelerator: Accelerator) -> TransfusionLoss:
+    """`build_loss` on each node's local main process first (it fills that node's torch hub / HF cache, a
+    download at most once per node), then on the node's other ranks. With several processes the ranks then
+    compare what they loaded (`losses.weights.check_same_weights`) and all stop in one line when a rank
+    failed or holds other weights: a node without the files would otherwise train with random LPIPS/MoCo
+    under `auto` while rank 0's card says "pretrained", or exit alone under `pretrained` and leave the others
+    waiting for --ddp_timeout."""
+    loss, failure = None, None
+    with accelerator.local_main_process_first():
+        try:
+            loss = build_loss(cfg)
+        except PerceptionWeightsError as e:
+            failure = e
+    if accelerator.num_processes > 1:
+        local = str(failure) if loss is None else weights_fingerprint(perception_nets(loss), loss.perception_weights)
+        check_same_weights(gather_object([local]))
+    if failure is not None:
+        raise failure
+    return loss
+
+
+def perception_nets(loss: TransfusionLoss) -> dict[str, nn.Module | None]:
+    """The loss's frozen networks by name (None: the term is off)."""
+    return {"LPIPS": loss.perceptual, "MoCo": loss.identity, "DINOv2": loss.foundation}
 
 
 def build_optimizer(cfg: TrainConfig, params, lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -376,8 +468,7 @@ class Trainer:
         # Under SLURM or Kubernetes stderr is a file: no carriage-return bar then, a log line per logging step.
         self.plain_progress = not stderr_is_terminal()
 
-        with accelerator.main_process_first():  # perception weights downloaded once, not by every rank at once
-            self.loss_fn = build_loss(cfg).to(self.device)
+        self.loss_fn = build_loss_on_every_node(cfg, accelerator).to(self.device)
         if cfg.init_discriminator:
             export.load_discriminator(cfg.init_discriminator, self.loss_fn.discriminator)
             logger.info(f"discriminator initialised from {cfg.init_discriminator}", main_process_only=True)
@@ -403,15 +494,15 @@ class Trainer:
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
 
-    def attach_data(self, sources, heldout_sources, heldout_disjoint: bool) -> None:
-        """The training stream of this rank, and the fixed held-out batch (a seeded sample spread over the data)."""
+    def attach_data(self, plan: DataPlan) -> None:
+        """The training stream of this rank, and the fixed held-out batch (a seeded sample spread over the data,
+        drawn on rank 0). The export's latent statistics sample the resolved held-out sources again, unlisted."""
         cfg = self.cfg
-        self.sources, self.heldout_sources, self.heldout_disjoint = sources, heldout_sources, heldout_disjoint
-        self.stream, self.dataloader = build_dataloader(cfg, self.accelerator, sources)
-        self.heldout_images, _ = data.sample_images(
-            heldout_sources, cfg.num_validation_images, cfg.resolution, seed=cfg.seed, interpolation=cfg.interpolation
-        )
-        if not heldout_disjoint:
+        self.sources, self.heldout_sources = plan.sources, plan.heldout_resolved
+        self.heldout_disjoint = plan.heldout_disjoint
+        self.stream, self.dataloader = build_dataloader(cfg, self.accelerator, plan.resolved)
+        self.heldout_images = draw_held_out(cfg, self.accelerator, plan.heldout_resolved)
+        if not plan.heldout_disjoint:
             logger.warning(
                 "no --validation_source: the held-out images are sampled from the training mixture, "
                 "so held-out metrics are not on unseen images",
@@ -846,10 +937,9 @@ def main(argv: list[str] | None = None) -> None:
             else None
         )
         set_seed(cfg.seed)
-        with accelerator.main_process_first():  # lists the sources (and writes the demo's photographs) once first
-            sources, heldout_sources, disjoint = build_data(cfg)
+        plan = list_data(cfg, accelerator)
         trainer = Trainer(cfg, accelerator)
-        trainer.attach_data(sources, heldout_sources, disjoint)
+        trainer.attach_data(plan)
         trainer.repo_id = repo_id
         if repo_id and cfg.hub_strategy == "every_save":
             trainer.pusher = hub.BackgroundPusher(repo_id)

@@ -4,7 +4,7 @@ from common.errors import DataError
 
 from .demo import demo_sources
 from .records import count_records
-from .resolve import ResolvedSource, check_sources, detect_kind, list_images, resolve_sources
+from .resolve import ResolvedSource, check_sources, detect_kind, list_images, missing_files, resolve_sources
 from .sample import sample_images
 from .specs import SourceSpec, load_mixture, parse_source, source_fields
 from .stream import ImageStream, build_eval_stream, build_train_stream, make_dataloader
@@ -29,6 +29,7 @@ __all__ = [
     "load_image",
     "load_mixture",
     "make_dataloader",
+    "missing_files",
     "parse_source",
     "resolve_sources",
     "sample_images",

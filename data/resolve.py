@@ -1,7 +1,8 @@
 """Resolution: a source spec's kind found, its files listed, and checked to hold something to read.
 
-Done once per job (train_vae.py lists on the main process and broadcasts the result): listing an
-ImageNet folder is an os.walk of 1.28 M files.
+Done once per job (train_vae.py lists on rank 0 and broadcasts the result; the streams and the
+held-out sample take resolved sources as they are): listing an ImageNet folder is an os.walk of 1.28 M
+files.
 """
 
 from __future__ import annotations
@@ -315,6 +316,33 @@ def resolve_source(spec: SourceSpec, index: int = 0) -> ResolvedSource:
 def resolve_sources(sources: list[SourceSpec]) -> list[ResolvedSource]:
     check_weights(sources)
     return [resolve_source(spec, i) for i, spec in enumerate(sources)]
+
+
+def spec_of(source: SourceSpec | ResolvedSource) -> SourceSpec:
+    return source.spec if isinstance(source, ResolvedSource) else source
+
+
+def as_resolved(sources: list[SourceSpec | ResolvedSource]) -> list[ResolvedSource]:
+    """Sources already resolved (listed once per job by the trainer's main process) as they are; specs
+    resolved here, each with its place in the list as its index."""
+    check_weights([spec_of(s) for s in sources])
+    return [s if isinstance(s, ResolvedSource) else resolve_source(s, i) for i, s in enumerate(sources)]
+
+
+def missing_files(sources: list[ResolvedSource], per_source: int = 8) -> list[str]:
+    """Which of up to `per_source` listed files of each source (first, last and evenly spaced between) do not
+    exist here: a few stat calls that tell whether this machine sees the files another one listed."""
+    missing = []
+    for src in sources:
+        if src.files is None or not len(src.files):
+            continue
+        picks = sorted(set(np.linspace(0, len(src.files) - 1, min(per_source, len(src.files))).astype(int).tolist()))
+        for i in picks:
+            path = src.files[i].decode("utf-8")
+            path = path if src.root is None else os.path.join(src.root, path)
+            if not os.path.isfile(path):
+                missing.append(path)
+    return missing
 
 
 # How each reader's sources are resolved (None: a Hub snapshot, resolved into one of the others).

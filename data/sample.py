@@ -33,7 +33,7 @@ from common.errors import DataError
 
 from .kinds import FILES, HUB, PARQUET, WEBDATASET, reader_of
 from .records import image_value, record_key, shard_labels, webdataset_samples
-from .resolve import ResolvedSource, resolve_source
+from .resolve import ResolvedSource, resolve_source, spec_of
 from .specs import SourceSpec, check_weights
 from .stream import derive_seed
 from .transforms import INTERPOLATIONS, MAX_IMAGE_PIXELS, BadImageError, eval_transform, load_image
@@ -199,24 +199,31 @@ _SAMPLERS = {FILES: _from_folder, PARQUET: _from_parquet, WEBDATASET: _from_webd
 
 
 def sample_images(
-    sources: list[SourceSpec], count: int, resolution: int, *, seed: int = 0, interpolation: str = "bilinear"
+    sources: list[SourceSpec | ResolvedSource],
+    count: int,
+    resolution: int,
+    *,
+    seed: int = 0,
+    interpolation: str = "bilinear",
 ) -> tuple[torch.Tensor, list[str]]:
     """`count` images drawn at random (fixed `seed`) across the whole of each source, split by weight.
 
     Returns ((count, 3, R, R) float32 in [-1, 1], eval transform: shorter side resized to R then
-    centre-cropped; their keys). Raises DataError when a source has too few readable images.
+    centre-cropped; their keys). Raises DataError when a source has too few readable images. Specs
+    are resolved here; ResolvedSource are used as they are (no second listing).
     """
     if count < 1 or resolution < 1:
         raise DataError(f"count ({count}) and resolution ({resolution}) must be >= 1")
     if interpolation not in INTERPOLATIONS:
         raise DataError(f"interpolation {interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
-    specs = list(sources)
+    specs = [spec_of(s) for s in sources]
     check_weights(specs)
     images, keys = [], []
-    for index, (spec, share) in enumerate(zip(specs, split_count(count, [s.weight for s in specs]), strict=True)):
+    for index, (source, share) in enumerate(zip(sources, split_count(count, [s.weight for s in specs]), strict=True)):
         if share == 0:
             continue
-        src = resolve_source(spec, index)
+        spec = spec_of(source)
+        src = source if isinstance(source, ResolvedSource) else resolve_source(spec, index)
         out = _Collector(share, resolution, interpolation)
         rng = np.random.default_rng(derive_seed(seed, index, share))
         _SAMPLERS[reader_of(src.kind)](src, out, rng)

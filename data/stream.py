@@ -43,7 +43,7 @@ import torch
 from common.errors import DataError
 
 from .records import open_records
-from .resolve import ResolvedSource, resolve_source, resolve_sources
+from .resolve import ResolvedSource, as_resolved, resolve_source
 from .specs import SourceSpec, parse_source
 from .transforms import (
     CROP_MODES,
@@ -300,7 +300,7 @@ class ImageStream(torch.utils.data.IterableDataset):
 # ---------------------------------------------------------------------------------------------
 
 
-def _as_specs(sources) -> list[SourceSpec]:
+def _as_specs(sources) -> list[SourceSpec | ResolvedSource]:
     return [parse_source(s) if isinstance(s, str) else s for s in sources]
 
 
@@ -319,8 +319,10 @@ def build_train_stream(
     interpolation: str = "bilinear",
     crop_mode: str = "resize",
 ) -> ImageStream:
-    """The weighted training mixture for one rank: shuffled, random crops (`crop_mode`), endless by default."""
-    resolved = resolve_sources(_as_specs(sources))
+    """The weighted training mixture for one rank: shuffled, random crops (`crop_mode`), endless by default.
+
+    `sources`: specs (or their strings), resolved here, or ResolvedSource, used as they are."""
+    resolved = as_resolved(_as_specs(sources))
     return ImageStream(
         resolved,
         resolution,

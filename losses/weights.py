@@ -1,8 +1,10 @@
 """Where the frozen nets' weights come from: torch hub's cache, else a download that an offline machine
-refuses in one line instead of hanging."""
+refuses in one line instead of hanging; and a fingerprint of what was loaded, which the ranks of a
+job compare (each node reads its own cache)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import urllib.parse
@@ -48,3 +50,58 @@ def fetch_checkpoint(url: str, hint: str) -> str:
     match = torch.hub.HASH_REGEX.search(os.path.basename(path))
     torch.hub.download_url_to_file(url, path, hash_prefix=match.group(1) if match else None, progress=False)
     return path
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """The first 16 hex digits of a sha256 over a module's state dict (names, dtypes, shapes, bytes): two
+    modules share a digest only when they hold the same weights, bit for bit."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+def weights_fingerprint(nets: dict[str, torch.nn.Module | None], kind: str) -> dict[str, str]:
+    """{network name: '<kind> <digest>'} of the frozen networks that exist (None: the term is off)."""
+    return {name: f"{kind} {weights_digest(net)}" for name, net in nets.items() if net is not None}
+
+
+def _rank_list(ranks: list[int]) -> str:
+    """'0-3, 6': ranks as runs of consecutive numbers."""
+    runs: list[list[int]] = []
+    for rank in ranks:
+        if runs and rank == runs[-1][1] + 1:
+            runs[-1][1] = rank
+        else:
+            runs.append([rank, rank])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def check_same_weights(gathered: list[dict[str, str] | str]) -> None:
+    """Stop (one line, the same on every rank) unless every rank loaded the same perception weights.
+
+    `gathered[rank]` is that rank's `weights_fingerprint`, or the one-line error it hit loading them. Ranks
+    whose networks differ would train on different losses while rank 0's model card names its own weights.
+    """
+    failed = {rank: item for rank, item in enumerate(gathered) if isinstance(item, str)}
+    if failed:
+        first = min(failed)
+        raise PerceptionWeightsError(
+            f"rank(s) {_rank_list(sorted(failed))} could not load the perception weights (rank {first}: "
+            f"{failed[first]})"
+        )
+    groups: dict[tuple, list[int]] = {}
+    for rank, fingerprint in enumerate(gathered):
+        groups.setdefault(tuple(sorted(fingerprint.items())), []).append(rank)
+    if len(groups) == 1:
+        return
+    described = "; ".join(
+        f"rank(s) {_rank_list(ranks)}: " + (", ".join(f"{name} {what}" for name, what in key) or "none")
+        for key, ranks in groups.items()
+    )
+    raise PerceptionWeightsError(
+        f"the ranks loaded different perception weights ({described}): each node reads its own torch hub / "
+        "Hugging Face cache, so give every node the same files (a shared TORCH_HOME and HF_HOME, or identical copies)"
+    )

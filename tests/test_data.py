@@ -312,6 +312,26 @@ def test_dataloader_workers_split_a_rank_without_loss_or_duplicates(finite_sourc
     assert sorted(single) == sorted(double)
 
 
+def test_fewer_webdataset_shards_than_readers_are_split_by_sample(tmp_path):
+    """2 shards for up to 2 ranks x 3 DataLoader workers: each reader keeps its own samples of a shard, so
+    every sample is read once in an epoch, none by two readers (readers never share a whole shard)."""
+    from data.records import open_records
+    from data.resolve import resolve_source
+
+    src = resolve_source(SourceSpec("wds", make_webdataset(str(tmp_path / "wds"), shards=2, per_shard=5)))
+    everything = sorted(r["key"] for r in open_records(src))
+    assert len(everything) == 10
+    # (4, 2): 8 readers of 5-sample shards, reader k of n keeping index k mod n of a shard: some get none.
+    for world_size, num_workers, all_busy in ((2, 3, True), (3, 1, True), (4, 2, False)):
+        parts = [
+            [r["key"] for r in open_records(src, rank=rank, world_size=world_size, worker=w, num_workers=num_workers)]
+            for rank in range(world_size)
+            for w in range(num_workers)
+        ]
+        assert sorted(itertools.chain(*parts)) == everything, (world_size, num_workers)  # each sample once
+        assert all(parts) == all_busy
+
+
 @pytest.mark.parametrize("kind", ["folder", "parquet"])
 def test_eval_ranks_split_the_first_max_samples(tmp_path, kind):
     if kind == "folder":
