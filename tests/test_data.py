@@ -1092,6 +1092,26 @@ def make_many_classes(root, classes=20, per_class=5):
     return root
 
 
+def test_resolved_sources_are_used_as_they_are_not_listed_again(tmp_path, monkeypatch):
+    """The trainer lists once and hands the resolved sources on: the stream and the held-out sample (the
+    export's latent statistics too) then list nothing, and give what they give from the specs."""
+    import data.resolve
+    from data import sample_images
+
+    specs = [SourceSpec("a", make_many_classes(str(tmp_path / "a"), classes=3, per_class=2), weight=2.0)]
+    specs.append(SourceSpec("b", make_folder(str(tmp_path / "b"))))
+    walks, list_images = [], data.resolve.list_images
+    monkeypatch.setattr(data.resolve, "list_images", lambda root: walks.append(root) or list_images(root))
+    resolved = data.resolve_sources(specs)
+    assert len(walks) == 2
+    from_resolved = sample_images(resolved, 6, 16, seed=4), keys_of(build_train_stream(resolved, 16, infinite=False))
+    assert len(walks) == 2  # nothing listed again
+    from_specs = sample_images(specs, 6, 16, seed=4), keys_of(build_train_stream(specs, 16, infinite=False))
+    assert len(walks) == 2 + 2 * 2  # specs: listed by each
+    assert from_resolved[0][1] == from_specs[0][1] and torch.equal(from_resolved[0][0], from_specs[0][0])
+    assert from_resolved[1] == from_specs[1]
+
+
 def test_sample_images_covers_the_whole_folder_and_is_reproducible(tmp_path):
     from data import sample_images
 
