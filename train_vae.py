@@ -46,7 +46,14 @@ from common.cli import fail, parse_config, to_dict
 from common.errors import DataError, ModelError, PerceptionWeightsError, UserError
 from common.helpers import set_torch_backends, stderr_is_terminal
 from losses import TransfusionLoss
-from losses.regularisers import EquivarianceTransform, build_vf_projection, draw_equivariance, transform_generator
+from losses.regularisers import (
+    EquivarianceTransform,
+    EqvaeDraw,
+    build_vf_projection,
+    draw_equivariance,
+    draw_eqvae,
+    transform_generator,
+)
 from losses.weights import check_same_weights, weights_fingerprint
 from metrics import held_out_metrics, latent_diagnostics, latent_pca_rgb, latents, save_grid
 from publishing import export, hub
@@ -93,11 +100,15 @@ class VAEForTraining(nn.Module):
         self.vae = vae
         self.vf_projection = vf_projection  # trained with the autoencoder, checkpointed, never exported
 
-    def forward(self, x: torch.Tensor, equivariance: EquivarianceTransform | None = None):
+    def forward(self, x: torch.Tensor, equivariance: EquivarianceTransform | None = None, replace: bool = False):
         """(recon, mean, logvar), plus a dict of the regularisers' inputs when any is on:
-        "equivariance": (T(x), decode(T(z))) for a transform given, "latent_projection": z' (B, D, h, w)."""
+        "equivariance": (T(x), decode(T(z))) for a transform given, "latent_projection": z' (B, D, h, w).
+        With `replace` (EQ-VAE's scheme) only T(z) is decoded: (decode(T(z)), mean, logvar, {"target": T(x)})."""
         posterior = self.vae.encode(x).latent_dist  # mean/logvar: (B, C_lat, H/8, W/8), logvar clamped [-30, 20]
         z = posterior.sample()
+        if replace:
+            tz, tx = equivariance.apply(z, x)
+            return self.vae.decode(tz).sample, posterior.mean, posterior.logvar, {"target": tx}
         if equivariance is None and self.vf_projection is None:
             recon = self.vae.decode(z).sample  # (B, 3, H, W); training decodes a *sampled* z
             return recon, posterior.mean, posterior.logvar
@@ -125,6 +136,14 @@ def equivariance_transform(cfg: TrainConfig, step: int, micro_batch: int = 0) ->
         cfg.equivariance_scales,
         cfg.equivariance_rotations,
     )
+
+
+def eqvae_draw(cfg: TrainConfig, step: int, micro_batch: int = 0) -> EqvaeDraw | None:
+    """This (step, micro-batch)'s draw of EQ-VAE's scheme (--equivariance_mode eqvae), else None; from the same
+    (seed, step, micro-batch) generator as the additive term's transform."""
+    if cfg.equivariance_mode != "eqvae":
+        return None
+    return draw_eqvae(transform_generator(cfg.seed, step, micro_batch), cfg.equivariance_prob, cfg.eqvae_low_res_prob)
 
 
 def loss_scale(accelerator: Accelerator) -> torch.Tensor | float | None:
@@ -597,9 +616,9 @@ class Trainer:
             if self.cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self.accelerator.accumulate(self.model, self.disc):
-                recon, logs, g_ok = self.generator_step(x, step, micro)
+                (target, recon), logs, g_ok = self.generator_step(x, step, micro)
                 if self.loss_fn.gan_active(step):
-                    d_logs, d_ok = self.discriminator_step(x, recon, step)
+                    d_logs, d_ok = self.discriminator_step(target, recon, step)
                     logs.update(d_logs)
         st = self.state
         st.skipped_g_steps += not g_ok
@@ -615,10 +634,22 @@ class Trainer:
         return logs
 
     def generator_step(self, x: torch.Tensor, step: int, micro_batch: int = 0):
+        """One generator update; returns ((target, reconstruction), logs, applied), the pair the D step trains on:
+        (x, decode(z)), or under EQ-VAE's scheme (T(x), decode(T(z))) or the downscaled x and its decode."""
         requires_grad(self.loss_fn.discriminator, False)  # D is a constant in the G step
         transform = equivariance_transform(self.cfg, step, micro_batch)
+        draw = eqvae_draw(self.cfg, step, micro_batch)
+        eq_logs = {}
+        if draw is not None:
+            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            x, transform = draw.input(x, factor), draw.transform
+            scale = draw.transform.scale if draw.transform is not None else draw.input_scale
+            eq_logs = {"eqvae/transformed": float(draw.transform is not None), "eqvae/scale": scale}
         with self.accelerator.autocast():
-            if transform is None and self.vf_projection is None:
+            if draw is not None and transform is not None:
+                recon, mean, logvar, extras = self.model(x, transform, replace=True)
+                x, regularisers = extras["target"], {}
+            elif transform is None and self.vf_projection is None:
                 recon, mean, logvar = self.model(x)
                 regularisers = {}
             else:
@@ -638,9 +669,10 @@ class Trainer:
                 **regularisers,
             )
         logs = {f"loss/{k}": v for k, v in logs.items()}
+        logs.update({k: torch.tensor(v) for k, v in eq_logs.items()})
         self.accelerator.backward(loss)
         applied = self._update(self.model, self.opt_g, self.sched_g, logs, "grad_norm/generator")
-        return recon.detach(), logs, applied
+        return (x, recon.detach()), logs, applied
 
     def discriminator_step(self, x: torch.Tensor, recon: torch.Tensor, step: int):
         requires_grad(self.loss_fn.discriminator, True)

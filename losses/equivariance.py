@@ -12,17 +12,20 @@ import torch
 import torch.nn.functional as F
 
 
-def equivariant_transform(t: torch.Tensor, scale: float = 1.0, quarter_turns: int = 0) -> torch.Tensor:
+def equivariant_transform(
+    t: torch.Tensor, scale: float = 1.0, quarter_turns: int = 0, antialias: bool = True
+) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, round(H·scale), round(W·scale)), turned by quarter_turns × 90° (counter-clockwise).
 
-    Downscaling is bilinear with antialiasing (a box-like prefilter, so a ×1/2 image keeps no aliased detail
-    that its ×1/2 latent could not carry); scale 1 and no turn return `t` itself.
+    Downscaling is bilinear, by default with antialiasing (a box-like prefilter, so a ×1/2 image keeps no
+    aliased detail that its ×1/2 latent could not carry); antialias=False is EQ-VAE's plain bilinear
+    resize. Scale 1 and no turn return `t` itself.
     """
     if not 0.0 < scale <= 1.0:
         raise ValueError(f"scale must be in (0, 1], got {scale}")
     if scale != 1.0:
         size = (max(1, round(t.shape[-2] * scale)), max(1, round(t.shape[-1] * scale)))
-        t = F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)
+        t = F.interpolate(t, size=size, mode="bilinear", antialias=antialias, align_corners=False)
     if quarter_turns % 4:
         t = torch.rot90(t, quarter_turns % 4, dims=(-2, -1))
     return t

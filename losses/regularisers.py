@@ -47,6 +47,7 @@ class EquivarianceTransform:
 
     scale: float = 1.0
     quarter_turns: int = 0
+    antialias: bool = True  # False: EQ-VAE's plain bilinear resize (--equivariance_mode eqvae)
 
     def apply(self, z: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T(z), T(x)) for a latent z (B, C, h, w) of an image x (B, 3, H, W).
@@ -55,9 +56,9 @@ class EquivarianceTransform:
         exactly H/h times T(z) in each side even where h·scale is not a whole number.
         """
         # In float32: antialiased bilinear resizing has no bf16 kernel on CPU (and T(z) is tiny).
-        tz = equivariant_transform(z.float(), self.scale, self.quarter_turns).to(z.dtype)
+        tz = equivariant_transform(z.float(), self.scale, self.quarter_turns, self.antialias).to(z.dtype)
         new_h = max(1, round(z.shape[-2] * self.scale))
-        tx = equivariant_transform(x.float(), new_h / z.shape[-2], self.quarter_turns).to(x.dtype)
+        tx = equivariant_transform(x.float(), new_h / z.shape[-2], self.quarter_turns, self.antialias).to(x.dtype)
         factor = x.shape[-2] // z.shape[-2]
         if tx.shape[-2:] != (tz.shape[-2] * factor, tz.shape[-1] * factor):
             raise ValueError(
@@ -88,6 +89,44 @@ def draw_equivariance(
         low = 1 if scale == 1.0 else 0
         turns = int(torch.randint(low, 4, (), generator=generator))
     return EquivarianceTransform(scale, turns)
+
+
+# EQ-VAE's scales: zelaki/eqvae train_eqvae/ldm/models/autoencoder.py, random.choice([s / 32 for s in range(8, 32)]).
+EQVAE_SCALES = tuple(s / 32 for s in range(8, 32))
+
+
+@dataclass(frozen=True)
+class EqvaeDraw:
+    """One step of EQ-VAE's own training scheme (--equivariance_mode eqvae).
+
+    transform: T, whose pair (T(x), decode(T(z))) replaces the step's (x, decode(z)) in the whole loss, or None;
+    input_scale: on a step without T, the downscale of the input image itself (EQ-VAE's prior preservation at
+    low resolution), 1 for the plain full-resolution step.
+    """
+
+    transform: EquivarianceTransform | None = None
+    input_scale: float = 1.0
+
+    def input(self, x: torch.Tensor, factor: int) -> torch.Tensor:
+        """x, downscaled by input_scale (bilinear, no antialiasing, as EQ-VAE) to sides that stay multiples of
+        the autoencoder's downsampling `factor` (exactly input_scale × 256 at 256², for every EQ-VAE scale)."""
+        if self.input_scale == 1.0:
+            return x
+        size = tuple(max(1, round(side // factor * self.input_scale)) * factor for side in x.shape[-2:])
+        return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False).to(x.dtype)
+
+
+def draw_eqvae(generator: torch.Generator, prob: float = 0.5, low_res_prob: float = 0.25) -> EqvaeDraw:
+    """EQ-VAE's draw: with probability `prob` a transform (a scale uniform in EQVAE_SCALES, then k·90°, k
+    uniform in {1, 2, 3}: a rotation always, no antialiasing); else, with probability `low_res_prob`, a
+    downscale of the input (scale uniform in EQVAE_SCALES); else the plain step."""
+    if float(torch.rand((), generator=generator)) < prob:
+        scale = EQVAE_SCALES[int(torch.randint(len(EQVAE_SCALES), (), generator=generator))]
+        turns = int(torch.randint(1, 4, (), generator=generator))
+        return EqvaeDraw(EquivarianceTransform(scale, turns, antialias=False))
+    if float(torch.rand((), generator=generator)) < low_res_prob:
+        return EqvaeDraw(input_scale=EQVAE_SCALES[int(torch.randint(len(EQVAE_SCALES), (), generator=generator))])
+    return EqvaeDraw()
 
 
 def equivariance_nll(

@@ -86,10 +86,16 @@ def _recipe_lines(recipe: Mapping) -> list[str]:
     ]
     if r["lecam_weight"]:
         lines.append(f"- LeCAM regularisation of the discriminator: weight {_fmt(r['lecam_weight'])}")
-    if r["equivariance_weight"]:
+    if r["equivariance_mode"] == "eqvae":
+        lines.append(
+            f"- equivariance, EQ-VAE's scheme: with probability {_fmt(r['equivariance_prob'])} the step's whole loss is "
+            "that of (T(x), decode(T(z))), T a scale uniform in {8/32, ..., 31/32} and a quarter turn; else prior "
+            f"preservation, at a random low resolution with probability {_fmt(r['eqvae_low_res_prob'])}"
+        )
+    elif r["equivariance_weight"]:
         turns = ", quarter turns" if r["equivariance_rotations"] else ""
         lines.append(
-            f"- equivariance (EQ-VAE): weight {_fmt(r['equivariance_weight'])}, probability "
+            f"- equivariance, additive term (ours, after EQ-VAE): weight {_fmt(r['equivariance_weight'])}, probability "
             f"{_fmt(r['equivariance_prob'])}, scales {r['equivariance_scales']}{turns}"
         )
     if r["vf_weight"]:

@@ -232,7 +232,13 @@ def test_card_names_the_latent_regularisers_only_when_on():
     assert "equivariance" not in off and "DINOv2" not in off
     recipe = TrainConfig(equivariance_weight=0.5, vf_weight=0.1).recipe()
     on = build_model_card(**card_args(recipe=recipe)).content
-    assert "equivariance (EQ-VAE): weight 0.5, probability 0.5, scales [0.5, 0.75], quarter turns" in on
+    assert (
+        "equivariance, additive term (ours, after EQ-VAE): weight 0.5, probability 0.5, scales [0.5, 0.75], quarter turns"
+        in on
+    )
+    eqvae = build_model_card(**card_args(recipe=TrainConfig(equivariance_mode="eqvae").recipe())).content
+    assert "equivariance, EQ-VAE's scheme: with probability 0.5 the step's whole loss" in eqvae
+    assert "at a random low resolution with probability 0.25" in eqvae and "additive" not in eqvae
     assert (
         "DINOv2 alignment (VA-VAE's VF loss): weight 0.1, margins 0.5 / 0.25, foundation model facebook/dinov2-base"
         in on

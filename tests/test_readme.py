@@ -97,7 +97,8 @@ def test_every_training_flag_carries_its_facts():
     assert config.CHECKED_AS_MODEL == ("model_config", "latent_channels")
     assert config.RECIPE_KEYS == (
         "l1_weight", "lpips_weight", "gan_weight", "id_weight", "kl_weight", "disc_start",
-        "adaptive_weight_max", "gan_ramp_steps", "lecam_weight", "equivariance_weight", "equivariance_prob",
+        "adaptive_weight_max", "gan_ramp_steps", "lecam_weight", "equivariance_mode", "eqvae_low_res_prob",
+        "equivariance_weight", "equivariance_prob",
         "equivariance_scales", "equivariance_rotations", "vf_weight", "vf_margin_cos", "vf_margin_distmat",
         "vf_margin_start", "vf_model",
     )  # fmt: skip

@@ -477,6 +477,137 @@ def test_trainer_draws_from_its_seed_and_step(tmp_path, accelerator):
 
 
 # ----------------------------------------------------------------------------------------
+# --equivariance_mode eqvae: EQ-VAE's own scheme (zelaki/eqvae, AutoencoderKL.training_step)
+# ----------------------------------------------------------------------------------------
+
+
+def test_eqvae_draw_is_the_reference_distribution():
+    rng = torch.get_rng_state()
+    draws = [regularisers.draw_eqvae(transform_generator(0, s), 0.5, 0.25) for s in range(2000)]
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert draws == [regularisers.draw_eqvae(transform_generator(0, s), 0.5, 0.25) for s in range(2000)]
+    transformed = [d.transform for d in draws if d.transform is not None]
+    assert 900 < len(transformed) < 1100  # p = 0.5 replaces the step's pair
+    assert {t.quarter_turns for t in transformed} == {1, 2, 3}  # a rotation always
+    assert {t.scale for t in transformed} == set(regularisers.EQVAE_SCALES)  # 8/32 .. 31/32, uniform
+    assert min(regularisers.EQVAE_SCALES) == 0.25 and max(regularisers.EQVAE_SCALES) == 31 / 32
+    assert len(regularisers.EQVAE_SCALES) == 24 and not any(t.antialias for t in transformed)
+    rest = [d for d in draws if d.transform is None]
+    low_res = [d for d in rest if d.input_scale != 1.0]
+    assert 0.2 < len(low_res) / len(rest) < 0.3  # prior preservation at low resolution, p_prior_s = 0.25
+    assert {d.input_scale for d in low_res} == set(regularisers.EQVAE_SCALES)
+    assert all(
+        regularisers.draw_eqvae(transform_generator(0, s), 0.0, 0.0) == regularisers.EqvaeDraw() for s in range(50)
+    )
+
+
+@pytest.mark.parametrize("k", [8, 13, 24, 31])
+def test_eqvae_resizes_are_the_references_bilinear_at_256(k):
+    """At 256² (latent 32², factor 8) every EQ-VAE scale s = k/32 gives whole sizes, and the pair equals the
+    reference's F.interpolate(scale_factor=s, mode="bilinear", align_corners=False) then rot90."""
+    s = k / 32
+    x, z = torch.rand(1, 3, 256, 256) * 2 - 1, torch.randn(1, 4, 32, 32)
+
+    def reference(t, turns):
+        t = torch.nn.functional.interpolate(t, scale_factor=s, mode="bilinear", align_corners=False)
+        return torch.rot90(t, turns, dims=(-2, -1))
+
+    tz, tx = EquivarianceTransform(s, 3, antialias=False).apply(z, x)
+    assert tz.shape[-2:] == (k, k) and tx.shape[-2:] == (8 * k, 8 * k)
+    torch.testing.assert_close(tz, reference(z, 3), rtol=0, atol=1e-6)
+    torch.testing.assert_close(tx, reference(x, 3), rtol=0, atol=1e-6)
+    low = regularisers.EqvaeDraw(input_scale=s).input(x, 8)
+    torch.testing.assert_close(low, reference(x, 0), rtol=0, atol=1e-6)
+    # Antialiasing (the additive mode's) differs from it: the flag is what makes the pair EQ-VAE's.
+    assert not torch.allclose(EquivarianceTransform(s, 3).apply(z, x)[1], tx, atol=1e-3)
+
+
+def eqvae_steps(cfg, kind: str, count: int = 1) -> list[int]:
+    """The first steps whose draw is of `kind` (transformed / low_res / plain)."""
+    found = []
+    for step in range(200):
+        d = train_vae.eqvae_draw(cfg, step)
+        got = "transformed" if d.transform is not None else "low_res" if d.input_scale != 1 else "plain"
+        if got == kind:
+            found.append(step)
+        if len(found) == count:
+            return found
+    raise AssertionError(kind)
+
+
+def test_eqvae_step_replaces_the_pair_and_keeps_the_kl_of_x(tmp_path, accelerator, monkeypatch):
+    """A transformed step's loss is the whole loss of (T(x), decode(T(z))) (L1 here; KL of x's own posterior);
+    a low-resolution step's is that of the downscaled x; a plain step is the recipe's step, bit for bit."""
+    cfg = tiny_config(tmp_path, equivariance_mode="eqvae", lpips_weight=0.0, gan_weight=0.0)
+    set_seed(0)
+    trainer = train_vae.Trainer(cfg, accelerator)
+    vae, x = trainer.vae, batch()
+    capture_gradients(monkeypatch, trainer)
+    for kind in ("transformed", "low_res"):
+        step = eqvae_steps(cfg, kind)[0]
+        draw = train_vae.eqvae_draw(cfg, step)
+        torch.manual_seed(7)
+        (target, recon), logs, _ = trainer.generator_step(x, step)
+        torch.manual_seed(7)
+        with torch.no_grad():
+            posterior = vae.encode(draw.input(x, 8)).latent_dist
+            z = posterior.sample()
+            expected_target = draw.input(x, 8)
+            if draw.transform is not None:
+                z, expected_target = draw.transform.apply(z, x)
+            expected_recon = vae.decode(z).sample
+        assert torch.equal(target, expected_target) and torch.equal(recon, expected_recon), kind
+        l1 = (expected_target - expected_recon).abs().sum() / 2 / expected_target[0].numel()
+        torch.testing.assert_close(logs["loss/l1"], l1)
+        kl = 0.5 * (posterior.mean**2 + posterior.logvar.exp() - 1 - posterior.logvar).sum() / 2
+        torch.testing.assert_close(logs["loss/kl"], kl)  # the KL of the (possibly downscaled) x, never of T
+        assert logs["eqvae/transformed"].item() == float(kind == "transformed")
+        scale = draw.transform.scale if draw.transform is not None else draw.input_scale
+        assert logs["eqvae/scale"].item() == scale and scale < 1
+    step = eqvae_steps(cfg, "plain")[0]
+    torch.manual_seed(7)
+    (target, _), logs, _ = trainer.generator_step(x, step)
+    trainer.cfg.equivariance_mode = "additive"
+    torch.manual_seed(7)
+    _, plain_logs, _ = trainer.generator_step(x, step)
+    assert target is x and logs.pop("eqvae/transformed") == 0 and logs.pop("eqvae/scale") == 1
+    assert logs.keys() == plain_logs.keys() and all(torch.equal(logs[k], plain_logs[k]) for k in logs)
+
+
+def test_eqvae_discriminator_trains_on_the_transformed_pair(tmp_path, accelerator, monkeypatch):
+    cfg = tiny_config(tmp_path, equivariance_mode="eqvae", lpips_weight=0.0, resolution=96)
+    set_seed(0)
+    trainer = train_vae.Trainer(cfg, accelerator)
+    seen = []
+    monkeypatch.setattr(trainer, "discriminator_step", lambda t, r, step: seen.append((t, r)) or ({}, True))
+    x = torch.rand(2, 3, 96, 96) * 2 - 1
+    for step in eqvae_steps(cfg, "transformed") + eqvae_steps(cfg, "low_res"):
+        draw = train_vae.eqvae_draw(cfg, step)
+        logs = trainer.train_step(x, step)
+        assert logs["loss/gan"].isfinite() and logs["loss/gan"] != 0
+        scale = draw.transform.scale if draw.transform is not None else draw.input_scale
+        side = 8 * round(12 * scale)  # latent 12² at 96², factor 8
+        target, recon = seen[-1]
+        assert target.shape == recon.shape == (2, 3, side, side) and side < 96
+        if draw.transform is not None:
+            torch.testing.assert_close(target, draw.transform.apply(torch.zeros(2, 4, 12, 12), x)[1])
+
+
+def test_eqvae_flags_are_checked():
+    assert TrainConfig().equivariance_mode == "additive"  # default unchanged
+    TrainConfig(equivariance_mode="eqvae", resolution=96).check()
+    for bad, match in (
+        (dict(equivariance_weight=1.0), "has no weight"),
+        (dict(vf_weight=0.1, resolution=96), "does not combine with --vf_weight"),
+        (dict(resolution=64), "below the smallest input"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            TrainConfig(equivariance_mode="eqvae", **bad).check()
+    with pytest.raises(SystemExit):  # argparse's one line: invalid choice
+        parse_config(TrainConfig, ["--equivariance_mode", "eq"], "train_vae.py")
+
+
+# ----------------------------------------------------------------------------------------
 # checkpoints
 # ----------------------------------------------------------------------------------------
 

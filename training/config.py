@@ -221,10 +221,28 @@ class TrainConfig:
         0.999, "EMA decay of LeCAM's logit anchors", bound="unit_interval", resume="warn", loss=True
     )
     # --- latent regularisers (off by default; docs/recipe.md, "Latent regularisers (off by default)") ---
+    equivariance_mode: str = arg(
+        "additive",
+        "additive (ours): --equivariance_weight > 0 adds an L1 (+LPIPS) term on a transformed pair; eqvae (EQ-VAE's "
+        "published scheme, on when chosen): with probability --equivariance_prob the step's whole loss (GAN and KL "
+        "included) is that of (T(x), decode(T(z))), T a scale uniform in {8/32, ..., 31/32} and a quarter turn; "
+        "else the step is EQ-VAE's prior preservation (--eqvae_low_res_prob)",
+        choices=("additive", "eqvae"),
+        resume="warn",
+        recipe=True,
+    )
+    eqvae_low_res_prob: float = arg(
+        0.25,
+        "--equivariance_mode eqvae: probability that a step without T trains on the image downscaled by a scale "
+        "uniform in {8/32, ..., 31/32} (EQ-VAE's prior preservation at low resolution, p_prior_s), in [0, 1)",
+        bound="unit_interval",
+        resume="warn",
+        recipe=True,
+    )
     equivariance_weight: float = arg(
         0.0,
-        "EQ-VAE equivariance: weight of the L1 (+LPIPS) loss between decode(T(z)) and T(x), T a random downscale "
-        "and/or quarter turn (0 = off)",
+        "--equivariance_mode additive: weight of the L1 (+LPIPS) loss between decode(T(z)) and T(x), T a random "
+        "downscale and/or quarter turn (0 = off)",
         bound="non_negative",
         resume="warn",
         recipe=True,
@@ -232,19 +250,23 @@ class TrainConfig:
     )
     equivariance_prob: float = arg(
         0.5,
-        "probability that a step adds the equivariance term (in [0, 1])",
+        "probability that a step adds the equivariance term (additive) or replaces its pair by the transformed "
+        "one (eqvae), in [0, 1]",
         bound="non_negative",
         resume="warn",
         recipe=True,
     )
     equivariance_scales: list[float] = arg(
         [0.5, 0.75],
-        "downscale factors T draws from, each in (0, 1] (repeatable; 1 = rotation only)",
+        "--equivariance_mode additive: downscale factors T draws from, each in (0, 1] (repeatable; 1 = rotation only)",
         resume="warn",
         recipe=True,
     )
     equivariance_rotations: bool = arg(
-        True, "T also turns by a random multiple of 90 degrees", resume="warn", recipe=True
+        True,
+        "--equivariance_mode additive: T also turns by a random multiple of 90 degrees",
+        resume="warn",
+        recipe=True,
     )
     vf_weight: float = arg(
         0.0,
@@ -494,6 +516,23 @@ class TrainConfig:
             raise ConfigError(
                 "--equivariance_weight needs a transform: --equivariance_scales below 1 or --equivariance_rotations"
             )
+        if self.equivariance_mode == "eqvae" and self.equivariance_weight > 0:
+            raise ConfigError(
+                "--equivariance_mode eqvae replaces the step's loss and has no weight: leave --equivariance_weight at 0"
+            )
+        smallest = self.resolution // 4  # EQ-VAE's smallest scale, 8/32
+        if self.equivariance_mode == "eqvae" and (
+            (self.gan_weight > 0 and smallest < 24) or (self.lpips_weight > 0 and smallest < 16)
+        ):
+            raise ConfigError(
+                f"--equivariance_mode eqvae downscales images to 1/4 ({smallest} px at --resolution {self.resolution}), "
+                "below the smallest input of the discriminator (24 px) or LPIPS (16 px): use --resolution >= 96, or "
+                "--gan_weight 0 / --lpips_weight 0"
+            )
+        if self.equivariance_mode == "eqvae" and self.vf_weight > 0:
+            raise ConfigError(
+                "--equivariance_mode eqvae does not combine with --vf_weight (the VF loss would see transformed images)"
+            )
         if self.vf_weight > 0 and (
             self.train_decoder_only or any("encoder.conv_out.weight".startswith(p) for p in self.freeze)
         ):
@@ -513,6 +552,8 @@ class TrainConfig:
             terms.append(
                 f"--equivariance_weight {self.equivariance_weight:g} (antialiased bilinear downscaling of the latent)"
             )
+        if self.equivariance_mode == "eqvae" and (self.equivariance_prob > 0 or self.eqvae_low_res_prob > 0):
+            terms.append("--equivariance_mode eqvae (bilinear downscaling of the latent and the image)")
         return terms
 
     def check_deterministic(self, device_type: str) -> None:
