@@ -49,6 +49,7 @@ from losses import TransfusionLoss
 from losses.regularisers import (
     EquivarianceTransform,
     EqvaeDraw,
+    add_latent_noise,
     build_vf_projection,
     draw_equivariance,
     draw_eqvae,
@@ -95,10 +96,17 @@ class VAEForTraining(nn.Module):
     foundation model's width (VF alignment, `vf_projection`): every gradient is still synced once per step.
     """
 
-    def __init__(self, vae: AutoencoderKL, vf_projection: nn.Module | None = None):
+    def __init__(self, vae: AutoencoderKL, vf_projection: nn.Module | None = None, latent_noise_aug: float = 0.0):
         super().__init__()
         self.vae = vae
         self.vf_projection = vf_projection  # trained with the autoencoder, checkpointed, never exported
+        self.latent_noise_aug = latent_noise_aug  # σ_max of --latent_noise_aug (0: off, nothing drawn)
+
+    def _decode_main(self, z: torch.Tensor) -> torch.Tensor:
+        """The step's reconstruction: decode(z), or with --latent_noise_aug decode of z noised (add_latent_noise)."""
+        if self.latent_noise_aug > 0:
+            z = add_latent_noise(z, self.latent_noise_aug)
+        return self.vae.decode(z).sample
 
     def forward(self, x: torch.Tensor, equivariance: EquivarianceTransform | None = None, replace: bool = False):
         """(recon, mean, logvar), plus a dict of the regularisers' inputs when any is on:
@@ -108,16 +116,16 @@ class VAEForTraining(nn.Module):
         z = posterior.sample()
         if replace:
             tz, tx = equivariance.apply(z, x)
-            return self.vae.decode(tz).sample, posterior.mean, posterior.logvar, {"target": tx}
+            return self._decode_main(tz), posterior.mean, posterior.logvar, {"target": tx}
         if equivariance is None and self.vf_projection is None:
-            recon = self.vae.decode(z).sample  # (B, 3, H, W); training decodes a *sampled* z
+            recon = self._decode_main(z)  # (B, 3, H, W); training decodes a *sampled* z
             return recon, posterior.mean, posterior.logvar
         extras = {}
         if equivariance is not None:
             tz, tx = equivariance.apply(z, x)
             # Decoded before z: the adaptive weight's hook keeps the input of decoder.conv_out of the last decode.
             extras["equivariance"] = (tx, self.vae.decode(tz).sample)
-        recon = self.vae.decode(z).sample
+        recon = self._decode_main(z)
         if self.vf_projection is not None:
             extras["latent_projection"] = self.vf_projection(z)
         return recon, posterior.mean, posterior.logvar, extras
@@ -501,7 +509,7 @@ class Trainer:
         opt_g, opt_d = build_optimizers(cfg, vae, disc, self.device, extra=self.vf_projection)
         sched_g, sched_d = build_schedules(cfg, opt_g, opt_d)
         (self.model, self.disc, self.opt_g, self.opt_d, self.sched_g, self.sched_d) = accelerator.prepare(
-            VAEForTraining(vae, self.vf_projection), disc, opt_g, opt_d, sched_g, sched_d
+            VAEForTraining(vae, self.vf_projection, cfg.latent_noise_aug), disc, opt_g, opt_d, sched_g, sched_d
         )
         if cfg.torch_compile:
             # After prepare: compiling the DDP-wrapped module lets DDP overlap its gradient all-reduce with

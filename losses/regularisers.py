@@ -1,4 +1,5 @@
-"""Latent regularisers (off by default): EQ-VAE's equivariance term and VA-VAE's vision-foundation alignment.
+"""Latent regularisers (off by default): EQ-VAE's equivariance term, VA-VAE's vision-foundation alignment, and
+the latent noise augmentation of the decoder.
 
 Both make the latent space easier for a diffusion model to learn (docs/recipe.md, "Latent regularisers (off
 by default)"). Pure pieces live here: the seeded transform draw, the two formulas, the frozen DINOv2 feature
@@ -233,3 +234,20 @@ def build_vf_projection(latent_channels: int, width: int) -> nn.Conv2d:
     as VA-VAE's (`linear_proj`, reverse_proj: bias=False): a bias could take DINOv2's mean feature and meet
     part of the cosine term without z moving."""
     return nn.Conv2d(latent_channels, width, kernel_size=1, bias=False)
+
+
+# ----------------------------------------------------------------------------------------
+# Latent noise augmentation (--latent_noise_aug; the decoder side of σ-VAE / l-DeTok's idea)
+# ----------------------------------------------------------------------------------------
+
+
+def add_latent_noise(z: torch.Tensor, sigma_max: float) -> torch.Tensor:
+    """z + σ_b·s·ε: σ_b ~ U[0, sigma_max] per image, s the batch's latent std (detached: one unit of the
+    normalised latent, whose scaling_factor is 1/std of sampled latents), ε ~ N(0, I).
+
+    Drawn from the global RNG, as the posterior's own noise (a resumed run restores it); gradients flow to z.
+    """
+    scale = z.detach().float().std()
+    sigma = torch.rand(z.shape[0], 1, 1, 1, device=z.device) * sigma_max
+    noise = torch.randn(z.shape, device=z.device)
+    return z + (sigma * scale * noise).to(z.dtype)

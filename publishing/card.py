@@ -98,6 +98,11 @@ def _recipe_lines(recipe: Mapping) -> list[str]:
             f"- equivariance, additive term (ours, after EQ-VAE): weight {_fmt(r['equivariance_weight'])}, probability "
             f"{_fmt(r['equivariance_prob'])}, scales {r['equivariance_scales']}{turns}"
         )
+    if r["latent_noise_aug"]:
+        lines.append(
+            f"- latent noise augmentation: the decoder trained on z + σ·std(z)·ε, σ ~ U[0, {_fmt(r['latent_noise_aug'])}] "
+            "per image"
+        )
     if r["vf_weight"]:
         lines.append(
             f"- DINOv2 alignment (VA-VAE's VF loss): weight {_fmt(r['vf_weight'])}, margins "

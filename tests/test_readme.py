@@ -99,7 +99,7 @@ def test_every_training_flag_carries_its_facts():
         "l1_weight", "lpips_weight", "gan_weight", "id_weight", "kl_weight", "disc_start",
         "adaptive_weight_max", "gan_ramp_steps", "lecam_weight", "equivariance_mode", "eqvae_low_res_prob",
         "equivariance_weight", "equivariance_prob",
-        "equivariance_scales", "equivariance_rotations", "vf_weight", "vf_margin_cos", "vf_margin_distmat",
+        "equivariance_scales", "equivariance_rotations", "latent_noise_aug", "vf_weight", "vf_margin_cos", "vf_margin_distmat",
         "vf_margin_start", "vf_model",
     )  # fmt: skip
     assert config.LOSS_KEYWORDS["id_checkpoint"] == "moco_weights"

@@ -132,7 +132,9 @@ def test_off_is_bit_identical_to_the_recipe_step(tmp_path, accelerator, monkeypa
     ref_loss, ref_logs, ref_grads = recipe_step(trainer, x, step)
     ref_rng = torch.get_rng_state()
 
-    forbid(monkeypatch, train_vae, "draw_equivariance", "transform_generator", "build_vf_projection")
+    forbid(
+        monkeypatch, train_vae, "draw_equivariance", "transform_generator", "build_vf_projection", "add_latent_noise"
+    )
     forbid(monkeypatch, vae_loss, "equivariance_nll", "vf_loss")
     forbid(monkeypatch, regularisers, "equivariant_transform")
     monkeypatch.setattr(trainer.loss_fn, "generator_loss", keep_loss)
@@ -605,6 +607,59 @@ def test_eqvae_flags_are_checked():
             TrainConfig(equivariance_mode="eqvae", **bad).check()
     with pytest.raises(SystemExit):  # argparse's one line: invalid choice
         parse_config(TrainConfig, ["--equivariance_mode", "eq"], "train_vae.py")
+
+
+# ----------------------------------------------------------------------------------------
+# --latent_noise_aug: the decoder trained on noised latents
+# ----------------------------------------------------------------------------------------
+
+
+def test_latent_noise_is_uniform_sigma_times_the_batch_std():
+    z = torch.randn(3, 4, 8, 8) * 2.5 + 1.0
+    torch.manual_seed(5)
+    noised = regularisers.add_latent_noise(z, 0.8)
+    torch.manual_seed(5)
+    sigma = torch.rand(3, 1, 1, 1) * 0.8  # per image, U[0, σ_max]
+    eps = torch.randn(3, 4, 8, 8)
+    torch.testing.assert_close(noised, z + sigma * z.std() * eps)  # in units of the batch's latent std
+    # Per image, the added noise's std / std(z) is that image's σ: within [0, σ_max], and not all alike.
+    torch.manual_seed(0)
+    z = torch.randn(64, 4, 16, 16) * 3.0
+    ratio = (regularisers.add_latent_noise(z, 0.5) - z).flatten(1).std(1) / z.std()
+    assert ratio.max() < 0.55 and ratio.min() < 0.1 and ratio.max() > 0.4
+    zg = z[:2].clone().requires_grad_(True)
+    regularisers.add_latent_noise(zg, 0.5).sum().backward()
+    assert torch.equal(zg.grad, torch.ones_like(zg))  # the scale is detached: d(noised)/dz = 1
+
+
+def test_latent_noise_aug_trains_the_decoder_on_noised_latents(tmp_path, accelerator, monkeypatch):
+    """On: the decoder's input is z + noise (its std within σ_max·std(z) per image), the loss and gradients
+    change; off (the default), nothing is drawn (the bit-identity test above forbids add_latent_noise)."""
+    cfg = tiny_config(tmp_path, latent_noise_aug=0.5)
+    set_seed(0)
+    trainer = train_vae.Trainer(cfg, accelerator)
+    assert TrainConfig().latent_noise_aug == 0 and trainer.model.latent_noise_aug == 0.5
+    seen = []
+    hook = trainer.vae.post_quant_conv.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    grads = capture_gradients(monkeypatch, trainer)
+    x = batch()
+    torch.manual_seed(7)
+    _, logs, _ = trainer.generator_step(x, 3)
+    torch.manual_seed(7)
+    posterior = trainer.vae.encode(x).latent_dist
+    z = posterior.sample()
+    trainer.model.latent_noise_aug = 0.0
+    torch.manual_seed(7)
+    _, logs_off, _ = trainer.generator_step(x, 3)
+    hook.remove()
+    noised, clean = seen[0], seen[-1]
+    torch.testing.assert_close(clean, z.detach())  # off: the sampled z itself
+    per_image = (noised - clean).flatten(1).std(1) / clean.std()
+    assert (per_image > 0).all() and (per_image < 0.5).all()
+    assert torch.equal(logs["loss/kl"], logs_off["loss/kl"])  # the posterior is the same
+    assert not torch.equal(logs["loss/l1"], logs_off["loss/l1"])
+    assert not torch.equal(grads[0]["vae.decoder.conv_in.weight"], grads[1]["vae.decoder.conv_in.weight"])
+    assert grads[0]["vae.encoder.conv_in.weight"].abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------------------

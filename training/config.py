@@ -268,6 +268,14 @@ class TrainConfig:
         resume="warn",
         recipe=True,
     )
+    latent_noise_aug: float = arg(
+        0.0,
+        "train the decoder on noised latents: the step decodes z + sigma*std(z)*eps, sigma ~ U[0, this] per image, "
+        "std(z) the batch's latent std (units of the normalised latent); 0 = off",
+        bound="non_negative",
+        resume="warn",
+        recipe=True,
+    )
     vf_weight: float = arg(
         0.0,
         "VA-VAE vision-foundation alignment: base weight of the adaptively weighted DINOv2 margin loss on the "
