@@ -466,7 +466,6 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
             InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.ddp_timeout)),
         ],
     )
-    cfg.check_deterministic(accelerator.device.type)  # the device is known now; no model is built yet
     deterministic = cfg.deterministic != "off"
     set_torch_backends(cfg.allow_tf32, deterministic, cfg.cudnn_benchmark, warn_only=cfg.deterministic == "warn")
     return accelerator

@@ -8,8 +8,12 @@ through the same function, so the regulariser (losses) and the diagnostic (metri
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+from losses.separable import deterministic_algorithms, deterministic_resize
 
 
 def equivariant_transform(
@@ -19,13 +23,19 @@ def equivariant_transform(
 
     Downscaling is bilinear, by default with antialiasing (a box-like prefilter, so a ×1/2 image keeps no
     aliased detail that its ×1/2 latent could not carry); antialias=False is EQ-VAE's plain bilinear
-    resize. Scale 1 and no turn return `t` itself.
+    resize. Scale 1 and no turn return `t` itself. Under torch.use_deterministic_algorithms (`--deterministic`)
+    the downscale runs as two matmuls of the same values.
     """
     if not 0.0 < scale <= 1.0:
         raise ValueError(f"scale must be in (0, 1], got {scale}")
     if scale != 1.0:
         size = (max(1, round(t.shape[-2] * scale)), max(1, round(t.shape[-1] * scale)))
-        t = F.interpolate(t, size=size, mode="bilinear", antialias=antialias, align_corners=False)
+        resize = functools.partial(F.interpolate, size=size, mode="bilinear", antialias=antialias, align_corners=False)
+        # --deterministic: the same resize as two matmuls, whose backward is deterministic on CUDA (losses/separable.py)
+        if deterministic_algorithms():
+            t = deterministic_resize(t, resize, ("equivariance", size, antialias))
+        else:
+            t = resize(t)
     if quarter_turns % 4:
         t = torch.rot90(t, quarter_turns % 4, dims=(-2, -1))
     return t

@@ -8,6 +8,7 @@ too (256-d projection).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pickle
@@ -21,6 +22,7 @@ from torch import nn
 
 from common.errors import PerceptionWeightsError
 from common.helpers import FrozenModule, key_mismatch, one_line
+from losses.separable import deterministic_algorithms, deterministic_resize
 from losses.weights import fetch_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -121,9 +123,19 @@ def moco_resize(x: torch.Tensor, size: int = 224) -> torch.Tensor:
 
     docs/recipe.md, section "ID loss".
 
+    Under torch.use_deterministic_algorithms (`--deterministic`) the same linear map as two matmuls, whose backward
+    is deterministic on CUDA (kornia's reflect padding and bicubic sampling are not).
+
     Not F.interpolate(antialias=True): kornia blurs with σ = (f − 1)/2 and then samples plain
     bicubic, a different kernel (up to 1.2 apart on 256² images).
     """
+    resize = functools.partial(_kornia_resize, size=size)
+    if deterministic_algorithms():  # --deterministic: the same resize as two matmuls (losses/separable.py)
+        return deterministic_resize(x, resize, ("moco_resize", size))
+    return resize(x)
+
+
+def _kornia_resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return kornia.geometry.transform.resize(
         x, (size, size), interpolation="bicubic", align_corners=True, antialias=True
     )

@@ -190,7 +190,7 @@ def test_gpu_selftest_runs_every_check_on_cpu_and_a_failed_check_exits_non_zero(
     result = json.loads(out.read_text())
     checks = {c["name"]: c for c in result["checks"]}
     expected = ["throughput bf16", "syncs bf16", "throughput fp16", "syncs fp16", "memory", "fp16_scale"]
-    assert list(checks) == [*expected, "deterministic recipe", "compile"]
+    assert list(checks) == [*expected, "deterministic", "compile"]
     assert result["failed"] == [n for n, c in checks.items() if not c["ok"]]
     syncs = checks["syncs bf16"]
     assert not syncs["ok"] and syncs["data"]["count"] == 2 and "FAIL  syncs bf16" in printed
@@ -201,7 +201,7 @@ def test_gpu_selftest_runs_every_check_on_cpu_and_a_failed_check_exits_non_zero(
         (row,) = checks[f"throughput {precision}"]["data"]["rows"]
         assert row["batch_size"] == 2 and row["images_per_s"] > 0 and row["peak_bytes"] > 0
     assert checks["throughput bf16"]["ok"], checks["throughput bf16"]["detail"]
-    for name in ("memory", "deterministic recipe", "compile"):
+    for name in ("memory", "deterministic", "compile"):
         assert checks[name]["ok"], checks[name]["detail"]
     assert checks["memory"]["data"]["max_rel_diff"] == 0  # checkpointing recomputes the same forward on the CPU
     assert 0 < checks["fp16_scale"]["data"]["scale"] <= 2.0**16

@@ -1,9 +1,10 @@
-"""`--deterministic`: which terms stop it on CUDA, and that the list is the truth about the step's ops.
+"""`--deterministic`: the step runs no op that torch refuses on CUDA, and the replaced resizes give the same values.
 
 torch.use_deterministic_algorithms(True) raises on CUDA in the backward of some ops (its docstring's list). A CPU
 cannot raise there, but it runs the same aten ops: a TorchDispatchMode records every op one training step runs
-(both optimizer steps, λ's gradients, the caller's backward) and the test compares the ops of that list it finds
-with the terms `TrainConfig.nondeterministic_terms` names.
+(both optimizer steps, λ's gradients, the caller's backward). Without deterministic mode the ID term (kornia's
+resize) and the equivariance term (antialiased bilinear) run such ops; with it, their resizes are matmuls
+(losses/separable.py) and no op of the list is left.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from accelerate.utils import set_seed
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_vae
-from common.errors import ConfigError
+from common.helpers import set_torch_backends
+from losses.equivariance import equivariant_transform
+from losses.identity import moco_resize
 from tiny import tiny_config
-from training.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,86 +67,109 @@ class RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def nondeterministic_ops_of_a_step(tmp_path, **flags) -> set[str]:
+@pytest.fixture
+def restore_backends():
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2:]
+
+
+def trainer_and_batch(tmp_path, **flags) -> tuple[train_vae.Trainer, torch.Tensor]:
     for state in (AcceleratorState, GradientState, PartialState):
         state._reset_state()
     cfg = tiny_config(tmp_path, **flags)
     set_seed(0)
-    trainer = train_vae.Trainer(cfg, Accelerator(cpu=True))
     size = cfg.resolution
     x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    with RecordOps() as recorder:
-        logs = trainer.train_step(x, 0)
+    return train_vae.Trainer(cfg, Accelerator(cpu=True)), x
+
+
+def nondeterministic_ops_of_a_step(trainer, x: torch.Tensor, step: int, deterministic: bool) -> set[str]:
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        with RecordOps() as recorder:
+            logs = trainer.train_step(x, step)
+    finally:
+        torch.use_deterministic_algorithms(False)
     assert "disc/loss" in logs  # D's update ran too
     return recorder.ops & set(CUDA_NONDETERMINISTIC)
 
 
-# The trainer's default (recipe) terms, one at a time on top of L1 + LPIPS + GAN + KL, and the step without them.
+# On top of L1 + LPIPS + GAN + KL: nothing, the ID term (the recipe's), the equivariance term; and the ops of the
+# list each runs without deterministic mode. ResNet-50's 1×1 adaptive pool is a mean in aten: none of them.
 TERMS = {
-    "none": ({}, []),
-    # Above 224², as the recipe's 256²: kornia then blurs before it shrinks (LPIPS off, to keep it quick).
-    "id": ({"id_weight": 0.2, "resolution": 232, "lpips_weight": 0.0}, ["--id_weight"]),
-    "equivariance": ({"equivariance_weight": 1.0, "equivariance_prob": 1.0}, ["--equivariance_weight"]),
+    "none": ({}, set()),
+    # Above 224², as the recipe's 256²: kornia then blurs (reflect padding) before it shrinks (LPIPS off: quicker).
+    "id": (
+        {"id_weight": 0.2, "resolution": 232, "lpips_weight": 0.0},
+        {"reflection_pad2d_backward", "upsample_bicubic2d_backward"},
+    ),
+    "equivariance": (
+        {"equivariance_weight": 1.0, "equivariance_prob": 1.0, "equivariance_scales": [0.5]},
+        {"_upsample_bilinear2d_aa_backward"},
+    ),
+    # EQ-VAE's scheme: plain bilinear (no antialiasing) on a transform drawn every step.
+    "eqvae": (
+        {"equivariance_mode": "eqvae", "equivariance_prob": 1.0, "resolution": 96},
+        {"upsample_bilinear2d_backward"},
+    ),
 }
 
 
 @pytest.mark.parametrize("term", list(TERMS))
-def test_the_terms_named_are_those_whose_step_runs_an_op_without_a_deterministic_cuda_kernel(tmp_path, term):
-    flags, named = TERMS[term]
-    found = nondeterministic_ops_of_a_step(tmp_path, **flags)
-    cfg = tiny_config(tmp_path, **flags)
-    assert [t.split()[0] for t in cfg.nondeterministic_terms()] == named
-    assert bool(found) == bool(named), f"{term}: ops {sorted(found)}, named {named}"
-    if term == "id":
-        # kornia's Gaussian antialias pads by reflection, then samples bicubic; ResNet-50's 1×1 adaptive pool is a
-        # mean in aten (no adaptive-pool kernel), so it is not among them.
-        assert found == {"reflection_pad2d_backward", "upsample_bicubic2d_backward"}
-    if term == "equivariance":
-        assert found == {"_upsample_bilinear2d_aa_backward"}
+def test_deterministic_mode_leaves_no_op_without_a_deterministic_cuda_kernel(tmp_path, term, restore_backends):
+    flags, without = TERMS[term]
+    trainer, x = trainer_and_batch(tmp_path, **flags)
+    assert nondeterministic_ops_of_a_step(trainer, x, 0, deterministic=False) == without
+    assert nondeterministic_ops_of_a_step(trainer, x, 1, deterministic=True) == set()
 
 
-def test_deterministic_on_is_refused_on_cuda_in_one_line_naming_the_terms():
-    recipe = TrainConfig(deterministic="on")  # the default loss: ID on, equivariance off
-    with pytest.raises(ConfigError) as err:
-        recipe.check_deterministic("cuda")
-    message = str(err.value)
-    assert "\n" not in message and "--id_weight 0.2" in message and "--equivariance_weight" not in message
-    assert "--deterministic warn" in message
-    both = TrainConfig(deterministic="on", equivariance_weight=0.5)
-    with pytest.raises(ConfigError, match=r"--id_weight 0\.2 .* and of --equivariance_weight 0\.5"):
-        both.check_deterministic("cuda")
-    # Accepted: on the CPU, in warn mode, off, and on CUDA once those terms are off (or the transform draws no
-    # downscale: quarter turns only, or a term that is never drawn).
-    recipe.check_deterministic("cpu")
-    TrainConfig(deterministic="warn", equivariance_weight=0.5).check_deterministic("cuda")
-    TrainConfig().check_deterministic("cuda")
-    TrainConfig(deterministic="on", id_weight=0.0).check_deterministic("cuda")
-    for eq in ({"equivariance_scales": [1.0]}, {"equivariance_prob": 0.0}):
-        TrainConfig(deterministic="on", id_weight=0.0, equivariance_weight=0.5, **eq).check_deterministic("cuda")
+def grads_of(fn, x: torch.Tensor, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        y = fn(x)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    (grad,) = torch.autograd.grad((y * upstream).sum(), x)
+    return y.detach(), grad
 
 
-def test_the_trainer_refuses_before_building_a_model(tmp_path, monkeypatch, capsys):
-    """main() stops in one line, exit 2, after the accelerator and before the loss or the autoencoder is built."""
-    built = []
-    monkeypatch.setattr(train_vae, "build_loss", lambda cfg: built.append("loss"))
-    monkeypatch.setattr(train_vae, "build_vae", lambda *a, **k: built.append("vae"))
-    monkeypatch.setattr(train_vae.Accelerator, "device", property(lambda self: torch.device("cuda")))
-    monkeypatch.setattr(train_vae, "set_torch_backends", lambda *a, **k: built.append("backends"))
-    for state in (AcceleratorState, GradientState, PartialState):
-        state._reset_state()
-    argv = ["--source", str(tmp_path), "--deterministic", "on", "--output_dir", str(tmp_path / "out")]
-    with pytest.raises(SystemExit) as exit_info:
-        train_vae.main([*argv, "--report_to", "none", "--perception_weights", "random"])
-    assert exit_info.value.code == 2 and built == []
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("train_vae.py: error: --deterministic on: on CUDA") and "\n" not in err
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [
+        ("moco_resize", (2, 3, 256, 256)),  # shrink: Gaussian blur with reflect padding, then bicubic
+        ("moco_resize", (1, 3, 200, 232)),  # enlarge one side, shrink the other
+        ("equivariance 0.5", (2, 8, 32, 32)),
+        ("equivariance 0.75 turned", (2, 3, 64, 48)),
+        ("eqvae 0.5 turned", (2, 8, 32, 32)),  # plain bilinear, no antialiasing
+    ],
+)
+def test_the_matmul_resizes_equal_the_originals_in_value_and_gradient(name, shape, restore_backends):
+    fn = {
+        "moco_resize": moco_resize,
+        "equivariance 0.5": lambda t: equivariant_transform(t, 0.5),
+        "equivariance 0.75 turned": lambda t: equivariant_transform(t, 0.75, quarter_turns=1),
+        "eqvae 0.5 turned": lambda t: equivariant_transform(t, 0.5, quarter_turns=3, antialias=False),
+    }[name]
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    (y, g), (y_det, g_det) = grads_of(fn, x, False), grads_of(fn, x, True)
+    assert y_det.shape == y.shape
+    torch.testing.assert_close(y_det, y, rtol=0, atol=2e-5)
+    torch.testing.assert_close(g_det, g, rtol=0, atol=2e-5)
+    assert not torch.equal(y_det, torch.zeros_like(y_det))
 
 
 def test_warn_mode_sets_torchs_warn_only(monkeypatch):
     seen = []
     monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, warn_only=False: seen.append(warn_only))
-    from common.helpers import set_torch_backends
-
     saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     try:
         set_torch_backends(True, deterministic=True, warn_only=True)

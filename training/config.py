@@ -385,9 +385,9 @@ class TrainConfig:
     deterministic: str = arg(
         "off",
         "deterministic kernels (torch.use_deterministic_algorithms; slower): on makes a resumed GPU run equal an "
-        "uninterrupted one bit for bit, not only in data and state, and is refused on CUDA while a term whose "
-        "backward has no deterministic CUDA kernel is on (the ID and equivariance terms); warn runs those with a "
-        "warning instead (then not bit for bit)",
+        "uninterrupted one bit for bit, not only in data and state (the ID and equivariance resizes then run as "
+        "matmuls of the same values, losses/separable.py); warn: an op without a deterministic kernel warns instead "
+        "of stopping the run",
         choices=("off", "on", "warn"),
         resume="warn",
     )
@@ -547,30 +547,6 @@ class TrainConfig:
             raise ConfigError(
                 "--vf_weight trains the encoder and measures its weight at encoder.conv_out: "
                 "do not freeze it (--train_decoder_only, --freeze)"
-            )
-
-    def nondeterministic_terms(self) -> list[str]:
-        """The switched-on loss terms whose backward runs through ops that have no deterministic CUDA kernel
-        (torch.use_deterministic_algorithms raises in them on CUDA; tests/test_deterministic.py records the ops
-        a training step runs and checks this list against them)."""
-        terms = []
-        if self.id_weight > 0:
-            terms.append(f"--id_weight {self.id_weight:g} (kornia's bicubic resize and its reflect-padded blur)")
-        if self.equivariance_weight > 0 and self.equivariance_prob > 0 and set(self.equivariance_scales) != {1.0}:
-            terms.append(
-                f"--equivariance_weight {self.equivariance_weight:g} (antialiased bilinear downscaling of the latent)"
-            )
-        if self.equivariance_mode == "eqvae" and (self.equivariance_prob > 0 or self.eqvae_low_res_prob > 0):
-            terms.append("--equivariance_mode eqvae (bilinear downscaling of the latent and the image)")
-        return terms
-
-    def check_deterministic(self, device_type: str) -> None:
-        """`--deterministic on` on CUDA with a term that cannot be deterministic there: one line, before any model."""
-        terms = self.nondeterministic_terms() if self.deterministic == "on" and device_type == "cuda" else []
-        if terms:
-            raise ConfigError(
-                f"--deterministic on: on CUDA the backward of {' and of '.join(terms)} has no deterministic kernel; "
-                "set that weight to 0, or pass --deterministic warn to run it with a warning (not bit for bit)"
             )
 
     def _check_model_start(self) -> None:
