@@ -595,10 +595,28 @@ class Trainer:
         lecam = extra.pop("lecam", {})
         self.loss_fn.lecam.load_state_dict({k: torch.tensor(v) for k, v in lecam.items()})
         self.state = TrainerState(**extra)
-        self.dataloader.load_state_dict(data_state)
+        if "node_states" in data_state:
+            self._hand_over(path, data_state)
+        else:
+            self.dataloader.load_state_dict(data_state)
         if self.accelerator.is_main_process:
             self.run_log.truncate_after(self.state.global_step)
         logger.info(f"resumed from {path} at step {self.state.global_step}", main_process_only=True)
+
+    def _hand_over(self, path: str, data_state: dict) -> None:
+        """A checkpoint of another number of processes: the new ranks share out what the old ones had left of
+        their epochs, and each rank's RNG starts from (seed, step, rank)."""
+        acc, step = self.accelerator, self.state.global_step
+        self.stream.hand_over(data_state["node_states"])
+        checkpointing.reseed(self.cfg.seed, step, acc.process_index)
+        logger.warning(
+            f"{path} was written by {data_state['written_by']} processes, resumed on {acc.num_processes}: weights, "
+            "EMA, D, optimizers and schedules restore exactly and every image of the current epoch is still seen "
+            "once (the rest of each old rank's epoch is shared out among the new ranks), but random numbers restart "
+            f"from (seed, step, rank): exact in data, not bit for bit the run {data_state['written_by']} processes "
+            "would have made",
+            main_process_only=True,
+        )
 
     # -- one training step -------------------------------------------------------------------
     def train_step(self, batch: torch.Tensor | list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:

@@ -25,6 +25,15 @@ Crops and flips are drawn from an RNG seeded from (seed, node, epoch, sample ord
 resumed stream yields identical tensors. With `infinite=True` a finished interleave starts the
 next epoch (new file order, new source-choice and block RNGs).
 
+Another number of ranks. A run resumed on P' processes from a checkpoint of P (`hand_over`) cannot continue
+each old node's stream, whose part of the data depends on P. Every node's state is in the checkpoint, so each
+new node first reads what every old node had left of its epoch, in the old node's order, and keeps record i of
+each such rest when i % (new nodes) is its own index: together the new nodes see each of those records once,
+with the crop the old node would have drawn (its RNG parts). Then they run whole epochs split the new way,
+numbered after the last old one. Exact in data, not in order: the run is not the one P processes would have
+made. Every new node reads (undecoded) all the old nodes' rests and decodes its share; a checkpoint written
+during a hand-over resumes on the same number of processes only.
+
 Cost to know about: when an interleaved iterator over a hub dataset's parquet shards closes,
 datasets sleeps 5 s (`datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN`, a workaround
 for apache/arrow#45214) - once per epoch and worker here.
@@ -133,6 +142,8 @@ class ImageStream(torch.utils.data.IterableDataset):
         self.crop_mode = crop_mode  # train only; eval always resizes + centre-crops
         self._pending: dict | None = None  # a loaded state, used by the next __iter__
         self._live: dict | None = None  # the state of the running iteration
+        self._handover: dict | None = None  # what a run on another number of processes left (hand_over)
+        self._first_epoch = 0
 
     # -----------------------------------------------------------------------------------------
     # State
@@ -146,12 +157,14 @@ class ImageStream(torch.utils.data.IterableDataset):
             "node": {"rank": self.rank, "world_size": self.world_size, "worker": worker, "num_workers": num_workers},
             "seed": self.seed,
             "shuffle_block": self.shuffle_block,
-            "epoch": 0,
+            "epoch": self._first_epoch,
             "block": 0,  # blocks finished in this epoch
             "offset": 0,  # records of the current block consumed (yielded or skipped)
             "upstream": None,  # HF state_dict at the start of the current block; None = epoch start
             "skipped": [0] * len(self.sources),  # bad files per source, this worker, since the start
             "finished": False,
+            # The old nodes' states whose epochs this node first helps finish (hand_over); None once done.
+            "handover": copy.deepcopy(self._handover),
         }
 
     def state_dict(self) -> dict:
@@ -162,6 +175,36 @@ class ImageStream(torch.utils.data.IterableDataset):
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise DataError(f"not an ImageStream state (version {STATE_VERSION}): keys {sorted(state or {})}")
         self._pending = copy.deepcopy(state)
+
+    def hand_over(self, states: list[dict]) -> None:
+        """Continue the data of a run saved with another number of ranks (or workers): `states` are the stream
+        states of all its nodes (`node_states` of every rank's loader state). Every stream of the new run first
+        yields its share of what those nodes had left of their epochs (together: each of those records once,
+        none twice, with the crops the old nodes would have drawn), then whole epochs split the new way,
+        numbered after the last old one. Exact in data; the order of the records is not the old run's."""
+        if not states:
+            raise DataError("no data-stream states to continue from")
+        for state in states:
+            if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+                raise DataError(f"not an ImageStream state (version {STATE_VERSION})")
+            for key, mine in (
+                ("sources", self.source_names),
+                ("seed", self.seed),
+                ("shuffle_block", self.shuffle_block),
+            ):
+                if state[key] != mine:
+                    raise DataError(
+                        f"cannot continue the data stream: it was saved with {key}={state[key]} and now has {key}={mine}"
+                    )
+            if state.get("handover"):
+                raise DataError(
+                    "the checkpoint was written while its run was still finishing the epoch of an earlier run on "
+                    "another number of processes: resume it on the number of processes that wrote it"
+                )
+        nodes = sorted(copy.deepcopy(states), key=lambda s: (s["node"]["rank"], s["node"]["worker"]))
+        self._handover = {"nodes": nodes, "item": 0, "passed": 0}
+        self._first_epoch = max(s["epoch"] for s in nodes) + 1
+        self._pending = None
 
     def _start_state(self) -> dict:
         if self._pending is None:
@@ -180,7 +223,8 @@ class ImageStream(torch.utils.data.IterableDataset):
     # Iteration
     # -----------------------------------------------------------------------------------------
 
-    def _node_dataset(self, epoch: int, worker: int, num_workers: int):
+    def _node_dataset(self, epoch: int, node: dict):
+        """The interleaved raw records of one node (`node`: rank, world_size, worker, num_workers) in `epoch`."""
         import datasets
 
         # Zero-weight sources are left out (they keep their index in `source_names`); an eval
@@ -189,10 +233,10 @@ class ImageStream(torch.utils.data.IterableDataset):
         parts = [
             open_records(
                 s,
-                rank=self.rank,
-                world_size=self.world_size,
-                worker=worker,
-                num_workers=num_workers,
+                rank=node["rank"],
+                world_size=node["world_size"],
+                worker=node["worker"],
+                num_workers=node["num_workers"],
                 max_samples=self.max_samples,
                 order_seed=derive_seed(self.seed, _FILE_ORDER, epoch, s.index) if self.train else None,
             )
@@ -204,7 +248,7 @@ class ImageStream(torch.utils.data.IterableDataset):
         return datasets.interleave_datasets(
             parts,
             probabilities=[s.spec.weight / total for s in active],
-            seed=derive_seed(self.seed, _MIXING, self.rank, self.world_size, worker, num_workers, epoch),
+            seed=derive_seed(self.seed, _MIXING, *_place(node), epoch),
             stopping_strategy=self.stopping_strategy,
         )
 
@@ -241,47 +285,74 @@ class ImageStream(torch.utils.data.IterableDataset):
         if count == MAX_LOGGED_SKIPS:
             logger.warning("source '%s': %d bad images so far; further ones are logged at debug level", name, count)
 
+    def _epoch_records(self, state: dict, node: dict):
+        """(record, crop RNG parts) of `node`'s records in `state`'s epoch, from `state`'s position to the epoch's
+        end, in its block-shuffled order; advances `state` (block, offset, upstream) before each record."""
+        epoch, (rank, world_size, worker, num_workers) = state["epoch"], _place(node)
+        reader, readers = rank * num_workers + worker, world_size * num_workers
+        upstream_ds = self._node_dataset(epoch, node)
+        if state["upstream"] is not None:
+            upstream_ds.load_state_dict(state["upstream"])
+        # .iter() rather than iter(): HF's __iter__ would split the data again across the
+        # DataLoader workers, and we already gave each worker its own part.
+        upstream = upstream_ds.iter(batch_size=1)
+        while True:
+            records = [_unbatch(batch) for batch in itertools.islice(upstream, self.shuffle_block)]
+            if not records:
+                return
+            next_upstream = upstream_ds.state_dict()  # position after this block
+            order = self._block_order(len(records), reader, readers, epoch, state["block"])
+            for j in range(state["offset"], len(records)):
+                state["offset"] = j + 1
+                yield records[order[j]], (reader, readers, epoch, state["block"] * self.shuffle_block + j)
+            state.update(block=state["block"] + 1, offset=0, upstream=next_upstream)
+
+    def _handover_records(self, handover: dict, reader: int, readers: int):
+        """This reader's share of what the nodes of a run on another number of processes left of their epochs:
+        each old node's remaining records in its own order, record i of them kept by reader i % readers.
+        Crops are drawn as the old node would have drawn them."""
+        while handover["item"] < len(handover["nodes"]):
+            old = handover["nodes"][handover["item"]]
+            for record, rng_parts in self._epoch_records(old, old["node"]):
+                handover["passed"] += 1
+                if (handover["passed"] - 1) % readers == reader:
+                    yield record, rng_parts
+            handover.update(item=handover["item"] + 1, passed=0)
+
+    def _samples(self, records, state: dict, pending: list[int]):
+        """Decoded samples of (record, crop RNG parts); bad files skipped and counted in state and pending."""
+        for record, rng_parts in records:
+            try:
+                sample = self._sample(record, rng_parts)
+            except BadImageError as error:
+                state["skipped"][record["source"]] += 1
+                pending[record["source"]] += 1
+                # The message only: a log handler keeping the exception would keep its
+                # traceback, and with it this generator and its open readers, alive.
+                self._log_skip(state, record, str(error))
+                continue
+            sample["skipped"] = torch.tensor(pending, dtype=torch.int64)
+            pending[:] = [0] * len(self.sources)
+            yield sample
+
     def __iter__(self):
         worker, num_workers = _worker()
         if num_workers > 1:
             import fsspec.asyn  # the submodule itself: `import fsspec` alone does not load it
 
             fsspec.asyn.reset_lock()  # as HF does in workers: a lock forked from the parent can hang
-        node, num_nodes = self.rank * num_workers + worker, self.world_size * num_workers
         state = self._live = self._start_state()
         pending = [0] * len(self.sources)
+        if state.get("handover"):
+            reader, readers = self.rank * num_workers + worker, self.world_size * num_workers
+            yield from self._samples(self._handover_records(state["handover"], reader, readers), state, pending)
+            state["handover"] = None
+        node = state["node"]
         while not state["finished"]:
             epoch, whole_epoch, yielded = state["epoch"], state["block"] == 0 and state["offset"] == 0, 0
-            upstream_ds = self._node_dataset(epoch, worker, num_workers)
-            if state["upstream"] is not None:
-                upstream_ds.load_state_dict(state["upstream"])
-            # .iter() rather than iter(): HF's __iter__ would split the data again across the
-            # DataLoader workers, and we already gave each worker its own part.
-            upstream = upstream_ds.iter(batch_size=1)
-            while True:
-                records = [_unbatch(batch) for batch in itertools.islice(upstream, self.shuffle_block)]
-                if not records:
-                    break
-                next_upstream = upstream_ds.state_dict()  # position after this block
-                order = self._block_order(len(records), node, num_nodes, epoch, state["block"])
-                for j in range(state["offset"], len(records)):
-                    record = records[order[j]]
-                    state["offset"] = j + 1
-                    ordinal = state["block"] * self.shuffle_block + j
-                    try:
-                        sample = self._sample(record, (node, num_nodes, epoch, ordinal))
-                    except BadImageError as error:
-                        state["skipped"][record["source"]] += 1
-                        pending[record["source"]] += 1
-                        # The message only: a log handler keeping the exception would keep its
-                        # traceback, and with it this generator and its open readers, alive.
-                        self._log_skip(state, record, str(error))
-                        continue
-                    sample["skipped"] = torch.tensor(pending, dtype=torch.int64)
-                    pending = [0] * len(self.sources)
-                    yielded += 1
-                    yield sample
-                state.update(block=state["block"] + 1, offset=0, upstream=next_upstream)
+            for sample in self._samples(self._epoch_records(state, node), state, pending):
+                yielded += 1
+                yield sample
             if not self.infinite:
                 state["finished"] = True
             elif whole_epoch and yielded == 0:
@@ -289,10 +360,27 @@ class ImageStream(torch.utils.data.IterableDataset):
                 raise DataError(
                     f"rank {self.rank} worker {worker}: a whole epoch of {self.source_names} gave no "
                     f"usable image ({sum(state['skipped'])} bad files skipped; fewer images than "
-                    f"ranks x workers = {num_nodes}?)"
+                    f"ranks x workers = {self.world_size * num_workers}?)"
                 )
             else:
                 state.update(epoch=epoch + 1, block=0, offset=0, upstream=None)
+
+
+def node_states(loader_state: dict) -> list[dict]:
+    """The ImageStream state of each DataLoader worker (one, without workers) in a StatefulDataLoader's state_dict."""
+    if "dataset_state" in loader_state:
+        found = [loader_state["dataset_state"]]
+    else:
+        found = [
+            w.get("dataset_state") for w in loader_state.get("_snapshot", {}).get("_worker_snapshots", {}).values()
+        ]
+    if not found or any(not isinstance(s, dict) for s in found):
+        raise DataError("a data-loader state without the stream state of each of its workers")
+    return found
+
+
+def _place(node: dict) -> tuple[int, int, int, int]:
+    return node["rank"], node["world_size"], node["worker"], node["num_workers"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -446,6 +446,70 @@ def test_resume_twice_gives_the_same_batches(resume_sources, tmp_path, num_worke
         assert state["dataset_state"]["epoch"] >= 1 and third.state_dict()["dataset_state"]["epoch"] >= 2
 
 
+@pytest.mark.parametrize(
+    ("taken", "new_world"), [((3, 4), 1), ((5,), 2), ((3, 14), 1)], ids=["2to1", "1to2", "2to1_other_epochs"]
+)
+def test_resume_on_another_number_of_ranks_sees_each_image_of_the_epoch_once(tmp_path, taken, new_world):
+    """Old ranks stopped mid-epoch; the new ranks first share out what each old rank had left of its epoch (each
+    of those images once, with the crop the old rank would have drawn), then run whole epochs split the new way.
+    A state saved in the middle of that hand-over resumes exactly. (In "other_epochs" one old rank is two
+    epochs further on, whose file order differs: its rest may repeat images of the other's, as it would have.)"""
+    folder = str(tmp_path / "images")
+    for i in range(12):
+        write(f"{folder}/{i:02d}.jpg", textured_bytes(300 + i, size=(21 + i % 4, 19)))
+    old_world, per_epoch, everything = len(taken), 12 // len(taken), sorted(f"{i:02d}.jpg" for i in range(12))
+
+    def stream(rank, world):
+        return build_train_stream([folder], 16, seed=3, rank=rank, world_size=world, shuffle_block=4)
+
+    states, consumed, left = [], [], []  # left: (key, pixels) each old rank would still yield in its epoch
+    for rank, count in enumerate(taken):
+        old = stream(rank, old_world)
+        iterator = iter(old)
+        consumed += [s["key"] for s in _batches(iterator, count)[count - count % per_epoch :]]
+        states.append(_roundtrip(old.state_dict(), tmp_path))
+        left += [(s["key"], s["pixel_values"]) for s in _batches(iterator, per_epoch - count % per_epoch)]
+    if len({s["epoch"] for s in states}) == 1:  # one epoch: what was consumed and what is left are all of it
+        assert sorted(consumed + [key for key, _ in left]) == everything
+
+    handed, following = [], []
+    for rank in range(new_world):
+        new = stream(rank, new_world)
+        new.hand_over(states)
+        share = sum(len(range(rank, per_epoch - count % per_epoch, new_world)) for count in taken)
+        iterator = iter(new)
+        first = _batches(iterator, 1)
+        saved = _roundtrip(new.state_dict(), tmp_path)
+        rest = _batches(iterator, share - 1 + 12 // new_world)
+        again = stream(rank, new_world)
+        again.load_state_dict(saved)  # saved during the hand-over: continues it exactly
+        _assert_same(rest, _batches(iter(again), len(rest)))
+        handed += (first + rest)[:share]
+        following += [s["key"] for s in rest[share - 1 :]]
+        assert new.state_dict()["epoch"] == max(s["epoch"] for s in states) + 1
+    for sample in handed:  # each image left once, none twice, cropped as the old rank would have
+        match = [i for i, (key, pixels) in enumerate(left) if key == sample["key"]]
+        match = [i for i in match if torch.equal(left[i][1], sample["pixel_values"])]
+        assert match, sample["key"]
+        left.pop(match[0])
+    assert not left
+    assert sorted(following) == everything  # then whole epochs split across the new ranks
+
+
+def test_hand_over_refuses_another_stream(tmp_path):
+    folder = str(tmp_path / "images")
+    for i in range(4):
+        write(f"{folder}/{i}.jpg", textured_bytes(i))
+    old = build_train_stream([folder], 16, seed=1, shuffle_block=4)
+    next(iter(old))
+    with pytest.raises(DataError, match="saved with seed=1 and now has seed=2"):
+        build_train_stream([folder], 16, seed=2, shuffle_block=4).hand_over([old.state_dict()])
+    in_hand_over = build_train_stream([folder], 16, seed=1, shuffle_block=4)
+    in_hand_over.hand_over([old.state_dict()])
+    with pytest.raises(DataError, match="resume it on the number of processes that wrote it"):
+        build_train_stream([folder], 16, seed=1, shuffle_block=4).hand_over([in_hand_over.state_dict()])
+
+
 def test_stream_state_is_plain_python_and_mismatch_is_refused(resume_sources):
     stream = build_train_stream(resume_sources, 16, seed=1, shuffle_block=5)
     iterator = iter(stream)

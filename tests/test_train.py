@@ -73,8 +73,9 @@ def test_checkpoint_and_validation_schedule_do_not_change_the_run(
 
 
 @pytest.mark.e2e
-def test_two_process_ddp_run(image_folder, tmp_path, tiny_args, two_rank_launch):
-    """Real 2-rank DDP on CPU (gloo): G and D steps, checkpoints, identical replicas, loadable export."""
+def test_two_process_ddp_run(image_folder, tmp_path, tiny_args, two_rank_launch, tensors_of, caplog):
+    """Real 2-rank DDP on CPU (gloo): G and D steps, checkpoints, identical replicas, loadable export; then its
+    checkpoint resumed on 1 process."""
     out = tmp_path / "ddp"
     argv = tiny_args(image_folder, out, 4, id_weight=0.2, disc_start=2)
     cmd, env = two_rank_launch(argv)
@@ -95,6 +96,44 @@ def test_two_process_ddp_run(image_folder, tmp_path, tiny_args, two_rank_launch)
     assert vae.config.latent_channels == 8
     assert vae.config.scaling_factor != 1.0 and vae.config.shift_factor is not None
     assert (out / "README.md").is_file() and (out / "reconstructions.png").is_file()
+    resume_on_one_process(out / "checkpoint-4", tmp_path / "one", image_folder, tiny_args, tensors_of, caplog)
+
+
+def resume_on_one_process(checkpoint, out, image_folder, tiny_args, tensors_of, caplog):
+    """The 2-rank checkpoint resumed on 1 process: every state restores exactly (saved again at once, it holds the
+    same tensors), the stream takes over both ranks' data positions, the RNG restarts from (seed, step, rank), a
+    warning says so, and training goes on."""
+    from common.cli import parse_config
+    from data.stream import derive_seed
+    from training.config import TrainConfig
+
+    # Without the ID term (a changed loss weight takes effect on resume): no MoCo ResNet-50 to build here.
+    argv = tiny_args(image_folder, out, 6, disc_start=2, resume_from_checkpoint=str(checkpoint))
+    cfg, _ = parse_config(TrainConfig, argv, "train_vae.py")
+    for singleton in (AcceleratorState, GradientState, PartialState):
+        singleton._reset_state()
+    try:
+        trainer = train_vae.Trainer(cfg, train_vae.build_accelerator(cfg))
+        trainer.attach_data(train_vae.resolve_data(cfg))
+        with caplog.at_level("WARNING"):
+            trainer.maybe_resume()
+        assert torch.initial_seed() == derive_seed(cfg.seed, 4, 0) % 2**32
+        assert "written by 2 processes, resumed on 1" in caplog.text and "not bit for bit" in caplog.text
+        handed = trainer.stream.state_dict()["handover"]["nodes"]
+        assert [n["node"]["rank"] for n in handed] == [0, 1] and all(n["offset"] > 0 for n in handed)
+        again = trainer.save_checkpoint()
+        before, after = tensors_of(checkpoint), tensors_of(again)
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        for name in ("scheduler.bin", "scheduler_1.bin"):
+            assert torch.load(checkpoint / name, weights_only=True) == torch.load(
+                os.path.join(again, name), weights_only=True
+            )
+        trainer.fit()
+        assert trainer.state.global_step == 6 and trainer.state.images_seen == 4 * 2 * 2 + 2 * 2
+    finally:
+        for singleton in (AcceleratorState, GradientState, PartialState):
+            singleton._reset_state()
 
 
 def _nan_from(monkeypatch, bad_steps):

@@ -19,14 +19,16 @@ import warnings
 
 import torch
 from accelerate.utils import load as accelerate_load
+from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 from diffusers.training_utils import EMAModel
 from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from common.errors import CheckpointError, UserError
+from common.errors import CheckpointError, DataError, UserError
 from common.helpers import one_line
+from data.stream import derive_seed, node_states
 from training.config import CHECKED_AS_MODEL, FIXED_ON_RESUME, FREE_ON_RESUME
 
 logger = logging.getLogger(__name__)
@@ -208,7 +210,8 @@ def _plain(value):
 def load(accelerator, path: str, config: dict, model_config: dict) -> tuple[dict, dict]:
     """Resume from `path`: check its flags against `config` (check_resume; changes that take effect are
     named in a warning), restore what accelerate saved (models through the load hooks, optimizers,
-    schedulers, RNG), and return (trainer state, this rank's data-stream state)."""
+    schedulers, RNG), and return (trainer state, data position: see load_extra). Written by another number
+    of processes, everything but the RNG and the data position restores as it is (the caller re-seeds)."""
     for change in check_resume(path, config, model_config):
         if accelerator.is_main_process:
             logger.warning("resuming with a changed flag, %s", change)
@@ -222,23 +225,38 @@ def load(accelerator, path: str, config: dict, model_config: dict) -> tuple[dict
 
 
 def load_extra(path: str, rank: int, world_size: int) -> tuple[dict, dict]:
-    """(trainer state, this rank's data-stream state) of a checkpoint."""
+    """(trainer state, data position) of a checkpoint. The data position is this rank's loader state when
+    `world_size` processes wrote it; else `{"written_by": N, "node_states": [...]}`, the stream state of every
+    node (rank x DataLoader worker) of the N processes, for the new ranks to share out (ImageStream.hand_over)."""
     with open(os.path.join(path, TRAINER_STATE)) as f:
         extra = json.load(f)
     saved_world = extra.pop("world_size", world_size)
     if saved_world != world_size:
-        raise CheckpointError(
-            f"{path} was written by {saved_world} processes; resume it with the same number "
-            f"(got {world_size}) so every rank continues its own data stream"
-        )
+        nodes = []
+        for old_rank in range(saved_world):
+            loader_state = _read_data_state(path, old_rank)
+            try:
+                nodes += node_states(loader_state)
+            except DataError as e:
+                raise CheckpointError(f"refused to resume from {path}: data_state_{old_rank}.pt holds {e}") from None
+        return extra, {"written_by": saved_world, "node_states": nodes}
     # accelerate's load_state skips an RNG file it cannot read (a damaged file, or a pickle that would
     # run code) with one info line and carries on: the run would go on drawing other random numbers
     # than the one it claims to continue. Read it again here and stop instead.
     rng = _read_pickle(os.path.join(path, f"random_states_{rank}.pkl"), accelerate_load)
     if not isinstance(rng, dict) or "torch_manual_seed" not in rng:
         raise CheckpointError(f"refused to resume from {path}: random_states_{rank}.pkl holds no RNG state")
-    data_state = _read_pickle(os.path.join(path, f"data_state_{rank}.pt"), lambda f: torch.load(f, weights_only=True))
-    return extra, data_state
+    return extra, _read_data_state(path, rank)
+
+
+def _read_data_state(path: str, rank: int) -> dict:
+    return _read_pickle(os.path.join(path, f"data_state_{rank}.pt"), lambda f: torch.load(f, weights_only=True))
+
+
+def reseed(seed: int, step: int, rank: int) -> None:
+    """Every RNG of this process (Python, NumPy, torch, CUDA) from (seed, step, rank): a resume whose RNG states
+    were saved by another number of processes draws apart on every rank, and the same on a rerun."""
+    set_seed(derive_seed(seed, step, rank) % 2**32)  # NumPy takes 32-bit seeds
 
 
 def _read_pickle(file: str, load):
