@@ -993,8 +993,9 @@ def main(argv: list[str] | None = None) -> None:
             if cfg.push_to_hub and accelerator.is_main_process
             else None
         )
-        set_seed(cfg.seed)
         plan = list_data(cfg, accelerator)
+        # After the listing, which rank 0 alone did: every rank builds its networks from the same random state.
+        set_seed(cfg.seed)
         trainer = Trainer(cfg, accelerator)
         trainer.attach_data(plan)
         trainer.repo_id = repo_id
