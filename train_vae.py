@@ -498,7 +498,8 @@ class Trainer:
         if cfg.init_discriminator:
             export.load_discriminator(cfg.init_discriminator, self.loss_fn.discriminator)
             logger.info(f"discriminator initialised from {cfg.init_discriminator}", main_process_only=True)
-        self.vae = vae = build_autoencoder(cfg)
+        with accelerator.main_process_first():  # a Hub start model (or --init_from) downloaded once, not by every rank
+            self.vae = vae = build_autoencoder(cfg)
         self.loss_fn.watch(vae.decoder.conv_out, fast=cfg.adaptive_weight_mode == "fast")
         # VA-VAE's trainable 1×1 conv z -> z' (VF alignment); None when off.
         self.vf_projection = None

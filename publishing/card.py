@@ -166,7 +166,7 @@ def _latent_section(stats: Mapping | None, kept: Mapping | None = None) -> str:
             + (f" ({kept['reason']})" if kept.get("reason") else "")
             + ": "
             + ", ".join(f"`{k}` = {kept[k]}" for k in ("scaling_factor", "shift_factor", "latents_mean", "latents_std"))
-            + ". Pipelines and diffusion models made for the start model's latents use this VAE as a drop-in.",
+            + ".",
             "",
             measured,
             "",

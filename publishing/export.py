@@ -287,11 +287,16 @@ def latent_scaling_mode(cfg: TrainConfig, vae: nn.Module) -> tuple[str, str]:
     frozen = cfg.frozen_prefixes()
     encoder = [n for n, _ in vae.named_parameters() if n.startswith(("encoder.", "quant_conv."))]
     encoder_frozen = bool(encoder) and all(n.startswith(tuple(frozen)) for n in encoder)
-    if cfg.latent_scaling != "auto":
-        return cfg.latent_scaling, f"--latent_scaling {cfg.latent_scaling}"
     if start and encoder_frozen:
-        return "keep", f"encoder and quant_conv frozen: the latents are those of {start}"
-    return "measure", "the encoder trained" if start else "a model trained from scratch"
+        why = (
+            f"encoder and quant_conv frozen: the latents are those of {start}, so pipelines and diffusion models "
+            "made for them can take this VAE in its place"
+        )
+    else:
+        why = "the encoder trained: the latents are no longer the start model's" if start else "a model trained here"
+    if cfg.latent_scaling != "auto":
+        return cfg.latent_scaling, f"--latent_scaling {cfg.latent_scaling}; {why}"
+    return ("keep" if start and encoder_frozen else "measure"), why
 
 
 def export_run(

@@ -388,23 +388,27 @@ def test_measure_replaces_a_start_models_convention(images, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("flags", "expected"),
+    ("flags", "expected", "why"),
     [
-        (dict(pretrained_model_name_or_path="a/b", train_decoder_only=True), "keep"),
-        (dict(init_from="a/b", freeze=["encoder.", "quant_conv."]), "keep"),
-        (dict(init_from="a/b", freeze=["encoder."]), "measure"),  # quant_conv trains: the latents move
-        (dict(pretrained_model_name_or_path="a/b"), "measure"),
-        (dict(train_decoder_only=True), "measure"),  # a random frozen encoder: nothing to keep
-        (dict(pretrained_model_name_or_path="a/b", train_decoder_only=True, latent_scaling="measure"), "measure"),
-        (dict(latent_scaling="keep"), "keep"),
+        (dict(pretrained_model_name_or_path="a/b", train_decoder_only=True), "keep", "in its place"),
+        (dict(init_from="a/b", freeze=["encoder.", "quant_conv."]), "keep", "in its place"),
+        (dict(init_from="a/b", freeze=["encoder."]), "measure", "no longer"),  # quant_conv trains: the latents move
+        (dict(pretrained_model_name_or_path="a/b"), "measure", "no longer"),
+        (dict(train_decoder_only=True), "measure", "trained here"),  # a random frozen encoder: nothing to keep
+        (
+            dict(pretrained_model_name_or_path="a/b", train_decoder_only=True, latent_scaling="measure"),
+            "measure",
+            "--latent_scaling measure",
+        ),
+        (dict(pretrained_model_name_or_path="a/b", latent_scaling="keep"), "keep", "no longer the start model's"),
     ],
 )
-def test_latent_scaling_auto_keeps_only_a_start_models_frozen_encoder(tmp_path, flags, expected):
+def test_latent_scaling_auto_keeps_only_a_start_models_frozen_encoder(tmp_path, flags, expected, why):
     from publishing.export import latent_scaling_mode
     from tiny import tiny_config
 
     mode, reason = latent_scaling_mode(tiny_config(tmp_path, **{"model_config": None, **flags}), build_vae("tiny"))
-    assert mode == expected and reason
+    assert mode == expected and why in reason, reason
 
 
 def test_single_file_is_the_ldm_layout_and_loads_back_equal(tmp_path, capsys):
