@@ -202,7 +202,24 @@ def time_batch(args, trainer, bs: int, step: int) -> tuple[dict, int]:
 
 
 def check_throughput(args, precision: str) -> list[Check]:
+    """The throughput check of one precision and, on the same trainer in its steady state, the syncs check."""
     trainer = build(args, precision)
+    checks, step = [], 0
+    if "throughput" in args.checks:
+        check, step = throughput(args, trainer, precision)
+        checks.append(check)
+    if "syncs" in args.checks:
+        x = images(args, args.batch_sizes[0], seed=0)
+        for _ in range(args.warmup if step == 0 else 0):  # the first steps build optimizer states
+            trainer.train_step(x, step)
+            step += 1
+        checks.append(check_syncs(args, trainer, precision, x, step))
+    release(trainer)
+    return checks
+
+
+def throughput(args, trainer, precision: str) -> tuple[Check, int]:
+    """(the check, the next step index)."""
     rows, parts, ok, step = [], [], True, 0
     for bs in args.batch_sizes:
         try:
@@ -221,12 +238,7 @@ def check_throughput(args, precision: str) -> list[Check]:
             + (f", {row['skipped_steps']} skipped steps" if row["skipped_steps"] else "")
         )
         ok = ok and row["finite"] and not row["skipped_steps"]
-    checks = [Check(f"throughput {precision}", ok, "; ".join(parts), {"rows": rows})]
-    if "syncs" in args.checks:
-        bs = args.batch_sizes[0]
-        checks.append(check_syncs(args, trainer, precision, images(args, bs, seed=bs), step))
-    release(trainer)
-    return checks
+    return Check(f"throughput {precision}", ok, "; ".join(parts), {"rows": rows}), step
 
 
 @contextlib.contextmanager
