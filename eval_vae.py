@@ -67,8 +67,8 @@ from common.cli import arg, fail, parse_config, to_dict
 from common.errors import ConfigError, ModelError, UserError
 from common.helpers import set_torch_backends, stderr_is_terminal, text_seed
 from losses.perceptual import build_lpips
+from metrics import drift, image_metrics, latents, reconstruct, save_grid
 from metrics import fid as fid_backends
-from metrics import image_metrics, latents, reconstruct, save_grid
 from metrics import probe as latent_probe
 from publishing.card import load_card, update_model_card, update_model_card_probe
 
@@ -101,7 +101,11 @@ class EvalConfig:
     pretrained_model_name_or_path: str = arg(
         "", help="the VAE to evaluate: diffusers folder, training output or checkpoint-N folder, or hub id"
     )
-    baseline: list[str] = arg([], help="a baseline VAE evaluated on the same images (repeatable)")
+    baseline: list[str] = arg(
+        [],
+        help="a baseline VAE evaluated on the same images (repeatable); the first is also the base model the "
+        "model's encoder drift is measured from (when their latent spaces match)",
+    )
     dataset: str = arg(
         "",
         help="hub dataset id or local folder (ImageNet/COCO/FFHQ reference layouts, a downloaded Hub dataset, "
@@ -262,6 +266,29 @@ class ModelUnderEval:
     fid: object | None
     nonfinite: int = 0
     latent: dict | None = None  # metrics.latents sums over this rank's images
+
+
+def drift_pair(models: list[ModelUnderEval]) -> tuple[ModelUnderEval, ModelUnderEval] | None:
+    """(the model, the first baseline) when the baseline is there and shares the model's latent space."""
+    model = models[0]
+    base = next((m for m in models if m.role == "baseline"), None)
+    if base is None or not drift.same_latent_space(model.vae, base.vae):
+        return None
+    return model, base
+
+
+def drift_line(result: dict) -> str | None:
+    """The markdown sentence of the model's encoder drift from the first baseline, when measured."""
+    for m in result["models"]:
+        if m.get("drift_from"):
+            s = m["metrics"]
+            return (
+                f"Encoder drift of {m['label']} from {m['drift_from']} (posterior means, per image): latent MSE "
+                f"{format_cell(s['drift_latent_mse']['mean'], 4)}, cosine {format_cell(s['drift_latent_cosine']['mean'], 4)}; "
+                f"{m['label']}'s decoder decodes {m['drift_from']}'s latents at "
+                f"{format_cell(s['drift_base_latents_psnr']['mean'], 2)} dB PSNR."
+            )
+    return None
 
 
 def model_labels(paths: list[str]) -> list[str]:
@@ -458,6 +485,8 @@ def markdown_table(result: dict) -> str:
         cells = [format_cell(s["rfid"]["value"]), *(format_cell(s[k]["mean"]) for k in ("psnr", "ssim", "lpips"))]
         lines.append(f"| {m['label']} | " + " | ".join(cells) + " |")
     lines.append("")
+    if drift_line(result):
+        lines += [drift_line(result), ""]
     lines.append(
         f"Protocol {p['name']}: latent={p['latent']}, uint8={p['uint8']}, ssim_window={p['ssim_window']}, "
         f"{p['preprocessing']}, mixed_precision={p['mixed_precision']}, rFID: {p['rfid']}."
@@ -502,6 +531,7 @@ class Evaluator:
             for (label, path, role, vae), fid in zip(models, fids, strict=False)
         ]
         self.record = protocol_record(cfg, self.protocol, self.mixed_precision, self.inception_path)
+        self.drift_pair = drift_pair(self.models)
         if cfg.fid and feature_extractor is not None:
             self.record["rfid"] += " [custom feature extractor instead of Inception]"
 
@@ -602,6 +632,12 @@ class Evaluator:
                 save_pngs(os.path.join(cfg.output_dir, "images", safe_name(m.label)), keys, rec_u8)
         if cfg.save_images:
             save_pngs(os.path.join(cfg.output_dir, "images", "reference"), keys, ref_u8)
+        if self.drift_pair is not None:
+            model, base = self.drift_pair
+            moved = drift.encoder_drift(model.vae, base.vae, x, len(x), autocast=self.autocast)
+            for name, v in moved.items():
+                for i, k in enumerate(keys):
+                    values[k][model.label][f"drift_{name}"] = v[i].item()
         self.per_image.extend(values.items())
         for i, k in enumerate(keys[: max(0, cfg.grid_images - len(self.grid_rows))]):
             self.grid_rows.append((k, [ref_u8[i].cpu()] + [r[i].cpu() for r in recons_u8]))
@@ -654,6 +690,7 @@ class Evaluator:
                         **acc.summary(),
                     },
                     "latent": latents.summarize(sum_all(sums)) if sums else None,
+                    "drift_from": self.drift_pair[1].label if self.drift_pair and m is self.drift_pair[0] else None,
                 }
             )
         return result, grid_rows

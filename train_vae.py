@@ -56,7 +56,7 @@ from losses.regularisers import (
     transform_generator,
 )
 from losses.weights import check_same_weights, weights_fingerprint
-from metrics import held_out_metrics, latent_diagnostics, latent_pca_rgb, latents, save_grid
+from metrics import drift, held_out_metrics, latent_diagnostics, latent_pca_rgb, latents, save_grid
 from publishing import export, hub
 from training import checkpointing, cluster
 from training.config import TrainConfig, apply_demo_defaults
@@ -321,6 +321,22 @@ def build_autoencoder(cfg: TrainConfig) -> AutoencoderKL:
     return vae
 
 
+def build_base(cfg: TrainConfig, vae: AutoencoderKL) -> AutoencoderKL | None:
+    """The model the run starts from, frozen in eval mode, for the drift metrics: a copy of
+    --pretrained_model_name_or_path's model as loaded (`vae` before any step), --init_from's model as it is;
+    None for a fresh model or a start in another latent space (nothing to compare latents with)."""
+    if cfg.pretrained_model_name_or_path:
+        base = copy.deepcopy(vae)
+    elif cfg.init_from:
+        base = load_vae(cfg.init_from, dtype=torch.float32)
+    else:
+        return None
+    if not drift.same_latent_space(vae, base):
+        logger.info("no encoder drift metrics: the start model has another latent space", main_process_only=True)
+        return None
+    return base.requires_grad_(False).eval()
+
+
 def build_loss(cfg: TrainConfig) -> TransfusionLoss:
     """The loss module (LPIPS, MoCo and a fresh discriminator inside). 'auto' perception weights fall
     back to random ones, loudly, when the pretrained files are not available; `loss.perception_weights`
@@ -500,6 +516,10 @@ class Trainer:
             logger.info(f"discriminator initialised from {cfg.init_discriminator}", main_process_only=True)
         with accelerator.main_process_first():  # a Hub start model (or --init_from) downloaded once, not by every rank
             self.vae = vae = build_autoencoder(cfg)
+        # The start model (validation, main process only): how far the latents move from it.
+        self.base_vae = build_base(cfg, vae) if accelerator.is_main_process else None
+        if self.base_vae is not None:
+            self.base_vae.to(self.device)
         self.loss_fn.watch(vae.decoder.conv_out, fast=cfg.adaptive_weight_mode == "fast")
         # VA-VAE's trainable 1×1 conv z -> z' (VF alignment); None when off.
         self.vf_projection = None
@@ -883,6 +903,14 @@ def evaluate_held_out(trainer: Trainer, step: int) -> dict[str, float]:
     pca = latent_pca_rgb(means, images.shape[-2:])
     grid = save_grid(images, [recon, pca], trainer.run_log.grid_path(step), labels=["input", "recon", "latent PCA"])
     scalars = {f"validation/{k}": v for k, v in metrics.items()} | latents.scalars(diag)
+    moved = ""
+    if trainer.base_vae is not None:
+        per_image = drift.encoder_drift(
+            vae, trainer.base_vae, images, trainer.cfg.train_batch_size, autocast=trainer.accelerator.autocast
+        )
+        means = {k: v.mean().item() for k, v in per_image.items()}
+        scalars |= {f"drift/{k}": v for k, v in means.items()}
+        moved = "; " + drift.describe(means)
     trainer.accelerator.log(scalars, step=step)
     log_images(trainer.accelerator, grid, step)
     trainer.run_log.append(step, scalars)
@@ -891,7 +919,8 @@ def evaluate_held_out(trainer: Trainer, step: int) -> dict[str, float]:
         f"step {step}: held-out "
         + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         + "; "
-        + latents.describe(diag),
+        + latents.describe(diag)
+        + moved,
         main_process_only=True,
     )
     return metrics

@@ -498,3 +498,76 @@ def test_update_model_card_end_to_end(workspace, random_lpips, capsys, tmp_path)
     assert card.data.model_name == "exported" and card.data.library_name is None  # an existing card is not rewritten
     assert card.text.count("<!-- eval_vae results") == 1 and card.text.count("| model |") == 1
     assert "Trained on photos." in card.text and eval_vae.markdown_table(result) in card.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder drift from a base model
+# ---------------------------------------------------------------------------------------------
+
+
+def scaled_latents(vae, factor: float):
+    """A copy of `vae` whose posterior means are `factor` × the original's (quant_conv's mean half scaled)."""
+    import copy
+
+    out = copy.deepcopy(vae)
+    half = out.config.latent_channels
+    with torch.no_grad():
+        out.quant_conv.weight[:half] *= factor
+        out.quant_conv.bias[:half] *= factor
+    return out
+
+
+def test_encoder_drift_formulas_on_hand_made_models():
+    from metrics.drift import encoder_drift
+
+    torch.manual_seed(0)
+    base = build_vae("tiny").eval()
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        mu = base.encode(images).latent_dist.mean.flatten(1)
+    same = encoder_drift(base, base, images, 2)
+    assert torch.equal(same["latent_mse"], torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(same["latent_cosine"], torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-6)
+    own, _ = held_out_metrics(base, images, None, 2)  # decoding its own latents is its reconstruction
+    assert same["base_latents_psnr"].mean().item() == pytest.approx(own["psnr"], abs=1e-9)
+
+    doubled = encoder_drift(scaled_latents(base, 2.0), base, images, 2)
+    torch.testing.assert_close(doubled["latent_mse"], mu.double().pow(2).mean(1), rtol=1e-5, atol=0)  # (2μ - μ)²
+    torch.testing.assert_close(doubled["latent_cosine"], torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-6)
+    flipped = encoder_drift(scaled_latents(base, -1.0), base, images, 3)
+    torch.testing.assert_close(flipped["latent_cosine"], -torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-6)
+    # Its decoder is the base's: decoding the base's latents is the base's reconstruction, whatever its encoder.
+    torch.testing.assert_close(flipped["base_latents_psnr"], same["base_latents_psnr"])
+    new_decoder = scaled_latents(base, 1.0)
+    with torch.no_grad():
+        new_decoder.decoder.conv_out.bias += 0.2
+    shifted = encoder_drift(new_decoder, base, images, 2)
+    assert torch.equal(shifted["latent_mse"], torch.zeros(3, dtype=torch.float64))
+    assert (shifted["base_latents_psnr"] < same["base_latents_psnr"]).all()
+
+
+@pytest.mark.e2e
+def test_eval_reports_drift_from_the_first_baseline(workspace, random_lpips, capsys, tmp_path):
+    """--baseline BASE: the model's drift from BASE, per image in eval.json, one sentence in eval.md; a baseline in
+    another latent space (the 4-channel checkpoint) has none."""
+    from metrics.drift import encoder_drift
+
+    ws = workspace
+    model = load_vae(str(ws / "model")).eval()
+    scaled_latents(model, 0.5).save_pretrained(tmp_path / "base")  # the model's latents are 2 × the base's
+    argv = base_args(ws, "out_drift", "--no-fid", "--grid_images", "0", "--baseline", str(tmp_path / "base"))
+    result = eval_vae.main([*argv, "--baseline", str(ws / "run" / "checkpoint-3")], lpips=random_lpips)
+    capsys.readouterr()
+    first = result["models"][0]
+    assert first["drift_from"] == "base" and all(m["drift_from"] is None for m in result["models"][1:])
+    images = load_images(data.SourceSpec(name="images", path=str(ws / "images")), 32, NUM_IMAGES, "bilinear")
+    want = encoder_drift(model, load_vae(str(tmp_path / "base")).eval(), images, 2)
+    for name, values in want.items():
+        got = first["metrics"][f"drift_{name}"]
+        assert got["count"] == NUM_IMAGES and got["mean"] == pytest.approx(values.mean().item(), rel=1e-6)
+    assert first["metrics"]["drift_latent_cosine"]["mean"] == pytest.approx(1.0, abs=1e-6)
+    assert "Encoder drift of model from base" in (ws / "out_drift" / "eval.md").read_text()
+    # The first baseline in another latent space: no drift to measure.
+    models = [eval_vae.ModelUnderEval(label, "", role, vae, None) for label, role, vae in
+              [("model", "model", model), ("ckpt", "baseline", load_vae(str(ws / "run" / "checkpoint-3")))]]  # fmt: skip
+    assert eval_vae.drift_pair(models) is None

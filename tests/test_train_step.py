@@ -106,3 +106,46 @@ def test_decoder_only_refuses_an_encoder_it_could_not_copy(tmp_path, accelerator
     assert not any(p.requires_grad for n, p in vae.named_parameters() if n.startswith("encoder."))
     both = tiny_config(tmp_path, init_from=str(tmp_path / "four"))
     assert train_vae.build_autoencoder(both).config.latent_channels == 8  # training the encoder too: allowed
+
+
+def last_logged(trainer) -> dict:
+    import json
+
+    with open(trainer.run_log.metrics_path) as f:
+        return json.loads(f.read().splitlines()[-1])
+
+
+def test_validation_logs_drift_from_the_start_model(tmp_path, accelerator):
+    """A run from --pretrained_model_name_or_path: at step 0 the latents have not moved (MSE 0, cosine 1) and the
+    start model's latents decode as the model's own reconstruction; after a few steps that train the encoder, they
+    have moved. The start model stays frozen, in eval mode, untouched by training."""
+    set_seed(0)
+    build_vae("tiny").save_pretrained(tmp_path / "start")
+    start = str(tmp_path / "start")
+    cfg = tiny_config(
+        tmp_path, pretrained_model_name_or_path=start, model_config=None, lpips_weight=0.0, disc_start=100
+    )
+    trainer = train_vae.Trainer(cfg, accelerator)
+    trainer.heldout_images = batch(5)
+    base = trainer.base_vae
+    assert base is not None and not base.training and not any(p.requires_grad for p in base.parameters())
+    frozen = {k: v.clone() for k, v in base.state_dict().items()}
+    start = train_vae.evaluate_held_out(trainer, 0)
+    logged = last_logged(trainer)
+    assert logged["drift/latent_mse"] == 0.0 and logged["drift/latent_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert logged["drift/base_latents_psnr"] == pytest.approx(start["psnr"], abs=1e-9)
+    for step in range(3):
+        trainer.train_step(batch(step), step=step)
+    train_vae.evaluate_held_out(trainer, 3)
+    logged = last_logged(trainer)
+    assert logged["drift/latent_mse"] > 0 and logged["drift/latent_cosine"] < 1
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in frozen.items())
+
+
+def test_no_drift_without_a_start_model_or_in_another_latent_space(tmp_path, accelerator):
+    build_vae("tiny", latent_channels=4).save_pretrained(tmp_path / "four")
+    assert train_vae.build_base(tiny_config(tmp_path), build_vae("tiny")) is None
+    cfg = tiny_config(tmp_path, init_from=str(tmp_path / "four"))  # 4 channels copied into the 8 of the tiny preset
+    assert train_vae.build_base(cfg, build_vae("tiny")) is None
+    cfg = tiny_config(tmp_path, init_from=str(tmp_path / "four"), latent_channels=4)
+    assert train_vae.build_base(cfg, build_vae("tiny", latent_channels=4)) is not None
