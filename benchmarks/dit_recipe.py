@@ -1,0 +1,469 @@
+"""A real-DiT recipe: gFID against training steps of a DiT / SiT-style model trained on a VAE's latents.
+
+    PYTHONPATH=. python benchmarks/dit_recipe.py cache --vae vae-out --source /data/ImageNet/train --out_dir lat
+    PYTHONPATH=. python benchmarks/dit_recipe.py train --latents lat --model XL --steps 400000 \
+        --eval_at 50000,100000,200000,400000 --out_dir dit-xl
+    PYTHONPATH=. python benchmarks/dit_recipe.py estimate --model XL --steps 400000   # GPU hours, no GPU needed
+
+The offline equivalent of the papers' gFID-vs-steps tables (DiT, SiT, LightningDiT, REPA-E, EQ-VAE),
+one GPU, one process; the latent probe of `eval_vae.py --probe` (metrics/probe.py) at a real size:
+
+1. `cache`: every image of `--source` (any source the trainer accepts: a folder, an ImageNet / COCO /
+   FFHQ layout, parquet, webdataset, a Hub dataset), resized on its shorter side and centre-cropped
+   to `--resolution` (`--flip` adds each image's mirror, as DiT's random flips), encoded once by
+   metrics.probe.encode_latents: a seeded sample z ~ q(z|x), normalised with the VAE's own
+   convention (z − shift_factor) · scaling_factor (autoencoder/latents.py). Written to
+   `latents.safetensors` and `latents.json` (VAE, source, count, mean and std of the cached latents).
+2. `train`: diffusers' `DiTTransformer2DModel` of a DiT size (`--model S|B|L|XL`, depth/width/heads of
+   facebookresearch/DiT's models.py, `--patch_size` 2 by default), built by metrics.probe.build_probe_model:
+   unconditional (one class, label dropout off). Objective: SiT's linear flow matching, as the probe:
+   x_t = (1 − t)·z + t·ε, the network predicts v = ε − z (MSE), t ~ U(0, 1), timestep fed as 1000·t
+   (metrics.probe.flow_loss); not DiT's DDPM ε-prediction. AdamW (weight decay 0), constant lr 1e-4,
+   batch 256 (DiT's and SiT's), EMA of the weights (decay 0.9999, torch's AveragedModel) used for
+   every sample. Batches are drawn with replacement from the cached latents by a seeded generator.
+3. at each `--eval_at` step: `--fid_samples` samples of the EMA model (metrics.probe.sample_flow: Euler,
+   `--sample_steps` steps from t = 1 to 0, the same seeded noise at every evaluation), decoded by the
+   VAE, against `--fid_real` centre crops of `--fid_source` (default: the cached source) under
+   torch-fidelity's Inception (metrics.fid, 2048-d pool3; weights from the torch hub cache or
+   `--inception_weights`, never downloaded). Prints and writes (`dit_recipe.json`, `fid_vs_steps.txt`)
+   the steps-vs-FID points, training images/s and the achieved TFLOP/s; the EMA model goes to
+   `<out_dir>/ema` (diffusers folder).
+
+What differs from the papers' protocol: unconditional, so no classifier-free guidance (their headline
+gFIDs are class-conditional, with and without CFG); Euler with `--sample_steps` steps (SiT: an adaptive
+ODE solver or 250 SDE steps; DiT: 250 DDPM steps); the real side is `--fid_real` crops of the source
+(ADM's reference batch: all of ImageNet's training set); one process. diffusers' DiT gives every block its
+own timestep/label embedder, so it has more parameters than DiT's models.py (e.g. 749.8 M vs 675 M for
+XL/2 with 1000 classes); its forward costs the same: `estimate` counts it with torch's FlopCounterMode
+and gets DiT's Table 4 Gflops (multiply-adds) within 1 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import data
+from autoencoder.models import load_vae, vae_config
+from common.errors import ConfigError, DataError, UserError
+from metrics import probe
+from metrics.fid import build_fid, compute_fid
+from metrics.pixel import to_uint8
+
+# facebookresearch/DiT models.py: DiT_S/B/L/XL = (depth, hidden size, heads); head dim 64 for all four.
+# "toy" is no DiT size: a one-block model for CPU tests.
+DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16), "toy": (1, 32, 2)}
+# DiT paper (arXiv 2212.09748) Table 4: Gflops of one forward at 256² (32×32×4 latents); multiply-adds.
+DIT_PAPER_GFLOPS = {
+    ("S", 2): 6.06, ("S", 4): 1.41, ("S", 8): 0.36,
+    ("B", 2): 23.01, ("B", 4): 5.56, ("B", 8): 1.42,
+    ("L", 2): 80.71, ("L", 4): 19.70, ("L", 8): 5.01,
+    ("XL", 2): 118.64, ("XL", 4): 29.05, ("XL", 8): 7.39,
+}  # fmt: skip
+H100_BF16_TFLOPS = 989.4  # H100 SXM dense bf16 peak (NVIDIA's datasheet; 1979 is with sparsity)
+LATENTS_FILE, META_FILE, RESULT_FILE, TABLE_FILE = (
+    "latents.safetensors",
+    "latents.json",
+    "dit_recipe.json",
+    "fid_vs_steps.txt",
+)
+TRAIN_STREAM = 1  # derive_seed stream of the recipe's batch generator (the probe's own ids are 0-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and cost
+# ---------------------------------------------------------------------------------------------
+
+
+def dit_settings(size: str, patch_size: int, seed: int = 0, **extra) -> probe.ProbeSettings:
+    """The probe's settings with a DiT size's depth / heads / head dim and the patch size."""
+    depth, width, heads = DIT_SIZES[size]
+    return probe.ProbeSettings(
+        num_layers=depth, num_heads=heads, head_dim=width // heads, patch_size=patch_size, seed=seed, **extra
+    )
+
+
+def forward_macs(size: str, patch_size: int, channels: int = 4, latent_size: int = 32) -> float:
+    """Multiply-adds of one forward of one latent (DiT's "Gflops" count), by torch's FlopCounterMode on a
+    meta-device model (no memory, no weights): FlopCounterMode counts 2 FLOPs per multiply-add."""
+    settings = dit_settings(size, patch_size)
+    with torch.device("meta"):
+        model = probe.build_probe_model(channels, latent_size, settings)
+        x = torch.zeros(1, channels, latent_size, latent_size)
+        t = torch.zeros(1)
+    with FlopCounterMode(display=False) as counter:
+        probe.predict_velocity(model, x, t)
+    return counter.get_total_flops() / 2
+
+
+def decoder_macs(vae: str, latent_size: int) -> float:
+    """Multiply-adds of one VAE decode of a latent_size² latent (a preset, JSON, folder; meta device)."""
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        model = AutoencoderKL.from_config(vae_config(vae))
+        z = torch.zeros(1, model.config.latent_channels, latent_size, latent_size)
+    with FlopCounterMode(display=False) as counter:
+        model.decode(z)
+    return counter.get_total_flops() / 2
+
+
+def gpu_hours(flops: float, peak_tflops: float, mfu: float) -> float:
+    """Hours of one GPU doing `flops` FLOPs at `mfu` of its `peak_tflops`."""
+    return flops / (peak_tflops * 1e12 * mfu) / 3600
+
+
+def cost_estimate(args) -> dict:
+    """FLOPs and GPU hours of a run: training 3 × forward (forward + backward ≈ 2 × forward) per latent per step;
+    each evaluation `fid_samples` × `sample_steps` forwards plus one decode per sample (Inception left out)."""
+    fwd = forward_macs(args.model, args.patch_size, args.latent_channels, args.latent_size)
+    train = 2 * 3 * fwd * args.batch_size * args.steps
+    evals = len(args.eval_at) if args.eval_at else 1
+    decode = decoder_macs(args.vae_config, args.latent_size) if args.vae_config else 0.0
+    sample = 2 * (fwd * args.sample_steps + decode) * args.fid_samples * evals
+    return {
+        "forward_gmacs": fwd / 1e9,
+        "decode_gmacs": decode / 1e9,
+        "train_pflop": train / 1e15,
+        "sample_pflop": sample / 1e15,
+        "peak_tflops": args.peak_tflops,
+        "assumed_mfu": args.mfu,
+        "train_gpu_hours": gpu_hours(train, args.peak_tflops, args.mfu),
+        "sample_gpu_hours": gpu_hours(sample, args.peak_tflops, args.mfu),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Latent cache
+# ---------------------------------------------------------------------------------------------
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision == "no":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def encode_source(vae, args, autocast) -> tuple[torch.Tensor, list[str]]:
+    """Normalised latents of every centre crop of the source (and of its mirror with --flip), with their keys."""
+    stream = data.build_eval_stream(args.source, args.resolution, max_samples=args.max_images)
+    loader = data.make_dataloader(stream, args.batch_size, args.num_workers)
+    seed = data.stream.derive_seed(args.seed, 0)
+    latents, keys = [], []
+    for batch in loader:
+        pixels = to_uint8(batch["pixel_values"], "round")
+        crops = list(batch["key"])
+        if args.flip:
+            pixels = torch.cat([pixels, pixels.flip(-1)])
+            crops = crops + [f"{k}#flip" for k in crops]
+        latents.append(
+            probe.encode_latents(vae, pixels, crops, seed=seed, batch_size=args.batch_size, autocast=autocast)
+        )
+        keys += crops
+        print(f"\rcached {len(keys)} latents", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    if not keys:
+        raise DataError(f"the source {args.source!r} yielded no readable images")
+    return torch.cat(latents), keys
+
+
+def cache(args) -> dict:
+    device = torch.device(args.device)
+    vae = load_vae(args.vae).to(device).eval().requires_grad_(False)
+    latents, keys = encode_source(vae, args, autocast_for(device, args.mixed_precision))
+    std = latents.std().item()
+    meta = {
+        "vae": args.vae,
+        "source": args.source,
+        "resolution": args.resolution,
+        "flip": args.flip,
+        "seed": args.seed,
+        "count": len(keys),
+        "latent_shape": list(latents.shape[1:]),
+        "dtype": args.latent_dtype,
+        "mean": latents.mean().item(),
+        "std": std,
+        "convention": "latents = (z - shift_factor) * scaling_factor, z ~ q(z|x) (metrics.probe.encode_latents)",
+        "shift_factor_scaling_factor": list(probe.latent_factors(vae.config)),
+    }
+    if not probe.LATENT_STD_RANGE[0] <= std <= probe.LATENT_STD_RANGE[1]:
+        print(
+            f"warning: the cached latents have std {std:.3f} under the VAE's scaling_factor/shift_factor: the "
+            "config's factors were not measured on this model (an exported model's are)",
+            file=sys.stderr,
+        )
+    os.makedirs(args.out_dir, exist_ok=True)
+    dtype = getattr(torch, args.latent_dtype)
+    save_file({"latents": latents.to(dtype).contiguous()}, os.path.join(args.out_dir, LATENTS_FILE))
+    with open(os.path.join(args.out_dir, META_FILE), "w") as f:
+        json.dump({**meta, "keys": keys}, f, indent=1)
+    print(f"{len(keys)} latents {tuple(latents.shape[1:])} (mean {meta['mean']:.4f}, std {std:.4f}) -> {args.out_dir}")
+    return meta
+
+
+def read_cache(folder: str) -> tuple[torch.Tensor, dict]:
+    paths = [os.path.join(folder, name) for name in (LATENTS_FILE, META_FILE)]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"no latent cache in {folder!r} (missing {os.path.basename(missing[0])}): run `cache` first")
+    with open(paths[1]) as f:
+        meta = json.load(f)
+    return load_file(paths[0])["latents"], meta
+
+
+# ---------------------------------------------------------------------------------------------
+# 2-3. Training, sampling, FID
+# ---------------------------------------------------------------------------------------------
+
+
+def real_side(fid, args, meta, device) -> int:
+    """Centre crops of the FID source (its first --fid_real images) into the metric's real side; their count."""
+    source = args.fid_source or meta["source"]
+    stream = data.build_eval_stream(source, meta["resolution"], max_samples=args.fid_real)
+    count = 0
+    for batch in data.make_dataloader(stream, args.eval_batch_size, args.num_workers):
+        fid.update(to_uint8(batch["pixel_values"], "round").to(device), real=True)
+        count += len(batch["key"])
+    if count < 2:
+        raise DataError(f"FID needs at least 2 real images; {source!r} gave {count}")
+    return count
+
+
+def evaluate(model, vae, fid, settings, shape, args, autocast) -> float:
+    """gFID of --fid_samples samples of `model` (seeded Euler noise, the same at every evaluation)."""
+    device = next(model.parameters()).device
+    with autocast():
+        samples = probe.sample_flow(model, args.fid_samples, shape, settings, device=device)
+    images = probe.decode_latents(vae, samples.float(), args.eval_batch_size, autocast)
+    fid.reset()  # the fake side only: built with reset_real_features=False
+    for chunk in images.split(args.eval_batch_size):
+        fid.update(chunk.to(fid.device), real=False)
+    return compute_fid(fid)
+
+
+def train_loop(model, latents, args, device, autocast, on_eval):
+    """AdamW (no weight decay), constant lr, EMA; calls on_eval(ema_model, step) at each --eval_at step.
+    Returns the loss of every --log_every-th step (NaN for the others) and the EMA model."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    model.to(device).train()
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
+    ema.update_parameters(model)  # the first update copies: the EMA starts at the initial weights, as DiT's
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(data.stream.derive_seed(args.seed, TRAIN_STREAM))
+    losses, evals = [], set(args.eval_at)
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(len(latents), (args.batch_size,), generator=gen)
+        t = torch.rand(args.batch_size, generator=gen)
+        noise = torch.randn((args.batch_size, *latents.shape[1:]), generator=gen)
+        with autocast():
+            loss = probe.flow_loss(model, latents[idx].to(device).float(), t.to(device), noise.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema.update_parameters(model)
+        losses.append(loss.item() if step % args.log_every == 0 or step in evals else float("nan"))
+        if step % args.log_every == 0:
+            print(f"step {step}: loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
+        if step in evals:
+            ema.module.eval()
+            on_eval(ema.module, step)
+            model.train()
+    return losses, ema.module
+
+
+def train(args) -> dict:
+    latents, meta = read_cache(args.latents)
+    device = torch.device(args.device)
+    autocast = autocast_for(device, args.mixed_precision)
+    shape = tuple(latents.shape[1:])
+    settings = dit_settings(
+        args.model,
+        args.patch_size,
+        seed=args.seed,
+        batch_size=args.eval_batch_size,
+        sample_steps=args.sample_steps,
+        samples=args.fid_samples,
+    )
+    if shape[1] % args.patch_size or shape[1] != shape[2]:
+        raise ConfigError(f"--patch_size {args.patch_size} does not divide the cached latents' {shape[1:]} grid")
+    fid = build_fid(args.inception_weights, features=args.fid_features, reset_real_features=False).to(device)
+    vae = load_vae(args.vae or meta["vae"]).to(device).eval().requires_grad_(False)
+    num_real = real_side(fid, args, meta, device)
+    model = probe.build_probe_model(shape[0], shape[1], settings)
+    macs = forward_macs(args.model, args.patch_size, shape[0], shape[1])
+    points, clock = [], {"train": 0.0, "mark": time.perf_counter()}
+
+    def on_eval(ema_model, step):
+        clock["train"] += time.perf_counter() - clock["mark"]
+        start = time.perf_counter()
+        value = evaluate(ema_model, vae, fid, settings, shape, args, autocast)
+        points.append({"step": step, "fid": value, "eval_seconds": time.perf_counter() - start})
+        print(f"step {step}: FID {value:.3f} ({args.fid_samples} samples, {args.sample_steps} Euler steps)")
+        clock["mark"] = time.perf_counter()
+
+    losses, ema_model = train_loop(model, latents, args, device, autocast, on_eval)
+    clock["train"] += time.perf_counter() - clock["mark"]
+    images_per_s = args.steps * args.batch_size / clock["train"]
+    record = {
+        "config": {k: v for k, v in vars(args).items() if k != "func"},
+        "cache": meta,
+        "model": {"size": args.model, "patch_size": args.patch_size, "depth_width_heads": DIT_SIZES[args.model]},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "objective": "linear flow matching (SiT): x_t = (1-t) z + t eps, v = eps - z, t ~ U(0,1); Euler sampling",
+        "fid": "torch-fidelity Inception " + str(args.fid_features) + "-d",
+        "fid_real_images": num_real,
+        "points": points,
+        "loss": [(i + 1, v) for i, v in enumerate(losses) if not math.isnan(v)],
+        "train_seconds": clock["train"],
+        "train_images_per_s": images_per_s,
+        "forward_gmacs": macs / 1e9,
+        "achieved_tflops": 2 * 3 * macs * images_per_s / 1e12,
+    }
+    write_outputs(args.out_dir, record)
+    ema_model.save_pretrained(os.path.join(args.out_dir, "ema"))
+    return record
+
+
+def write_outputs(out_dir: str, record: dict) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, RESULT_FILE), "w") as f:
+        json.dump(record, f, indent=1)
+    lines = [f"{'step':>10} {'FID':>10}"] + [f"{p['step']:>10} {p['fid']:>10.3f}" for p in record["points"]]
+    lines.append(
+        f"train: {record['train_images_per_s']:.1f} latents/s, {record['achieved_tflops']:.2f} TFLOP/s achieved "
+        f"({record['forward_gmacs']:.3f} GMACs per forward, x3 for training)"
+    )
+    with open(os.path.join(out_dir, TABLE_FILE), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def steps_list(text: str) -> list[int]:
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step numbers, got {text!r}") from None
+    return values
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="XL", choices=tuple(DIT_SIZES), help="DiT size (toy: a 1-block test model)")
+    p.add_argument("--patch_size", type=int, default=2, choices=(2, 4, 8))
+    p.add_argument("--steps", type=int, default=400_000, help="training steps")
+    p.add_argument("--batch_size", type=int, default=256, help="latents per training step")
+    p.add_argument(
+        "--eval_at", type=steps_list, default=None, help="steps at which to sample and measure FID, e.g. 50000,100000"
+    )
+    p.add_argument("--fid_samples", type=int, default=10_000, help="samples per FID evaluation (the papers: 50000)")
+    p.add_argument("--sample_steps", type=int, default=250, help="Euler steps per sample")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("cache", help="encode a source's centre crops once into <out_dir>/latents.safetensors")
+    c.add_argument("--vae", required=True, help="the VAE: a folder, checkpoint, Hub id or single file")
+    c.add_argument("--source", required=True, help="a source as the trainer's --source takes it")
+    c.add_argument("--resolution", type=int, default=256)
+    c.add_argument("--max_images", type=int, default=None, help="the source's first N images only")
+    c.add_argument("--flip", action="store_true", help="also cache each image's horizontal mirror")
+    c.add_argument("--latent_dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    c.add_argument("--batch_size", type=int, default=64)
+    c.add_argument("--out_dir", required=True)
+    t = sub.add_parser("train", help="train a DiT on cached latents, FID at --eval_at steps")
+    t.add_argument("--latents", required=True, help="a folder written by `cache`")
+    add_model_flags(t)
+    t.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant (DiT's, SiT's)")
+    t.add_argument("--ema_decay", type=float, default=0.9999)
+    t.add_argument("--vae", default=None, help="decoder for the samples (default: the cache's VAE)")
+    t.add_argument("--fid_source", default=None, help="real side of FID (default: the cached source)")
+    t.add_argument("--fid_real", type=int, default=50_000, help="real images (the source's first N)")
+    t.add_argument("--fid_features", type=int, default=2048, choices=(2048, 768, 192, 64))
+    t.add_argument(
+        "--inception_weights", default=None, help="torch-fidelity's Inception file (default: torch hub cache)"
+    )
+    t.add_argument("--eval_batch_size", type=int, default=256)
+    t.add_argument("--log_every", type=int, default=100)
+    t.add_argument("--out_dir", required=True)
+    for q in (c, t):
+        q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        q.add_argument("--mixed_precision", default="bf16", choices=("bf16", "no"))
+        q.add_argument("--num_workers", type=int, default=4)
+        q.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("estimate", help="FLOPs and GPU hours of a run (arithmetic; nothing runs)")
+    add_model_flags(e)
+    e.add_argument("--latent_channels", type=int, default=4)
+    e.add_argument("--latent_size", type=int, default=32)
+    e.add_argument("--vae_config", default="transfusion", help="VAE whose decode is counted ('' for none)")
+    e.add_argument("--peak_tflops", type=float, default=H100_BF16_TFLOPS, help="the GPU's dense bf16 peak")
+    e.add_argument("--mfu", type=float, default=0.4, help="assumed fraction of the peak reached (not measured)")
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    """Flag errors before anything is built: p.error prints one line and exits with status 2."""
+    positive = ("steps", "batch_size", "fid_samples", "sample_steps", "eval_batch_size", "log_every")
+    for key in positive:
+        if getattr(args, key, 1) < 1:
+            p.error(f"--{key} must be >= 1, got {getattr(args, key)}")
+    if getattr(args, "eval_at", None):
+        bad = [s for s in args.eval_at if not 1 <= s <= args.steps]
+        if bad:
+            p.error(f"--eval_at steps must lie in [1, --steps={args.steps}], got {bad}")
+    if args.command == "train" and not args.eval_at:
+        args.eval_at = [args.steps]
+    if args.command == "train" and not 0.0 <= args.ema_decay < 1.0:
+        p.error(f"--ema_decay must lie in [0, 1), got {args.ema_decay}")
+    if args.command == "estimate" and not 0.0 < args.mfu <= 1.0:
+        p.error(f"--mfu must lie in (0, 1], got {args.mfu}")
+    if args.command in ("cache", "train") and args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device here")
+
+
+def print_estimate(args) -> dict:
+    est = cost_estimate(args)
+    print(
+        f"DiT-{args.model}/{args.patch_size} on {args.latent_channels}x{args.latent_size}²: "
+        f"{est['forward_gmacs']:.2f} GMACs per forward; decode {est['decode_gmacs']:.1f} GMACs per sample\n"
+        f"train {args.steps} steps x {args.batch_size}: {est['train_pflop']:.0f} PFLOP = "
+        f"{est['train_gpu_hours']:.1f} GPU hours at {args.mfu:.0%} of {args.peak_tflops:g} TFLOP/s (assumed)\n"
+        f"sample {len(args.eval_at or [1])} x {args.fid_samples} x {args.sample_steps} steps + decode: "
+        f"{est['sample_pflop']:.0f} PFLOP = {est['sample_gpu_hours']:.1f} GPU hours"
+    )
+    return est
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        if args.command == "estimate":
+            return print_estimate(args)
+        if args.device == "cpu":
+            torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+        return cache(args) if args.command == "cache" else train(args)
+    except UserError as e:
+        print(f"dit_recipe.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

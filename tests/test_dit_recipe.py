@@ -1,0 +1,143 @@
+"""benchmarks/dit_recipe.py: its DiT sizes cost what the DiT paper says, its latent cache holds the VAE's normalised
+posterior samples, its EMA is DiT's, its flags fail in one line, and cache -> train -> FID runs end to end at toy size
+(a one-block DiT on 4×4 latents of a tiny VAE, 32² images, a random-weight torch-fidelity Inception)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel
+
+from autoencoder.models import build_vae, load_vae
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import dit_recipe  # benchmarks/ is not a package
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def write_torch_fidelity_file(path: str) -> None:
+    """A random-weight state dict of torch-fidelity's FeatureExtractorInceptionV3 (as tests/test_fid.py writes it)."""
+    from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
+
+    with pytest.MonkeyPatch.context() as mp:  # the architecture without its download and load
+        mp.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: {})
+        mp.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    state = net.state_dict()
+    gen = torch.Generator().manual_seed(0)
+    for name, tensor in state.items():  # He init: activations survive the random layers
+        if name.endswith("conv.weight"):
+            tensor.copy_(torch.randn(tensor.shape, generator=gen) * (2.0 / tensor[0].numel()) ** 0.5)
+    torch.save(state, path)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, image_folder):
+    """A tiny VAE whose config holds a non-trivial latent convention, and a random Inception file."""
+    root = tmp_path_factory.mktemp("dit_recipe")
+    torch.manual_seed(0)
+    vae = build_vae("tiny")
+    vae.register_to_config(scaling_factor=2.0, shift_factor=0.5)
+    vae.save_pretrained(root / "vae")
+    write_torch_fidelity_file(str(root / "inception.pth"))
+    return root
+
+
+def cache_argv(workspace, image_folder, out) -> list[str]:
+    return ["cache", "--vae", str(workspace / "vae"), "--source", image_folder, "--resolution", "32", "--flip"] + [
+        "--batch_size", "4", "--device", "cpu", "--mixed_precision", "no", "--num_workers", "0", "--out_dir", str(out)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("size", ["S", "B", "XL"])
+def test_forward_cost_is_the_dit_papers(size):
+    """FlopCounterMode on diffusers' DiT of each size gives the DiT paper's Table 4 Gflops (multiply-adds) at /2."""
+    assert dit_recipe.forward_macs(size, 2) / 1e9 == pytest.approx(dit_recipe.DIT_PAPER_GFLOPS[(size, 2)], rel=0.01)
+
+
+def test_gpu_hours_arithmetic():
+    one_hour = dit_recipe.H100_BF16_TFLOPS * 1e12 * 0.4 * 3600
+    assert dit_recipe.gpu_hours(one_hour, dit_recipe.H100_BF16_TFLOPS, 0.4) == pytest.approx(1.0)
+    assert dit_recipe.gpu_hours(one_hour, dit_recipe.H100_BF16_TFLOPS, 0.2) == pytest.approx(2.0)
+
+
+def test_ema_starts_at_the_initial_weights_as_dits():
+    """EMA after 2 steps at decay 0.5, from the init w0 (DiT copies it before step 1): 0.25 w0 + 0.25 w1 + 0.5 w2;
+    and what each evaluation samples from is that EMA, not the raw weights."""
+    args = dit_recipe.parse_args(["train", "--latents", "x", "--out_dir", "y", "--model", "toy", "--steps", "2"])
+    args.batch_size, args.ema_decay, args.eval_at, args.device = 4, 0.5, [1, 2], "cpu"
+    settings = dit_recipe.dit_settings("toy", 2)
+    model = dit_recipe.probe.build_probe_model(4, 4, settings)
+    snapshots = [torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()]
+    seen = []
+
+    def on_eval(ema_model, step):
+        snapshots.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone())
+        seen.append(torch.nn.utils.parameters_to_vector(ema_model.parameters()).detach().clone())
+
+    latents = torch.randn(8, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    dit_recipe.train_loop(model, latents, args, torch.device("cpu"), dit_recipe.autocast_for(None, "no"), on_eval)
+    w0, w1, w2 = snapshots
+    assert not torch.allclose(w1, w2)
+    torch.testing.assert_close(seen[0], 0.5 * w0 + 0.5 * w1)
+    torch.testing.assert_close(seen[1], 0.25 * w0 + 0.25 * w1 + 0.5 * w2)
+
+
+def test_flag_errors_are_one_line_before_anything_is_built(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        dit_recipe.main(["train", "--latents", str(tmp_path), "--out_dir", str(tmp_path), "--steps", "4"] + ["--eval_at", "2,5"])  # fmt: skip
+    assert e.value.code == 2 and "--eval_at steps must lie in [1, --steps=4], got [5]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        dit_recipe.main(["train", "--latents", str(tmp_path), "--out_dir", str(tmp_path), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and "no latent cache in" in err and "run `cache` first" in err
+
+
+def _with_flips(keys: list[str]) -> list[str]:
+    plain = [k for k in keys if not k.endswith("#flip")]
+    return plain + [f"{k}#flip" for k in plain]
+
+
+@pytest.mark.e2e
+def test_cache_train_fid_end_to_end(workspace, image_folder, tmp_path, capsys):
+    lat = tmp_path / "latents"
+    meta = dit_recipe.main(cache_argv(workspace, image_folder, lat))
+    cached, stored = dit_recipe.read_cache(str(lat))
+    assert meta["count"] == 20 == len(cached) == len(stored["keys"])  # 10 images and their mirrors
+    keys = stored["keys"]
+    assert tuple(cached.shape[1:]) == (8, 4, 4) and sorted(keys) == sorted(_with_flips(keys))
+    # The cache holds (z - 0.5) * 2 for z ~ q(z|x): back in z units, (z - μ) / σ is standard normal.
+    vae = load_vae(str(workspace / "vae")).eval()
+    crops = {s["key"]: s["pixel_values"] for s in dit_recipe.data.build_eval_stream(image_folder, 32)}
+    crops.update({f"{k}#flip": v.flip(-1) for k, v in list(crops.items())})
+    pixels = dit_recipe.to_uint8(torch.stack([crops[k] for k in keys]), "round").float().div(127.5).sub(1.0)
+    with torch.no_grad():
+        post = vae.encode(pixels).latent_dist
+    eps = (cached / 2.0 + 0.5 - post.mean) / post.std
+    assert abs(eps.mean().item()) < 0.1 and 0.9 < eps.std().item() < 1.1, (eps.mean(), eps.std())
+
+    out = tmp_path / "run"
+    record = dit_recipe.main(
+        ["train", "--latents", str(lat), "--model", "toy", "--steps", "4", "--batch_size", "4", "--eval_at", "2,4"]
+        + ["--fid_samples", "6", "--sample_steps", "2", "--fid_real", "8", "--fid_features", "64", "--log_every", "1"]
+        + ["--inception_weights", str(workspace / "inception.pth"), "--eval_batch_size", "8", "--device", "cpu"]
+        + ["--mixed_precision", "no", "--num_workers", "0", "--out_dir", str(out)]
+    )
+    assert [p["step"] for p in record["points"]] == [2, 4]
+    assert all(p["fid"] > 0 and torch.isfinite(torch.tensor(p["fid"])) for p in record["points"])
+    assert record["points"][0]["fid"] != record["points"][1]["fid"]  # the model moved between the two
+    assert record["fid_real_images"] == 8 and [s for s, _ in record["loss"]] == [1, 2, 3, 4]
+    with open(out / "dit_recipe.json") as f:
+        assert json.load(f)["points"] == record["points"]
+    table = (out / "fid_vs_steps.txt").read_text().splitlines()
+    assert table[1].split()[0] == "2" and float(table[2].split()[1]) == pytest.approx(
+        record["points"][1]["fid"], abs=1e-3
+    )
+    ema = DiTTransformer2DModel.from_pretrained(out / "ema")
+    assert ema.config.num_layers == 1 and ema.config.in_channels == 8
+    assert "FID" in capsys.readouterr().out
