@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import (
     DistributedDataParallelKwargs,
+    GradScalerKwargs,
     InitProcessGroupKwargs,
     ProjectConfiguration,
     broadcast_object_list,
@@ -152,16 +153,6 @@ def eqvae_draw(cfg: TrainConfig, step: int, micro_batch: int = 0) -> EqvaeDraw |
     if cfg.equivariance_mode != "eqvae":
         return None
     return draw_eqvae(transform_generator(cfg.seed, step, micro_batch), cfg.equivariance_prob, cfg.eqvae_low_res_prob)
-
-
-def loss_scale(accelerator: Accelerator) -> torch.Tensor | float | None:
-    """fp16: the grad scaler's current scale, for the adaptive weight's own gradients (which would underflow
-    in fp16 unscaled); the tensor itself, so reading it costs no host sync. None without a scaler."""
-    scaler = accelerator.scaler
-    if scaler is None:
-        return None
-    scale = scaler._get_scale_async()  # None until the scaler's first scale(): then its initial value
-    return scaler.get_scale() if scale is None else scale
 
 
 @dataclass
@@ -463,6 +454,17 @@ def build_dataloader(cfg: TrainConfig, accelerator: Accelerator, sources):
     return stream, loader
 
 
+def scaler_kwargs(cfg: TrainConfig) -> GradScalerKwargs:
+    """fp16: G's grad scaler starts at 2^16 / C·H·W (rounded up to a power of two), not at torch's 2^16.
+
+    G's loss is a sum over the C·H·W pixels (the recipe's normalisation), not a mean, so its gradients are about
+    C·H·W times those torch's default is made for: at 2^16 the first steps overflow (the parameter gradients are
+    sums over every pixel of the batch) and are skipped until the scale has fallen that far.
+    """
+    pixels = 3 * cfg.resolution**2
+    return GradScalerKwargs(init_scale=2.0 ** (16 - math.ceil(math.log2(pixels))))
+
+
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
     project = ProjectConfiguration(
         project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, cfg.logging_dir)
@@ -480,6 +482,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
             # Gradients as views into DDP's all-reduce buckets: one copy of them less per step.
             DistributedDataParallelKwargs(gradient_as_bucket_view=True),
             InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.ddp_timeout)),
+            scaler_kwargs(cfg),
         ],
     )
     deterministic = cfg.deterministic != "off"
@@ -536,6 +539,13 @@ class Trainer:
             # the backward pass (compiled before, DDP would wrap one opaque graph).
             self.model = torch.compile(self.model)
         self.ema = build_ema(cfg, vae, self.device)
+        # fp16: D's loss is a mean, G's a sum over C·H·W (docs/recipe.md, "Loss"): their gradients lie ~C·H·W
+        # apart, so D gets a grad scaler of its own; G's is accelerate's (`scaler_kwargs`). D's starts at 2^10, not
+        # torch's 2^16: on the tiny preset its gradients overflowed at 2^17 (tests/test_fp16.py).
+        self.d_scaler = None
+        if accelerator.scaler is not None:
+            self.d_scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**10)
+            accelerator.register_for_checkpointing(self.d_scaler)
         cluster.seed_ranks_apart(accelerator, cfg.seed)
         self.stop_vote = cluster.StopVote(accelerator.num_processes)
         accelerator.register_save_state_pre_hook(self._save_hook)
@@ -644,9 +654,13 @@ class Trainer:
         """One optimizer step: G on every micro-batch, then D on its detached reconstruction once the GAN is on.
 
         batch: (B, 3, R, R) in [-1, 1], or a list of `gradient_accumulation_steps` such micro-batches.
-        A step whose loss or gradient is non-finite changes nothing: weights, optimizer states and
-        schedules (see `_update`), D's BatchNorm buffers and LeCAM's EMAs stay as they were; it is
+        An update (G's or D's) whose loss or gradient is non-finite changes nothing of its network: weights,
+        optimizer states and schedules stay as they were (see `_update`), and when D's is skipped so do its
+        BatchNorm buffers and LeCAM's EMAs (a skipped G update alone leaves D's finished update whole); it is
         counted in `state`. Returns the last micro-batch's logs as detached 0-d tensors.
+
+        fp16: G and D each have a grad scaler; each scale changes once per step, after the updates (here, not in
+        accelerate's optimizer step), so that every micro-batch is unscaled by the scale it was made with.
         """
         micro_batches = list(batch) if isinstance(batch, (list, tuple)) else [batch]
         if len(micro_batches) != self.cfg.gradient_accumulation_steps:
@@ -666,13 +680,20 @@ class Trainer:
                 if self.loss_fn.gan_active(step):
                     d_logs, d_ok = self.discriminator_step(target, recon, step)
                     logs.update(d_logs)
+        # Each scale changes once per step, after its optimizer's update: every micro-batch is unscaled by the
+        # scale it was made with (accelerate's optimizer step would update G's scale before D's last backward).
+        if self.accelerator.scaler is not None:
+            self.accelerator.scaler.update()
+        if self.d_scaler is not None and self.loss_fn.gan_active(step):
+            self.d_scaler.update()
         st = self.state
         st.skipped_g_steps += not g_ok
         st.skipped_d_steps += not d_ok
         st.nonfinite_streak = 0 if (g_ok and d_ok) else st.nonfinite_streak + 1
-        if not (g_ok and d_ok):
-            # The forward passes already moved D's BatchNorm statistics and LeCAM's EMAs, maybe to NaN:
-            # undo them, or a NaN would stay there for good (and go into every later checkpoint).
+        if not d_ok:
+            # The forward passes already moved D's BatchNorm statistics and LeCAM's EMAs, maybe to NaN: undo
+            # them when D did not step, or a NaN would stay there for good (and go into every later checkpoint).
+            # When D stepped, its loss was finite (so were x̂ and the statistics) and they belong to its new weights.
             for buffer, saved in zip(gan_buffers, before, strict=False):
                 buffer.copy_(saved)
         if self.ema is not None and g_ok:
@@ -711,13 +732,14 @@ class Trainer:
                 logvar,
                 step,
                 discriminator=self.loss_fn.discriminator,
-                grad_scale=loss_scale(self.accelerator),
                 **regularisers,
             )
         logs = {f"loss/{k}": v for k, v in logs.items()}
         logs.update({k: torch.tensor(v) for k, v in eq_logs.items()})
-        self.accelerator.backward(loss)
-        applied = self._update(self.model, self.opt_g, self.sched_g, logs, "grad_norm/generator")
+        self.accelerator.backward(loss)  # fp16: scaled by accelerate's scaler, G's
+        applied = self._update(
+            self.model, self.opt_g, self.sched_g, logs, "grad_norm/generator", self.accelerator.scaler
+        )
         return (x, recon.detach()), logs, applied
 
     def discriminator_step(self, x: torch.Tensor, recon: torch.Tensor, step: int):
@@ -725,20 +747,23 @@ class Trainer:
         with self.accelerator.autocast():
             loss, logs = self.loss_fn.discriminator_loss(x, recon, step, discriminator=self.disc)
         logs = {f"disc/{k}": v for k, v in logs.items()}
-        self.accelerator.backward(loss)
-        applied = self._update(self.disc, self.opt_d, self.sched_d, logs, "grad_norm/discriminator")
+        if self.d_scaler is None:
+            self.accelerator.backward(loss)
+        else:  # accelerator.backward, with D's own scaler
+            self.d_scaler.scale(loss / self.accelerator.gradient_accumulation_steps).backward()
+        applied = self._update(self.disc, self.opt_d, self.sched_d, logs, "grad_norm/discriminator", self.d_scaler)
         return logs, applied
 
-    def _update(self, model: nn.Module, optimizer, scheduler, logs: dict, norm_key: str) -> bool:
+    def _update(self, model: nn.Module, optimizer, scheduler, logs: dict, norm_key: str, scaler=None) -> bool:
         """Clip, then step unless the gradient is non-finite (the weights then stay untouched).
 
         Only at the last micro-batch of an accumulation; returns whether the step was applied.
+        scaler: fp16's grad scaler that scaled this model's gradients (None without one).
         """
         if not self.accelerator.sync_gradients:
             return True
         # clip_grad_norm_ with an infinite bound only measures: the norm is logged and checked.
         limit = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
-        scaler = self.accelerator.scaler
         if scaler is None:
             grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), limit)
         else:
@@ -750,8 +775,12 @@ class Trainer:
         # Decided from the (unscaled, all-reduced) gradient itself: with a fused Adam the grad scaler always
         # calls step() and lets the kernel skip an overflow, so accelerate's step_was_skipped reads False.
         applied = bool(torch.isfinite(grad_norm))  # the host sync of this update
-        if applied or scaler is not None:
-            optimizer.step()  # fp16: the scaler skips a non-finite step itself and lowers its scale
+        if scaler is not None:
+            # Not optimizer.step(): accelerate's would also update() the scale, between G's update and D's last
+            # backward. The scaler skips a non-finite step itself; train_step updates the scale.
+            scaler.step(optimizer.optimizer)
+        elif applied:
+            optimizer.step()
         if applied:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -17,8 +17,8 @@ random images (bicubic-upsampled noise plus a little pixel noise). Checks, each 
   memory         bf16 (CPU: fp32) at --memory_batch, without and with --gradient_checkpointing: peak memory of a
                  steady step; fails if the first two steps' losses differ by more than --memory_rtol, or (CUDA) if
                  checkpointing does not lower the peak
-  fp16_scale     the GradScaler's scale after --fp16_steps fp16 steps on new images each; fails below
-                 --min_fp16_scale (a collapsed scale: every skipped step halves it from 65536)
+  fp16_scale     G's and D's grad scalers' scales after --fp16_steps fp16 steps on new images each; fails if
+                 either fell below its start / --max_fp16_backoff (each skipped step halves it)
   deterministic  --deterministic on with the recipe's loss and the equivariance term (×0.5 on every step): two
                  runs of --deterministic_steps steps equal bit for bit (weights of G and D, losses); torch raising
                  for an op without a deterministic kernel fails it. On CUDA in a child process: cuBLAS reads
@@ -110,11 +110,12 @@ def selftest_config(args, precision: str, **overrides) -> TrainConfig:
 
 def cpu_fp16(trainer: train_vae.Trainer) -> None:
     """fp16 autocast and a GradScaler on the CPU, where accelerate would put them on a GPU."""
-    scaler = torch.amp.GradScaler("cpu")
+    scaler = torch.amp.GradScaler("cpu", **train_vae.scaler_kwargs(trainer.cfg).to_kwargs())
     trainer.accelerator.scaler = scaler
     for optimizer in (trainer.opt_g, trainer.opt_d):
         optimizer.scaler = scaler
         optimizer.__setstate__({})  # what AcceleratedOptimizer.__init__ does with a scaler: wrap step()
+    trainer.d_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # as Trainer.__init__ makes it
     trainer.accelerator.autocast = lambda *a, **k: torch.autocast("cpu", dtype=torch.float16)
 
 
@@ -313,17 +314,26 @@ def check_memory(args) -> Check:
 
 def check_fp16_scale(args) -> Check:
     trainer = build(args, "fp16")
+    scalers = (trainer.accelerator.scaler, trainer.d_scaler)
+    start = [float(scaler.get_scale()) for scaler in scalers]
     for i in range(args.fp16_steps):
         trainer.train_step(images(args, args.memory_batch, seed=1000 + i), i)
-    scale = float(trainer.accelerator.scaler.get_scale())
+    scale, d_scale = (float(scaler.get_scale()) for scaler in scalers)
     st = trainer.state
     release(trainer)
+    ok = scale >= start[0] / args.max_fp16_backoff and d_scale >= start[1] / args.max_fp16_backoff
     detail = (
-        f"scale {scale:g} after {args.fp16_steps} steps (at least {args.min_fp16_scale:g}; starts at 65536); "
-        f"skipped {st.skipped_g_steps} G and {st.skipped_d_steps} D steps"
+        f"G's scale {scale:g} (from {start[0]:g}), D's {d_scale:g} (from {start[1]:g}) after {args.fp16_steps} steps "
+        f"(at least start / {args.max_fp16_backoff:g}); skipped {st.skipped_g_steps} G and {st.skipped_d_steps} D steps"
     )
-    data = {"scale": scale, "skipped_g_steps": st.skipped_g_steps, "skipped_d_steps": st.skipped_d_steps}
-    return Check("fp16_scale", scale >= args.min_fp16_scale, detail, data)
+    data = {
+        "scale": scale,
+        "d_scale": d_scale,
+        "start": start,
+        "skipped_g_steps": st.skipped_g_steps,
+        "skipped_d_steps": st.skipped_d_steps,
+    }
+    return Check("fp16_scale", ok, detail, data)
 
 
 def deterministic_run(args, mode: str, **overrides) -> tuple[list[dict], dict]:
@@ -452,7 +462,9 @@ def parse_args(argv=None):
     p.add_argument("--memory_batch", type=int, default=None, help="memory, fp16, deterministic, compile: batch size")
     p.add_argument("--max_syncs", type=int, default=2, help="host syncs allowed in a steady-state step")
     p.add_argument("--fp16_steps", type=int, default=None, help="default 50 (4 with --tiny)")
-    p.add_argument("--min_fp16_scale", type=float, default=256.0, help="lowest GradScaler scale that passes")
+    p.add_argument(
+        "--max_fp16_backoff", type=float, default=4.0, help="how far below its start a grad scaler's scale may fall"
+    )
     p.add_argument("--memory_rtol", type=float, default=1e-3, help="losses with and without checkpointing")
     p.add_argument("--deterministic_steps", type=int, default=3)
     p.add_argument("--compile_steps", type=int, default=3)

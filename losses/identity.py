@@ -160,15 +160,21 @@ class IdentityLoss(FrozenModule):
         self.freeze()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [−1, 1] → (B, D) MoCo features."""
+        """(B, 3, H, W) in [−1, 1] → (B, D) MoCo features.
+
+        The projection head runs in float32 under any autocast (torchvision's ResNet forward otherwise): the
+        gradient that enters it is id_weight·C·H·W/B times any loss scale, which overflows fp16.
+        """
         x = moco_resize(x, self.size)  # (B, 3, 224, 224)
         x = ((x + 1) / 2 - self.mean) / self.std
-        if self.feature == "projection":
-            return self.encoder(x)
         net = self.encoder
         x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
         x = net.layer4(net.layer3(net.layer2(net.layer1(x))))
-        return torch.flatten(net.avgpool(x), 1)  # (B, 2048)
+        x = torch.flatten(net.avgpool(x), 1)  # (B, 2048)
+        if self.feature == "pooled":
+            return x
+        with torch.autocast(x.device.type, enabled=False):
+            return net.fc(x.float())
 
     def forward(self, inputs: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

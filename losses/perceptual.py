@@ -58,7 +58,25 @@ class LPIPS(FrozenModule):
         self.freeze()
 
     def forward(self, inputs: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
-        return self.net(inputs, reconstructions).reshape(inputs.shape[0])  # (B,)
+        """`lpips.LPIPS.forward` (v0.1, not spatial) with its head in float32 under any autocast.
+
+        The VGG trunk runs in the autocast dtype; each layer's features are then upcast and the head
+        (channel normalisation, squared difference, the 1×1 `lin` layers, the spatial mean) and the
+        per-image sum run in float32. In fp16 the head's channel sum of squares overflows for large
+        features, and the gradient that enters it, C·H·W/B times the loss scale (the nll's
+        normalisation, losses.functional.reconstruction_nll), overflows from the first step on.
+        Without autocast this is the package's forward, op for op.
+        """
+        net = self.net
+        outs0 = net.net(net.scaling_layer(inputs))
+        outs1 = net.net(net.scaling_layer(reconstructions))
+        total = 0
+        with torch.autocast(inputs.device.type, enabled=False):
+            for kk in range(net.L):
+                feats0 = lpips.normalize_tensor(outs0[kk].float())
+                feats1 = lpips.normalize_tensor(outs1[kk].float())
+                total = total + lpips.lpips.spatial_average(net.lins[kk]((feats0 - feats1) ** 2), keepdim=True)
+        return total.reshape(inputs.shape[0])  # (B,), float32
 
 
 def build_lpips(pretrained: bool, vgg_path: str | None = None) -> LPIPS:

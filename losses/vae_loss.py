@@ -8,6 +8,7 @@ logs as detached 0-d tensors (no host syncs, no logging in here).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -93,6 +94,27 @@ class _InputKeeper:
         return _InputKeeper(active=False)
 
 
+# The scale of λ's own gradients under fp16 autocast, per image of the batch (see `fp16_grad_scale`).
+FP16_GRAD_SCALE_PER_IMAGE = 2.0**6
+
+
+def fp16_grad_scale(batch: int) -> float:
+    """The fixed power of two by which the loss's own gradients (λ's, and the fast path's ∂nll/∂x̂) are taken
+    under fp16 autocast: 2^6 times the largest power of two ≤ batch, whatever the GradScaler's scale.
+
+    Every term is a mean over the batch, so every gradient of the loss is ∝ 1/B; times B the magnitudes no longer
+    depend on the batch. benchmarks/fp16_grad_magnitudes.py (random nets, B=1): nll's largest gradient at x̂ and
+    inside the fp16 parts of its backward (LPIPS' and MoCo's heads run in float32) is a few hundred at 128² and
+    256²; × 2^6 that stays inside fp16's 65504. The GAN term's gradient at x̂ (~1e-6 at 256², B=32, from D's
+    0.02-σ init) × 2^11 is ~2e-3, above fp16's smallest normal (6.1e-5) instead of subnormal.
+    """
+    return FP16_GRAD_SCALE_PER_IMAGE * 2.0 ** (max(int(batch), 1).bit_length() - 1)
+
+
+def _fp16_autocast(device: torch.device) -> bool:
+    return torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16
+
+
 def _scaled_grad(
     output: torch.Tensor, inputs: torch.Tensor, grad_scale: float | torch.Tensor | None, retain_graph: bool = False
 ) -> torch.Tensor:
@@ -134,6 +156,7 @@ class _GeneratorStep:
     discriminator: nn.Module
     conv: nn.Conv2d | SimpleNamespace
     grad_scale: float | torch.Tensor | None
+    weight_scale: float | torch.Tensor | None  # nll's gradients at a weight (sums over every pixel)
     kl: torch.Tensor
     nll_for_encoder: torch.Tensor | None = None
 
@@ -306,12 +329,15 @@ class TransfusionLoss(nn.Module):
         the same autoencoder gradients as the direct path, which back-propagates through the
         perception nets and D three times (two autograd.grad for λ, then the caller's backward).
         discriminator: defaults to self.discriminator; gradients never reach its parameters.
-        grad_scale: under fp16 autocast, the GradScaler's current scale (a float or a 1-element tensor,
-        never read on the host). λ's gradients are then taken of loss·grad_scale and divided by it in
-        float32: unscaled, g's gradients at an fp16 x̂ (~1e-6 and below early on) are subnormal or
-        zero, which inflates λ up to its clamp. Should nll's gradients overflow under the scale, the
-        caller's backward, scaled alike, overflows on the same values and the scaler skips the step.
-        None (bf16, fp32): unscaled, and a power-of-two scale gives the same values to the bit in fp32.
+        grad_scale: the scale of the loss's own gradients (λ's two, the fast path's ∂nll/∂x̂ and ∂g/∂x̂, the VF
+        weight's two): each is taken of term·grad_scale and divided by it in float32. None: under fp16
+        autocast `fp16_grad_scale(B)`, a fixed power of two of its own, independent of any GradScaler
+        (unscaled, g's gradients at an fp16 x̂, ~1e-6 and below early on, are subnormal or zero, which
+        inflates λ up to its clamp; at the GradScaler's scale, nll's overflow until the scaler has fallen
+        far), and for nll's gradient at a weight (the direct path's ∇_W nll, the VF weight's ∇nll), a sum
+        over every pixel, that scale divided by H·W rounded up to a power of two; otherwise (bf16, fp32)
+        unscaled. A float or a 1-element tensor (never read on the host); in fp32 a power-of-two scale
+        gives the same values to the bit.
 
         With autograd off (evaluation) λ is 0, as in the reference implementation. Logs: total, nll, kl, gan (g),
         adaptive_weight (λ), gan_factor (gan_weight·ramp) and the raw terms l1 (mean |x − x̂|),
@@ -334,7 +360,12 @@ class TransfusionLoss(nn.Module):
             if self._watch_fast and last_layer_input is None:
                 last_layer_input, self._keeper.value = self._keeper.value, None
         if isinstance(grad_scale, torch.Tensor):
-            grad_scale = grad_scale.detach().float().reshape(())  # GradScaler's is (1,); the losses are 0-d
+            grad_scale = grad_scale.detach().float().reshape(())  # a (1,) tensor; the losses are 0-d
+        # nll's gradients at a weight are sums over every pixel: under fp16 they get 1/H·W of x̂'s scale.
+        weight_scale = grad_scale
+        if grad_scale is None and _fp16_autocast(inputs.device):
+            grad_scale = fp16_grad_scale(inputs.shape[0])
+            weight_scale = grad_scale / 2.0 ** math.ceil(math.log2(inputs.shape[-2] * inputs.shape[-1]))
         step = _GeneratorStep(
             inputs=inputs,
             reconstructions=reconstructions,
@@ -342,6 +373,7 @@ class TransfusionLoss(nn.Module):
             discriminator=self.discriminator if discriminator is None else discriminator,
             conv=_as_conv(last_layer_weight),
             grad_scale=grad_scale,
+            weight_scale=weight_scale,
             kl=kl_loss(mean, logvar),
         )
         if last_layer_input is None or not torch.is_grad_enabled():
@@ -388,7 +420,7 @@ class TransfusionLoss(nn.Module):
         if active:
             g = generator_adv_loss(_call_without_param_grads(step.discriminator, step.reconstructions))
             if torch.is_grad_enabled():
-                nll_grad = _scaled_grad(nll, step.conv.weight, step.grad_scale, retain_graph=True)
+                nll_grad = _scaled_grad(nll, step.conv.weight, step.weight_scale, retain_graph=True)
                 gan_grad = _scaled_grad(g, step.conv.weight, step.grad_scale, retain_graph=True)
                 lam = adaptive_weight(nll_grad, gan_grad, max_value=self.adaptive_weight_max)
         loss = nll + self.kl_weight * step.kl + factor * lam * g
@@ -465,7 +497,7 @@ class TransfusionLoss(nn.Module):
                     raise ValueError("the VF loss needs encoder_last_layer (the encoder's conv_out)")
                 enc_w = _as_conv(encoder_last_layer).weight
                 vf_lam = adaptive_weight(
-                    _scaled_grad(step.nll_for_encoder, enc_w, step.grad_scale, retain_graph=True),
+                    _scaled_grad(step.nll_for_encoder, enc_w, step.weight_scale, retain_graph=True),
                     _scaled_grad(vf, enc_w, step.grad_scale, retain_graph=True),
                     max_value=VF_ADAPTIVE_WEIGHT_MAX,
                 )
