@@ -242,3 +242,16 @@ def test_the_demo_keeps_a_pretrained_models_own_architecture(tmp_path):
     assert cfg.is_demo and cfg.model_config is None and cfg.resolution == 64  # other demo defaults still apply
     cfg, explicit = parse_config(TrainConfig, [], "t")
     assert apply_demo_defaults(cfg, explicit).model_config == "tiny"
+
+
+def test_diffusers_model_config_name_or_path_is_model_config(tmp_path, capsys):
+    from common.cli import parse_config
+    from training.config import TrainConfig
+
+    build_vae("tiny", latent_channels=4).save_pretrained(tmp_path / "cfg")
+    cfg, explicit = parse_config(TrainConfig, ["--model_config_name_or_path", str(tmp_path / "cfg")], "t")
+    assert cfg.model_config == str(tmp_path / "cfg") and "model_config" in explicit and cfg.source == []
+    assert build_vae(cfg.model_config).config.latent_channels == 4
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--model_config_name_or_path", "tiny", "--model_config", "small"], "t")
+    assert "not both" in capsys.readouterr().err

@@ -33,6 +33,15 @@ from losses.identity import MOCO_V2_800EP_URL
 # accelerate's trackers (tensorboard, wandb, comet_ml, mlflow, clearml, ...), `all` and `none`.
 TRACKERS = tuple(t.value for t in LoggerType) + ("none",)
 
+# diffusers' example scripts' name for --model_config (train_autoencoderkl.py, train_unconditional.py).
+MODEL_ALIASES = (
+    Alias(
+        "model_config_name_or_path",
+        "diffusers' flag: the config of a freshly initialised model (a folder, Hub id or JSON file; here also a preset)",
+        "`--model_config`",
+    ),
+)
+
 # diffusers' example scripts' data flags, each mapped onto one --source (TrainConfig.apply_aliases).
 DATA_ALIASES = (
     Alias(
@@ -491,12 +500,19 @@ class TrainConfig:
         resume="free",
     )
 
-    ALIASES = DATA_ALIASES
+    ALIASES = MODEL_ALIASES + DATA_ALIASES
 
     @staticmethod
     def apply_aliases(values: dict, given: dict[str, str]) -> None:
-        """diffusers' data flags become --source entries (after any given with --source)."""
-        values["source"] = list(values.get("source", [])) + alias_sources(given)
+        """diffusers' data flags become --source entries (after any given with --source); its
+        --model_config_name_or_path is --model_config."""
+        given = dict(given)
+        if "model_config_name_or_path" in given:
+            if "model_config" in values:
+                raise ConfigError("give --model_config or diffusers' --model_config_name_or_path, not both")
+            values["model_config"] = given.pop("model_config_name_or_path")
+        if given:
+            values["source"] = list(values.get("source", [])) + alias_sources(given)
 
     def check(self) -> None:
         """Checks across flags, and those a bound cannot say (bounds are checked by common.cli.parse_config)."""
