@@ -16,14 +16,16 @@ one GPU, one process; the latent probe of `eval_vae.py --probe` (metrics/probe.p
    `latents.safetensors` and `latents.json` (VAE, source, count, mean and std of the cached latents).
 2. `train`: diffusers' `DiTTransformer2DModel` of a DiT size (`--model S|B|L|XL`, depth/width/heads of
    facebookresearch/DiT's models.py, `--patch_size` 2 by default), built by metrics.probe.build_probe_model:
-   unconditional (one class, label dropout off). Objective: SiT's linear flow matching, as the probe:
-   x_t = (1 − t)·z + t·ε, the network predicts v = ε − z (MSE), t ~ U(0, 1), timestep fed as 1000·t
-   (metrics.probe.flow_loss); not DiT's DDPM ε-prediction. AdamW (weight decay 0), constant lr 1e-4,
+   unconditional (one class, label dropout off). Objective: flow matching with SiT's linear interpolant
+   and velocity prediction, as the probe: x_t = (1 − t)·z + t·ε, the network predicts v = ε − z (MSE),
+   t ~ U(0, 1), timestep fed as 1000·t (metrics.probe.flow_loss; SiT runs t the other way, t = 1 at the
+   data, and its network also outputs a σ it does not use); not DiT's DDPM ε-prediction. AdamW (weight decay 0), constant lr 1e-4,
    batch 256 (DiT's and SiT's), EMA of the weights (decay 0.9999, torch's AveragedModel) used for
    every sample. Batches are drawn with replacement from the cached latents by a seeded generator.
 3. at each `--eval_at` step: `--fid_samples` samples of the EMA model (metrics.probe.sample_flow: Euler,
    `--sample_steps` steps from t = 1 to 0, the same seeded noise at every evaluation), decoded by the
-   VAE, against `--fid_real` centre crops of `--fid_source` (default: the cached source) under
+   VAE, against `--fid_real` centre crops drawn at random (seeded) across the whole of `--fid_source`
+   (default: the cached source; data.sample_images) under
    torch-fidelity's Inception (metrics.fid, 2048-d pool3; weights from the torch hub cache or
    `--inception_weights`, never downloaded). Prints and writes (`dit_recipe.json`, `fid_vs_steps.txt`)
    the steps-vs-FID points, training images/s and the achieved TFLOP/s; the EMA model goes to
@@ -31,8 +33,9 @@ one GPU, one process; the latent probe of `eval_vae.py --probe` (metrics/probe.p
 
 What differs from the papers' protocol: unconditional, so no classifier-free guidance (their headline
 gFIDs are class-conditional, with and without CFG); Euler with `--sample_steps` steps (SiT: an adaptive
-ODE solver or 250 SDE steps; DiT: 250 DDPM steps); the real side is `--fid_real` crops of the source
-(ADM's reference batch: all of ImageNet's training set); one process. diffusers' DiT gives every block its
+ODE solver or 250 SDE steps; DiT: 250 DDPM steps); the real side is `--fid_real` (default 10 000) random
+crops of the source (ADM's reference batch: all of ImageNet's training set) and the fake side
+`--fid_samples` (default 10 000; the papers: 50 000); one process. diffusers' DiT gives every block its
 own timestep/label embedder, so it has more parameters than DiT's models.py (e.g. 749.8 M vs 675 M for
 XL/2 with 1000 classes); its forward costs the same: `estimate` counts it with torch's FlopCounterMode
 and gets DiT's Table 4 Gflops (multiply-adds) within 1 %.
@@ -228,16 +231,14 @@ def read_cache(folder: str) -> tuple[torch.Tensor, dict]:
 
 
 def real_side(fid, args, meta, device) -> int:
-    """Centre crops of the FID source (its first --fid_real images) into the metric's real side; their count."""
+    """--fid_real centre crops drawn at random across the whole FID source (data.sample_images, seeded) into the
+    metric's real side; their count."""
     source = args.fid_source or meta["source"]
-    stream = data.build_eval_stream(source, meta["resolution"], max_samples=args.fid_real)
-    count = 0
-    for batch in data.make_dataloader(stream, args.eval_batch_size, args.num_workers):
-        fid.update(to_uint8(batch["pixel_values"], "round").to(device), real=True)
-        count += len(batch["key"])
-    if count < 2:
-        raise DataError(f"FID needs at least 2 real images; {source!r} gave {count}")
-    return count
+    spec = data.parse_source(source)
+    images, _ = data.sample_images([spec], args.fid_real, meta["resolution"], seed=args.seed)
+    for chunk in images.split(args.eval_batch_size):
+        fid.update(to_uint8(chunk, "round").to(device), real=True)
+    return len(images)
 
 
 def evaluate(model, vae, fid, settings, shape, args, autocast) -> float:
@@ -365,7 +366,7 @@ def steps_list(text: str) -> list[int]:
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="XL", choices=tuple(DIT_SIZES), help="DiT size (toy: a 1-block test model)")
-    p.add_argument("--patch_size", type=int, default=2, choices=(2, 4, 8))
+    p.add_argument("--patch_size", type=int, default=2, choices=(1, 2, 4, 8))
     p.add_argument("--steps", type=int, default=400_000, help="training steps")
     p.add_argument("--batch_size", type=int, default=256, help="latents per training step")
     p.add_argument(
@@ -382,7 +383,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--vae", required=True, help="the VAE: a folder, checkpoint, Hub id or single file")
     c.add_argument("--source", required=True, help="a source as the trainer's --source takes it")
     c.add_argument("--resolution", type=int, default=256)
-    c.add_argument("--max_images", type=int, default=None, help="the source's first N images only")
+    c.add_argument(
+        "--max_images",
+        type=int,
+        default=None,
+        help="the source's first N images in its sorted order (a class-sorted layout: the first classes only)",
+    )
     c.add_argument("--flip", action="store_true", help="also cache each image's horizontal mirror")
     c.add_argument("--latent_dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     c.add_argument("--batch_size", type=int, default=64)
@@ -394,7 +400,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--ema_decay", type=float, default=0.9999)
     t.add_argument("--vae", default=None, help="decoder for the samples (default: the cache's VAE)")
     t.add_argument("--fid_source", default=None, help="real side of FID (default: the cached source)")
-    t.add_argument("--fid_real", type=int, default=50_000, help="real images (the source's first N)")
+    t.add_argument(
+        "--fid_real",
+        type=int,
+        default=10_000,
+        help="real images, drawn at random across --fid_source (held in memory: N·3·R²·4 bytes)",
+    )
     t.add_argument("--fid_features", type=int, default=2048, choices=(2048, 768, 192, 64))
     t.add_argument(
         "--inception_weights", default=None, help="torch-fidelity's Inception file (default: torch hub cache)"
@@ -421,7 +432,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
     """Flag errors before anything is built: p.error prints one line and exits with status 2."""
-    positive = ("steps", "batch_size", "fid_samples", "sample_steps", "eval_batch_size", "log_every")
+    positive = ("steps", "batch_size", "fid_samples", "sample_steps", "eval_batch_size", "log_every", "fid_real")
     for key in positive:
         if getattr(args, key, 1) < 1:
             p.error(f"--{key} must be >= 1, got {getattr(args, key)}")
