@@ -29,7 +29,9 @@ one GPU, one process; the latent probe of `eval_vae.py --probe` (metrics/probe.p
    torch-fidelity's Inception (metrics.fid, 2048-d pool3; weights from the torch hub cache or
    `--inception_weights`, never downloaded). Prints and writes (`dit_recipe.json`, `fid_vs_steps.txt`)
    the steps-vs-FID points, training images/s and the achieved TFLOP/s; the EMA model goes to
-   `<out_dir>/ema` (diffusers folder).
+   `<out_dir>/ema` (diffusers folder). Every `--checkpoint_every` steps and at the end `<out_dir>/checkpoint`
+   keeps what a resume needs (weights, EMA, AdamW, the batch generator, points, losses); the same command
+   continues from it, and a larger `--steps` trains on.
 
 What differs from the papers' protocol: unconditional, so no classifier-free guidance (their headline
 gFIDs are class-conditional, with and without CFG); Euler with `--sample_steps` steps (SiT: an adaptive
@@ -46,8 +48,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
+import shutil
 import sys
 import time
 
@@ -253,9 +255,11 @@ def evaluate(model, vae, fid, settings, shape, args, autocast) -> float:
     return compute_fid(fid)
 
 
-def train_loop(model, latents, args, device, autocast, on_eval):
-    """AdamW (no weight decay), constant lr, EMA; calls on_eval(ema_model, step) at each --eval_at step.
-    Returns the loss of every --log_every-th step (NaN for the others) and the EMA model."""
+def train_loop(model, latents, args, device, autocast, on_eval, resume: dict | None = None, on_checkpoint=None):
+    """AdamW (no weight decay), constant lr, EMA; calls on_eval(ema_model, step) at each --eval_at step and
+    on_checkpoint(step, model, ema, optimizer, generator, losses) every --checkpoint_every steps and at the end.
+    `resume`: a checkpoint (load_checkpoint) to continue from. Returns [(step, loss)] of every --log_every-th
+    step (and every evaluated one) and the EMA model."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     model.to(device).train()
@@ -263,8 +267,14 @@ def train_loop(model, latents, args, device, autocast, on_eval):
     ema.update_parameters(model)  # the first update copies: the EMA starts at the initial weights, as DiT's
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(data.stream.derive_seed(args.seed, TRAIN_STREAM))
-    losses, evals = [], set(args.eval_at)
-    for step in range(1, args.steps + 1):
+    first, losses, evals = 1, [], set(args.eval_at)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        ema.load_state_dict(resume["ema"])
+        optimizer.load_state_dict(resume["optimizer"])
+        gen.set_state(resume["generator"])
+        first, losses = resume["state"]["step"] + 1, [tuple(x) for x in resume["state"]["losses"]]
+    for step in range(first, args.steps + 1):
         idx = torch.randint(len(latents), (args.batch_size,), generator=gen)
         t = torch.rand(args.batch_size, generator=gen)
         noise = torch.randn((args.batch_size, *latents.shape[1:]), generator=gen)
@@ -274,14 +284,66 @@ def train_loop(model, latents, args, device, autocast, on_eval):
         loss.backward()
         optimizer.step()
         ema.update_parameters(model)
-        losses.append(loss.item() if step % args.log_every == 0 or step in evals else float("nan"))
-        if step % args.log_every == 0:
-            print(f"step {step}: loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
+        if step % args.log_every == 0 or step in evals:
+            losses.append((step, loss.item()))
+            print(f"step {step}: loss {losses[-1][1]:.4f}", file=sys.stderr, flush=True)
         if step in evals:
             ema.module.eval()
             on_eval(ema.module, step)
             model.train()
+        if on_checkpoint is not None and (step % args.checkpoint_every == 0 or step == args.steps):
+            on_checkpoint(step, model, ema, optimizer, gen, losses)
     return losses, ema.module
+
+
+# What a resumed run must share with the run that wrote the checkpoint (--steps, --eval_at and the FID flags may change).
+RESUME_KEYS = ("model", "patch_size", "batch_size", "lr", "ema_decay", "seed", "mixed_precision")
+CHECKPOINT_DIR = "checkpoint"
+
+
+def save_checkpoint(out_dir: str, step, model, ema, optimizer, gen, state: dict) -> None:
+    """<out_dir>/checkpoint: weights and EMA (safetensors), optimizer (torch.save of tensors and numbers), the batch
+    generator's state, state.json; written to checkpoint.tmp first, then swapped in."""
+    final, tmp, old = (os.path.join(out_dir, CHECKPOINT_DIR + suffix) for suffix in ("", ".tmp", ".old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+
+    def tensors(module) -> dict:
+        return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+    save_file(tensors(model), os.path.join(tmp, "model.safetensors"))
+    save_file(tensors(ema), os.path.join(tmp, "ema.safetensors"))
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    save_file({"generator": gen.get_state()}, os.path.join(tmp, "generator.safetensors"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump({**state, "step": step}, f)
+    if os.path.isdir(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(args, device) -> dict | None:
+    """The checkpoint of --out_dir to resume from (--resume), None when there is none; ConfigError (one line) when
+    it was written with other settings or latents."""
+    folder = os.path.join(args.out_dir, CHECKPOINT_DIR)
+    if not args.resume or not os.path.isfile(os.path.join(folder, "state.json")):
+        return None
+    with open(os.path.join(folder, "state.json")) as f:
+        state = json.load(f)
+    differ = [k for k in RESUME_KEYS if state["settings"].get(k) != getattr(args, k)]
+    if state["latents"] != os.path.abspath(args.latents):
+        differ.append("latents")
+    if differ:
+        were = ", ".join(f"--{k} {state['settings'].get(k, state.get(k))}" for k in differ)
+        raise ConfigError(f"{folder} was written with {were}: resume with those, or use another --out_dir")
+    return {
+        "state": state,
+        "model": load_file(os.path.join(folder, "model.safetensors"), device=str(device)),
+        "ema": load_file(os.path.join(folder, "ema.safetensors"), device=str(device)),
+        "optimizer": torch.load(os.path.join(folder, "optimizer.pt"), map_location=device, weights_only=True),
+        "generator": load_file(os.path.join(folder, "generator.safetensors"))["generator"],
+    }
 
 
 def train(args) -> dict:
@@ -299,34 +361,45 @@ def train(args) -> dict:
     )
     if shape[1] % args.patch_size or shape[1] != shape[2]:
         raise ConfigError(f"--patch_size {args.patch_size} does not divide the cached latents' {shape[1:]} grid")
+    resume = load_checkpoint(args, device)
     fid = build_fid(args.inception_weights, features=args.fid_features, reset_real_features=False).to(device)
     vae = load_vae(args.vae or meta["vae"]).to(device).eval().requires_grad_(False)
     num_real = real_side(fid, args, meta, device)
     model = probe.build_probe_model(shape[0], shape[1], settings)
     macs = forward_macs(args.model, args.patch_size, shape[0], shape[1])
-    points, clock = [], {"train": 0.0, "mark": time.perf_counter()}
+    done = resume["state"] if resume else {"points": [], "train_seconds": 0.0, "step": 0}
+    points, clock = list(done["points"]), {"train": done["train_seconds"], "mark": time.perf_counter()}
 
     def on_eval(ema_model, step):
         clock["train"] += time.perf_counter() - clock["mark"]
         start = time.perf_counter()
         value = evaluate(ema_model, vae, fid, settings, shape, args, autocast)
+        points[:] = [p for p in points if p["step"] != step]  # a resumed run measures a step again: the new one counts
         points.append({"step": step, "fid": value, "eval_seconds": time.perf_counter() - start})
         print(f"step {step}: FID {value:.3f} ({args.fid_samples} samples, {args.sample_steps} Euler steps)")
         clock["mark"] = time.perf_counter()
 
-    losses, ema_model = train_loop(model, latents, args, device, autocast, on_eval)
+    def on_checkpoint(step, *objects_and_losses):
+        clock["train"] += time.perf_counter() - clock["mark"]
+        run = {"settings": {k: getattr(args, k) for k in RESUME_KEYS}, "latents": os.path.abspath(args.latents)}
+        run.update(points=points, train_seconds=clock["train"], losses=objects_and_losses[-1])
+        save_checkpoint(args.out_dir, step, *objects_and_losses[:-1], run)
+        clock["mark"] = time.perf_counter()
+
+    losses, ema_model = train_loop(model, latents, args, device, autocast, on_eval, resume, on_checkpoint)
     clock["train"] += time.perf_counter() - clock["mark"]
-    images_per_s = args.steps * args.batch_size / clock["train"]
+    images_per_s = (args.steps - done["step"]) * args.batch_size / max(clock["train"] - done["train_seconds"], 1e-9)
     record = {
-        "config": {k: v for k, v in vars(args).items() if k != "func"},
+        "config": vars(args),
         "cache": meta,
+        "resumed_from_step": done["step"],
         "model": {"size": args.model, "patch_size": args.patch_size, "depth_width_heads": DIT_SIZES[args.model]},
         "parameters": sum(p.numel() for p in model.parameters()),
         "objective": "linear flow matching (SiT): x_t = (1-t) z + t eps, v = eps - z, t ~ U(0,1); Euler sampling",
         "fid": "torch-fidelity Inception " + str(args.fid_features) + "-d",
         "fid_real_images": num_real,
-        "points": points,
-        "loss": [(i + 1, v) for i, v in enumerate(losses) if not math.isnan(v)],
+        "points": sorted(points, key=lambda p: p["step"]),
+        "loss": losses,
         "train_seconds": clock["train"],
         "train_images_per_s": images_per_s,
         "forward_gmacs": macs / 1e9,
@@ -412,6 +485,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     t.add_argument("--eval_batch_size", type=int, default=256)
     t.add_argument("--log_every", type=int, default=100)
+    t.add_argument(
+        "--checkpoint_every", type=int, default=5000, help="steps between checkpoints (<out_dir>/checkpoint)"
+    )
+    t.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue from <out_dir>/checkpoint when there is one (--steps may be raised to train on)",
+    )
     t.add_argument("--out_dir", required=True)
     for q in (c, t):
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -432,7 +514,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
     """Flag errors before anything is built: p.error prints one line and exits with status 2."""
-    positive = ("steps", "batch_size", "fid_samples", "sample_steps", "eval_batch_size", "log_every", "fid_real")
+    positive = (
+        "steps",
+        "batch_size",
+        "fid_samples",
+        "sample_steps",
+        "eval_batch_size",
+        "log_every",
+        "fid_real",
+        "checkpoint_every",
+    )
     for key in positive:
         if getattr(args, key, 1) < 1:
             p.error(f"--{key} must be >= 1, got {getattr(args, key)}")

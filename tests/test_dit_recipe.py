@@ -103,14 +103,31 @@ def _with_flips(keys: list[str]) -> list[str]:
     return plain + [f"{k}#flip" for k in plain]
 
 
+@pytest.fixture(scope="module")
+def cached(workspace, image_folder):
+    """The latent cache of the ten test images and their mirrors, written once by `cache`."""
+    lat = workspace / "latents"
+    return lat, dit_recipe.main(cache_argv(workspace, image_folder, lat))
+
+
+def train_argv(workspace, lat, out, steps: int, eval_at: str, *extra: str) -> list[str]:
+    """A toy `train`: a one-block DiT, batch 4, FID on 6 samples of 2 Euler steps against 8 images, 64-d features."""
+    return (
+        ["train", "--latents", str(lat), "--model", "toy", "--steps", str(steps), "--batch_size", "4"]
+        + ["--eval_at", eval_at, "--fid_samples", "6", "--sample_steps", "2", "--fid_real", "8", "--fid_features", "64"]
+        + ["--inception_weights", str(workspace / "inception.pth"), "--eval_batch_size", "8", "--device", "cpu"]
+        + ["--mixed_precision", "no", "--num_workers", "0", "--log_every", "1", "--ema_decay", "0.5"]
+        + ["--checkpoint_every", "2", "--out_dir", str(out), *extra]
+    )
+
+
 @pytest.mark.e2e
-def test_cache_train_fid_end_to_end(workspace, image_folder, tmp_path, capsys):
-    lat = tmp_path / "latents"
-    meta = dit_recipe.main(cache_argv(workspace, image_folder, lat))
-    cached, stored = dit_recipe.read_cache(str(lat))
-    assert meta["count"] == 20 == len(cached) == len(stored["keys"])  # 10 images and their mirrors
+def test_cache_train_fid_end_to_end(workspace, image_folder, cached, tmp_path, capsys):
+    lat, meta = cached
+    cached_latents, stored = dit_recipe.read_cache(str(lat))
+    assert meta["count"] == 20 == len(cached_latents) == len(stored["keys"])  # 10 images and their mirrors
     keys = stored["keys"]
-    assert tuple(cached.shape[1:]) == (8, 4, 4) and sorted(keys) == sorted(_with_flips(keys))
+    assert tuple(cached_latents.shape[1:]) == (8, 4, 4) and sorted(keys) == sorted(_with_flips(keys))
     # The cache holds (z - 0.5) * 2 for z ~ q(z|x): back in z units, (z - μ) / σ is standard normal.
     vae = load_vae(str(workspace / "vae")).eval()
     crops = {s["key"]: s["pixel_values"] for s in dit_recipe.data.build_eval_stream(image_folder, 32)}
@@ -118,16 +135,11 @@ def test_cache_train_fid_end_to_end(workspace, image_folder, tmp_path, capsys):
     pixels = dit_recipe.to_uint8(torch.stack([crops[k] for k in keys]), "round").float().div(127.5).sub(1.0)
     with torch.no_grad():
         post = vae.encode(pixels).latent_dist
-    eps = (cached / 2.0 + 0.5 - post.mean) / post.std
+    eps = (cached_latents / 2.0 + 0.5 - post.mean) / post.std
     assert abs(eps.mean().item()) < 0.1 and 0.9 < eps.std().item() < 1.1, (eps.mean(), eps.std())
 
     out = tmp_path / "run"
-    record = dit_recipe.main(
-        ["train", "--latents", str(lat), "--model", "toy", "--steps", "4", "--batch_size", "4", "--eval_at", "2,4"]
-        + ["--fid_samples", "6", "--sample_steps", "2", "--fid_real", "8", "--fid_features", "64", "--log_every", "1"]
-        + ["--inception_weights", str(workspace / "inception.pth"), "--eval_batch_size", "8", "--device", "cpu"]
-        + ["--mixed_precision", "no", "--num_workers", "0", "--out_dir", str(out)]
-    )
+    record = dit_recipe.main(train_argv(workspace, lat, out, 4, "2,4"))
     assert [p["step"] for p in record["points"]] == [2, 4]
     assert all(p["fid"] > 0 and torch.isfinite(torch.tensor(p["fid"])) for p in record["points"])
     assert record["points"][0]["fid"] != record["points"][1]["fid"]  # the model moved between the two
@@ -141,3 +153,25 @@ def test_cache_train_fid_end_to_end(workspace, image_folder, tmp_path, capsys):
     ema = DiTTransformer2DModel.from_pretrained(out / "ema")
     assert ema.config.num_layers == 1 and ema.config.in_channels == 8
     assert "FID" in capsys.readouterr().out
+
+
+@pytest.mark.e2e
+def test_resumed_run_equals_an_uninterrupted_one(workspace, cached, tmp_path, capsys):
+    """2 steps, then --steps 4 from its checkpoint: the weights, EMA, losses and FID points of one 4-step run."""
+    from safetensors.torch import load_file
+
+    lat, _ = cached
+    whole = dit_recipe.main(train_argv(workspace, lat, tmp_path / "whole", 4, "2,4"))
+    dit_recipe.main(train_argv(workspace, lat, tmp_path / "parts", 2, "2"))
+    resumed = dit_recipe.main(train_argv(workspace, lat, tmp_path / "parts", 4, "2,4"))
+    assert resumed["resumed_from_step"] == 2
+    assert [(p["step"], p["fid"]) for p in resumed["points"]] == [(p["step"], p["fid"]) for p in whole["points"]]
+    assert resumed["loss"] == whole["loss"]
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = (load_file(tmp_path / run / "checkpoint" / name) for run in ("whole", "parts"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # another learning rate is another run: refused in one line
+        dit_recipe.main(train_argv(workspace, lat, tmp_path / "parts", 6, "6", "--lr", "2e-4"))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and "was written with --lr 0.0001" in err
