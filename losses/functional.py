@@ -68,34 +68,54 @@ def adaptive_weight(
     return (nll_norm / (gan_norm + eps)).clamp(0.0, max_value).detach()
 
 
-def conv_weight_grad(layer_input: torch.Tensor, conv: nn.Conv2d, grad_output: torch.Tensor) -> torch.Tensor:
+# conv_weight_grad upcasts its input in batch chunks of at most this many bytes (float32), not all at once.
+WEIGHT_GRAD_CHUNK_BYTES = 64 * 2**20
+
+
+def conv_weight_grad(
+    layer_input: torch.Tensor, conv: nn.Conv2d, grad_output: torch.Tensor, chunk_bytes: int = WEIGHT_GRAD_CHUNK_BYTES
+) -> torch.Tensor:
     """∂L/∂conv.weight from the conv's input and ∂L/∂(conv output), in float32.
 
     The weight gradient of a convolution only needs those two tensors, so the adaptive
     weight can be had without a second backward pass through the networks after the conv.
     `conv` may be any object with the attributes of an nn.Conv2d (weight, stride, padding,
     dilation, groups, padding_mode).
+
+    The gradient is a sum over the batch: an input in bf16/fp16 (autocast) is upcast and summed chunk by chunk
+    over the batch, so that no float32 copy of the whole input (~1 GB for decoder.conv_out's at batch 32, 256²)
+    is made; at most `chunk_bytes` of it (one image at least) exist at a time. A float32 input is used as it is.
     """
     padding = conv.padding
     if isinstance(padding, str):
         raise ValueError(f"conv_weight_grad needs numeric padding, got padding={padding!r}")
-    x = layer_input.detach().float()
+    layer_input, grad_output = layer_input.detach(), grad_output.detach().float()
     padding_mode = getattr(conv, "padding_mode", "zeros")
-    if padding_mode != "zeros":
-        # Non-zero padding modes pad the input explicitly and then run an unpadded conv.
-        pad = [p for p in reversed(padding) for _ in range(2)]
-        x = F.pad(x, pad, mode=padding_mode)
-        padding = (0, 0)
+    batch = layer_input.shape[0]
+    step = batch
+    if layer_input.dtype != torch.float32 or padding_mode != "zeros":
+        step = max(1, min(batch, chunk_bytes // max(4 * layer_input[0].numel(), 1)))
+    grad = None
     with torch.no_grad():
-        return torch.nn.grad.conv2d_weight(
-            x,
-            conv.weight.shape,
-            grad_output.detach().float(),
-            stride=conv.stride,
-            padding=padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-        )
+        for start in range(0, batch, step):
+            x = layer_input[start : start + step].float()
+            conv_padding = padding
+            if padding_mode != "zeros":
+                # Non-zero padding modes pad the input explicitly and then run an unpadded conv.
+                pad = [p for p in reversed(padding) for _ in range(2)]
+                x = F.pad(x, pad, mode=padding_mode)
+                conv_padding = (0, 0)
+            part = torch.nn.grad.conv2d_weight(
+                x,
+                conv.weight.shape,
+                grad_output[start : start + step],
+                stride=conv.stride,
+                padding=conv_padding,
+                dilation=conv.dilation,
+                groups=conv.groups,
+            )
+            grad = part if grad is None else grad.add_(part)
+    return grad
 
 
 def gan_ramp(step: int, disc_start: int, ramp_steps: int) -> float:

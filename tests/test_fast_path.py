@@ -179,3 +179,31 @@ def test_fast_and_reference_modes_give_the_same_step(case, image_folder, tmp_pat
                     atol=0,
                     msg=lambda m, step=step, key=key: f"step {step} {key}: {m}",
                 )
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(image_folder, tmp_path, accelerator_for):
+    """--gradient_checkpointing recomputes the decoder's blocks in the backward (their forward runs twice per
+    step, not once) and must give the loss, logs and autoencoder gradients of the run without it."""
+    accelerator = accelerator_for("no")
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    runs = {}
+    for checkpointing in (False, True):
+        trainer = make_trainer(
+            image_folder, tmp_path / str(checkpointing), accelerator, "fast", gradient_checkpointing=checkpointing
+        )
+        grads = record_generator_grads(trainer)
+        forwards = [0]
+        # A pre-hook: the recomputation stops early, once it has every tensor the backward needs (torch's
+        # non-reentrant checkpoint), so a forward hook at the block's end does not see it.
+        trainer.vae.decoder.up_blocks[0].register_forward_pre_hook(
+            lambda *_, forwards=forwards: forwards.__setitem__(0, forwards[0] + 1)
+        )
+        history = run_steps(trainer, x, 1)
+        runs[checkpointing] = history[0], grads[0], forwards[0]
+    (logs, grads, forwards), (logs_ckpt, grads_ckpt, forwards_ckpt) = runs[False], runs[True]
+    assert (forwards, forwards_ckpt) == (1, 2), "checkpointing did not recompute the decoder's block"
+    assert logs.keys() == logs_ckpt.keys() and grads.keys() == grads_ckpt.keys()
+    for key in logs:
+        assert torch.equal(logs_ckpt[key], logs[key]), key
+    for name in grads:
+        assert torch.equal(grads_ckpt[name], grads[name]), name

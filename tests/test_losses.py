@@ -199,6 +199,33 @@ def test_conv_weight_grad_equals_autograd(kwargs):
     torch.testing.assert_close(conv_weight_grad(x, conv, upstream), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_conv_weight_grad_upcasts_a_low_precision_input_chunk_by_chunk(padding_mode, monkeypatch):
+    """A bf16 input (decoder.conv_out's under autocast) is upcast at most `chunk_bytes` at a time: the float32
+    copies made are of one image here, never of the batch, and the gradient equals the float32 one of the
+    whole batch at once."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 3, 3, padding=1, padding_mode=padding_mode)
+    x = torch.randn(5, 4, 9, 9).bfloat16()
+    upstream = torch.randn(5, 3, 9, 9)
+    expected = torch.autograd.grad(conv(x.float()), conv.weight, upstream)[0]
+    shapes, original = [], torch.nn.grad.conv2d_weight
+
+    def spy(inputs, *args, **kwargs):
+        shapes.append(tuple(inputs.shape))
+        return original(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", spy)
+    one_image = 4 * 4 * 9 * 9  # float32 bytes
+    got = conv_weight_grad(x, conv, upstream, chunk_bytes=one_image)
+    assert len(shapes) == 5 and all(shape[0] == 1 for shape in shapes)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    shapes.clear()
+    torch.testing.assert_close(conv_weight_grad(x, conv, upstream, chunk_bytes=2 * one_image), expected)
+    assert [shape[0] for shape in shapes] == [2, 2, 1]
+
+
 def test_bare_weight_is_taken_as_same_padding_conv():
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 3, 3, padding=1)
