@@ -12,6 +12,7 @@ normalisation and the evaluation protocol are written down in docs/recipe.md.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -547,7 +548,8 @@ class Trainer:
             self.d_scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**10)
             accelerator.register_for_checkpointing(self.d_scaler)
         cluster.seed_ranks_apart(accelerator, cfg.seed)
-        self.stop_vote = cluster.StopVote(accelerator.num_processes)
+        self.stop_vote = cluster.StopVote(accelerator.num_processes, self.device)
+        self.signals: cluster.StopSignals | None = None  # set by fit: what the stop vote reports for this rank
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
 
@@ -593,6 +595,7 @@ class Trainer:
     def save_checkpoint(self) -> str:
         modules = [self.vae, self.loss_fn.discriminator] + ([self.vf_projection] if self.vf_projection else [])
         checkpointing.check_replicas(self.accelerator, modules, self.state.global_step)
+        start = time.perf_counter()
         path = checkpointing.save(
             self.accelerator,
             self.cfg.output_dir,
@@ -602,14 +605,19 @@ class Trainer:
             self.cfg.checkpoints_total_limit,
             to_dict(self.cfg),
         )
+        # What a cluster's shutdown window must cover (docs/cluster.md): one step plus this.
+        logger.info(f"{os.path.basename(path)} written in {time.perf_counter() - start:.1f} s", main_process_only=True)
+        return path
+
+    def push_checkpoint(self) -> None:
+        """--hub_strategy every_save: the exported model of this checkpoint (no optimizer states) goes up in the
+        background; a failed upload is logged and the next save uploads everything again. Never after a
+        preemption's save: the ranks' time is then the launcher's shutdown window."""
         if self.pusher is not None and self.accelerator.is_main_process:
-            # The exported model of this checkpoint (no optimizer states) goes up in the background;
-            # a failed upload is logged and the next save uploads everything again.
             step = self.state.global_step
             folder = os.path.join(self.cfg.output_dir, "hub_staging", f"step-{step}")
             export_to(self, folder, repo_id=self.repo_id, quick=True)
             self.pusher.push(folder, f"Step {step}: exported model", cleanup=True)
-        return path
 
     def _checkpoint_state(self) -> dict:
         state = self.state.__dict__.copy()
@@ -738,7 +746,7 @@ class Trainer:
         logs.update({k: torch.tensor(v) for k, v in eq_logs.items()})
         self.accelerator.backward(loss)  # fp16: scaled by accelerate's scaler, G's
         applied = self._update(
-            self.model, self.opt_g, self.sched_g, logs, "grad_norm/generator", self.accelerator.scaler
+            self.model, self.opt_g, self.sched_g, logs, "grad_norm/generator", self.accelerator.scaler, vote=True
         )
         return (x, recon.detach()), logs, applied
 
@@ -754,11 +762,14 @@ class Trainer:
         applied = self._update(self.disc, self.opt_d, self.sched_d, logs, "grad_norm/discriminator", self.d_scaler)
         return logs, applied
 
-    def _update(self, model: nn.Module, optimizer, scheduler, logs: dict, norm_key: str, scaler=None) -> bool:
+    def _update(
+        self, model: nn.Module, optimizer, scheduler, logs: dict, norm_key: str, scaler=None, vote: bool = False
+    ) -> bool:
         """Clip, then step unless the gradient is non-finite (the weights then stay untouched).
 
         Only at the last micro-batch of an accumulation; returns whether the step was applied.
-        scaler: fp16's grad scaler that scaled this model's gradients (None without one).
+        scaler: fp16's grad scaler that scaled this model's gradients (None without one). `vote`: the ranks'
+        stop vote (`stop_vote.agreed`) is read in the same host sync as the gradient's finiteness.
         """
         if not self.accelerator.sync_gradients:
             return True
@@ -774,7 +785,11 @@ class Trainer:
         logs[norm_key] = grad_norm.detach()
         # Decided from the (unscaled, all-reduced) gradient itself: with a fused Adam the grad scaler always
         # calls step() and lets the kernel skip an overflow, so accelerate's step_was_skipped reads False.
-        applied = bool(torch.isfinite(grad_norm))  # the host sync of this update
+        if vote:
+            local = self.signals.poll() if self.signals is not None else 0
+            applied = self.stop_vote.finite_and_vote(grad_norm, local)  # the host sync of this update
+        else:
+            applied = bool(torch.isfinite(grad_norm))  # the host sync of this update
         if scaler is not None:
             # Not optimizer.step(): accelerate's would also update() the scale, between G's update and D's last
             # backward. The scaler skips a non-finite step itself; train_step updates the scale.
@@ -787,8 +802,11 @@ class Trainer:
         return applied
 
     # -- the loop ----------------------------------------------------------------------------
-    def fit(self) -> None:
-        """Train to max_train_steps. Raises Preempted (after a checkpoint) when a stop signal arrives."""
+    def fit(self, signals: cluster.StopSignals | None = None) -> None:
+        """Train to max_train_steps. Raises Preempted (after a checkpoint) when a stop signal arrives.
+
+        signals: installed by the caller (main installs them before the models are built); by default for
+        the loop only."""
         cfg, acc, st = self.cfg, self.accelerator, self.state
         if acc.is_main_process and not st.initial_metrics:
             st.initial_metrics = evaluate_held_out(self, st.global_step)
@@ -802,13 +820,15 @@ class Trainer:
         self.loss_fn.train()
         try:
             # Log lines go through tqdm.write: each on a line of its own, not glued to the progress bar.
-            with cluster.StopSignals() as signals, logging_redirect_tqdm():
-                self._loop(iter(self.dataloader), progress, signals)
+            own = cluster.StopSignals() if signals is None else contextlib.nullcontext(signals)
+            with own as self.signals, logging_redirect_tqdm():
+                self._loop(iter(self.dataloader), progress)
         finally:
             progress.close()  # so that an error message starts on a line of its own
             shut_down_workers(self.dataloader)
+            self.signals = None
 
-    def _loop(self, data_iter, progress, signals: cluster.StopSignals) -> None:
+    def _loop(self, data_iter, progress) -> None:
         cfg, acc, st = self.cfg, self.accelerator, self.state
         per_step = cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
         skipped_images = torch.zeros(len(self.stream.source_names), dtype=torch.long)
@@ -830,7 +850,7 @@ class Trainer:
                     "stopping. The last checkpoint is intact: lower the learning rate or use bf16, then resume."
                 )
             done = st.global_step == cfg.max_train_steps
-            stop = self.stop_vote(signals.poll())
+            stop = self.stop_vote.agreed  # voted in this step's update of the autoencoder
             if st.global_step % cfg.logging_steps == 0 or done or stop:
                 self._update_skip_counts(skipped_images)
                 skipped_images.zero_()
@@ -844,6 +864,12 @@ class Trainer:
                 self._update_skip_counts(skipped_images)  # the checkpoint holds every skip so far
                 skipped_images.zero_()
                 path = self.save_checkpoint()
+                # A stop signalled during a periodic save takes that checkpoint: no second save.
+                stop = stop or self.stop_vote.now(self.signals.poll())
+                if stop and acc.is_main_process:
+                    cluster.write_preempted_marker(cfg.output_dir, stop, path)  # now names the new checkpoint
+                elif not stop:
+                    self.push_checkpoint()
             if stop:
                 raise Preempted(st.global_step, stop, path)
 
@@ -1039,13 +1065,17 @@ def main(argv: list[str] | None = None) -> None:
     cfg, explicit = parse_config(TrainConfig, argv, PROG, description=__doc__.split("\n\n")[0])
     cfg = apply_demo_defaults(cfg, explicit)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    signals = None
     try:
         checkpointing.check_writable(cfg.output_dir)
         accelerator = build_accelerator(cfg)
         cluster.check_shared_output_dir(accelerator, cfg.output_dir)
         claim_output_dir(cfg, accelerator)
         if accelerator.is_main_process:
-            cluster.clear_preempted_marker(cfg.output_dir)
+            cluster.clear_markers(cfg.output_dir)
+        accelerator.wait_for_everyone()  # no rank marks a stop before the last run's markers are gone
+        # From here on a stop signal is remembered (and marked), not fatal: start-up goes on, then one step, a checkpoint.
+        signals = cluster.StopSignals(cfg.output_dir).__enter__()
         # A missing token or an unwritable repository ends the run now, not after days of training.
         repo_id = (
             hub.prepare_repo(cfg.hub_model_id, cfg.hub_private)
@@ -1068,18 +1098,21 @@ def main(argv: list[str] | None = None) -> None:
             accelerator.init_trackers(cfg.tracker_project_name, config=tracker_config)
         accelerator.wait_for_everyone()
         trainer.maybe_resume()
-        trainer.fit()
+        trainer.fit(signals)
         accelerator.wait_for_everyone()
         publish(trainer)
+        if accelerator.is_main_process:
+            cluster.write_done_marker(cfg.output_dir, trainer.state.global_step)
         accelerator.end_training()
     except UserError as e:
         fail(PROG, str(e))
     except Preempted as e:
-        logger.warning(str(e))
-        if accelerator.is_main_process:
-            cluster.write_preempted_marker(cfg.output_dir, e.step, e.signum, e.checkpoint)
+        logger.warning(str(e))  # PREEMPTED names e.checkpoint: written by rank 0 right after the save
         accelerator.end_training()
         raise SystemExit(PREEMPTED_EXIT_CODE) from None
+    finally:
+        if signals is not None:
+            signals.__exit__(None, None, None)
 
 
 if __name__ == "__main__":

@@ -172,7 +172,8 @@ def test_compiled_after_prepare_gives_the_eager_losses(tmp_path, monkeypatch):
 def test_a_steady_state_step_syncs_with_the_host_only_to_apply_or_skip_each_update(tmp_path, monkeypatch):
     """Each `.item()`, `bool()`, `.tolist()`, ... of a tensor drains a GPU's queue. Outside logging steps a step
     makes two: whether G's and whether D's update is finite (the LR schedules and the EMA must not advance on a
-    skipped step, which only the host can decide). The stop vote, the log window and the loss make none."""
+    skipped step, which only the host can decide). The stop vote rides on G's (its multi-process form: the next
+    test), the log window and the loss make none."""
     for state in (AcceleratorState, GradientState, PartialState):
         state._reset_state()
     cfg = tiny_config(tmp_path, lecam_weight=0.1, use_ema=True, learning_rate=1e-4)
@@ -192,6 +193,31 @@ def test_a_steady_state_step_syncs_with_the_host_only_to_apply_or_skip_each_upda
     window = train_vae.LogWindow()
     logs = trainer.train_step(x, 1)
     window.add(logs, 2)
-    trainer.stop_vote(0)
     monkeypatch.undo()
     assert syncs == ["__bool__", "__bool__"], syncs
+
+
+def test_the_stop_vote_of_several_ranks_is_read_in_the_finiteness_sync(monkeypatch):
+    """With several processes the vote is an all-reduce on the training's own process group (no gloo side group),
+    read in the one `.tolist()` that also reads whether the update is finite. Checked on a one-rank gloo group
+    standing in for the training's (two real ranks: tests/test_preemption.py)."""
+    import torch.distributed as dist
+
+    from training.cluster import StopVote
+
+    monkeypatch.setattr(dist, "new_group", lambda *a, **kw: pytest.fail("a side group"))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        vote = StopVote(num_processes=2, device=torch.device("cpu"))
+        syncs = []
+        original = torch.Tensor.tolist
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda t: syncs.append("tolist") or original(t))
+        monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: pytest.fail("a second host sync"))
+        assert vote.finite_and_vote(torch.tensor(2.5), 0) is True and vote.agreed == 0
+        assert vote.finite_and_vote(torch.tensor(float("inf")), 15) is False and vote.agreed == 15
+        assert vote.finite_and_vote(torch.tensor(1.0), 0) is True and vote.agreed == 0  # each step votes anew
+        assert syncs == ["tolist"] * 3
+        monkeypatch.undo()
+        assert vote.now(10) == 10 and vote.agreed == 10
+    finally:
+        dist.destroy_process_group()

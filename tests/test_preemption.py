@@ -33,6 +33,8 @@ def test_sigusr1_checkpoints_the_current_step_and_resume_is_exact(
     from losses import TransfusionLoss
 
     run_main(tiny_args(image_folder, tmp_path / "whole", 6, checkpointing_steps=100))
+    assert (tmp_path / "whole" / "DONE").read_text().startswith("step 6\n")
+    assert not (tmp_path / "whole" / "PREEMPTED").exists()
 
     original = TransfusionLoss.generator_loss
 
@@ -47,12 +49,66 @@ def test_sigusr1_checkpoints_the_current_step_and_resume_is_exact(
     assert stopped.value.code == train_vae.PREEMPTED_EXIT_CODE == 75
     assert sorted(p.name for p in (tmp_path / "stopped").glob("checkpoint-*")) == ["checkpoint-3"]
     assert not (tmp_path / "stopped" / "config.json").exists()  # stopped, not finished: nothing exported
+    assert not (tmp_path / "stopped" / "DONE").exists()
+    marker = (tmp_path / "stopped" / "PREEMPTED").read_text()
+    assert f"checkpoint {tmp_path / 'stopped' / 'checkpoint-3'}\n" in marker and marker.startswith("step 3\n")
     assert f"stopped by signal {int(signal.SIGUSR1)} at step 3" in caplog.text
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is gone with the run
 
     monkeypatch.setattr(TransfusionLoss, "generator_loss", original)
     run_main(tiny_args(image_folder, tmp_path / "stopped", 6, checkpointing_steps=100, resume_from_checkpoint="latest"))
     assert_same_checkpoint(tmp_path / "whole" / "checkpoint-6", tmp_path / "stopped" / "checkpoint-6", tensors_of)
+    assert (tmp_path / "stopped" / "DONE").is_file() and not (tmp_path / "stopped" / "PREEMPTED").exists()
+
+
+def test_a_stop_during_a_periodic_save_takes_that_checkpoint_and_the_marker_follows(
+    image_folder, tmp_path, monkeypatch, run_main, tiny_args
+):
+    """SIGUSR1 arrives while step 4's periodic checkpoint is being written: PREEMPTED appears at once naming the last
+    complete checkpoint (step 2), is rewritten to name step 4 once that is complete, and the run stops there: no
+    second save of step 5, and no Hub export of the checkpoint a preemption stops at (step 2's is exported)."""
+    from training import checkpointing
+
+    out = tmp_path / "out"
+    pushed, seen_during_save = [], []
+
+    class Pusher:
+        def __init__(self, repo_id):
+            pass
+
+        def push(self, folder, message, cleanup=False):
+            pushed.append(message)
+
+    monkeypatch.setattr(train_vae.hub, "prepare_repo", lambda *a, **kw: "someone/vae")
+    monkeypatch.setattr(train_vae.hub, "BackgroundPusher", Pusher)
+    original = checkpointing.save
+
+    def save(accelerator, output_dir, step, *args, **kw):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            deadline = time.time() + 10  # written by a thread of its own: no Python bytecode needed here
+            while not (out / "PREEMPTED").exists() and time.time() < deadline:
+                time.sleep(0.01)
+            seen_during_save.append((out / "PREEMPTED").read_text())
+        return original(accelerator, output_dir, step, *args, **kw)
+
+    monkeypatch.setattr(checkpointing, "save", save)
+    argv = tiny_args(image_folder, out, 8, checkpointing_steps=2, push_to_hub=True, hub_model_id="someone/vae")
+    with pytest.raises(SystemExit) as stopped:
+        run_main([*argv, "--hub_strategy", "every_save"])
+    assert stopped.value.code == 75
+    assert seen_during_save == [
+        f"step 2\nsignal {int(signal.SIGUSR1)}\ncheckpoint {out / 'checkpoint-2'}\n"
+        "resume with --resume_from_checkpoint latest\n"
+    ]
+    assert (
+        (out / "PREEMPTED")
+        .read_text()
+        .startswith(f"step 4\nsignal {int(signal.SIGUSR1)}\ncheckpoint {out / 'checkpoint-4'}\n")
+    )
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert pushed == ["Step 2: exported model"]
+    assert not (out / "DONE").exists()
 
 
 def test_sigterm_on_a_two_rank_run_then_resume_equals_uninterrupted(
@@ -127,7 +183,7 @@ def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
 def _worker_args(tiny_args, image_folder, out, **kw):
     """Two data workers per rank, checkpoints only when stopped or at the end, a log line every step."""
     return tiny_args(
-        image_folder, out, STEPS, dataloader_num_workers=2, checkpointing_steps=1000, shuffle_block=2, **kw
+        image_folder, out, STEPS, **(dict(dataloader_num_workers=2, checkpointing_steps=1000, shuffle_block=2) | kw)
     )
 
 
@@ -185,6 +241,51 @@ def test_preemption_by_every_signal_path_with_data_workers(
     resumed = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert not (out / "PREEMPTED").exists()  # the requeued run took over: nothing left to requeue
+    assert_same_checkpoint(uninterrupted_two_rank_run / f"checkpoint-{STEPS}", out / f"checkpoint-{STEPS}", tensors_of)
+
+
+def test_a_save_slower_than_the_launchers_window_still_leaves_a_checkpoint_to_resume(
+    image_folder, tmp_path, tiny_args, two_rank_launch, repo_root, tensors_of, uninterrupted_two_rank_run
+):
+    """torchrun SIGKILLs its ranks TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds after it forwards SIGTERM: here 2, against
+    saves slowed by 4 s (slow storage). The ranks die inside the preemption's save, yet PREEMPTED, written as the
+    signal arrived, names the last complete checkpoint, and the requeued run resumes from it exactly."""
+    from training.checkpointing import TEST_SAVE_DELAY
+
+    out = tmp_path / "out"
+    argv = _worker_args(tiny_args, image_folder, out, checkpointing_steps=4)
+    cmd, env = two_rank_launch(argv)
+    env.update({"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2", TEST_SAVE_DELAY: "4"})
+    with open(tmp_path / "stopped.log", "w") as log:
+        launcher = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        deadline, logged = time.time() + 300, None
+        while logged is None or _logged_steps(out) <= logged:  # a step logged after checkpoint-4 was complete
+            assert launcher.poll() is None and time.time() < deadline, (tmp_path / "stopped.log").read_text()[-3000:]
+            if logged is None and (out / "checkpoint-4" / "trainer_state.json").is_file():
+                logged = _logged_steps(out)
+            time.sleep(0.05)
+        tree = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=120)
+        deadline = time.time() + 60
+        while _alive(tree) and time.time() < deadline:
+            time.sleep(0.2)
+    text = (tmp_path / "stopped.log").read_text()
+    assert not _alive(tree), f"left running: {[p.pid for p in _alive(tree)]}\n{text[-3000:]}"
+    assert "forcefully exiting" in text, text[-3000:]  # torchrun's SIGKILL after its 2 s window
+    assert list(out.glob("checkpoint-*.tmp")), "the preemption's save did not begin"
+    complete = sorted(p.name for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
+    assert complete == ["checkpoint-4"], complete
+    marker = (out / "PREEMPTED").read_text()
+    assert marker.startswith(f"step 4\nsignal {int(signal.SIGTERM)}\ncheckpoint {out / 'checkpoint-4'}\n"), marker
+
+    cmd, env = two_rank_launch(
+        _worker_args(tiny_args, image_folder, out, checkpointing_steps=4, resume_from_checkpoint="latest")
+    )
+    resumed = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoint-4'} at step 4" in resumed.stdout + resumed.stderr
+    assert (out / "DONE").is_file() and not (out / "PREEMPTED").exists()
     assert_same_checkpoint(uninterrupted_two_rank_run / f"checkpoint-{STEPS}", out / f"checkpoint-{STEPS}", tensors_of)
 
 

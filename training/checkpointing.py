@@ -15,6 +15,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import time
 import warnings
 
 import torch
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 RUN_CONFIG = "train_config.json"  # the flags of the run that wrote the checkpoint
+TEST_SAVE_DELAY = "VAE_TRAINER_TEST_SAVE_DELAY_S"  # read by save() alone: seconds each rank waits mid-save
 
 # AutoencoderKL config keys that decide the shapes of the weights.
 MODEL_SHAPE_KEYS = (
@@ -149,6 +151,8 @@ def save(
     accelerator.save_state(tmp)
     # Each rank streams different data: its position goes in its own file.
     torch.save(data_state, os.path.join(tmp, f"data_state_{accelerator.process_index}.pt"))
+    if os.environ.get(TEST_SAVE_DELAY):  # tests only: storage slower than the launcher's shutdown window
+        time.sleep(float(os.environ[TEST_SAVE_DELAY]))
     if accelerator.is_main_process:
         extra = dict(extra, world_size=accelerator.num_processes)
         with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
