@@ -278,7 +278,7 @@ def check_syncs(args, trainer, precision: str, x: torch.Tensor, step: int) -> Ch
     with record_syncs(args.device) as found:
         logs = trainer.train_step(x, step)
         train_vae.LogWindow().add(logs, len(x))  # what the loop does with them outside logging steps
-        trainer.stop_vote(0)
+        # (the ranks' stop vote is read inside train_step, in the sync that decides whether G's update is finite)
     where = {}
     for line in found:
         short = os.path.relpath(line, REPO) if line.startswith(REPO) else line
