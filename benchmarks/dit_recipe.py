@@ -497,7 +497,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--out_dir", required=True)
     for q in (c, t):
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        q.add_argument("--mixed_precision", default="bf16", choices=("bf16", "no"))
+        q.add_argument(
+            "--mixed_precision", default=None, choices=("bf16", "no"), help="bf16 autocast (default: on CUDA)"
+        )
         q.add_argument("--num_workers", type=int, default=4)
         q.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("estimate", help="FLOPs and GPU hours of a run (arithmetic; nothing runs)")
@@ -539,6 +541,8 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         p.error(f"--mfu must lie in (0, 1], got {args.mfu}")
     if args.command in ("cache", "train") and args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device here")
+    if args.command in ("cache", "train") and args.mixed_precision is None:
+        args.mixed_precision = "bf16" if args.device.startswith("cuda") else "no"
 
 
 def print_estimate(args) -> dict:
