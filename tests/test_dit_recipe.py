@@ -66,6 +66,18 @@ def test_gpu_hours_arithmetic():
     assert dit_recipe.gpu_hours(one_hour, dit_recipe.H100_BF16_TFLOPS, 0.2) == pytest.approx(2.0)
 
 
+def test_cost_estimate_counts_three_forwards_per_training_latent_and_one_decode_per_sample(monkeypatch):
+    monkeypatch.setattr(dit_recipe, "forward_macs", lambda *a: 1e9)
+    monkeypatch.setattr(dit_recipe, "decoder_macs", lambda *a: 5e9)
+    argv = ["estimate", "--steps", "1000", "--batch_size", "10", "--eval_at", "500,1000"]
+    args = dit_recipe.parse_args([*argv, "--fid_samples", "100", "--sample_steps", "20", "--mfu", "0.5"])
+    est = dit_recipe.cost_estimate(args)
+    assert est["train_pflop"] == pytest.approx(2 * 3 * 1e9 * 10 * 1000 / 1e15)
+    assert est["sample_pflop"] == pytest.approx(2 * (1e9 * 20 + 5e9) * 100 * 2 / 1e15)
+    seconds = 2 * 3 * 1e9 * 10 * 1000 / (dit_recipe.H100_BF16_TFLOPS * 1e12 * 0.5)
+    assert est["train_gpu_hours"] == pytest.approx(seconds / 3600)
+
+
 def test_ema_starts_at_the_initial_weights_as_dits():
     """EMA after 2 steps at decay 0.5, from the init w0 (DiT copies it before step 1): 0.25 w0 + 0.25 w1 + 0.5 w2;
     and what each evaluation samples from is that EMA, not the raw weights."""
