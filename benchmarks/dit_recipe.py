@@ -28,7 +28,8 @@ one GPU, one process; the latent probe of `eval_vae.py --probe` (metrics/probe.p
    (default: the cached source; data.sample_images) under
    torch-fidelity's Inception (metrics.fid, 2048-d pool3; weights from the torch hub cache or
    `--inception_weights`, never downloaded). Prints and writes (`dit_recipe.json`, `fid_vs_steps.txt`)
-   the steps-vs-FID points, training images/s and the achieved TFLOP/s; the EMA model goes to
+   the steps-vs-FID points, training images/s and the achieved TFLOP/s (and the first `--sample_grid`
+   samples of each evaluation as `samples_step<N>.png`); the EMA model goes to
    `<out_dir>/ema` (diffusers folder). Every `--checkpoint_every` steps and at the end `<out_dir>/checkpoint`
    keeps what a resume needs (weights, EMA, AdamW, the batch generator, points, losses); the same command
    continues from it, and a larger `--steps` trains on.
@@ -243,12 +244,17 @@ def real_side(fid, args, meta, device) -> int:
     return len(images)
 
 
-def evaluate(model, vae, fid, settings, shape, args, autocast) -> float:
+def evaluate(model, vae, fid, settings, shape, args, autocast, step: int) -> float:
     """gFID of --fid_samples samples of `model` (seeded Euler noise, the same at every evaluation)."""
     device = next(model.parameters()).device
     with autocast():
         samples = probe.sample_flow(model, args.fid_samples, shape, settings, device=device)
     images = probe.decode_latents(vae, samples.float(), args.eval_batch_size, autocast)
+    if args.sample_grid:  # the first samples (seeded noise: the same ones at every step), for a look
+        from torchvision.utils import save_image
+
+        grid = os.path.join(args.out_dir, f"samples_step{step}.png")
+        save_image(images[: args.sample_grid].float() / 255.0, grid, nrow=min(8, args.sample_grid))
     fid.reset()  # the fake side only: built with reset_real_features=False
     for chunk in images.split(args.eval_batch_size):
         fid.update(chunk.to(fid.device), real=False)
@@ -362,6 +368,7 @@ def train(args) -> dict:
     if shape[1] % args.patch_size or shape[1] != shape[2]:
         raise ConfigError(f"--patch_size {args.patch_size} does not divide the cached latents' {shape[1:]} grid")
     resume = load_checkpoint(args, device)
+    os.makedirs(args.out_dir, exist_ok=True)
     fid = build_fid(args.inception_weights, features=args.fid_features, reset_real_features=False).to(device)
     vae = load_vae(args.vae or meta["vae"]).to(device).eval().requires_grad_(False)
     num_real = real_side(fid, args, meta, device)
@@ -373,7 +380,7 @@ def train(args) -> dict:
     def on_eval(ema_model, step):
         clock["train"] += time.perf_counter() - clock["mark"]
         start = time.perf_counter()
-        value = evaluate(ema_model, vae, fid, settings, shape, args, autocast)
+        value = evaluate(ema_model, vae, fid, settings, shape, args, autocast, step)
         points[:] = [p for p in points if p["step"] != step]  # a resumed run measures a step again: the new one counts
         points.append({"step": step, "fid": value, "eval_seconds": time.perf_counter() - start})
         print(f"step {step}: FID {value:.3f} ({args.fid_samples} samples, {args.sample_steps} Euler steps)")
@@ -484,6 +491,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--inception_weights", default=None, help="torch-fidelity's Inception file (default: torch hub cache)"
     )
     t.add_argument("--eval_batch_size", type=int, default=256)
+    t.add_argument("--sample_grid", type=int, default=64, help="samples saved as samples_step<N>.png (0: none)")
     t.add_argument("--log_every", type=int, default=100)
     t.add_argument(
         "--checkpoint_every", type=int, default=5000, help="steps between checkpoints (<out_dir>/checkpoint)"
@@ -533,6 +541,8 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         bad = [s for s in args.eval_at if not 1 <= s <= args.steps]
         if bad:
             p.error(f"--eval_at steps must lie in [1, --steps={args.steps}], got {bad}")
+    if getattr(args, "sample_grid", 0) < 0:
+        p.error(f"--sample_grid must be >= 0, got {args.sample_grid}")
     if args.command == "train" and not args.eval_at:
         args.eval_at = [args.steps]
     if args.command == "train" and not 0.0 <= args.ema_decay < 1.0:

@@ -162,6 +162,7 @@ def test_cache_train_fid_end_to_end(workspace, image_folder, cached, tmp_path, c
     assert table[1].split()[0] == "2" and float(table[2].split()[1]) == pytest.approx(
         record["points"][1]["fid"], abs=1e-3
     )
+    assert all((out / f"samples_step{n}.png").is_file() for n in (2, 4))
     ema = DiTTransformer2DModel.from_pretrained(out / "ema")
     assert ema.config.num_layers == 1 and ema.config.in_channels == 8
     assert "FID" in capsys.readouterr().out
