@@ -10,13 +10,17 @@ one GPU, one process; the latent probe of `eval_vae.py --probe` (metrics/probe.p
 
 1. `cache`: every image of `--source` (any source the trainer accepts: a folder, an ImageNet / COCO /
    FFHQ layout, parquet, webdataset, a Hub dataset), resized on its shorter side and centre-cropped
-   to `--resolution` (`--flip` adds each image's mirror, as DiT's random flips), encoded once by
+   to `--resolution` (`--flip` adds each image's mirror, as DiT's random flips; `--labels folder` stores each
+   image's class, the first folder of its key: ImageNet's `<wnid>/`), encoded once by
    metrics.probe.encode_latents: a seeded sample z ~ q(z|x), normalised with the VAE's own
    convention (z − shift_factor) · scaling_factor (autoencoder/latents.py). Written to
    `latents.safetensors` and `latents.json` (VAE, source, count, mean and std of the cached latents).
 2. `train`: diffusers' `DiTTransformer2DModel` of a DiT size (`--model S|B|L|XL`, depth/width/heads of
    facebookresearch/DiT's models.py, `--patch_size` 2 by default), built by metrics.probe.build_probe_model:
-   unconditional (one class, label dropout off). Objective: flow matching with SiT's linear interpolant
+   unconditional (one class, label dropout off); `--class_conditional`: the same DiT with the cache's classes
+   and a null class, labels dropped to it with p = `--class_dropout` (0.1, DiT's), sampled with
+   classifier-free guidance `--cfg_scale` on every channel (DiT's sample.py guides the first 3 channels
+   only), classes i mod K. Objective: flow matching with SiT's linear interpolant
    and velocity prediction, as the probe: x_t = (1 − t)·z + t·ε, the network predicts v = ε − z (MSE),
    t ~ U(0, 1), timestep fed as 1000·t (metrics.probe.flow_loss; SiT runs t the other way, t = 1 at the
    data, and its network also outputs a σ it does not use); not DiT's DDPM ε-prediction. AdamW (weight decay 0), constant lr 1e-4,
@@ -34,8 +38,8 @@ one GPU, one process; the latent probe of `eval_vae.py --probe` (metrics/probe.p
    keeps what a resume needs (weights, EMA, AdamW, the batch generator, points, losses); the same command
    continues from it, and a larger `--steps` trains on.
 
-What differs from the papers' protocol: unconditional, so no classifier-free guidance (their headline
-gFIDs are class-conditional, with and without CFG); Euler with `--sample_steps` steps (SiT: an adaptive
+What differs from the papers' protocol: unconditional by default (their headline gFIDs are class-conditional
+on ImageNet, with and without CFG: `--class_conditional`, `--cfg_scale`); Euler with `--sample_steps` steps (SiT: an adaptive
 ODE solver or 250 SDE steps; DiT: 250 DDPM steps); the real side is `--fid_real` (default 10 000) random
 crops of the source (ADM's reference batch: all of ImageNet's training set) and the fake side
 `--fid_samples` (default 10 000; the papers: 50 000); one process. diffusers' DiT gives every block its
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -84,7 +89,8 @@ LATENTS_FILE, META_FILE, RESULT_FILE, TABLE_FILE = (
     "dit_recipe.json",
     "fid_vs_steps.txt",
 )
-TRAIN_STREAM = 1  # derive_seed stream of the recipe's batch generator (the probe's own ids are 0-6)
+TRAIN_STREAM = 1  # derive_seed stream of the recipe's batch generator
+INIT_STREAM, SAMPLE_STREAM = 2, 5  # the probe's own streams for its init and sampling noise (metrics/probe.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +190,17 @@ def encode_source(vae, args, autocast) -> tuple[torch.Tensor, list[str]]:
     return torch.cat(latents), keys
 
 
+def folder_labels(keys: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """(label per key, class names sorted): a key's class is its first folder (ImageNet's `<wnid>/<file>`)."""
+    if any("/" not in k for k in keys):
+        bad = next(k for k in keys if "/" not in k)
+        raise DataError(f"--labels folder: the key {bad!r} lies in no folder; class folders hold the images")
+    names = [k.split("/", 1)[0] for k in keys]
+    classes = sorted(set(names))
+    index = {c: i for i, c in enumerate(classes)}
+    return torch.tensor([index[n] for n in names], dtype=torch.long), classes
+
+
 def cache(args) -> dict:
     device = torch.device(args.device)
     vae = load_vae(args.vae).to(device).eval().requires_grad_(False)
@@ -211,21 +228,27 @@ def cache(args) -> dict:
         )
     os.makedirs(args.out_dir, exist_ok=True)
     dtype = getattr(torch, args.latent_dtype)
-    save_file({"latents": latents.to(dtype).contiguous()}, os.path.join(args.out_dir, LATENTS_FILE))
+    tensors = {"latents": latents.to(dtype).contiguous()}
+    if args.labels == "folder":
+        tensors["labels"], meta["classes"] = folder_labels(keys)
+        print(f"{len(meta['classes'])} classes (the keys' first folder)")
+    save_file(tensors, os.path.join(args.out_dir, LATENTS_FILE))
     with open(os.path.join(args.out_dir, META_FILE), "w") as f:
         json.dump({**meta, "keys": keys}, f, indent=1)
     print(f"{len(keys)} latents {tuple(latents.shape[1:])} (mean {meta['mean']:.4f}, std {std:.4f}) -> {args.out_dir}")
     return meta
 
 
-def read_cache(folder: str) -> tuple[torch.Tensor, dict]:
+def read_cache(folder: str) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """(latents, class labels or None, latents.json) of a folder written by `cache`."""
     paths = [os.path.join(folder, name) for name in (LATENTS_FILE, META_FILE)]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise DataError(f"no latent cache in {folder!r} (missing {os.path.basename(missing[0])}): run `cache` first")
     with open(paths[1]) as f:
         meta = json.load(f)
-    return load_file(paths[0])["latents"], meta
+    tensors = load_file(paths[0])
+    return tensors["latents"], tensors.get("labels"), meta
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,11 +267,14 @@ def real_side(fid, args, meta, device) -> int:
     return len(images)
 
 
-def evaluate(model, vae, fid, settings, shape, args, autocast, step: int) -> float:
+def evaluate(model, vae, fid, settings, shape, args, autocast, step: int, num_classes: int = 0) -> float:
     """gFID of --fid_samples samples of `model` (seeded Euler noise, the same at every evaluation)."""
     device = next(model.parameters()).device
     with autocast():
-        samples = probe.sample_flow(model, args.fid_samples, shape, settings, device=device)
+        if num_classes:
+            samples = sample_guided(model, args.fid_samples, shape, num_classes, args.cfg_scale, settings, device)
+        else:
+            samples = probe.sample_flow(model, args.fid_samples, shape, settings, device=device)
     images = probe.decode_latents(vae, samples.float(), args.eval_batch_size, autocast)
     if args.sample_grid:  # the first samples (seeded noise: the same ones at every step), for a look
         from torchvision.utils import save_image
@@ -261,11 +287,11 @@ def evaluate(model, vae, fid, settings, shape, args, autocast, step: int) -> flo
     return compute_fid(fid)
 
 
-def train_loop(model, latents, args, device, autocast, on_eval, resume: dict | None = None, on_checkpoint=None):
+def train_loop(model, latents, args, device, autocast, on_eval, resume=None, on_checkpoint=None, labels=None):
     """AdamW (no weight decay), constant lr, EMA; calls on_eval(ema_model, step) at each --eval_at step and
     on_checkpoint(step, model, ema, optimizer, generator, losses) every --checkpoint_every steps and at the end.
-    `resume`: a checkpoint (load_checkpoint) to continue from. Returns [(step, loss)] of every --log_every-th
-    step (and every evaluated one) and the EMA model."""
+    `resume`: a checkpoint (load_checkpoint) to continue from; `labels`: class labels (conditional training).
+    Returns [(step, loss)] of every --log_every-th step (and every evaluated one) and the EMA model."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     model.to(device).train()
@@ -284,8 +310,15 @@ def train_loop(model, latents, args, device, autocast, on_eval, resume: dict | N
         idx = torch.randint(len(latents), (args.batch_size,), generator=gen)
         t = torch.rand(args.batch_size, generator=gen)
         noise = torch.randn((args.batch_size, *latents.shape[1:]), generator=gen)
+        z = latents[idx].to(device).float()
         with autocast():
-            loss = probe.flow_loss(model, latents[idx].to(device).float(), t.to(device), noise.to(device))
+            if labels is None:
+                loss = probe.flow_loss(model, z, t.to(device), noise.to(device))
+            else:  # labels dropped to the null class with --class_dropout, from the same generator
+                y = labels[idx].masked_fill(
+                    torch.rand(args.batch_size, generator=gen) < args.class_dropout, len_null(model)
+                )
+                loss = conditional_flow_loss(model, z, t.to(device), noise.to(device), y.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -302,8 +335,79 @@ def train_loop(model, latents, args, device, autocast, on_eval, resume: dict | N
     return losses, ema.module
 
 
+def build_dit(channels: int, size: int, settings: probe.ProbeSettings, num_classes: int = 0):
+    """The probe's model (metrics.probe.build_probe_model) when unconditional; with classes, the same DiT with
+    `num_classes` labels and a null label (index num_classes, for classifier-free guidance), built and initialised
+    as the probe builds its own (seeded, the probe's DiT init when it has one), diffusers' own label dropout off."""
+    if not num_classes:
+        return probe.build_probe_model(channels, size, settings)
+    from diffusers import DiTTransformer2DModel
+    from diffusers.models.embeddings import LabelEmbedding
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(data.stream.derive_seed(settings.seed, INIT_STREAM))
+        model = DiTTransformer2DModel(
+            num_attention_heads=settings.num_heads,
+            attention_head_dim=settings.head_dim,
+            in_channels=channels,
+            out_channels=channels,
+            num_layers=settings.num_layers,
+            sample_size=size,
+            patch_size=settings.patch_size,
+            num_embeds_ada_norm=num_classes,
+        )
+        if hasattr(probe, "initialize_like_dit"):
+            probe.initialize_like_dit(model)
+    for module in model.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0  # drops come from the recipe's generator (train_loop)
+    return model
+
+
+def len_null(model) -> int:
+    """The null label's index: the number of classes."""
+    return int(model.config.num_embeds_ada_norm)
+
+
+def velocity(model, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return model(x_t, timestep=t * probe.TIMESTEP_SCALE, class_labels=labels).sample
+
+
+def conditional_flow_loss(model, z, t, noise, labels) -> torch.Tensor:
+    """metrics.probe.flow_loss with class labels: x_t = (1 − t)·z + t·ε, MSE to v = ε − z."""
+    tt = t.view(-1, 1, 1, 1)
+    return torch.nn.functional.mse_loss(velocity(model, (1 - tt) * z + tt * noise, t, labels), noise - z)
+
+
+@torch.no_grad()
+def sample_guided(model, count: int, shape, num_classes: int, cfg_scale: float, settings, device) -> torch.Tensor:
+    """metrics.probe.sample_flow with classes: sample i of class i mod num_classes, the probe's seeded noise, Euler
+    from t = 1 to 0 on v_null + cfg_scale·(v_class − v_null) (every channel; cfg_scale 1: v_class alone)."""
+    gen = torch.Generator().manual_seed(data.stream.derive_seed(settings.seed, SAMPLE_STREAM))
+    noise = torch.randn((count, *shape), generator=gen)
+    labels = torch.arange(count) % num_classes
+    times = torch.linspace(1.0, 0.0, settings.sample_steps + 1).tolist()
+    out = []
+    for start in range(0, count, settings.batch_size):
+        x = noise[start : start + settings.batch_size].to(device)
+        y = labels[start : start + settings.batch_size].to(device)
+        null = torch.full_like(y, num_classes)
+        for t_now, t_next in itertools.pairwise(times):
+            t = torch.full((len(x),), t_now, device=device)
+            if cfg_scale == 1.0:
+                v = velocity(model, x, t, y)
+            else:
+                v_class, v_null = velocity(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+                v = v_null + cfg_scale * (v_class - v_null)
+            x = x + (t_next - t_now) * v
+        out.append(x.float().cpu())
+    return torch.cat(out)
+
+
 # What a resumed run must share with the run that wrote the checkpoint (--steps, --eval_at and the FID flags may change).
-RESUME_KEYS = ("model", "patch_size", "batch_size", "lr", "ema_decay", "seed", "mixed_precision")
+RESUME_KEYS = (
+    "model", "patch_size", "batch_size", "lr", "ema_decay", "seed", "mixed_precision", "class_conditional", "class_dropout"
+)  # fmt: skip
 CHECKPOINT_DIR = "checkpoint"
 
 
@@ -353,7 +457,10 @@ def load_checkpoint(args, device) -> dict | None:
 
 
 def train(args) -> dict:
-    latents, meta = read_cache(args.latents)
+    latents, labels, meta = read_cache(args.latents)
+    if args.class_conditional and labels is None:
+        raise ConfigError(f"--class_conditional: {args.latents!r} holds no labels; cache with --labels folder")
+    num_classes = len(meta["classes"]) if args.class_conditional else 0
     device = torch.device(args.device)
     autocast = autocast_for(device, args.mixed_precision)
     shape = tuple(latents.shape[1:])
@@ -372,7 +479,7 @@ def train(args) -> dict:
     fid = build_fid(args.inception_weights, features=args.fid_features, reset_real_features=False).to(device)
     vae = load_vae(args.vae or meta["vae"]).to(device).eval().requires_grad_(False)
     num_real = real_side(fid, args, meta, device)
-    model = probe.build_probe_model(shape[0], shape[1], settings)
+    model = build_dit(shape[0], shape[1], settings, num_classes)
     macs = forward_macs(args.model, args.patch_size, shape[0], shape[1])
     done = resume["state"] if resume else {"points": [], "train_seconds": 0.0, "step": 0}
     points, clock = list(done["points"]), {"train": done["train_seconds"], "mark": time.perf_counter()}
@@ -380,7 +487,7 @@ def train(args) -> dict:
     def on_eval(ema_model, step):
         clock["train"] += time.perf_counter() - clock["mark"]
         start = time.perf_counter()
-        value = evaluate(ema_model, vae, fid, settings, shape, args, autocast, step)
+        value = evaluate(ema_model, vae, fid, settings, shape, args, autocast, step, num_classes)
         points[:] = [p for p in points if p["step"] != step]  # a resumed run measures a step again: the new one counts
         points.append({"step": step, "fid": value, "eval_seconds": time.perf_counter() - start})
         print(f"step {step}: FID {value:.3f} ({args.fid_samples} samples, {args.sample_steps} Euler steps)")
@@ -393,7 +500,8 @@ def train(args) -> dict:
         save_checkpoint(args.out_dir, step, *objects_and_losses[:-1], run)
         clock["mark"] = time.perf_counter()
 
-    losses, ema_model = train_loop(model, latents, args, device, autocast, on_eval, resume, on_checkpoint)
+    labels = labels if num_classes else None
+    losses, ema_model = train_loop(model, latents, args, device, autocast, on_eval, resume, on_checkpoint, labels)
     clock["train"] += time.perf_counter() - clock["mark"]
     images_per_s = (args.steps - done["step"]) * args.batch_size / max(clock["train"] - done["train_seconds"], 1e-9)
     record = {
@@ -401,6 +509,7 @@ def train(args) -> dict:
         "cache": meta,
         "resumed_from_step": done["step"],
         "model": {"size": args.model, "patch_size": args.patch_size, "depth_width_heads": DIT_SIZES[args.model]},
+        "classes": num_classes,
         "parameters": sum(p.numel() for p in model.parameters()),
         "objective": "linear flow matching (SiT): x_t = (1-t) z + t eps, v = eps - z, t ~ U(0,1); Euler sampling",
         "fid": "torch-fidelity Inception " + str(args.fid_features) + "-d",
@@ -470,6 +579,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the source's first N images in its sorted order (a class-sorted layout: the first classes only)",
     )
     c.add_argument("--flip", action="store_true", help="also cache each image's horizontal mirror")
+    c.add_argument(
+        "--labels",
+        default="none",
+        choices=("none", "folder"),
+        help="folder: store each image's class, the first folder of its key (ImageNet's <wnid>/), for --class_conditional",
+    )
     c.add_argument("--latent_dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     c.add_argument("--batch_size", type=int, default=64)
     c.add_argument("--out_dir", required=True)
@@ -478,6 +593,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_flags(t)
     t.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant (DiT's, SiT's)")
     t.add_argument("--ema_decay", type=float, default=0.9999)
+    t.add_argument(
+        "--class_conditional", action="store_true", help="condition on the cache's labels (cache --labels folder)"
+    )
+    t.add_argument("--class_dropout", type=float, default=0.1, help="labels dropped to the null class (DiT's 0.1)")
+    t.add_argument("--cfg_scale", type=float, default=1.0, help="classifier-free guidance when sampling (1: none)")
     t.add_argument("--vae", default=None, help="decoder for the samples (default: the cache's VAE)")
     t.add_argument("--fid_source", default=None, help="real side of FID (default: the cached source)")
     t.add_argument(
@@ -545,6 +665,8 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         p.error(f"--sample_grid must be >= 0, got {args.sample_grid}")
     if args.command == "train" and not args.eval_at:
         args.eval_at = [args.steps]
+    if args.command == "train" and not 0.0 <= args.class_dropout < 1.0:
+        p.error(f"--class_dropout must lie in [0, 1), got {args.class_dropout}")
     if args.command == "train" and not 0.0 <= args.ema_decay < 1.0:
         p.error(f"--ema_decay must lie in [0, 1), got {args.ema_decay}")
     if args.command == "estimate" and not 0.0 < args.mfu <= 1.0:

@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel
+from PIL import Image
 
 from autoencoder.models import build_vae, load_vae
 
@@ -136,7 +138,8 @@ def train_argv(workspace, lat, out, steps: int, eval_at: str, *extra: str) -> li
 @pytest.mark.e2e
 def test_cache_train_fid_end_to_end(workspace, image_folder, cached, tmp_path, capsys):
     lat, meta = cached
-    cached_latents, stored = dit_recipe.read_cache(str(lat))
+    cached_latents, labels, stored = dit_recipe.read_cache(str(lat))
+    assert labels is None
     assert meta["count"] == 20 == len(cached_latents) == len(stored["keys"])  # 10 images and their mirrors
     keys = stored["keys"]
     assert tuple(cached_latents.shape[1:]) == (8, 4, 4) and sorted(keys) == sorted(_with_flips(keys))
@@ -188,3 +191,58 @@ def test_resumed_run_equals_an_uninterrupted_one(workspace, cached, tmp_path, ca
         dit_recipe.main(train_argv(workspace, lat, tmp_path / "parts", 6, "6", "--lr", "2e-4"))
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.count("\n") == 0 and "was written with --lr 0.0001" in err
+
+
+def test_folder_labels_are_the_keys_first_folder():
+    labels, classes = dit_recipe.folder_labels(["b/1.png", "a/x/2.png", "b/3.png#flip"])
+    assert classes == ["a", "b"] and labels.tolist() == [1, 0, 1]
+    with pytest.raises(dit_recipe.DataError, match="lies in no folder"):
+        dit_recipe.folder_labels(["a/1.png", "2.png"])
+
+
+class LabelVelocity(torch.nn.Module):
+    """A stand-in DiT: the velocity is the label's value everywhere (the null label is num_classes)."""
+
+    def forward(self, x, timestep, class_labels):
+        return SimpleNamespace(sample=class_labels.float().view(-1, 1, 1, 1).expand_as(x).clone())
+
+
+class ZeroVelocity(torch.nn.Module):
+    def forward(self, x, timestep, class_labels):
+        return SimpleNamespace(sample=torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("cfg", [1.0, 1.5, 4.0])
+def test_guided_sampling_steps_on_v_null_plus_scale_times_the_difference(cfg):
+    """One Euler step from t = 1 to 0: x_0 = ε − v, v = v_null + cfg·(v_class − v_null), class i mod K for sample i."""
+    settings = dit_recipe.dit_settings("toy", 2, batch_size=3, sample_steps=1)
+    noise = dit_recipe.sample_guided(ZeroVelocity(), 5, (2, 4, 4), 3, cfg, settings, "cpu")  # v = 0: x_0 = ε
+    got = dit_recipe.sample_guided(LabelVelocity(), 5, (2, 4, 4), 3, cfg, settings, "cpu")
+    v = 3.0 + cfg * (torch.arange(5) % 3 - 3.0)
+    torch.testing.assert_close(got, noise - v.view(-1, 1, 1, 1))
+
+
+@pytest.mark.e2e
+def test_class_conditional_end_to_end(workspace, cached, tmp_path, capsys):
+    """cache --labels folder on two class folders, then a conditional DiT with guidance: two classes in the model."""
+    rng = torch.Generator().manual_seed(0)
+    for c, name in enumerate(("cat", "dog")):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(3):
+            pixels = (torch.rand(3, 36, 40, generator=rng) * 60 + 90 * c).to(torch.uint8)
+            Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(tmp_path / "data" / name / f"{i}.png")
+    lat = tmp_path / "latents"
+    argv = cache_argv(workspace, str(tmp_path / "data"), lat)
+    meta = dit_recipe.main([a for a in argv if a != "--flip"] + ["--labels", "folder"])
+    _, labels, stored = dit_recipe.read_cache(str(lat))
+    assert meta["classes"] == stored["classes"] == ["cat", "dog"]
+    assert [stored["classes"][i] for i in labels.tolist()] == [k.split("/")[0] for k in stored["keys"]]
+    out = tmp_path / "run"
+    args = train_argv(workspace, lat, out, 2, "2", "--class_conditional", "--cfg_scale", "1.5", "--fid_real", "6")
+    record = dit_recipe.main(args)
+    assert record["classes"] == 2 and [p["step"] for p in record["points"]] == [2]
+    assert DiTTransformer2DModel.from_pretrained(out / "ema").config.num_embeds_ada_norm == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # an unlabelled cache cannot train a conditional model
+        dit_recipe.main(train_argv(workspace, cached[0], tmp_path / "x", 2, "2", "--class_conditional"))
+    assert "holds no labels; cache with --labels folder" in capsys.readouterr().err
