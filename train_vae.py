@@ -1067,6 +1067,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     signals = None
     try:
+        if cfg.is_demo:
+            cfg.check()  # again, with the demo's defaults (64² crops, ...) that parsing did not see
         checkpointing.check_writable(cfg.output_dir)
         accelerator = build_accelerator(cfg)
         cluster.check_shared_output_dir(accelerator, cfg.output_dir)

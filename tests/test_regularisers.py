@@ -609,6 +609,16 @@ def test_eqvae_flags_are_checked():
         parse_config(TrainConfig, ["--equivariance_mode", "eq"], "train_vae.py")
 
 
+def test_eqvae_with_the_demos_small_crops_is_refused_before_any_model(tmp_path, monkeypatch, capsys):
+    """The demo's defaults (64² crops, GAN on) are applied after parsing; the check sees them too."""
+    monkeypatch.setattr(train_vae, "build_accelerator", lambda cfg: pytest.fail("went past the flag check"))
+    with pytest.raises(SystemExit) as exit_info:
+        train_vae.main(["--equivariance_mode", "eqvae", "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("train_vae.py: error: --equivariance_mode eqvae downscales images to 1/4 (16 px")
+
+
 # ----------------------------------------------------------------------------------------
 # --latent_noise_aug: the decoder trained on noised latents
 # ----------------------------------------------------------------------------------------
