@@ -64,7 +64,7 @@ def capture_gradients(monkeypatch, trainer) -> list[dict[str, torch.Tensor]]:
     """Make the trainer's G update record every parameter's gradient (and not step), so steps can be compared."""
     seen = []
 
-    def record(model, optimizer, scheduler, logs, norm_key, scaler=None):
+    def record(model, optimizer, scheduler, logs, norm_key, scaler=None, vote=False):
         seen.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         optimizer.zero_grad(set_to_none=True)
         return True
