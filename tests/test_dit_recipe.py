@@ -131,7 +131,7 @@ def train_argv(workspace, lat, out, steps: int, eval_at: str, *extra: str) -> li
         + ["--eval_at", eval_at, "--fid_samples", "6", "--sample_steps", "2", "--fid_real", "8", "--fid_features", "64"]
         + ["--inception_weights", str(workspace / "inception.pth"), "--eval_batch_size", "8", "--device", "cpu"]
         + ["--mixed_precision", "no", "--num_workers", "0", "--log_every", "1", "--ema_decay", "0.5"]
-        + ["--checkpoint_every", "2", "--out_dir", str(out), *extra]
+        + ["--checkpoint_every", "2", "--lr", "1e-2", "--out_dir", str(out), *extra]
     )
 
 
@@ -190,7 +190,7 @@ def test_resumed_run_equals_an_uninterrupted_one(workspace, cached, tmp_path, ca
     with pytest.raises(SystemExit) as e:  # another learning rate is another run: refused in one line
         dit_recipe.main(train_argv(workspace, lat, tmp_path / "parts", 6, "6", "--lr", "2e-4"))
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.count("\n") == 0 and "was written with --lr 0.0001" in err
+    assert e.value.code == 2 and err.count("\n") == 0 and "was written with --lr 0.01" in err
 
 
 def test_folder_labels_are_the_keys_first_folder():
