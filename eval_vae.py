@@ -63,192 +63,18 @@ from tqdm.auto import tqdm
 import data
 import metrics
 from autoencoder.models import load_vae
-from common.cli import arg, fail, parse_config, to_dict
-from common.errors import ConfigError, ModelError, UserError
+from common.cli import fail, parse_config, to_dict
+from common.errors import ModelError, UserError
 from common.helpers import set_torch_backends, stderr_is_terminal, text_seed
+from evaluation.config import PROTOCOLS, EvalConfig
+from evaluation.probing import run_probes, write_probe_outputs
+from evaluation.report import latent_table, markdown_table, noise_table, probe_table
 from losses.perceptual import build_lpips
 from metrics import drift, image_metrics, latents, reconstruct, save_grid
 from metrics import fid as fid_backends
-from metrics import probe as latent_probe
 from publishing.card import load_card, update_model_card, update_model_card_probe
 
 PROG = "eval_vae.py"
-
-# "seed": the reference implementation's choices (its eval encodes a sampled latent and makes
-# uint8 by truncation; scikit-image's default SSIM window; torchvision's Resize, i.e. PIL
-# bilinear); ours default to the deterministic ones.
-PROTOCOLS = {
-    "default": {
-        "latent": "mean",
-        "uint8": "round",
-        "ssim_window": "uniform",
-        "interpolation": "bilinear",
-        "fid_backend": "torch-fidelity",
-    },
-    "seed": {
-        "latent": "sample",
-        "uint8": "truncate",
-        "ssim_window": "uniform",
-        "interpolation": "bilinear",
-        "fid_backend": "pytorch-fid",  # its eval.py runs `python -m pytorch_fid gt/ rec/` on PNG folders
-    },
-}
-
-
-@dataclass
-class EvalConfig:
-    # What to evaluate, on what.
-    pretrained_model_name_or_path: str = arg(
-        "", help="the VAE to evaluate: diffusers folder, training output or checkpoint-N folder, or hub id"
-    )
-    baseline: list[str] = arg(
-        [],
-        help="a baseline VAE evaluated on the same images (repeatable); the first is also the base model the "
-        "model's encoder drift is measured from (when their latent spaces match)",
-    )
-    dataset: str = arg(
-        "",
-        help="hub dataset id or local folder (ImageNet/COCO/FFHQ reference layouts, a downloaded Hub dataset, "
-        "parquet/webdataset shards or a plain image folder), or 'name=..,path=..,kind=..,split=..,config=..,"
-        "image_column=..' as the trainer's --validation_source (keys left out: --split, --dataset_config, --image_column)",
-    )
-    split: str = arg("validation", help="dataset split")
-    dataset_config: str | None = arg(None, help="hub dataset config name")
-    image_column: str = arg("auto", help="image column of a hub / parquet dataset")
-    resolution: int = arg(256, help="Resize shorter side + CenterCrop to this size; divisible by 8")
-    max_samples: int | None = arg(None, help="evaluate only the first N images (deterministic order)")
-    # Protocol: every choice that changes the numbers.
-    protocol: str = arg(
-        "default",
-        choices=tuple(PROTOCOLS),
-        help="default: mean, round, uniform, bilinear; seed (the reference implementation's): sample, truncate, "
-        "uniform, bilinear",
-    )
-    latent: str | None = arg(
-        None, choices=("mean", "sample"), help="decode the posterior mean or a seeded sample; default from --protocol"
-    )
-    uint8: str | None = arg(
-        None, choices=("round", "truncate"), help="float -> uint8 for PNGs and FID; default from --protocol"
-    )
-    ssim_window: str | None = arg(None, choices=("uniform", "gaussian"), help="SSIM window; default from --protocol")
-    interpolation: str | None = arg(
-        None, choices=("bilinear", "bicubic"), help="PIL filter of the shorter-side resize; default from --protocol"
-    )
-    seed: int = arg(0, help="seed of the per-image latent noise (--latent sample) and of a random LPIPS VGG")
-    fid: bool = arg(True, help="compute rFID (--no-fid skips it; recorded in the output)")
-    fid_features: int = arg(
-        2048,
-        choices=(2048, 768, 192, 64),
-        help="Inception layer for rFID: 2048 = pool3, the standard; others for quick checks only",
-    )
-    fid_backend: str | None = arg(
-        None,
-        choices=metrics.FID_BACKENDS,
-        help="rFID package, each with its own Inception file, resize and distance (pytorch-fid = the reference's); "
-        "default from --protocol (default: torch-fidelity, seed: pytorch-fid)",
-    )
-    inception_weights: str | None = arg(
-        None,
-        help="Inception file of --fid_backend; default: <torch hub dir>/checkpoints/ + "
-        f"{', '.join(f'{fid_backends.BACKENDS[b].weights_file} ({b})' for b in metrics.FID_BACKENDS)}",
-    )
-    latent_diagnostics: bool = arg(
-        True,
-        help="per model: dead latent channels, KL, DCT high-frequency share, equivariance PSNR (metrics/latents.py); "
-        "about one more encode and 1.25 decodes per image (--no-latent_diagnostics skips them)",
-    )
-    perception_weights: str = arg(
-        "pretrained",
-        choices=("pretrained", "random"),
-        help="LPIPS VGG weights; random = offline smoke runs only, NOT LPIPS",
-    )
-    # Infrastructure.
-    batch_size: int = arg(16, help="images per batch and process")
-    num_workers: int = arg(2, help="DataLoader workers per process")
-    mixed_precision: str | None = arg(
-        None,
-        choices=("no", "fp16", "bf16"),
-        help="autocast for encode/decode; default: the accelerate launch setting, else no",
-    )
-    allow_tf32: bool = arg(
-        True, help="TF32 matmuls on Ampere+ GPUs, as the trainer's default, so its held-out figures equal these"
-    )
-    output_dir: str = arg("eval-out", help="where the JSON, the table, the grid and PNGs go")
-    output_json: str | None = arg(None, help="JSON results path (default: <output_dir>/eval.json)")
-    save_images: bool = arg(False, help="save reference and reconstruction PNGs (the uint8 images FID sees)")
-    grid_images: int = arg(
-        8, help="images in the comparison grid PNG (8 a row; rows: reference, then each model; labelled); 0 = none"
-    )
-    update_model_card: str | None = arg(
-        None, help="model folder whose README.md (model card) gets the results table and model-index metadata"
-    )
-    # Latent probe (metrics/probe.py, docs/latent_quality.md): off by default.
-    probe: bool = arg(
-        False,
-        help="also train a small DiT (rectified flow) on each model's normalised latents of this split: held-out "
-        "denoising loss at t=0.25/0.5/0.75, loss curve, gFID of its samples; same settings for every model",
-    )
-    probe_steps: int = arg(2000, help="probe training steps (Adam, constant lr)", bound="at_least_1")
-    probe_batch_size: int = arg(64, help="probe latents per step", bound="at_least_1")
-    probe_lr: float = arg(3e-4, help="probe Adam learning rate", bound="positive")
-    probe_seed: int = arg(0, help="seed of the probe's crops, split, latent samples, init, batches and noise")
-    probe_crops_per_image: int = arg(
-        8, help="seeded random crops per image at --resolution (the probe's data)", bound="at_least_1"
-    )
-    probe_crop_mode: str = arg(
-        "random_scale", choices=data.CROP_MODES, help="how the probe's crops are taken (the trainer's --crop_mode)"
-    )
-    probe_held_out_fraction: float = arg(
-        0.25, help="fraction of the images (all their crops) held out for the probe's held-out loss"
-    )
-    probe_max_images: int | None = arg(
-        1024, help="the probe reads at most the first N images of the split (crops are held in memory as uint8)"
-    )
-    probe_samples: int = arg(256, help="probe samples decoded for gFID (0: no gFID)", bound="non_negative")
-    probe_sample_steps: int = arg(50, help="Euler steps of the probe's flow when sampling", bound="at_least_1")
-
-    def check(self) -> None:
-        if not self.pretrained_model_name_or_path:
-            raise ConfigError("--pretrained_model_name_or_path is required")
-        if not self.dataset:
-            raise ConfigError("--dataset is required")
-        if self.resolution <= 0 or self.resolution % 8:
-            raise ConfigError(
-                f"--resolution must be a positive multiple of 8 (the VAE downsamples 8×), got {self.resolution}"
-            )
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch_size must be >= 1, got {self.batch_size}")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise ConfigError(f"--max_samples must be >= 1, got {self.max_samples}")
-        if self.ssim_window == "gaussian" and self.resolution < 16:
-            raise ConfigError("--ssim_window gaussian needs --resolution >= 16 (an 11×11 window)")
-        if self.num_workers < 0 or self.grid_images < 0:
-            raise ConfigError("--num_workers and --grid_images must be >= 0")
-        if self.update_model_card is not None and not os.path.isdir(self.update_model_card):
-            raise ConfigError(f"--update_model_card {self.update_model_card!r} is not a folder")
-        if self.protocol == "seed":
-            for key, value in PROTOCOLS["seed"].items():
-                given = getattr(self, key)
-                if given is not None and given != value:
-                    raise ConfigError(
-                        f"--protocol seed means --{key} {value}; drop --{key} {given} or the --protocol flag"
-                    )
-
-        if not 0.0 < self.probe_held_out_fraction < 1.0:
-            raise ConfigError(f"--probe_held_out_fraction must be in (0, 1), got {self.probe_held_out_fraction}")
-        if self.probe_max_images is not None and self.probe_max_images < 2:
-            raise ConfigError(
-                f"--probe_max_images must be >= 2 (one image to train on, one held out), got {self.probe_max_images}"
-            )
-        backend = self.fid_backend or PROTOCOLS[self.protocol]["fid_backend"]
-        if self.fid and backend == "clean-fid" and self.fid_features != 2048:
-            raise ConfigError("--fid_backend clean-fid has only the 2048-d pool3 features; drop --fid_features")
-
-    def resolved_protocol(self) -> dict[str, str]:
-        """latent / uint8 / ssim_window / interpolation / fid_backend after applying --protocol defaults."""
-        base = PROTOCOLS[self.protocol]
-        return {key: getattr(self, key) or base[key] for key in base}
-
 
 # ----------------------------------------------------------------------------------------
 # Helpers
@@ -277,20 +103,6 @@ def drift_pair(models: list[ModelUnderEval]) -> tuple[ModelUnderEval, ModelUnder
     return model, base
 
 
-def drift_line(result: dict) -> str | None:
-    """The markdown sentence of the model's encoder drift from the first baseline, when measured."""
-    for m in result["models"]:
-        if m.get("drift_from"):
-            s = m["metrics"]
-            return (
-                f"Encoder drift of {m['label']} from {m['drift_from']} (posterior means, per image): latent MSE "
-                f"{format_cell(s['drift_latent_mse']['mean'], 4)}, cosine {format_cell(s['drift_latent_cosine']['mean'], 4)}; "
-                f"{m['label']}'s decoder decodes {m['drift_from']}'s latents at "
-                f"{format_cell(s['drift_base_latents_psnr']['mean'], 2)} dB PSNR."
-            )
-    return None
-
-
 def model_labels(paths: list[str]) -> list[str]:
     """Short unique table labels: the last path component (or hub id), numbered on clashes."""
     labels = []
@@ -301,6 +113,20 @@ def model_labels(paths: list[str]) -> list[str]:
             label, n = f"{base} ({n})", n + 1
         labels.append(label)
     return labels
+
+
+NOISE_TAG = "@noise"  # per-image metric names of --latent_noise: "psnr@noise0.1"
+
+
+def noise_entry(cfg: EvalConfig, summary: dict, config) -> dict | None:
+    """The model's --latent_noise record: per σ, the means over images of each metric (and their std)."""
+    if not cfg.latent_noise:
+        return None
+    sigmas, by_sigma = cfg.latent_noise_sigma, {}
+    for sigma in sigmas:
+        tag = f"{NOISE_TAG}{sigma:g}"
+        by_sigma[f"{sigma:g}"] = {name[: -len(tag)]: v for name, v in summary.items() if name.endswith(tag)}
+    return {"sigmas": list(sigmas), "scaling_factor": float(config.scaling_factor or 1.0), "metrics": by_sigma}
 
 
 def image_noise_seed(seed: int, key: str) -> int:
@@ -435,63 +261,12 @@ def versions() -> dict[str, str]:
     }
 
 
-def format_cell(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
 def sum_all(sums: list[dict]) -> dict:
     """The ranks' metrics.latents sums added up."""
     total = None
     for s in sums:
         total = latents.add_sums(total, s)
     return total
-
-
-def latent_table(result: dict) -> str:
-    """The latent diagnostics (metrics/latents.py), a row per model; printed under the results table."""
-    lines = [
-        "| latent | dead channels | KL mean (nats) | KL min (nats) | hf share latent | hf share image "
-        "| equivariance PSNR ×0.5 (dB) | equivariance PSNR rot90 (dB) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for m in result["models"]:
-        d = m.get("latent")
-        if d is None:
-            continue
-        dead = ", ".join(map(str, d["dead_channels"])) or "none"
-        cells = [format_cell(d[k], 4) for k in ("kl_mean", "kl_min")] + [
-            format_cell(d[k]) for k in ("hf_share", "hf_share_image")
-        ]
-        cells += [format_cell(d["equivariance_psnr"][k], 2) for k in ("scale", "rot90")]
-        # "label (C ch)": a row of its own kind, not a second "| label |" row of the results table.
-        lines.append(f"| {m['label']} ({m['latent_channels']} ch) | {dead} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(
-        f"Dead: KL < {latents.DEAD_KL_NATS:g} nats per element. hf share: {latents.HF_BAND}. Equivariance: "
-        "decode(T(posterior mean)) vs T(image), losses.equivariance.equivariant_transform."
-    )
-    return "\n".join(lines)
-
-
-def markdown_table(result: dict) -> str:
-    """The results table: a row per model; the protocol under it."""
-    p = result["protocol"]
-    lpips_head = "LPIPS" if p["lpips_weights"] == "pretrained" else "LPIPS (RANDOM VGG, not LPIPS)"
-    title = f"{result['dataset_name']} {result['split']} {result['num_images']}, {result['resolution']}²"
-    fid_head = "rFID" if result["config"]["fid_features"] == 2048 else f"rFID-{result['config']['fid_features']}"
-    lines = [f"| {title} | {fid_head} | PSNR | SSIM | {lpips_head} |", "|---|---|---|---|---|"]
-    for m in result["models"]:
-        s = m["metrics"]
-        cells = [format_cell(s["rfid"]["value"]), *(format_cell(s[k]["mean"]) for k in ("psnr", "ssim", "lpips"))]
-        lines.append(f"| {m['label']} | " + " | ".join(cells) + " |")
-    lines.append("")
-    if drift_line(result):
-        lines += [drift_line(result), ""]
-    lines.append(
-        f"Protocol {p['name']}: latent={p['latent']}, uint8={p['uint8']}, ssim_window={p['ssim_window']}, "
-        f"{p['preprocessing']}, mixed_precision={p['mixed_precision']}, rFID: {p['rfid']}."
-    )
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------
@@ -620,6 +395,7 @@ class Evaluator:
             if cfg.latent_diagnostics:  # on the posterior mean, whatever --latent decodes
                 m.latent = latents.add_sums(m.latent, latents.batch_sums(m.vae, x, self.autocast)[0])
             scores = image_metrics(x, recon, lpips=self.lpips, ssim_window=protocol["ssim_window"])
+            scores |= self.noise_scores(m, x, keys)
             scores = {name: v.tolist() for name, v in scores.items()}
             for i, k in enumerate(keys):
                 values[k][m.label] = {name: v[i] for name, v in scores.items()}
@@ -641,6 +417,20 @@ class Evaluator:
         self.per_image.extend(values.items())
         for i, k in enumerate(keys[: max(0, cfg.grid_images - len(self.grid_rows))]):
             self.grid_rows.append((k, [ref_u8[i].cpu()] + [r[i].cpu() for r in recons_u8]))
+
+    def noise_scores(self, m: ModelUnderEval, x: torch.Tensor, keys: list[str]) -> dict[str, torch.Tensor]:
+        """{"psnr@noise<σ>", ...: per-image values} of --latent_noise's decodes of μ + σ/scaling_factor·ε; the same ε
+        (a generator per image, seeded from the key) for every σ and every model."""
+        if not self.cfg.latent_noise:
+            return {}
+        generators = [torch.Generator().manual_seed(text_seed(f"{self.cfg.seed}:latent-noise:{k}")) for k in keys]
+        sigmas = self.cfg.latent_noise_sigma
+        recons = metrics.noisy_reconstructions(m.vae, x, sigmas, generators, autocast=self.autocast)
+        out = {}
+        for sigma, recon in recons.items():
+            scores = image_metrics(x, recon, lpips=self.lpips, ssim_window=self.protocol["ssim_window"])
+            out |= {f"{name}{NOISE_TAG}{sigma:g}": v for name, v in scores.items()}
+        return out
 
     def result(self) -> tuple[dict, list]:
         """Gather every rank's images (collectives: all ranks call this); rFID only on the main process."""
@@ -670,6 +460,14 @@ class Evaluator:
             "seconds": seconds,
             "images_per_second": len(keys) / seconds if seconds > 0 else None,
             "protocol": self.record,
+            "latent_noise": (
+                "per model: decode(mu + sigma / scaling_factor * eps), mu the posterior mean, sigma in units of the "
+                "normalised latent (z - shift_factor) * scaling_factor (the model's config), eps ~ N(0, I) from a "
+                f"torch.Generator per image seeded from sha256({self.cfg.seed}:latent-noise:key), one eps for every "
+                "sigma and model; PSNR / SSIM / LPIPS as the results table"
+                if self.cfg.latent_noise
+                else None
+            ),
             "models": [],
             "versions": versions(),
             "config": to_dict(self.cfg),
@@ -678,6 +476,8 @@ class Evaluator:
             acc = metrics.MeanStd()
             for _, per_model in per_image:
                 acc.update(**{name: [v] for name, v in per_model[m.label].items()})
+            summary = acc.summary()
+            noisy = {name: summary.pop(name) for name in list(summary) if NOISE_TAG in name}
             result["models"].append(
                 {
                     "label": m.label,
@@ -687,9 +487,10 @@ class Evaluator:
                     "nonfinite_reconstructions": bad,
                     "metrics": {
                         "rfid": {"value": rfid, "count": len(keys) if m.fid is not None else 0},
-                        **acc.summary(),
+                        **summary,
                     },
                     "latent": latents.summarize(sum_all(sums)) if sums else None,
+                    "latent_noise": noise_entry(self.cfg, noisy, m.vae.config),
                     "drift_from": self.drift_pair[1].label if self.drift_pair and m is self.drift_pair[0] else None,
                 }
             )
@@ -731,125 +532,6 @@ def evaluate(
 # Latent probe (--probe): how fast a small DiT learns each model's latents (metrics/probe.py)
 # ----------------------------------------------------------------------------------------
 
-PROBE_CURVE_PNG = "probe_curve.png"
-
-
-def probe_settings(cfg: EvalConfig) -> latent_probe.ProbeSettings:
-    return latent_probe.ProbeSettings(
-        steps=cfg.probe_steps,
-        batch_size=cfg.probe_batch_size,
-        lr=cfg.probe_lr,
-        seed=cfg.probe_seed,
-        crops_per_image=cfg.probe_crops_per_image,
-        crop_mode=cfg.probe_crop_mode,
-        held_out_fraction=cfg.probe_held_out_fraction,
-        max_images=cfg.probe_max_images,
-        samples=cfg.probe_samples,
-        sample_steps=cfg.probe_sample_steps,
-    )
-
-
-def run_probes(cfg: EvalConfig, evaluator: Evaluator, result: dict) -> None:
-    """Main process only: the same probe (data, settings, seeds) on every model; fills result["probe"] (the
-    settings, the split, how gFID was measured) and each model's result["models"][i]["probe"]."""
-    settings = probe_settings(cfg)
-    probe_data = latent_probe.load_probe_data(
-        evaluator.source,
-        cfg.resolution,
-        settings,
-        max_samples=cfg.max_samples,
-        interpolation=evaluator.protocol["interpolation"],
-    )
-    backend = evaluator.protocol["fid_backend"]
-    fid = None
-    first_fid = next((m.fid for m in evaluator.models if m.fid is not None), None)
-    if first_fid is not None and settings.samples > 0:
-        # The evaluation's feature network; the crops' features stay as the real side for every model.
-        fid = metrics.build_fid(feature_extractor=first_fid.inception, reset_real_features=False).to(evaluator.device)
-        latent_probe.real_fid(fid, probe_data.pixels, settings.batch_size)
-    standard = cfg.fid_features == 2048 and "custom feature extractor" not in evaluator.record["rfid"]
-    gfid = "skipped (--no-fid or --probe_samples 0)"
-    if fid is not None:
-        gfid = (
-            f"FID of {settings.samples} decoded probe samples ({settings.sample_steps} Euler steps) against the "
-            f"{len(probe_data.pixels)} uint8 probe crops, with the rFID feature network: {evaluator.record['rfid']}"
-        )
-    result["probe"] = {
-        "settings": settings.record(),
-        "objective": "rectified flow: x_t = (1-t) z + t eps, predict v = eps - z, MSE; t ~ U(0,1); timestep 1000 t",
-        "latents": "seeded sample of q(z|x) per crop, (z - shift_factor) * scaling_factor (shift None -> 0)",
-        "model": f"diffusers DiTTransformer2DModel, {settings.num_layers} layers, {settings.num_heads} heads of "
-        f"{settings.head_dim}, patch {settings.patch_size}, adaLN-zero, unconditional (one class)",
-        "num_images": len(probe_data.train_images) + len(probe_data.held_out_images),
-        "num_crops": len(probe_data.pixels),
-        "train_images": probe_data.train_images,
-        "held_out_images": probe_data.held_out_images,
-        "gfid": gfid,
-        "gfid_standard": standard and fid is not None,
-        "rank": "main process only",
-    }
-    for i, (m, entry) in enumerate(zip(evaluator.models, result["models"], strict=True)):
-        desc = f"probe {i + 1}/{len(evaluator.models)} {m.label}"
-        entry["probe"] = latent_probe.run_probe(
-            m.vae,
-            probe_data,
-            settings,
-            fid=fid,
-            fid_backend=backend,
-            autocast=evaluator.autocast,
-            desc=desc,
-            progress=stderr_is_terminal(),
-        )
-
-
-def probe_table(result: dict) -> str:
-    """The probe's side-by-side table: a row per model; how it was measured under it."""
-    p = result["probe"]
-    s = p["settings"]
-    t_keys = [f"{t:g}" for t in s["t_eval"]]
-    if p["gfid_standard"]:
-        gfid_head = "gFID (probe)"
-    elif p["gfid"].startswith("skipped"):
-        gfid_head = "gFID"
-    else:
-        gfid_head = "gFID (RANDOM/CUSTOM features or not pool3, not gFID)"
-    title = (
-        f"probe: {p['num_images']} images × {s['crops_per_image']} crops, {result['resolution']}², {s['steps']} steps"
-    )
-    lines = [
-        f"| {title} | " + " | ".join(f"held-out loss t={t}" for t in t_keys) + f" | {gfid_head} | seconds |",
-        "|---|" + "---|" * (len(t_keys) + 2),
-    ]
-    for m in result["models"]:
-        r = m["probe"]
-        cells = [format_cell(r["held_out_loss"][t], 4) for t in t_keys] + [format_cell(r["gfid"], 2)]
-        lines.append(f"| {m['label']} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
-    lines.append("")
-    lines.append(
-        f"Latent probe (docs/latent_quality.md): {p['model']}, {p['objective']}; Adam lr {s['lr']:g}, batch "
-        f"{s['batch_size']}, seed {s['seed']}; held-out loss on {len(p['held_out_images'])} images never trained on; "
-        f"gFID: {p['gfid']}. A relative measure between these VAEs, not a gFID as published."
-    )
-    return "\n".join(lines)
-
-
-def write_probe_outputs(cfg: EvalConfig, result: dict) -> None:
-    """Main process only: the probe table on stdout and appended to eval.md, every model's loss curve in one PNG."""
-    table = probe_table(result)
-    print(table, flush=True)
-    for m in result["models"]:
-        if m["probe"]["gfid_error"]:
-            print(f"WARNING: {m['label']}: probe gFID failed: {m['probe']['gfid_error']}", flush=True)
-        if m["probe"]["normalisation"] != "config":  # e.g. a checkpoint folder: the preset's scaling_factor
-            print(f"NOTE: {m['label']}: latents {m['probe']['normalisation']}", flush=True)
-    with open(os.path.join(cfg.output_dir, "eval.md"), "a") as f:
-        f.write("\n" + table + "\n")
-    curves = {m["label"]: m["probe"]["train_loss"] for m in result["models"]}
-    title = f"latent probe: {result['dataset_name']} {result['split']}, {result['resolution']}²"
-    result["probe"]["curve_png"] = latent_probe.plot_probe_curves(
-        curves, os.path.join(cfg.output_dir, PROBE_CURVE_PNG), title
-    )
-
 
 def write_outputs(cfg: EvalConfig, result: dict, grid_rows: list) -> None:
     """Main process only: the table on stdout, the JSON, the table as .md, the comparison grid, the model card."""
@@ -858,6 +540,10 @@ def write_outputs(cfg: EvalConfig, result: dict, grid_rows: list) -> None:
     print(table, flush=True)
     if any(m["latent"] is not None for m in result["models"]):
         print("\n" + latent_table(result), flush=True)
+    markdown = table
+    if result.get("latent_noise"):
+        markdown += "\n\n" + noise_table(result)
+        print("\n" + noise_table(result), flush=True)
     for m in result["models"]:
         if m["nonfinite_reconstructions"]:
             bad = m["nonfinite_reconstructions"]
@@ -870,7 +556,7 @@ def write_outputs(cfg: EvalConfig, result: dict, grid_rows: list) -> None:
         save_grid(reference, recons, grid_path, labels=labels)
         result["grid"] = {"path": grid_path, "rows": labels, "images": [key for key, _ in grid_rows]}
     with open(os.path.join(cfg.output_dir, "eval.md"), "w") as f:
-        f.write(table + "\n")
+        f.write(markdown + "\n")
     if result.get("probe"):
         write_probe_outputs(cfg, result)  # the probe table (stdout, appended to eval.md) and probe_curve.png
     json_path = cfg.output_json or os.path.join(cfg.output_dir, "eval.json")

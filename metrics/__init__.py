@@ -11,7 +11,7 @@ from metrics.fid import (
 from metrics.grid import save_grid
 from metrics.latents import latent_diagnostics, latent_pca_rgb
 from metrics.pixel import MeanStd, psnr, ssim, to_uint8, to_unit
-from metrics.reconstruction import held_out_metrics, image_metrics, load_images, reconstruct
+from metrics.reconstruction import held_out_metrics, image_metrics, load_images, noisy_reconstructions, reconstruct
 
 __all__ = [
     "FID_BACKENDS",
@@ -25,6 +25,7 @@ __all__ = [
     "latent_diagnostics",
     "latent_pca_rgb",
     "load_images",
+    "noisy_reconstructions",
     "psnr",
     "reconstruct",
     "resolve_inception_weights",

@@ -11,20 +11,24 @@ give latents that a diffusion model learns at very different speeds (VA-VAE / Li
 2. latents: each crop encoded once; a seeded sample z ~ q(z|x) (one generator per crop, seeded from
    its key: the latents a diffusion model trains on, and the ones the exported `scaling_factor` was
    measured on, so the posterior's own noise counts), normalised with the model's own convention
-   `(z - shift_factor) * scaling_factor` (shift_factor None -> 0), then cached.
-3. model: diffusers' `DiTTransformer2DModel`, 4 layers, 4 heads of 32, patch 2, adaLN-zero,
-   in/out channels = the latent channels, unconditional (a single class, label dropout off).
+   `(z - shift_factor) * scaling_factor` (shift_factor None -> 0), then by `normalise` (standardise:
+   global, one number, or channel, each channel's own mean and std over the training latents), cached.
+3. model: diffusers' `DiTTransformer2DModel`, 4 layers, 4 heads of 32, patch 2, initialised as DiT's
+   `initialize_weights` (initialize_like_dit: adaLN-zero, the untrained probe outputs zeros), in/out
+   channels = the latent channels, unconditional (a single class, label dropout off); an EMA of its
+   weights (diffusers EMAModel, warmup power 2/3, capped at `ema_decay`) for the held-out loss and samples.
 4. objective: rectified flow, x_t = (1 − t)·z + t·ε, the network predicts v = ε − z (MSE),
    t ~ U(0, 1) (uniform: every noise level weighs the same, as the fixed-t held-out losses do),
    timestep fed as 1000·t; Adam, constant learning rate, `steps` steps of `batch_size` latents drawn
-   with replacement. Every random draw (init, batches, t, ε, held-out noise, sampling noise) comes
-   from its own seeded torch.Generator (the init inside torch.random.fork_rng), never from the
-   global RNG: two runs with one seed give identical numbers on CPU.
+   with replacement. Every random draw (init, batches, t, ε, held-out noise, sampling noise, KID's
+   subsets) comes from its own seeded generator (the init and KID inside torch.random.fork_rng), never
+   from the global RNG: two runs with one seed give identical numbers on CPU.
 5. report: the training-loss curve, the held-out loss at fixed t ∈ {0.25, 0.5, 0.75} with fixed
-   noise on latents of images the probe never trained on (comparable between VAEs: latents are
-   normalised; no pretrained network), gFID of `samples` decoded samples (Euler, `sample_steps`
-   steps from t = 1 to 0) against the uint8 crops under the evaluation's FID feature network, and
-   the seconds it took.
+   noise on latents of images the probe never trained on (EMA weights; and the trained weights'),
+   comparable only between VAEs of one latent shape (it includes denoising error that depends on C·h·w
+   and the per-channel variance), gFID and KID of `samples` decoded samples (Euler, `sample_steps`
+   steps from t = 1 to 0) against the uint8 crops of the held-out images under the evaluation's FID
+   feature network, and the seconds it took.
 
 A ~1.9 M-parameter probe on a few hundred latents is a relative measure between VAEs evaluated
 with the same settings, not a gFID as published.
@@ -45,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 import data
@@ -60,7 +65,11 @@ LATENT_STD_RANGE = (0.75, 1.33)  # normalised latents outside it were not normal
 PROBE_T = (0.25, 0.5, 0.75)  # the noise levels of the held-out loss
 TIMESTEP_SCALE = 1000.0  # DiT's sinusoidal timestep embedding expects DDPM-like step numbers
 # Stream ids of derive_seed: one generator per purpose.
-_CROPS, _SPLIT, _INIT, _TRAIN, _HELD, _SAMPLE, _ENCODE = range(7)
+_CROPS, _SPLIT, _INIT, _TRAIN, _HELD, _SAMPLE, _ENCODE, _KID = range(8)
+NORMALISATIONS = ("global", "channel")
+CHANNEL_STD_FLOOR = 1e-4  # --probe_normalise channel: a constant channel is divided by this, not by ~0
+EMA_POWER = 2.0 / 3.0  # diffusers EMAModel's warmup: decay = min(ema_decay, 1 - (1 + step)^(-power))
+KID_SUBSET_SIZE = 1000  # torchmetrics' default; capped by the smaller side
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,8 @@ class ProbeSettings:
     num_heads: int = 4
     head_dim: int = 32
     patch_size: int = 2
+    normalise: str = "global"  # NORMALISATIONS
+    ema_decay: float = 0.9999  # DiT's; with EMA_POWER warmup; 0 = sample from the trained weights
     t_eval: tuple[float, ...] = field(default=PROBE_T)
 
     def record(self) -> dict:
@@ -249,10 +260,39 @@ def build_probe_model(channels: int, size: int, settings: ProbeSettings) -> DiTT
             patch_size=settings.patch_size,
             num_embeds_ada_norm=1,
         )
+        initialize_like_dit(model)
     for module in model.modules():
         if isinstance(module, LabelEmbedding):
             module.dropout_prob = 0.0  # its label dropout would draw from the global RNG
     return model
+
+
+@torch.no_grad()
+def initialize_like_dit(model: DiTTransformer2DModel) -> None:
+    """DiT's `initialize_weights` (facebookresearch/DiT models.py) on diffusers' module names: xavier-uniform
+    Linear weights and zero biases, the patch embedding like a Linear, N(0, 0.02) label table and timestep MLP
+    weights, then adaLN-zero: each block's modulation (norm1.linear) and the final layer (proj_out_1, the final
+    modulation; proj_out_2, the output) zeroed, so the untrained network outputs zeros. The sin-cos position
+    embedding is diffusers' fixed buffer, as DiT's. Unlike DiT, diffusers gives every block its own timestep /
+    label embedding (DiT shares one); each is initialised as DiT's one."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+    proj = model.pos_embed.proj
+    torch.nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+    torch.nn.init.zeros_(proj.bias)
+    for block in model.transformer_blocks:
+        emb = block.norm1.emb
+        torch.nn.init.normal_(emb.class_embedder.embedding_table.weight, std=0.02)
+        torch.nn.init.normal_(emb.timestep_embedder.linear_1.weight, std=0.02)
+        torch.nn.init.normal_(emb.timestep_embedder.linear_2.weight, std=0.02)
+        torch.nn.init.zeros_(block.norm1.linear.weight)
+        torch.nn.init.zeros_(block.norm1.linear.bias)
+    for layer in (model.proj_out_1, model.proj_out_2):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
 
 
 def predict_velocity(model: DiTTransformer2DModel, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -275,8 +315,10 @@ def train_probe(
     device: torch.device | str = "cpu",
     desc: str = "probe",
     progress: bool = True,
+    ema: EMAModel | None = None,
 ) -> list[float]:
-    """Adam for `steps` steps on batches drawn with replacement from `latents` (CPU); returns the per-step losses."""
+    """Adam for `steps` steps on batches drawn with replacement from `latents` (CPU); returns the per-step losses.
+    `ema` (probe_ema): stepped after every optimizer step."""
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     gen = torch.Generator().manual_seed(derive_seed(settings.seed, _TRAIN))
@@ -290,6 +332,8 @@ def train_probe(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if ema is not None:
+            ema.step(model.parameters())
         losses.append(loss.item())
         if len(losses) % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.4f}")
@@ -353,11 +397,91 @@ def decode_latents(vae, latents: torch.Tensor, batch_size: int, autocast=None) -
 
 
 def real_fid(fid, pixels_u8: torch.Tensor, batch_size: int):
-    """Feed the crops as the real side of a FID metric built with reset_real_features=False (kept across models)."""
+    """Feed the crops as the real side of a FID (or KID) metric built with reset_real_features=False (kept across
+    models); the evaluator gives the held-out images' crops only, never one the probe trained on."""
     device = fid.device
     for chunk in pixels_u8.split(batch_size):
         fid.update(chunk.to(device), real=True)
     return fid
+
+
+def build_kid(fid, real_count: int, fake_count: int):
+    """A torchmetrics KernelInceptionDistance on `fid`'s feature network (uint8 input, the real side kept across
+    models), subsets of min(KID_SUBSET_SIZE, real_count, fake_count); None when a side has fewer than 2 images."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    size = min(KID_SUBSET_SIZE, real_count, fake_count)
+    if size < 2:
+        return None
+    kid = KernelInceptionDistance(feature=fid.inception, subset_size=size, reset_real_features=False, normalize=False)
+    return kid.to(fid.device)
+
+
+def probe_ema(model: DiTTransformer2DModel, settings: ProbeSettings) -> EMAModel:
+    """diffusers EMAModel of the probe's weights: decay min(ema_decay, 1 − (1 + step)^(−2/3)) (its warmup)."""
+    return EMAModel(model.parameters(), decay=settings.ema_decay, use_ema_warmup=True, power=EMA_POWER)
+
+
+def standardise(latents: torch.Tensor, train_idx: torch.Tensor, mode: str) -> tuple[torch.Tensor, dict]:
+    """(latents the probe sees, the record): x = (latents − shift) / scale.
+
+    global: the model's own factors as they are (shift 0, scale 1) when they leave the latents' std within
+    LATENT_STD_RANGE, else the latents' own mean and std (one number each). channel: each channel's mean and
+    std over the training latents (std floored at CHANNEL_STD_FLOOR), so every channel weighs the same in the
+    loss. record["shift"], record["scale"]: what sampling undoes before decoding (floats or per-channel lists)."""
+    config_std = latents.std().item()
+    if mode == "channel":
+        train = latents[train_idx]
+        shift = train.mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
+        scale = train.std(dim=(0, 2, 3)).clamp_min(CHANNEL_STD_FLOOR).view(1, -1, 1, 1)
+        text = "channel (each channel standardised with its mean and std over the probe's training latents)"
+        record = {"shift": shift.flatten().tolist(), "scale": scale.flatten().tolist()}
+    elif LATENT_STD_RANGE[0] <= config_std <= LATENT_STD_RANGE[1]:
+        shift, scale, text = 0.0, 1.0, "config"
+        record = {"shift": shift, "scale": scale}
+    else:
+        # A checkpoint folder's config still holds the preset's scaling_factor (the export measures the real one):
+        # latents that far from unit std would give losses that compare with no other row.
+        shift, scale = latents.mean().item(), config_std
+        text = (
+            f"measured (the config's factors gave std {config_std:.3f}; standardised with the latents' own mean "
+            f"{shift:.4f} and std {scale:.4f})"
+        )
+        record = {"shift": shift, "scale": scale}
+    record["normalisation"] = text
+    record["latent_std"] = config_std  # after the model's own scaling_factor / shift_factor
+    return (latents - shift) / scale, record
+
+
+def unstandardise(samples: torch.Tensor, record: dict) -> torch.Tensor:
+    """The inverse of standardise: back to the model's own convention for decoding."""
+    shift, scale = record["shift"], record["scale"]
+    if isinstance(shift, list):
+        shift, scale = torch.tensor(shift).view(1, -1, 1, 1), torch.tensor(scale).view(1, -1, 1, 1)
+    return samples * scale + shift
+
+
+def sample_scores(vae, model, shape, record: dict, settings: ProbeSettings, fid, kid, fid_backend, autocast):
+    """{"gfid", "gfid_error", "kid", "kid_std"} of settings.samples decoded samples of `model` (its EMA weights)."""
+    device = next(vae.parameters()).device
+    samples = sample_flow(model, settings.samples, shape, settings, device=device)
+    images = decode_latents(vae, unstandardise(samples, record), settings.batch_size, autocast)
+    out = {"gfid": None, "gfid_error": None, "kid": None, "kid_std": None}
+    for metric in (fid, kid):
+        if metric is not None:
+            metric.reset()  # the fake side only: the metrics were built with reset_real_features=False
+            for chunk in images.split(settings.batch_size):
+                metric.update(chunk.to(metric.device), real=False)
+    try:
+        out["gfid"] = compute_fid(fid, fid_backend)
+    except MetricError as e:  # e.g. a covariance product without a real square root on few samples
+        out["gfid_error"] = str(e)
+    if kid is not None:
+        with torch.random.fork_rng(devices=[]):  # KID's subsets come from torch.randperm: seeded, global RNG kept
+            torch.manual_seed(derive_seed(settings.seed, _KID))
+            mean, std = kid.compute()
+        out["kid"], out["kid_std"] = mean.item(), std.item()
+    return out
 
 
 def run_probe(
@@ -366,6 +490,7 @@ def run_probe(
     settings: ProbeSettings,
     *,
     fid=None,
+    kid=None,
     fid_backend: str = "torch-fidelity",
     autocast=None,
     desc: str = "probe",
@@ -373,8 +498,8 @@ def run_probe(
 ) -> dict:
     """Encode, train, measure one VAE; returns the JSON-ready record.
 
-    fid: a torchmetrics FrechetInceptionDistance whose real side already holds the crops
-    (real_fid); its fake side is reset here, filled with the decoded samples and compared.
+    fid, kid: torchmetrics FrechetInceptionDistance / KernelInceptionDistance whose real side already holds the
+    held-out crops (real_fid); their fake sides are reset here, filled with the decoded samples and compared.
     """
     device = next(vae.parameters()).device
     start = time.perf_counter()
@@ -386,51 +511,33 @@ def run_probe(
         batch_size=settings.batch_size,
         autocast=autocast,
     )
-    # A checkpoint folder's config still holds the preset's scaling_factor (the export measures the real one):
-    # latents that far from unit std would give losses that compare with no other row. They are standardised
-    # with their own mean and std instead, and the record says so.
-    config_std = latents.std().item()
-    measured = None
-    if not LATENT_STD_RANGE[0] <= config_std <= LATENT_STD_RANGE[1]:
-        measured = (latents.mean().item(), config_std)
-        latents = (latents - measured[0]) / measured[1]
     train_idx, held_idx = probe_data.train_index, probe_data.held_out_index
+    latents, norm = standardise(latents, train_idx, settings.normalise)
     channels, size = latents.shape[1], latents.shape[2]
     model = build_probe_model(channels, size, settings)
+    ema = probe_ema(model, settings)
     encoded = time.perf_counter()
-    losses = train_probe(model, latents[train_idx], settings, device=device, desc=desc, progress=progress)
+    losses = train_probe(model, latents[train_idx], settings, device=device, desc=desc, progress=progress, ema=ema)
     trained = time.perf_counter()
+    held_raw = held_out_losses(model, latents[held_idx], settings, device=device)
+    ema.copy_to(model.parameters())  # the held-out loss and the samples: the EMA weights, as DiT samples
     held = held_out_losses(model, latents[held_idx], settings, device=device)
-    gfid, gfid_error = None, None
+    scores = {"gfid": None, "gfid_error": None, "kid": None, "kid_std": None}
     if fid is not None and settings.samples > 0:
-        samples = sample_flow(model, settings.samples, latents.shape[1:], settings, device=device)
-        if measured is not None:
-            samples = samples * measured[1] + measured[0]  # back to the model's own convention for decoding
-        images = decode_latents(vae, samples, settings.batch_size, autocast)
-        fid.reset()  # the fake side only: the metric was built with reset_real_features=False
-        for chunk in images.split(settings.batch_size):
-            fid.update(chunk.to(fid.device), real=False)
-        try:
-            gfid = compute_fid(fid, fid_backend)
-        except MetricError as e:  # e.g. a covariance product without a real square root on few samples
-            gfid_error = str(e)
+        scores = sample_scores(vae, model, latents.shape[1:], norm, settings, fid, kid, fid_backend, autocast)
     seconds = time.perf_counter() - start
     window = min(10, len(losses))
     return {
         "held_out_loss": held,
         "held_out_loss_mean": sum(held.values()) / len(held),
+        "held_out_loss_raw": held_raw,  # the trained weights, without EMA
         "train_loss": losses,
         "train_loss_first": sum(losses[:window]) / window if window else None,
         "train_loss_last": sum(losses[-window:]) / window if window else None,
-        "gfid": gfid,
-        "gfid_error": gfid_error,
+        **scores,
         "gfid_samples": settings.samples if fid is not None else 0,
         "latent_shape": list(latents.shape[1:]),
-        "latent_std": config_std,  # after the model's own scaling_factor / shift_factor
-        "normalisation": "config"
-        if measured is None
-        else "measured (the config's factors gave std "
-        f"{config_std:.3f}; standardised with the latents' own mean {measured[0]:.4f} and std {measured[1]:.4f})",
+        **norm,
         "latent_mean": latents.mean().item(),
         "num_train_latents": len(train_idx),
         "num_held_out_latents": len(held_idx),

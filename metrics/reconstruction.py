@@ -85,6 +85,35 @@ def reconstruct(
 
 
 @torch.no_grad()
+def noisy_reconstructions(
+    vae: AutoencoderKL,
+    images: torch.Tensor,
+    sigmas: Sequence[float],
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+    *,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> dict[float, torch.Tensor]:
+    """{σ: decode(μ + σ / scaling_factor · ε)} for each σ: how the decoder degrades with latent noise.
+
+    images: (B, 3, H, W) in [-1, 1]; μ is the posterior mean; σ is in units of the normalised latent
+    (z − shift_factor) · scaling_factor, the space a diffusion model works in (unit std when the config's factors
+    were measured, as an exported model's are); ε ~ N(0, I) is drawn once (latent_noise: one generator per image
+    makes it independent of batching) and shared by every σ. Returns float32 (B, 3, H, W) unclamped, as
+    `reconstruct`.
+    """
+    autocast = autocast or contextlib.nullcontext
+    scale = float(getattr(vae.config, "scaling_factor", None) or 1.0)
+    with autocast():
+        mean = vae.encode(images).latent_dist.mean
+    noise = latent_noise(mean.shape, generator, mean.device).to(mean.device, mean.dtype)
+    out = {}
+    for sigma in sigmas:
+        with autocast():
+            out[sigma] = vae.decode(mean + (sigma / scale) * noise).sample.float().contiguous()
+    return out
+
+
+@torch.no_grad()
 def image_metrics(
     images: torch.Tensor, recon: torch.Tensor, *, lpips: nn.Module | None = None, ssim_window: str = "uniform"
 ) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from common.errors import ModelCardError
 from common.helpers import one_line
 from data import detect_kind
+from evaluation.report import REPORTED_METRICS, metric_value
 from training.runlog import CURVES_PNG
 
 TAGS = ["diffusers", "autoencoder", "vae", "transfusion", "autoencoderkl"]
@@ -365,7 +366,7 @@ def build_model_card(
 # ----------------------------------------------------------------------------------------
 
 CARD_TASK = "image-to-image"
-CARD_METRICS = (("rfid", "rFID"), ("psnr", "PSNR"), ("ssim", "SSIM"), ("lpips", "LPIPS"))
+CARD_METRICS = REPORTED_METRICS  # the columns of the results table, the same names and order
 
 
 def load_card(folder: str):
@@ -394,12 +395,11 @@ def card_eval_results(result: dict) -> list:
     model = next(m for m in result["models"] if m["role"] == "model")
     protocol = result["protocol"]
     standard_fid = result["config"]["fid_features"] == 2048 and "custom feature extractor" not in protocol["rfid"]
-    values = {
-        "rfid": model["metrics"]["rfid"]["value"] if standard_fid else None,
-        "psnr": model["metrics"]["psnr"]["mean"],
-        "ssim": model["metrics"]["ssim"]["mean"],
-        "lpips": model["metrics"].get("lpips", {}).get("mean") if protocol["lpips_weights"] == "pretrained" else None,
-    }
+    values = {key: metric_value(model["metrics"], key) for key, _ in CARD_METRICS}
+    if not standard_fid:
+        values["rfid"] = None
+    if protocol["lpips_weights"] != "pretrained":
+        values["lpips"] = None
     dataset_type, dataset_name = card_dataset(result)
     return [
         EvalResult(

@@ -169,10 +169,13 @@ def two_rank_launch():
 
 @pytest.fixture
 def terminal(capsys, monkeypatch):
-    """eval_vae draws its progress bars as on a terminal (in a log file they are left out); returns capsys."""
+    """eval_vae draws its progress bars (its own, the probe's) as on a terminal (in a log file they are left out);
+    returns capsys."""
     import eval_vae
+    from evaluation import probing
 
     monkeypatch.setattr(eval_vae, "stderr_is_terminal", lambda: True)
+    monkeypatch.setattr(probing, "stderr_is_terminal", lambda: True)
     return capsys
 
 

@@ -73,6 +73,108 @@ def test_a_prior_channel_is_dead_the_others_not():
     assert latents.channel_stats(latents.channel_sums(mean, logvar))["dead_channels"] == []
 
 
+def test_a_constant_channel_and_a_prior_channel_are_inactive_with_their_reasons():
+    gen = torch.Generator().manual_seed(4)
+    mean = torch.randn(6, 4, 5, 5, generator=gen) * 2.0
+    logvar = torch.full_like(mean, -3.0)
+    mean[:, 1], logvar[:, 1] = 0.0, 0.0  # the prior: KL 0
+    mean[:, 2], logvar[:, 2] = 2.5, -30.0  # the same sharp posterior for every image: large KL, carries nothing
+    mean[:, 3] = torch.linspace(-1, 1, 5)  # varies over positions, never over images: constant too
+    stats = latents.channel_stats(latents.channel_sums(mean, logvar))
+    assert stats["dead_channels"] == [1]  # the KL criterion alone misses channels 2 and 3
+    assert stats["kl"][2] > 1.0
+    assert stats["inactive_channels"] == [
+        {"channel": 1, "reason": "prior-collapsed"},
+        {"channel": 2, "reason": "constant"},
+        {"channel": 3, "reason": "constant"},
+    ]
+    # Activity = Var over images of μ at each position (population), averaged over positions; SNR = that / E[σ²].
+    direct = mean.double().var(0, correction=0).mean((1, 2))
+    np.testing.assert_allclose(stats["activity"], direct.numpy(), atol=1e-12)
+    posterior_var = logvar.double().exp().mean((0, 2, 3))
+    np.testing.assert_allclose(stats["posterior_var"], posterior_var.numpy(), rtol=1e-12)
+    assert stats["snr"][0] == pytest.approx(direct[0].item() / posterior_var[0].item(), rel=1e-9)
+    assert stats["activity"][0] > 1.0
+    # Batches add up to the same activity (sums, not means).
+    halves = [latents.channel_sums(mean[a:b], logvar[a:b]) for a, b in ((0, 2), (2, 6))]
+    merged = latents.channel_stats(latents.add_sums(*halves))
+    np.testing.assert_allclose(merged["activity"], stats["activity"], atol=1e-12)
+    # Just above the threshold is active; one image cannot judge activity (NaN, nothing called constant).
+    mean[:, 2] = 2.5 + torch.tensor([-1.0, 1.0] * 3).view(6, 1, 1) * 1.01 * math.sqrt(latents.ACTIVE_VAR)
+    assert {c["channel"] for c in latents.channel_stats(latents.channel_sums(mean, logvar))["inactive_channels"]} == {
+        1,
+        3,
+    }
+    single = latents.channel_stats(latents.channel_sums(mean[:1], logvar[:1]))
+    assert math.isnan(single["activity"][0]) and single["inactive_channels"] == [
+        {"channel": 1, "reason": "prior-collapsed"}
+    ]
+
+
+def test_a_tiny_model_with_quant_conv_channels_edited_each_way_names_both():
+    from autoencoder.models import build_vae
+
+    torch.manual_seed(0)
+    vae = build_vae("tiny").eval().requires_grad_(False)
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    before, _ = latents.latent_diagnostics(vae, images, batch_size=3)
+    assert before["inactive_channels"] == []
+    c = vae.config.latent_channels  # quant_conv: 1×1 conv to (μ: channels 0..C-1, log σ²: C..2C-1)
+    weight, bias = vae.quant_conv.weight, vae.quant_conv.bias
+    for out, value in ((2, 0.0), (2 + c, 0.0), (5, 2.5), (5 + c, -30.0)):  # channel 2 -> the prior, 5 -> constant
+        weight[out] = 0.0
+        bias[out] = value
+    after, _ = latents.latent_diagnostics(vae, images, batch_size=3)
+    assert after["inactive_channels"] == [
+        {"channel": 2, "reason": "prior-collapsed"},
+        {"channel": 5, "reason": "constant"},
+    ]
+    assert after["dead_channels"] == [2] and after["channels"]["kl"][5] > 1.0
+    assert latents.scalars(after)["latent/inactive_channels"] == 2.0
+    assert "inactive channels 2 (prior-collapsed), 5 (constant)" in latents.describe(after)
+
+
+def test_per_channel_high_band_shares_and_the_image_at_the_latents_resolution():
+    gen = torch.Generator().manual_seed(6)
+    smooth = torch.randn(3, 1, 8, 8, generator=gen).cumsum(-1).cumsum(-2)  # mostly low frequencies
+    checker = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 2.0 - 1.0  # Nyquist in both axes
+    z = torch.cat([smooth, checker.expand(3, 1, 8, 8)], dim=1)
+    per_channel = latents.channel_spectral_energy(z)
+    shares = [latents.high_frequency_share(e) for e in per_channel]
+    assert shares[1] > 0.95 and shares[0] < 0.3
+    torch.testing.assert_close(per_channel.sum(0), latents.spectral_energy(z))
+    # Images constant over 8×8 blocks: at the latent's resolution they are the blocks themselves.
+    images = blocky_images(4, size=32, seed=7)
+    small = images[:, :, ::8, ::8]
+    torch.testing.assert_close(latents.at_latent_resolution(images, (4, 4)), small.double())
+    summary, _ = latents.latent_diagnostics(PoolVAE(), images, batch_size=2)
+    assert summary["hf_share_image_latent_res"] == pytest.approx(
+        latents.high_frequency_share(latents.spectral_energy(small)), rel=1e-9
+    )
+    # PoolVAE's latent is that same block image: its share equals the image's at the latent's resolution.
+    assert summary["hf_share"] == pytest.approx(summary["hf_share_image_latent_res"], rel=1e-6)
+    assert len(summary["channels"]["hf_share"]) == 3
+
+
+def test_latent_noise_decodes_mu_plus_sigma_over_scale_times_one_eps_per_image():
+    from metrics.reconstruction import image_metrics, noisy_reconstructions
+
+    vae = PoolVAE()
+    vae.config = types.SimpleNamespace(scaling_factor=0.5)  # σ in normalised units = 2σ in raw latent units
+    images = blocky_images(4)
+    mean = vae.encode(images).latent_dist.mean
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(4)]  # noqa: E731
+    recons = noisy_reconstructions(vae, images, [0.1, 0.5], gens())
+    eps = torch.stack([torch.randn(3, 4, 4, generator=g) for g in gens()])
+    for sigma, recon in recons.items():
+        torch.testing.assert_close(recon, vae.decode(mean + 2 * sigma * eps).sample)
+    # One generator per image: the same noise in any batching.
+    halves = [noisy_reconstructions(vae, images[a:b], [0.5], gens()[a:b])[0.5] for a, b in ((0, 1), (1, 4))]
+    torch.testing.assert_close(torch.cat(halves), recons[0.5])
+    psnr = {s: image_metrics(images, r)["psnr"] for s, r in recons.items()}
+    assert (psnr[0.5] < psnr[0.1]).all()  # PoolVAE decodes blocky images exactly: noise is all the error
+
+
 def test_dct_is_orthonormal_and_matches_scipy():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, 6, 10, generator=gen, dtype=torch.float64)
@@ -128,7 +230,8 @@ def test_latent_diagnostics_of_a_batch_add_up_and_never_draw_from_the_rng():
     whole, _ = latents.latent_diagnostics(PoolVAE(), images, batch_size=5)
     assert means.shape == (5, 3, 4, 4)
     assert summary["dead_channels"] == whole["dead_channels"]
-    for key in ("kl_mean", "kl_min", "hf_share", "hf_share_image"):
+    assert summary["inactive_channels"] == whole["inactive_channels"]
+    for key in ("kl_mean", "kl_min", "hf_share", "hf_share_image", "hf_share_image_latent_res"):
         assert summary[key] == pytest.approx(whole[key], rel=1e-9), key
     assert summary["equivariance_psnr"]["rot90"] > EXACT_DB
     flat = latents.scalars(summary)
@@ -136,8 +239,10 @@ def test_latent_diagnostics_of_a_batch_add_up_and_never_draw_from_the_rng():
         "latent/kl_mean",
         "latent/kl_min",
         "latent/dead_channels",
+        "latent/inactive_channels",
         "latent/hf_share",
         "latent/hf_share_image",
+        "latent/hf_share_image_latent_res",
         "latent/equivariance_psnr_scale",
         "latent/equivariance_psnr_rot90",
     }
@@ -178,7 +283,7 @@ def test_trainer_logs_latent_keys_at_validation(image_folder, tmp_path, tiny_arg
     validations = [r for r in records if "validation/psnr" in r]
     assert [r["step"] for r in validations] == [0, 1, 2]  # before the first step, then every step
     for r in validations:
-        for key in ("kl_mean", "kl_min", "dead_channels", "hf_share", "hf_share_image"):
+        for key in ("kl_mean", "kl_min", "dead_channels", "inactive_channels", "hf_share", "hf_share_image"):
             assert math.isfinite(r[f"latent/{key}"]), key
         assert 0 <= r["latent/hf_share"] <= 1 and r["latent/equivariance_psnr_rot90"] > 0
         assert "latent/equivariance_psnr_scale" in r
@@ -219,13 +324,22 @@ def test_evaluator_writes_latent_per_model(image_folder, tmp_path, capsys):
     tables = [line for line in stdout.splitlines() if line.startswith("|")]
     # The main table unchanged (header, separator, one row), then the latent table with its own row per model.
     assert " validation 3, 32² | rFID | PSNR |" in tables[0] and tables[2].startswith("| model | ")
-    assert tables[3].startswith("| latent | dead channels |") and tables[5].startswith("| model (8 ch) | ")
-    assert len(tables) == 6
+    assert tables[3].startswith("| latent | inactive channels |") and tables[5].startswith("| model (8 ch) | ")
+    assert len(latent["channels"]["activity"]) == 8 and isinstance(latent["inactive_channels"], list)
+    assert tables[6].startswith("| latent noise | σ=0.1 PSNR | σ=0.1 LPIPS (RANDOM VGG, not LPIPS) | σ=0.25 PSNR")
+    assert tables[8].startswith("| model (noised) | ") and len(tables) == 9
+    noise = latent["channels"] and saved["models"][0]["latent_noise"]
+    assert noise["sigmas"] == [0.1, 0.25, 0.5] and noise["scaling_factor"] > 0
+    for sigma in ("0.1", "0.25", "0.5"):
+        assert set(noise["metrics"][sigma]) == {"psnr", "ssim", "lpips"}
+        assert noise["metrics"][sigma]["psnr"]["count"] == 3 and math.isfinite(noise["metrics"][sigma]["psnr"]["mean"])
+    assert "latent_noise" in saved and all("@noise" not in k for k in saved["models"][0]["metrics"])
 
     # --no-latent_diagnostics: none computed, no second table, the main results unchanged.
-    eval_vae.main([*argv, "--no-latent_diagnostics"], lpips=build_lpips(pretrained=False))
+    eval_vae.main([*argv, "--no-latent_diagnostics", "--no-latent_noise"], lpips=build_lpips(pretrained=False))
     stdout = capsys.readouterr().out
     with open(out / "eval.json") as f:
         skipped = json.load(f)
     assert skipped["models"][0]["latent"] is None and "| latent |" not in stdout
+    assert skipped["models"][0]["latent_noise"] is None and "| latent noise |" not in stdout
     assert skipped["models"][0]["metrics"]["psnr"] == saved["models"][0]["metrics"]["psnr"]

@@ -3,7 +3,7 @@
     common                         the ground: errors, the CLI machinery, shared helpers
     data, losses, autoencoder      sources and streams; the loss terms and networks; the model
     metrics                        PSNR/SSIM, rFID, reconstruct + image metrics, grids
-    training                       the training config, checkpointing, the run log
+    training, evaluation           the training config, checkpointing, the run log; the evaluator's config and tables
     publishing                     the exported folder, the model card, the Hub
     train_vae, eval_vae            the two scripts
 
@@ -26,6 +26,7 @@ FLOORS = {
     "autoencoder": 1,
     "metrics": 2,
     "training": 3,
+    "evaluation": 3,
     "publishing": 4,
     "train_vae": 5,
     "eval_vae": 5,

@@ -135,7 +135,7 @@ def test_curves_png_with_gan_start_in_every_panel(tmp_path):
     titles = [ax.get_title() for ax in panels]
     assert len(titles) == len(curves.PANELS)
     want = {"held-out PSNR (dB)", "held-out SSIM", "held-out LPIPS", "L1", "KL", "discriminator mean logits"}
-    want |= {"latent KL (nats/element), dead channels", "latent DCT share > ½ Nyquist, equivariance PSNR"}
+    want |= {"latent KL (nats/element), dead and inactive channels", "latent DCT share > ½ Nyquist, equivariance PSNR"}
     assert want <= set(titles)
     gan_lines = _gan_lines(fig)
     assert len(gan_lines) == len(panels)  # one per panel

@@ -149,6 +149,85 @@ class HandMadeEncoder(torch.nn.Module):
         return SimpleNamespace(latent_dist=dist)
 
 
+def test_the_untrained_probe_outputs_zeros_and_learns_away_from_them():
+    settings = latent_probe.ProbeSettings(steps=1, **TINY)
+    model = latent_probe.build_probe_model(4, 4, settings)
+    x = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.1, 0.5, 0.9])
+    with torch.no_grad():
+        assert torch.equal(latent_probe.predict_velocity(model, x, t), torch.zeros_like(x))  # adaLN-zero, DiT's init
+    for block in model.transformer_blocks:
+        assert not block.norm1.linear.weight.any() and block.norm1.linear.weight.requires_grad
+    latent_probe.train_probe(model, structured_latents(16), settings, progress=False)
+    with torch.no_grad():
+        assert latent_probe.predict_velocity(model, x, t).abs().sum() > 0  # one step moves the output layer
+
+
+def test_ema_weights_sample_and_a_zero_decay_is_the_trained_weights(workspace):
+    base = dict(TINY, samples=0, steps=6, crops_per_image=2, held_out_fraction=0.34)
+    probe_data = latent_probe.load_probe_data(str(workspace / "images"), 32, latent_probe.ProbeSettings(**base))
+    torch.manual_seed(0)
+    vae = build_vae("tiny").eval()
+    averaged = latent_probe.run_probe(vae, probe_data, latent_probe.ProbeSettings(**base), progress=False)
+    plain = latent_probe.run_probe(vae, probe_data, latent_probe.ProbeSettings(**base, ema_decay=0.0), progress=False)
+    assert averaged["held_out_loss_raw"] == plain["held_out_loss_raw"] == plain["held_out_loss"]  # same training
+    assert averaged["held_out_loss"] != averaged["held_out_loss_raw"]
+
+
+def test_channel_normalisation_gives_every_channel_unit_std_and_sampling_undoes_it():
+    gen = torch.Generator().manual_seed(3)
+    scales = torch.tensor([0.1, 1.0, 10.0, 0.0]).view(1, 4, 1, 1)  # the last channel is constant
+    latents = torch.randn(40, 4, 4, 4, generator=gen) * scales + torch.tensor([1.0, -2.0, 0.5, 3.0]).view(1, 4, 1, 1)
+    train = torch.arange(30)
+    x, record = latent_probe.standardise(latents, train, "channel")
+    stats = x[train]
+    torch.testing.assert_close(stats.mean(dim=(0, 2, 3))[:3], torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(stats.std(dim=(0, 2, 3))[:3], torch.ones(3), atol=1e-5, rtol=0)
+    assert torch.isfinite(x).all() and x[:, 3].abs().max() < 1e-2  # divided by the floor, not by ~0
+    torch.testing.assert_close(latent_probe.unstandardise(x, record), latents, atol=1e-5, rtol=1e-5)
+    assert record["normalisation"].startswith("channel") and len(record["scale"]) == 4
+    # global: one number; the config's factors kept when they give about unit std.
+    unit = torch.randn(40, 4, 4, 4, generator=gen)
+    y, record = latent_probe.standardise(unit, train, "global")
+    assert torch.equal(y, unit) and record["normalisation"] == "config"
+    y, record = latent_probe.standardise(latents, train, "global")  # std far from 1: its own mean and std
+    assert record["normalisation"].startswith("measured") and y.std().item() == pytest.approx(1.0, rel=1e-5)
+    torch.testing.assert_close(latent_probe.unstandardise(y, record), latents, atol=1e-4, rtol=1e-5)
+
+
+def _probe_result(shapes):
+    settings = latent_probe.ProbeSettings(steps=5).record()
+    models = [
+        {
+            "label": f"m{i}",
+            "probe": {
+                "latent_shape": shape,
+                "held_out_loss": {"0.25": 0.5, "0.5": 0.4, "0.75": 0.3},
+                "gfid": 10.0,
+                "kid": 0.01,
+                "kid_std": 0.002,
+                "seconds": 3.0,
+            },
+        }
+        for i, shape in enumerate(shapes)
+    ]
+    probe = {"settings": settings, "gfid": "FID of ...", "kid": "KID of ...", "gfid_standard": True}
+    probe |= {"num_images": 4, "model": "DiT", "objective": "flow", "held_out_images": ["a"]}
+    return {"probe": probe, "models": models, "resolution": 32}
+
+
+def test_the_probe_table_marks_rows_of_another_latent_shape():
+    from evaluation.report import probe_table
+
+    same = probe_table(_probe_result([[8, 4, 4], [8, 4, 4]]))
+    assert "not comparable" not in same and "| m1 | 8×4×4 | 0.5000 |" in same
+    mixed = probe_table(_probe_result([[8, 4, 4], [16, 2, 2]]))
+    rows = [line for line in mixed.splitlines() if line.startswith("| m")]
+    assert "not comparable" not in rows[0] and "16×2×2 (loss not comparable)" in rows[1]
+    assert "| 10.00 | 0.0100 ± 0.0020 |" in rows[1]  # gFID and KID still shown
+    assert "gFID and KID compare across shapes" in mixed
+
+
 @pytest.mark.parametrize(
     ("mean", "std", "scaling", "shift", "want_mean", "want_std"),
     [
@@ -172,7 +251,7 @@ def test_latents_are_normalised_with_the_models_factors(mean, std, scaling, shif
 
 
 @pytest.mark.e2e
-def test_eval_with_probe_writes_entries_table_curve_and_card(workspace, terminal):
+def test_eval_with_probe_writes_entries_table_curve_and_card(workspace, terminal, monkeypatch):
     capsys = terminal
     from losses.perceptual import build_lpips
 
@@ -194,8 +273,18 @@ def test_eval_with_probe_writes_entries_table_curve_and_card(workspace, terminal
         "--probe", "--probe_steps", "12", "--probe_batch_size", "8", "--probe_crops_per_image", "4",
         "--probe_samples", "24", "--probe_sample_steps", "2", "--probe_held_out_fraction", "0.34",
     ]  # fmt: skip
+    real_sides = []
+    real_fid = latent_probe.real_fid
+    monkeypatch.setattr(latent_probe, "real_fid", lambda m, px, bs: real_sides.append(px) or real_fid(m, px, bs))
     result = eval_vae.main(argv, feature_extractor=PooledColour(), lpips=lpips)
     captured = capsys.readouterr()
+    # The real side of gFID and KID: the held-out images' crops only (2 images × 4 crops), never a trained-on one.
+    probe_data = latent_probe.load_probe_data(
+        str(ws / "images"), 32, latent_probe.ProbeSettings(crops_per_image=4, held_out_fraction=0.34)
+    )
+    assert len(real_sides) == 2 and all(
+        torch.equal(px, probe_data.pixels[probe_data.held_out_index]) for px in real_sides
+    )
     assert "probe 1/2 model" in captured.err and "probe 2/2 baseline" in captured.err  # the progress bars
 
     saved = json.loads((out / "eval.json").read_text())
@@ -204,6 +293,7 @@ def test_eval_with_probe_writes_entries_table_curve_and_card(workspace, terminal
         p = m["probe"]
         assert set(p["held_out_loss"]) == {"0.25", "0.5", "0.75"} and len(p["train_loss"]) == 12
         assert p["gfid"] is not None and p["gfid"] >= 0 and p["seconds"] > 0
+        assert p["kid"] is not None and p["kid_std"] >= 0
         assert p["latent_shape"] == [8, 4, 4] and p["num_held_out_latents"] == 2 * 4
     assert saved["models"][0]["probe"]["held_out_loss"] != saved["models"][1]["probe"]["held_out_loss"]
     assert saved["probe"]["settings"]["steps"] == 12 and not saved["probe"]["gfid_standard"]

@@ -17,7 +17,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from common.cli import markdown_reference
-from eval_vae import EvalConfig
+from evaluation.config import EvalConfig
 from losses import TransfusionLoss
 from training.config import TrainConfig
 
@@ -49,7 +49,7 @@ def flag_reference() -> str:
             "# Flags",
             "",
             "Every flag of `train_vae.py` and `eval_vae.py`, generated from their config dataclasses "
-            "(`training/config.py`, `eval_vae.py`) by `PYTHONPATH=. python tests/test_readme.py --write-flags`; "
+            "(`training/config.py`, `evaluation/config.py`) by `PYTHONPATH=. python tests/test_readme.py --write-flags`; "
             "a test fails when this file is stale. Any flag can also be set in a YAML or JSON file given with "
             "`--config`; flags on the command line win. A bad flag or value is one line and exit status 2, "
             "before any model is built.",

@@ -29,8 +29,13 @@ PANELS: list[tuple[str, list[tuple[str, str]], bool]] = [
     ("discriminator hinge loss", [("disc/loss", "D loss")], False),
     ("learning rate", [("lr/generator", "generator")], True),
     (
-        "latent KL (nats/element), dead channels",
-        [("latent/kl_mean", "mean KL"), ("latent/kl_min", "min KL"), ("latent/dead_channels", "dead channels")],
+        "latent KL (nats/element), dead and inactive channels",
+        [
+            ("latent/kl_mean", "mean KL"),
+            ("latent/kl_min", "min KL"),
+            ("latent/dead_channels", "dead channels"),
+            ("latent/inactive_channels", "inactive channels"),
+        ],
         True,
     ),
     (
@@ -49,6 +54,7 @@ PANELS: list[tuple[str, list[tuple[str, str]], bool]] = [
 SECONDARY_AXIS_KEYS = {
     "loss/gan_factor",
     "latent/dead_channels",
+    "latent/inactive_channels",
     "latent/equivariance_psnr_scale",
     "latent/equivariance_psnr_rot90",
 }

@@ -1,0 +1,1 @@
+"""The evaluator's parts: its configuration (EvalConfig), the probe inside an evaluation, the tables."""
