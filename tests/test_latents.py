@@ -343,3 +343,21 @@ def test_evaluator_writes_latent_per_model(image_folder, tmp_path, capsys):
     assert skipped["models"][0]["latent"] is None and "| latent |" not in stdout
     assert skipped["models"][0]["latent_noise"] is None and "| latent noise |" not in stdout
     assert skipped["models"][0]["metrics"]["psnr"] == saved["models"][0]["metrics"]["psnr"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--latent_noise_sigma", "0"], "--latent_noise_sigma values must be positive"),
+        (["--latent_noise_sigma", "0.1", "--latent_noise_sigma", "0.1"], "--latent_noise_sigma values must differ"),
+        (["--probe_ema_decay", "1"], "--probe_ema_decay must be in [0, 1)"),
+        (["--probe_normalise", "batch"], "argument --probe_normalise: invalid choice"),
+    ],
+)
+def test_bad_noise_and_probe_flags_are_one_line_before_any_model(flags, message, capsys):
+    argv = ["--pretrained_model_name_or_path", "/nonexistent/model", "--dataset", "/nonexistent/data", *flags]
+    with pytest.raises(SystemExit) as exit_info:
+        eval_vae.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eval_vae.py: error: ") and message in err[0], err
