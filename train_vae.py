@@ -91,6 +91,14 @@ class Preempted(Exception):
 # ----------------------------------------------------------------------------------------
 
 
+@torch.compiler.disable
+def apply_transform(transform: EquivarianceTransform, z: torch.Tensor, x: torch.Tensor):
+    """(T(z), T(x)), outside torch.compile's graphs: traced, each (scale, quarter_turns) became a graph of its own
+    (dynamo guards on the transform's fields), and dynamo stops compiling a frame after 8 of them (its
+    recompile limit). Outside, the graphs differ only by the shape of T(z), which dynamo then marks dynamic."""
+    return transform.apply(z, x)
+
+
 class VAEForTraining(nn.Module):
     """encode -> sample z -> decode in one forward, so DDP sees (and syncs) a single call.
 
@@ -117,14 +125,14 @@ class VAEForTraining(nn.Module):
         posterior = self.vae.encode(x).latent_dist  # mean/logvar: (B, C_lat, H/8, W/8), logvar clamped [-30, 20]
         z = posterior.sample()
         if replace:
-            tz, tx = equivariance.apply(z, x)
+            tz, tx = apply_transform(equivariance, z, x)
             return self._decode_main(tz), posterior.mean, posterior.logvar, {"target": tx}
         if equivariance is None and self.vf_projection is None:
             recon = self._decode_main(z)  # (B, 3, H, W); training decodes a *sampled* z
             return recon, posterior.mean, posterior.logvar
         extras = {}
         if equivariance is not None:
-            tz, tx = equivariance.apply(z, x)
+            tz, tx = apply_transform(equivariance, z, x)
             # Decoded before z: the adaptive weight's hook keeps the input of decoder.conv_out of the last decode.
             extras["equivariance"] = (tx, self.vae.decode(tz).sample)
         recon = self._decode_main(z)

@@ -747,3 +747,59 @@ def test_two_process_ddp_run_with_both_regularisers(image_folder, tmp_path, tiny
         assert (out / f"checkpoint-{step}" / checkpointing.VF_PROJECTION_FILE).is_file()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss/equivariance"] > 0 and r["loss/vf"] > 0 for r in rows if "loss/total" in r)
+
+
+@pytest.mark.e2e
+def test_torch_compile_with_vf_takes_its_weight_through_the_compiled_model(tmp_path, monkeypatch, small_dino):
+    """--torch_compile with --vf_weight > 0: λ_vf's two retain_graph autograd.grad go back through the compiled
+    model's graph (AOTAutograd) before the step's own backward. Compiled here with backend "aot_eager" (dynamo's
+    capture and AOTAutograd's joint graph, eager kernels: inductor's C++ build takes minutes on this CPU): the step
+    equals eager's."""
+    runs, compile_ = {}, torch.compile
+    for compiled in (False, True):
+        for state in (AcceleratorState, GradientState, PartialState):
+            state._reset_state()
+        if compiled:
+            monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend="aot_eager"))
+        cfg = tiny_config(tmp_path / str(compiled), vf_weight=0.5, torch_compile=compiled)
+        set_seed(0)
+        trainer = train_vae.Trainer(cfg, Accelerator(cpu=True))
+        assert hasattr(trainer.model, "_orig_mod") == compiled
+        torch.manual_seed(1)
+        logs = trainer.train_step(batch(0), step=0)
+        assert trainer.state.skipped_g_steps == 0
+        named = trainer.model.named_parameters()
+        runs[compiled] = logs, {n.removeprefix("_orig_mod."): p.detach().clone() for n, p in named}
+    (eager_logs, eager_weights), (logs, weights) = runs[False], runs[True]
+    assert eager_logs["loss/vf_adaptive_weight"] > 0
+    for key in ("loss/total", "loss/vf", "loss/vf_adaptive_weight", "loss/adaptive_weight"):
+        torch.testing.assert_close(logs[key], eager_logs[key], rtol=1e-4, atol=0, msg=key)
+    for name, value in eager_weights.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.e2e
+def test_equivariance_transforms_do_not_recompile_the_compiled_model(monkeypatch):
+    """Under --torch_compile each drawn (scale, quarter_turns) used to be a graph of its own (and dynamo stops
+    compiling after 8): the transform now runs outside the graphs, which differ only by T(z)'s shape (one dynamic
+    graph once a second shape is seen). Counted with a backend that records each graph, recompile limit raised."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch.manual_seed(0)
+    model = torch.compile(train_vae.VAEForTraining(build_vae("tiny", latent_channels=8)), backend=backend)
+    draws = [EquivarianceTransform(s, k) for s in (1.0, 0.5) for k in range(4) if (s, k) != (1.0, 0)]
+    x = batch()
+    for transform in [None, *draws]:
+        model(x, transform)
+    first_pass = len(graphs)
+    for transform in draws[::3]:
+        model(x, transform)
+    assert len(graphs) == first_pass, "a transform seen before compiled again"
+    assert first_pass < len(draws), f"{first_pass} graphs for {len(draws)} transforms: one per transform"
+    torch._dynamo.reset()
