@@ -50,6 +50,26 @@ def workspace(tmp_path_factory, image_folder):
     return root
 
 
+class PooledColour(torch.nn.Module):
+    """A cheap FID feature network (as tests/test_probe.py): uint8 (B, 3, H, W) -> 2×2 pooled colours (12-d)."""
+
+    num_features = 12
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x.float() / 255.0, 2).flatten(1)
+
+
+@pytest.fixture
+def pooled_fid(monkeypatch):
+    """FID on PooledColour instead of the Inception file (tests where the feature network does not matter)."""
+    from metrics.fid import build_fid
+
+    def cheap(weights_path=None, features=2048, **kwargs):
+        return build_fid(feature_extractor=PooledColour(), **kwargs)
+
+    monkeypatch.setattr(dit_recipe, "build_fid", cheap)
+
+
 def cache_argv(workspace, image_folder, out) -> list[str]:
     return ["cache", "--vae", str(workspace / "vae"), "--source", image_folder, "--resolution", "32", "--flip"] + [
         "--batch_size", "4", "--device", "cpu", "--mixed_precision", "no", "--num_workers", "0", "--out_dir", str(out)
@@ -172,7 +192,7 @@ def test_cache_train_fid_end_to_end(workspace, image_folder, cached, tmp_path, c
 
 
 @pytest.mark.e2e
-def test_resumed_run_equals_an_uninterrupted_one(workspace, cached, tmp_path, capsys):
+def test_resumed_run_equals_an_uninterrupted_one(workspace, cached, tmp_path, capsys, pooled_fid):
     """2 steps, then --steps 4 from its checkpoint: the weights, EMA, losses and FID points of one 4-step run."""
     from safetensors.torch import load_file
 
@@ -223,7 +243,7 @@ def test_guided_sampling_steps_on_v_null_plus_scale_times_the_difference(cfg):
 
 
 @pytest.mark.e2e
-def test_class_conditional_end_to_end(workspace, cached, tmp_path, capsys):
+def test_class_conditional_end_to_end(workspace, cached, tmp_path, capsys, pooled_fid):
     """cache --labels folder on two class folders, then a conditional DiT with guidance: two classes in the model."""
     rng = torch.Generator().manual_seed(0)
     for c, name in enumerate(("cat", "dog")):
