@@ -58,7 +58,18 @@ from losses.regularisers import (
     transform_generator,
 )
 from losses.weights import check_same_weights, weights_fingerprint
-from metrics import drift, held_out_metrics, latent_diagnostics, latent_pca_rgb, latents, save_grid
+from metrics import (
+    chroma_ratio,
+    drift,
+    held_out_metrics,
+    latent_diagnostics,
+    latent_pca_rgb,
+    latents,
+    reconstruct,
+    save_grid,
+    to_unit,
+)
+from metrics.pixel import MIN_CHROMA
 from publishing import export, hub
 from training import checkpointing, cluster
 from training.config import TrainConfig, apply_demo_defaults
@@ -1035,6 +1046,25 @@ def publish(trainer: Trainer) -> None:
             trainer.repo_id, trainer.cfg.output_dir, commit_message=f"Step {trainer.state.global_step}: exported model"
         )
     logger.info(export.run_summary(run_record(trainer)), main_process_only=True)
+    logger.info(colour_summary(trainer), main_process_only=True)
+
+
+def colour_summary(trainer: Trainer) -> str:
+    """How much of the held-out colour crops' chroma the exported weights keep (metrics.chroma_ratio), in one line."""
+    images = trainer.heldout_images.to(trainer.device)
+    recon = reconstruct(
+        trainer.averaged_model(),
+        images,
+        batch_size=trainer.cfg.train_batch_size,
+        autocast=trainer.accelerator.autocast,
+    )
+    ratio, kept = chroma_ratio(to_unit(images), to_unit(recon))
+    if not kept:
+        return f"held-out colour: none of the {len(images)} held-out images has colour (mean |Cb, Cr| >= {MIN_CHROMA})"
+    return (
+        f"held-out colour: the model keeps {ratio:.2f} of the input's chroma (mean |Cb, Cr| of reconstruction / "
+        f"input over the {kept} held-out images with mean |Cb, Cr| >= {MIN_CHROMA})"
+    )
 
 
 def resolve_resume(cfg: TrainConfig, accelerator: Accelerator) -> str | None:

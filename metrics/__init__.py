@@ -10,7 +10,7 @@ from metrics.fid import (
 )
 from metrics.grid import save_grid
 from metrics.latents import latent_diagnostics, latent_pca_rgb
-from metrics.pixel import MeanStd, psnr, ssim, to_uint8, to_unit
+from metrics.pixel import MeanStd, chroma, chroma_ratio, psnr, ssim, to_uint8, to_unit
 from metrics.reconstruction import held_out_metrics, image_metrics, load_images, noisy_reconstructions, reconstruct
 
 __all__ = [
@@ -18,6 +18,8 @@ __all__ = [
     "INCEPTION_WEIGHTS_FILE",
     "MeanStd",
     "build_fid",
+    "chroma",
+    "chroma_ratio",
     "compute_fid",
     "default_inception_path",
     "held_out_metrics",

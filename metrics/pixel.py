@@ -114,6 +114,43 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: str = "uniform") -> torch.Ten
     return s.flatten(2).mean(dim=2).mean(dim=1)
 
 
+# ---------------------------------------------------------------------------------------------
+# Colour kept: chroma of a reconstruction against its input
+# ---------------------------------------------------------------------------------------------
+
+# ITU-R BT.601 RGB -> (Cb, Cr) rows, offsets left out (JPEG's YCbCr; PIL's "YCbCr" mode less its 128).
+_CBCR = ((-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+MIN_CHROMA = 0.02  # mean |Cb, Cr| below which a crop counts as grey
+
+
+def chroma(x: torch.Tensor) -> torch.Tensor:
+    """Per-image mean |Cb, Cr| (BT.601, both channels, every pixel), (B,), of images (B, 3, H, W) in [0, 1] (clipped).
+
+    0 for a grey image; at most 0.5 (pure blue or red: |Cb| or |Cr| = 0.5).
+    """
+    device = _float64_device(x)
+    x = x.to(device, torch.float64).clamp(0.0, 1.0)
+    weights = torch.tensor(_CBCR, dtype=torch.float64, device=device)
+    return torch.einsum("kc,bchw->bkhw", weights, x).abs().flatten(1).mean(dim=1)
+
+
+def chroma_ratio(x: torch.Tensor, y: torch.Tensor, min_chroma: float = MIN_CHROMA) -> tuple[float, int]:
+    """(mean over the colour images of chroma(reconstruction) / chroma(input), how many images that is).
+
+    x: inputs, y: their reconstructions, (B, 3, H, W) in [0, 1] (clipped). Inputs whose chroma is below
+    `min_chroma` are left out (a grey crop has no colour to keep); 1 when the colours come back as strong,
+    0 for a grey reconstruction. (nan, 0) when no input has colour.
+    """
+    if x.shape != y.shape:
+        raise ValueError(f"chroma_ratio: inputs {tuple(x.shape)} and reconstructions {tuple(y.shape)} differ")
+    ref = chroma(x)
+    rec = chroma(y).to(ref.device)
+    kept = ref >= min_chroma
+    if not kept.any():
+        return math.nan, 0
+    return (rec[kept] / ref[kept]).mean().item(), int(kept.sum())
+
+
 class MeanStd:
     """Keeps per-image values of named metrics; reports mean, std (population, like np.std) and count."""
 

@@ -19,6 +19,7 @@ import data
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import bench_train_step  # benchmarks/ is not a package: its scripts import their neighbours
 import convergence
+import demo_colour
 import gpu_selftest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -208,3 +209,22 @@ def test_gpu_selftest_runs_every_check_on_cpu_and_a_failed_check_exits_non_zero(
     fp16 = checks["fp16_scale"]
     assert fp16["ok"] and fp16["data"]["start"] == [2.0**4, 2.0**10], fp16["detail"]  # 2^16 / 3·32² -> 2^4
     assert printed.strip().splitlines()[-1].startswith("gpu_selftest: 8 checks, ")
+
+
+def test_demo_colour_reports_the_chroma_ratio_of_a_saved_model(tmp_path, capsys):
+    from autoencoder.models import build_vae
+    from metrics import chroma_ratio, reconstruct, to_unit
+
+    torch.manual_seed(0)
+    build_vae("tiny").save_pretrained(tmp_path / "model")
+    (tmp_path / "heldout").mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for i, image in enumerate(torch.rand(3, 16, 16, 3, generator=gen)):
+        image = image.mean(-1, keepdim=True).expand(-1, -1, 3) if i == 2 else image  # one grey image, left out
+        Image.fromarray((image * 255).round().to(torch.uint8).numpy()).save(tmp_path / "heldout" / f"{i}.png")
+    demo_colour.main([str(tmp_path / "model"), "--heldout", str(tmp_path / "heldout"), "--resolution", "16"])
+    out = capsys.readouterr().out
+    images = demo_colour.held_out(str(tmp_path / "heldout"), 16)
+    vae = demo_colour.load_vae(str(tmp_path / "model")).eval()
+    ratio, kept = chroma_ratio(to_unit(images), to_unit(reconstruct(vae, images, batch_size=8)))
+    assert kept == 2 and f"chroma ratio {ratio:.3f} over 2 colour images" in out, out

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from skimage.transform import resize
@@ -175,3 +176,26 @@ def test_image_metrics_with_random_lpips():
     same = metrics.image_metrics(x, x, lpips=lpips)
     assert torch.all(same["lpips"].abs() < 1e-6) and torch.all(out["lpips"] > same["lpips"])
     assert torch.all(same["ssim"] > out["ssim"])
+
+
+def test_chroma_matches_pil_ycbcr_and_ratio_keeps_colour_crops_only():
+    gen = torch.Generator().manual_seed(0)
+    colour = torch.rand(3, 3, 16, 16, generator=gen)
+    # BT.601 as PIL's YCbCr (uint8, +128 offset): the same mean |Cb, Cr| to within its rounding.
+    u8 = (colour * 255).round().to(torch.uint8)
+    for image, ours in zip(u8, metrics.chroma(u8.double() / 255), strict=True):
+        ycbcr = np.asarray(Image.fromarray(image.permute(1, 2, 0).numpy()).convert("YCbCr"), dtype=np.float64)
+        assert abs(np.abs(ycbcr[..., 1:] - 128).mean() / 255 - ours.item()) < 2 / 255
+    grey = colour.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+    assert metrics.chroma(grey).abs().max().item() < 1e-12
+    assert metrics.chroma_ratio(colour, colour) == (pytest.approx(1.0), 3)
+    ratio, kept = metrics.chroma_ratio(colour, grey)
+    assert ratio == pytest.approx(0.0, abs=1e-12) and kept == 3
+    # Half the chroma: a blend halfway to grey.
+    assert metrics.chroma_ratio(colour, (colour + grey) / 2)[0] == pytest.approx(0.5)
+    # A near-grey input (chroma < 0.02) is left out, however its reconstruction looks.
+    faint = grey[:1] + 0.01 * (colour[:1] - 0.5)
+    assert metrics.chroma(faint).item() < 0.02
+    ratio, kept = metrics.chroma_ratio(torch.cat([colour[:1], faint]), torch.cat([colour[:1], colour[1:2]]))
+    assert (ratio, kept) == (pytest.approx(1.0), 1)
+    assert metrics.chroma_ratio(grey, colour)[1] == 0

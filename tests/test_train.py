@@ -3,6 +3,7 @@
 import concurrent.futures
 import json
 import os
+import re
 import subprocess
 import types
 
@@ -279,12 +280,19 @@ def test_export_card_curves_and_every_save_uploads(
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     psnr = [r["validation/psnr"] for r in rows if "validation/psnr" in r]
     ssim = [r["validation/ssim"] for r in rows if "validation/ssim" in r]
-    assert caplog.records[-1].getMessage() == (
+    assert caplog.records[-2].getMessage() == (
         f"[RANK 0] done at step 4: held-out psnr {psnr[0]:.2f} -> {psnr[-1]:.2f} dB, ssim {ssim[0]:.3f} -> "
         f"{ssim[-1]:.3f}, lpips {rows[0]['validation/lpips']:.3f} -> {rows[-1]['validation/lpips']:.3f} (2 images); "
         f"model in {tmp_path} (AutoencoderKL.from_pretrained), curves {tmp_path / 'training_curves.png'}, "
         f"grid {tmp_path / 'reconstructions.png'}"
     )
+    # Then the colour kept (metrics.chroma_ratio; its values are tested in test_metrics.py).
+    colour = caplog.records[-1].getMessage()
+    assert re.fullmatch(
+        r"\[RANK 0\] held-out colour: (the model keeps \d+\.\d\d of the input's chroma .* over the [12] held-out "
+        r"images with mean \|Cb, Cr\| >= 0\.02\)|none of the 2 held-out images has colour .*)",
+        colour,
+    ), colour
 
 
 @pytest.mark.e2e
