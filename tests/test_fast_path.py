@@ -77,10 +77,10 @@ def record_generator_grads(trainer) -> list[dict[str, torch.Tensor]]:
     """Wrap the trainer's _update to keep a copy of the autoencoder's gradients of every G step."""
     record, update = [], trainer._update
 
-    def wrapped(model, optimizer, scheduler, logs, norm_key, *scaler):
+    def wrapped(model, optimizer, scheduler, logs, norm_key, *args, **kwargs):
         if norm_key == "grad_norm/generator":
             record.append({n: p.grad.detach().clone() for n, p in trainer.vae.named_parameters() if p.grad is not None})
-        return update(model, optimizer, scheduler, logs, norm_key, *scaler)
+        return update(model, optimizer, scheduler, logs, norm_key, *args, **kwargs)
 
     trainer._update = wrapped
     return record
