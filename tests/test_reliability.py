@@ -411,6 +411,8 @@ def partial_folders(out) -> set[str]:
 def complete_checkpoints(out) -> dict[int, str]:
     """step -> folder, found independently of training.checkpointing: checkpoint-N holding trainer_state.json."""
     found = {}
+    if not os.path.isdir(out):  # a kill during start-up can come before the output folder exists
+        return found
     for name in os.listdir(out):
         match = re.fullmatch(r"checkpoint-(\d+)", name)
         if match and os.path.isfile(os.path.join(out, name, "trainer_state.json")):
