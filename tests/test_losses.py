@@ -646,11 +646,11 @@ def test_deep_copy_of_watched_model_copies_no_part_of_the_loss(lpips_random, moc
 
 @pytest.fixture
 def empty_hub(tmp_path, monkeypatch):
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
+    # torch.hub.set_dir would outlive the test (restoring get_dir()'s value pins it over TORCH_HOME): patch the
+    # module's setting and let monkeypatch put back what was there, unset included.
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    yield tmp_path / "hub"
-    torch.hub.set_dir(previous)
+    return tmp_path / "hub"
 
 
 def test_lpips_pretrained_offline_without_file_is_a_clear_error(empty_hub):

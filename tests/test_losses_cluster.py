@@ -175,6 +175,7 @@ def node_worker(rank: int, port: int, tmp: str, folder: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     os.environ.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", OMP_NUM_THREADS="1", TORCH_HOME=f"{tmp}/hub{rank}")
+    torch.hub.set_dir(f"{tmp}/hub{rank}/hub")  # what TORCH_HOME gives, unless the parent (another test) set a dir
     accelerator = Accelerator(cpu=True)
     counts, out = {}, {}
     call_counter(data.resolve, "list_images", counts)  # the os.walk of a folder source

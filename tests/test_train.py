@@ -351,7 +351,7 @@ def test_init_discriminator_and_base_model_round_trip(image_folder, tmp_path, mo
     from training.config import TrainConfig
 
     base = build_vae("tiny")
-    monkeypatch.setattr(train_vae, "load_vae", lambda location: base if location == "someone/base-vae" else None)
+    monkeypatch.setattr(train_vae, "load_vae", lambda location, **_: base if location == "someone/base-vae" else None)
     run_main(tiny_args(image_folder, tmp_path / "first", 2, init_from="someone/base-vae"))
     card = huggingface_hub.ModelCard.load(tmp_path / "first" / "README.md")
     assert card.data.base_model == "someone/base-vae"
