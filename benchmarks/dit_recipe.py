@@ -90,7 +90,7 @@ LATENTS_FILE, META_FILE, RESULT_FILE, TABLE_FILE = (
     "fid_vs_steps.txt",
 )
 TRAIN_STREAM = 1  # derive_seed stream of the recipe's batch generator
-INIT_STREAM, SAMPLE_STREAM = 2, 5  # the probe's own streams for its init and sampling noise (metrics/probe.py)
+SAMPLE_STREAM = 5  # the probe's own stream for its sampling noise (metrics/probe.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,32 +336,10 @@ def train_loop(model, latents, args, device, autocast, on_eval, resume=None, on_
 
 
 def build_dit(channels: int, size: int, settings: probe.ProbeSettings, num_classes: int = 0):
-    """The probe's model (metrics.probe.build_probe_model) when unconditional; with classes, the same DiT with
-    `num_classes` labels and a null label (index num_classes, for classifier-free guidance), built and initialised
-    as the probe builds its own (seeded, the probe's DiT init when it has one), diffusers' own label dropout off."""
-    if not num_classes:
-        return probe.build_probe_model(channels, size, settings)
-    from diffusers import DiTTransformer2DModel
-    from diffusers.models.embeddings import LabelEmbedding
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(data.stream.derive_seed(settings.seed, INIT_STREAM))
-        model = DiTTransformer2DModel(
-            num_attention_heads=settings.num_heads,
-            attention_head_dim=settings.head_dim,
-            in_channels=channels,
-            out_channels=channels,
-            num_layers=settings.num_layers,
-            sample_size=size,
-            patch_size=settings.patch_size,
-            num_embeds_ada_norm=num_classes,
-        )
-        if hasattr(probe, "initialize_like_dit"):
-            probe.initialize_like_dit(model)
-    for module in model.modules():
-        if isinstance(module, LabelEmbedding):
-            module.dropout_prob = 0.0  # drops come from the recipe's generator (train_loop)
-    return model
+    """The probe's model (metrics.probe.build_probe_model): unconditional, or with `num_classes` labels and a null
+    label (index num_classes, for classifier-free guidance); label drops come from the recipe's generator
+    (train_loop), not diffusers' own dropout."""
+    return probe.build_probe_model(channels, size, settings, num_classes=num_classes or 1)
 
 
 def len_null(model) -> int:

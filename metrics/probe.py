@@ -244,8 +244,9 @@ def encode_latents(
 # ---------------------------------------------------------------------------------------------
 
 
-def build_probe_model(channels: int, size: int, settings: ProbeSettings) -> DiTTransformer2DModel:
-    """A small unconditional DiT (one class, no label dropout) on (channels, size, size) latents, seeded init."""
+def build_probe_model(channels: int, size: int, settings: ProbeSettings, num_classes: int = 1) -> DiTTransformer2DModel:
+    """A small DiT on (channels, size, size) latents, seeded init, no label dropout of diffusers' own (it would
+    draw from the global RNG): unconditional (one class) for the probe; benchmarks/dit_recipe.py asks for more."""
     if size % settings.patch_size:
         raise MetricError(f"the probe's patch size {settings.patch_size} does not divide the latent size {size}")
     with torch.random.fork_rng(devices=[]):  # the seeded init leaves the global RNG as it was
@@ -258,12 +259,12 @@ def build_probe_model(channels: int, size: int, settings: ProbeSettings) -> DiTT
             num_layers=settings.num_layers,
             sample_size=size,
             patch_size=settings.patch_size,
-            num_embeds_ada_norm=1,
+            num_embeds_ada_norm=num_classes,
         )
         initialize_like_dit(model)
     for module in model.modules():
         if isinstance(module, LabelEmbedding):
-            module.dropout_prob = 0.0  # its label dropout would draw from the global RNG
+            module.dropout_prob = 0.0
     return model
 
 
