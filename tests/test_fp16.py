@@ -212,3 +212,50 @@ def test_d_micro_batches_are_unscaled_by_the_scale_they_were_made_with(tmp_path,
             torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=0, msg=f"{module}.{key}")
     for key, value in plain.vae.state_dict().items():
         torch.testing.assert_close(scaled.vae.state_dict()[key], value, rtol=1e-6, atol=0, msg=key)
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_accumulated_d_gradient_equals_one_large_batch(tmp_path, fresh_accelerator, monkeypatch):
+    """Two micro-batches of 2 under fp16's scalers (growing after every step) give D the gradient of one batch of
+    4 without a scaler: each micro-batch's loss counts 1/2, and each is unscaled by the scale it was made with.
+    Both D's see the same (x, x̂) pairs (x̂ a fixed function of x, not the posterior's draw), and their BatchNorm
+    layers are replaced by identities: in training mode BatchNorm normalises each micro-batch by its own
+    statistics, so with it accumulation is *not* a large batch (true of the reference's PatchGAN in any trainer)."""
+    original = train_vae.Trainer.generator_step
+
+    def fixed_pairs(self, x, step, micro_batch=0):
+        (target, _), logs, applied = original(self, x, step, micro_batch)
+        return (target, torch.tanh(1.5 * target.flip(-1) + 0.2)), logs, applied
+
+    monkeypatch.setattr(train_vae.Trainer, "generator_step", fixed_pairs)
+    images = torch.cat([batch(0), batch(1)])
+
+    def d_gradient(trainer, step_batch) -> list[torch.Tensor]:
+        discriminator = trainer.loss_fn.discriminator
+        for name, module in list(discriminator.named_modules()):
+            if isinstance(module, torch.nn.BatchNorm2d):
+                parent, _, child = name.rpartition(".")
+                setattr(discriminator.get_submodule(parent) if parent else discriminator, child, torch.nn.Identity())
+        seen, step_fn = [], trainer.opt_d.optimizer.step
+
+        def spy(*args, **kwargs):
+            seen.append([p.grad.clone() for p in discriminator.parameters()])
+            return step_fn(*args, **kwargs)
+
+        trainer.opt_d.optimizer.step = spy
+        torch.manual_seed(1)
+        trainer.train_step(step_batch, step=0)
+        assert len(seen) == 1, "D must step once per optimizer step"
+        return seen[0]
+
+    large = d_gradient(trainer_for(tmp_path / "large", fresh_accelerator(), train_batch_size=4), images)
+    fresh_accelerator.accumulation = 2
+    accumulated = trainer_for(
+        tmp_path / "accumulated", fresh_accelerator(), 2.0**10, growth_interval=1, gradient_accumulation_steps=2
+    )
+    gradient = d_gradient(accumulated, [images[:2], images[2:]])
+    assert accumulated.state.skipped_d_steps == 0 and accumulated.d_scaler.get_scale() == 2.0**11
+    assert any(g.abs().max() > 0 for g in large)
+    for got, expected in zip(gradient, large, strict=True):
+        # Summation order differs (two halves of 2 against one mean of 4): float32 rounding of the largest entry.
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
