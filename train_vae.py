@@ -59,6 +59,7 @@ from losses.regularisers import (
 )
 from losses.weights import check_same_weights, weights_fingerprint
 from metrics import (
+    chroma_error,
     chroma_ratio,
     drift,
     held_out_metrics,
@@ -1050,7 +1051,8 @@ def publish(trainer: Trainer) -> None:
 
 
 def colour_summary(trainer: Trainer) -> str:
-    """How much of the held-out colour crops' chroma the exported weights keep (metrics.chroma_ratio), in one line."""
+    """How much of the held-out colour crops' chroma the exported weights keep (metrics.chroma_ratio), and how far
+    their colours are from the input's (metrics.chroma_error), in one line."""
     images = trainer.heldout_images.to(trainer.device)
     recon = reconstruct(
         trainer.averaged_model(),
@@ -1059,11 +1061,13 @@ def colour_summary(trainer: Trainer) -> str:
         autocast=trainer.accelerator.autocast,
     )
     ratio, kept = chroma_ratio(to_unit(images), to_unit(recon))
+    error, _ = chroma_error(to_unit(images), to_unit(recon))
     if not kept:
         return f"held-out colour: none of the {len(images)} held-out images has colour (mean |Cb, Cr| >= {MIN_CHROMA})"
     return (
         f"held-out colour: the model keeps {ratio:.2f} of the input's chroma (mean |Cb, Cr| of reconstruction / "
-        f"input over the {kept} held-out images with mean |Cb, Cr| >= {MIN_CHROMA})"
+        f"input over the {kept} held-out images with mean |Cb, Cr| >= {MIN_CHROMA}); colour error {error:.2f} "
+        "(mean |Cb, Cr| of the difference / input's: 0 = the input's colours, 1 = grey)"
     )
 
 

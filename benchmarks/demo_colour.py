@@ -1,10 +1,12 @@
-"""How much colour does a model keep? Held-out PSNR and chroma ratio of any exported model folder.
+"""How much colour does a model keep? Held-out PSNR, chroma ratio and colour error of any exported model folder.
 
 Reconstructs the demo's 16 held-out crops (`data.demo_sources`: four photographs the demo never trains on, two of
 them colour), or the images of `--heldout`, through the posterior mean, as the trainer's validation does, and
 prints per image and overall: PSNR, the input's and the reconstruction's mean |Cb, Cr| (BT.601) and the chroma
 ratio `metrics.chroma_ratio` (mean over the images whose input has mean |Cb, Cr| >= 0.02 of reconstruction /
-input: 1 keeps the colours' strength, 0 is grey). The model: an exported folder (`outputs/demo`), a training
+input: 1 keeps the colours' strength, 0 is grey), the colour error `metrics.chroma_error` (mean |Cb, Cr| of
+reconstruction - input / the input's, over the same images: 0 = the input's colours, 1 = grey, above 1 = wrong
+hues) and the grey images' tint (the reconstructions' mean |Cb, Cr| where the input is grey). The model: an exported folder (`outputs/demo`), a training
 checkpoint (`outputs/demo/checkpoint-600`, its EMA weights when it has them) or anything `load_vae` loads.
 
 Run from the repository root:
@@ -27,7 +29,7 @@ import data
 from autoencoder.models import load_vae
 from common.errors import UserError
 from data.specs import SourceSpec
-from metrics import chroma, chroma_ratio, image_metrics, load_images, reconstruct, to_unit
+from metrics import chroma, chroma_error, chroma_ratio, image_metrics, load_images, reconstruct, to_unit
 from metrics.pixel import MIN_CHROMA
 
 
@@ -41,13 +43,26 @@ def held_out(folder: str | None, resolution: int) -> torch.Tensor:
 
 
 def measure(vae: torch.nn.Module, images: torch.Tensor, batch_size: int = 8) -> dict:
-    """{psnr: mean dB, chroma_ratio, colour_images, per_image: [(psnr, input chroma, recon chroma)]}."""
+    """{psnr: mean dB, chroma_ratio, chroma_error, grey_tint, colour_images,
+    per_image: [(psnr, input chroma, recon chroma, colour error)]}. grey_tint: the reconstructions' mean chroma
+    over the grey inputs (0 when they come back grey; nan without grey inputs)."""
     recon = reconstruct(vae, images, batch_size=batch_size)
     ref, rec = to_unit(images), to_unit(recon)
     psnr = image_metrics(images, recon)["psnr"]
     ratio, kept = chroma_ratio(ref, rec)
-    per_image = list(zip(psnr.tolist(), chroma(ref).tolist(), chroma(rec).tolist(), strict=True))
-    return {"psnr": psnr.mean().item(), "chroma_ratio": ratio, "colour_images": kept, "per_image": per_image}
+    error, _ = chroma_error(ref, rec)
+    errors = [chroma_error(ref[i : i + 1], rec[i : i + 1], min_chroma=0.0)[0] for i in range(len(ref))]
+    per_image = list(zip(psnr.tolist(), chroma(ref).tolist(), chroma(rec).tolist(), errors, strict=True))
+    grey = chroma(ref) < MIN_CHROMA
+    tint = chroma(rec)[grey].mean().item() if grey.any() else math.nan
+    return {
+        "psnr": psnr.mean().item(),
+        "chroma_ratio": ratio,
+        "chroma_error": error,
+        "grey_tint": tint,
+        "colour_images": kept,
+        "per_image": per_image,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,13 +80,19 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         result = measure(vae, images)
     if args.per_image:
-        print("| image | PSNR | input mean abs(Cb, Cr) | reconstruction | kept |")
-        print("|---|---|---|---|---|")
-        for i, (p, c_in, c_out) in enumerate(result["per_image"]):
-            kept = f"{c_out / c_in:.2f}" if c_in >= MIN_CHROMA else "grey, left out"
+        print("| image | PSNR | input mean abs(Cb, Cr) | reconstruction | kept | colour error |")
+        print("|---|---|---|---|---|---|")
+        for i, (p, c_in, c_out, err) in enumerate(result["per_image"]):
+            kept = f"{c_out / c_in:.2f} | {err:.2f}" if c_in >= MIN_CHROMA else "grey, left out | –"
             print(f"| {i} | {p:.2f} | {c_in:.4f} | {c_out:.4f} | {kept} |")
     ratio = result["chroma_ratio"]
-    colour = f"{ratio:.3f} over {result['colour_images']} colour images" if not math.isnan(ratio) else "no colour image"
+    colour = (
+        f"{ratio:.3f} over {result['colour_images']} colour images, colour error {result['chroma_error']:.3f}"
+        if not math.isnan(ratio)
+        else "no colour image"
+    )
+    if not math.isnan(result["grey_tint"]):
+        colour += f", grey images' tint {result['grey_tint']:.3f}"
     print(
         f"{os.path.normpath(args.model)}: held-out PSNR {result['psnr']:.2f} dB ({len(images)} images), "
         f"chroma ratio {colour}"

@@ -10,7 +10,7 @@ from metrics.fid import (
 )
 from metrics.grid import save_grid
 from metrics.latents import latent_diagnostics, latent_pca_rgb
-from metrics.pixel import MeanStd, chroma, chroma_ratio, psnr, ssim, to_uint8, to_unit
+from metrics.pixel import MeanStd, chroma, chroma_error, chroma_ratio, psnr, ssim, to_uint8, to_unit
 from metrics.reconstruction import held_out_metrics, image_metrics, load_images, noisy_reconstructions, reconstruct
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "MeanStd",
     "build_fid",
     "chroma",
+    "chroma_error",
     "chroma_ratio",
     "compute_fid",
     "default_inception_path",

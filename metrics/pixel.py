@@ -123,15 +123,30 @@ _CBCR = ((-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
 MIN_CHROMA = 0.02  # mean |Cb, Cr| below which a crop counts as grey
 
 
+def _cbcr(x: torch.Tensor) -> torch.Tensor:
+    """(B, 2, H, W) float64 (Cb, Cr) of images (B, 3, H, W) in [0, 1] (clipped), offsets left out."""
+    device = _float64_device(x)
+    x = x.to(device, torch.float64).clamp(0.0, 1.0)
+    weights = torch.tensor(_CBCR, dtype=torch.float64, device=device)
+    return torch.einsum("kc,bchw->bkhw", weights, x)
+
+
 def chroma(x: torch.Tensor) -> torch.Tensor:
     """Per-image mean |Cb, Cr| (BT.601, both channels, every pixel), (B,), of images (B, 3, H, W) in [0, 1] (clipped).
 
     0 for a grey image; at most 0.5 (pure blue or red: |Cb| or |Cr| = 0.5).
     """
-    device = _float64_device(x)
-    x = x.to(device, torch.float64).clamp(0.0, 1.0)
-    weights = torch.tensor(_CBCR, dtype=torch.float64, device=device)
-    return torch.einsum("kc,bchw->bkhw", weights, x).abs().flatten(1).mean(dim=1)
+    return _cbcr(x).abs().flatten(1).mean(dim=1)
+
+
+def _over_colour_images(x: torch.Tensor, y: torch.Tensor, per_image, min_chroma: float) -> tuple[float, int]:
+    if x.shape != y.shape:
+        raise ValueError(f"chroma: inputs {tuple(x.shape)} and reconstructions {tuple(y.shape)} differ")
+    ref = chroma(x)
+    kept = ref >= min_chroma
+    if not kept.any():
+        return math.nan, 0
+    return (per_image(x[kept], y[kept].to(ref.device)) / ref[kept]).mean().item(), int(kept.sum())
 
 
 def chroma_ratio(x: torch.Tensor, y: torch.Tensor, min_chroma: float = MIN_CHROMA) -> tuple[float, int]:
@@ -139,16 +154,19 @@ def chroma_ratio(x: torch.Tensor, y: torch.Tensor, min_chroma: float = MIN_CHROM
 
     x: inputs, y: their reconstructions, (B, 3, H, W) in [0, 1] (clipped). Inputs whose chroma is below
     `min_chroma` are left out (a grey crop has no colour to keep); 1 when the colours come back as strong,
-    0 for a grey reconstruction. (nan, 0) when no input has colour.
+    0 for a grey reconstruction. (nan, 0) when no input has colour. It measures strength, not hue: see
+    `chroma_error` for that.
     """
-    if x.shape != y.shape:
-        raise ValueError(f"chroma_ratio: inputs {tuple(x.shape)} and reconstructions {tuple(y.shape)} differ")
-    ref = chroma(x)
-    rec = chroma(y).to(ref.device)
-    kept = ref >= min_chroma
-    if not kept.any():
-        return math.nan, 0
-    return (rec[kept] / ref[kept]).mean().item(), int(kept.sum())
+    return _over_colour_images(x, y, lambda a, b: chroma(b), min_chroma)
+
+
+def chroma_error(x: torch.Tensor, y: torch.Tensor, min_chroma: float = MIN_CHROMA) -> tuple[float, int]:
+    """(mean over the colour images of mean |(Cb, Cr)(reconstruction) - (Cb, Cr)(input)| / chroma(input), count).
+
+    The hue-aware companion of `chroma_ratio`, over the same images: 0 when every pixel's colour comes back,
+    exactly 1 for a grey reconstruction, above 1 when the colours come back wrong (a red cast on a blue sky).
+    """
+    return _over_colour_images(x, y, lambda a, b: (_cbcr(b) - _cbcr(a)).abs().flatten(1).mean(dim=1), min_chroma)
 
 
 class MeanStd:

@@ -213,7 +213,7 @@ def test_gpu_selftest_runs_every_check_on_cpu_and_a_failed_check_exits_non_zero(
 
 def test_demo_colour_reports_the_chroma_ratio_of_a_saved_model(tmp_path, capsys):
     from autoencoder.models import build_vae
-    from metrics import chroma_ratio, reconstruct, to_unit
+    from metrics import chroma, chroma_error, chroma_ratio, reconstruct, to_unit
 
     torch.manual_seed(0)
     build_vae("tiny").save_pretrained(tmp_path / "model")
@@ -226,5 +226,10 @@ def test_demo_colour_reports_the_chroma_ratio_of_a_saved_model(tmp_path, capsys)
     out = capsys.readouterr().out
     images = demo_colour.held_out(str(tmp_path / "heldout"), 16)
     vae = demo_colour.load_vae(str(tmp_path / "model")).eval()
-    ratio, kept = chroma_ratio(to_unit(images), to_unit(reconstruct(vae, images, batch_size=8)))
-    assert kept == 2 and f"chroma ratio {ratio:.3f} over 2 colour images" in out, out
+    recon = to_unit(reconstruct(vae, images, batch_size=8))
+    ratio, kept = chroma_ratio(to_unit(images), recon)
+    error, _ = chroma_error(to_unit(images), recon)
+    tint = chroma(recon[2:]).item()
+    assert kept == 2 and (
+        f"chroma ratio {ratio:.3f} over 2 colour images, colour error {error:.3f}, grey images' tint {tint:.3f}" in out
+    ), out

@@ -199,3 +199,21 @@ def test_chroma_matches_pil_ycbcr_and_ratio_keeps_colour_crops_only():
     ratio, kept = metrics.chroma_ratio(torch.cat([colour[:1], faint]), torch.cat([colour[:1], colour[1:2]]))
     assert (ratio, kept) == (pytest.approx(1.0), 1)
     assert metrics.chroma_ratio(grey, colour)[1] == 0
+
+
+def test_chroma_error_is_zero_for_the_same_colours_one_for_grey_and_sees_hue():
+    gen = torch.Generator().manual_seed(0)
+    colour = torch.rand(3, 3, 16, 16, generator=gen)
+    grey = colour.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+    assert metrics.chroma_error(colour, colour) == (pytest.approx(0.0, abs=1e-12), 3)
+    assert metrics.chroma_error(colour, grey) == (pytest.approx(1.0), 3)
+    assert metrics.chroma_error(colour, (colour + grey) / 2)[0] == pytest.approx(0.5)
+    # Channels rotated: the same chroma strength, other hues. The ratio cannot tell; the error can.
+    rotated = colour[:, [1, 2, 0]]
+    assert metrics.chroma(rotated) == pytest.approx(metrics.chroma(colour), rel=0.5)
+    error, _ = metrics.chroma_error(colour, rotated)
+    cbcr = lambda x: torch.einsum("kc,bchw->bkhw", torch.tensor(metrics.pixel._CBCR).double(), x.double())  # noqa: E731
+    expected = ((cbcr(rotated) - cbcr(colour)).abs().flatten(1).mean(1) / metrics.chroma(colour)).mean().item()
+    assert error == pytest.approx(expected) and error > 1
+    faint = grey[:1] + 0.01 * (colour[:1] - 0.5)
+    assert metrics.chroma_error(torch.cat([colour[:1], faint]), torch.cat([colour[:1], colour[1:2]]))[1] == 1

@@ -286,11 +286,11 @@ def test_export_card_curves_and_every_save_uploads(
         f"model in {tmp_path} (AutoencoderKL.from_pretrained), curves {tmp_path / 'training_curves.png'}, "
         f"grid {tmp_path / 'reconstructions.png'}"
     )
-    # Then the colour kept (metrics.chroma_ratio; its values are tested in test_metrics.py).
+    # Then the colour kept (metrics.chroma_ratio, chroma_error; their values are tested in test_metrics.py).
     colour = caplog.records[-1].getMessage()
     assert re.fullmatch(
         r"\[RANK 0\] held-out colour: (the model keeps \d+\.\d\d of the input's chroma .* over the [12] held-out "
-        r"images with mean \|Cb, Cr\| >= 0\.02\)|none of the 2 held-out images has colour .*)",
+        r"images with mean \|Cb, Cr\| >= 0\.02\); colour error \d+\.\d\d \(.*\)|none of the 2 held-out images has colour .*)",
         colour,
     ), colour
 
