@@ -152,7 +152,7 @@ class TrainConfig:
         "training crops: resize (shorter side -> resolution, random crop; the recipe), native (a random window at the image's own scale), random_scale (shorter side resized to a random size between resolution and native, then a random crop)",
         choices=("resize", "native", "random_scale"),
         resume="warn",
-        demo="native",
+        demo="random_scale",
     )
     interpolation: str = arg(
         "bilinear",
