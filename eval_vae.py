@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 
 import data
 import metrics
-from autoencoder.models import load_vae
+from autoencoder.models import is_single_file, load_vae
 from common.cli import fail, parse_config, to_dict
 from common.errors import ModelError, UserError
 from common.helpers import set_torch_backends, stderr_is_terminal, text_seed
@@ -169,7 +169,7 @@ def load_models(cfg: EvalConfig) -> list[tuple[str, str, str, torch.nn.Module]]:
     roles = ["model"] + ["baseline"] * len(cfg.baseline)
     out = []
     for label, path, role in zip(model_labels(paths), paths, roles, strict=False):
-        vae = load_vae(path)
+        vae = load_vae(path, config=cfg.model_config if is_single_file(path) else None)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         if cfg.resolution % factor:
             raise ModelError(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import data
 import metrics
+from autoencoder.models import is_single_file
 from common.cli import arg
 from common.errors import ConfigError
 from metrics import fid as fid_backends
@@ -38,6 +39,12 @@ class EvalConfig:
     # What to evaluate, on what.
     pretrained_model_name_or_path: str = arg(
         "", help="the VAE to evaluate: diffusers folder, training output or checkpoint-N folder, or hub id"
+    )
+    model_config: str | None = arg(
+        None,
+        help="the config of a single-file (original LDM layout) --pretrained_model_name_or_path or --baseline: a "
+        "preset, a JSON file, a folder holding config.json or a Hub id; left out, diffusers infers it (it then "
+        "needs the Hub or its cache). Models in diffusers folders bring their own",
     )
     baseline: list[str] = arg(
         [],
@@ -169,6 +176,12 @@ class EvalConfig:
             raise ConfigError("--pretrained_model_name_or_path is required")
         if not self.dataset:
             raise ConfigError("--dataset is required")
+        models = [self.pretrained_model_name_or_path, *self.baseline]
+        if self.model_config is not None and not any(is_single_file(m) for m in models):
+            raise ConfigError(
+                "--model_config is the config of a single-file checkpoint (.safetensors/.ckpt), and no model or "
+                "baseline is one: diffusers folders and Hub ids bring their own"
+            )
         if self.resolution <= 0 or self.resolution % 8:
             raise ConfigError(
                 f"--resolution must be a positive multiple of 8 (the VAE downsamples 8×), got {self.resolution}"

@@ -367,6 +367,32 @@ def _error_line(capsys, argv) -> str:
     return errors[0]
 
 
+def test_a_single_file_model_evaluates_with_its_config_offline(workspace, random_lpips, capsys, tmp_path):
+    """The model exported as one LDM-layout file, with --model_config naming its config (offline: diffusers would
+    otherwise fetch one), gives exactly the figures of its diffusers folder; --model_config without a single-file
+    model is refused in one line."""
+    import shutil
+
+    from publishing.export import SINGLE_FILE
+    from publishing.export import main as export_main
+
+    ws = workspace
+    folder = tmp_path / "model"
+    shutil.copytree(ws / "model", folder)
+    export_main(["--single_file", str(folder)])
+    capsys.readouterr()
+    argv = ["--no-fid", "--grid_images", "0"]
+    from_folder = eval_vae.main(base_args(ws, "out_folder", *argv), lpips=random_lpips)
+    single = ["--pretrained_model_name_or_path", str(folder / SINGLE_FILE), "--model_config", str(folder)]
+    from_file = eval_vae.main(base_args(ws, "out_file", *argv, *single), lpips=random_lpips)
+    capsys.readouterr()
+    for name in ("psnr", "ssim", "lpips"):
+        got = from_file["models"][0]["metrics"][name]["mean"]
+        assert got == from_folder["models"][0]["metrics"][name]["mean"], name
+    err = _error_line(capsys, base_args(ws, "bad", "--model_config", "tiny"))
+    assert "--model_config" in err and "single-file" in err
+
+
 @pytest.mark.e2e
 def test_bad_inputs_fail_with_one_line(workspace, capsys, tmp_path, monkeypatch):
     ws = workspace
