@@ -223,6 +223,48 @@ def test_a_job_lists_once_draws_one_held_out_batch_and_agrees_on_its_weights(tmp
     assert "rank(s) 0: LPIPS pretrained " in ranks[0]["weights"] and "rank(s) 1: LPIPS random " in ranks[0]["weights"]
 
 
+def eval_node_worker(rank: int, port: int, tmp: str) -> None:
+    """eval_vae's LPIPS on rank `rank` of 2, each rank a node with its own torch hub cache."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    import eval_vae
+    from common.errors import UserError
+    from evaluation.config import EvalConfig
+
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state()
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    os.environ.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", OMP_NUM_THREADS="1", TORCH_HOME=f"{tmp}/hub{rank}")
+    torch.hub.set_dir(f"{tmp}/hub{rank}/hub")
+    accelerator = Accelerator(cpu=True)
+    out = {}
+    for weights in ("random", "pretrained"):
+        try:
+            lpips = eval_vae.build_lpips_on_every_node(EvalConfig(perception_weights=weights), accelerator)
+            out[weights] = lpips.net.net.slice1[0].weight.detach().clone()
+        except UserError as e:
+            out[weights] = f"{type(e).__name__}: {e}"
+    torch.save(out, f"{tmp}/eval_rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_eval_ranks_build_one_lpips_or_all_stop_in_one_line(tmp_path):
+    """eval_vae on two nodes: under 'random' every rank builds the same network; under 'pretrained', with the
+    VGG16 file on rank 0's node only, both ranks stop with the same line naming rank 1, instead of rank 1
+    exiting alone and rank 0 waiting in its first gather."""
+    write_vgg16_features(tmp_path / "hub0")
+    import eval_vae  # noqa: F401 - imported once here: forked ranks start with it
+
+    mp.start_processes(eval_node_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    ranks = [torch.load(tmp_path / f"eval_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert torch.equal(ranks[0]["random"], ranks[1]["random"])
+    expected = "PerceptionWeightsError: rank(s) 1 could not load the perception weights (rank 1: vgg16-397923af.pth "
+    assert ranks[0]["pretrained"] == ranks[1]["pretrained"], ranks
+    assert ranks[0]["pretrained"].startswith(expected) and "\n" not in ranks[0]["pretrained"]
+
+
 def test_ranks_that_loaded_other_weights_or_none_stop_in_one_line():
     from common.errors import PerceptionWeightsError
     from losses.weights import check_same_weights, weights_digest, weights_fingerprint
