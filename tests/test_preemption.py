@@ -180,6 +180,18 @@ def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
     return alive
 
 
+def _wait_gone(launcher: subprocess.Popen, tree: list[psutil.Process], log, launcher_s: float, grace_s: float) -> str:
+    """Wait up to launcher_s for the signalled launcher, then up to grace_s more for every process of its tree
+    (ranks, data workers); assert none is left running and return the run's log (the Path `log`)."""
+    launcher.wait(timeout=launcher_s)
+    deadline = time.time() + grace_s
+    while _alive(tree) and time.time() < deadline:
+        time.sleep(0.2)
+    text = log.read_text()
+    assert not _alive(tree), f"left running: {[p.pid for p in _alive(tree)]}\n{text[-3000:]}"
+    return text
+
+
 def _worker_args(tiny_args, image_folder, out, **kw):
     """Two data workers per rank, checkpoints only when stopped or at the end, a log line every step."""
     return tiny_args(
@@ -225,12 +237,7 @@ def test_preemption_by_every_signal_path_with_data_workers(
                 p.send_signal(signal.SIGTERM)
         else:
             launcher.send_signal(signal.SIGTERM if path == "launcher_sigterm" else signal.SIGUSR1)
-        launcher.wait(timeout=300)
-        deadline = time.time() + 120
-        while _alive(tree) and time.time() < deadline:
-            time.sleep(0.2)
-    text = (tmp_path / "stopped.log").read_text()
-    assert not _alive(tree), f"left running: {[p.pid for p in _alive(tree)]}\n{text[-3000:]}"
+        text = _wait_gone(launcher, tree, tmp_path / "stopped.log", launcher_s=300, grace_s=120)
     assert "is killed by signal" not in text, text[-3000:]
     marker = (out / "PREEMPTED").read_text()
     step = int(re.search(r"^step (\d+)$", marker, flags=re.M).group(1))
@@ -266,12 +273,7 @@ def test_a_save_slower_than_the_launchers_window_still_leaves_a_checkpoint_to_re
             time.sleep(0.05)
         tree = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
         launcher.send_signal(signal.SIGTERM)
-        launcher.wait(timeout=120)
-        deadline = time.time() + 60
-        while _alive(tree) and time.time() < deadline:
-            time.sleep(0.2)
-    text = (tmp_path / "stopped.log").read_text()
-    assert not _alive(tree), f"left running: {[p.pid for p in _alive(tree)]}\n{text[-3000:]}"
+        text = _wait_gone(launcher, tree, tmp_path / "stopped.log", launcher_s=120, grace_s=60)
     assert "forcefully exiting" in text, text[-3000:]  # torchrun's SIGKILL after its 2 s window
     assert list(out.glob("checkpoint-*.tmp")), "the preemption's save did not begin"
     complete = sorted(p.name for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
