@@ -64,13 +64,13 @@ import data
 import metrics
 from autoencoder.models import is_single_file, load_vae
 from common.cli import fail, parse_config, to_dict
-from common.errors import ModelError, PerceptionWeightsError, UserError
+from common.errors import ModelError, UserError
 from common.helpers import set_torch_backends, stderr_is_terminal, text_seed
 from evaluation.config import PROTOCOLS, EvalConfig
 from evaluation.probing import run_probes, write_probe_outputs
 from evaluation.report import latent_table, markdown_table, noise_table, probe_table
 from losses.perceptual import build_lpips
-from losses.weights import check_same_weights, weights_fingerprint
+from losses.weights import build_on_every_node, weights_fingerprint
 from metrics import drift, image_metrics, latents, reconstruct, save_grid
 from metrics import fid as fid_backends
 from publishing.card import load_card, update_model_card, update_model_card_probe
@@ -182,23 +182,19 @@ def load_models(cfg: EvalConfig) -> list[tuple[str, str, str, torch.nn.Module]]:
 
 def build_lpips_on_every_node(cfg: EvalConfig, accelerator: Accelerator) -> torch.nn.Module:
     """LPIPS, built on each node's local main process first (it reads that node's torch hub cache), then on the
-    node's other ranks. With several processes the ranks compare what they loaded and all stop in one line when
-    one failed (a node without the VGG16 file) or holds other weights: its ranks would otherwise exit alone and
-    leave the others waiting in the first gather, or score their share of the images with another network."""
-    net, failure = None, None
-    with accelerator.local_main_process_first():
-        try:
-            if cfg.perception_weights == "random":
-                torch.manual_seed(cfg.seed)  # the same random VGG on every rank and in every run
-            net = build_lpips(pretrained=cfg.perception_weights == "pretrained")
-        except PerceptionWeightsError as e:
-            failure = e
-    if accelerator.num_processes > 1:
-        local = str(failure) if net is None else weights_fingerprint({"LPIPS": net}, cfg.perception_weights)
-        check_same_weights(gather_object([local]))
-    if failure is not None:
-        raise failure
-    return net
+    node's other ranks; the ranks then compare what they loaded and all stop in one line when one failed (a node
+    without the VGG16 file) or holds other weights (`losses.weights.build_on_every_node`): its ranks would
+    otherwise exit alone and leave the others waiting in the first gather, or score their share of the images
+    with another network."""
+
+    def build() -> torch.nn.Module:
+        if cfg.perception_weights == "random":
+            torch.manual_seed(cfg.seed)  # the same random VGG on every rank and in every run
+        return build_lpips(pretrained=cfg.perception_weights == "pretrained")
+
+    return build_on_every_node(
+        accelerator, build, lambda net: weights_fingerprint({"LPIPS": net}, cfg.perception_weights)
+    )
 
 
 def build_fids(n: int, cfg: EvalConfig, inception_path: str | None, feature_extractor: torch.nn.Module | None) -> list:

@@ -57,7 +57,7 @@ from losses.regularisers import (
     draw_eqvae,
     transform_generator,
 )
-from losses.weights import check_same_weights, weights_fingerprint
+from losses.weights import build_on_every_node, weights_fingerprint
 from metrics import (
     chroma_error,
     chroma_ratio,
@@ -371,24 +371,16 @@ def build_loss(cfg: TrainConfig) -> TransfusionLoss:
 
 
 def build_loss_on_every_node(cfg: TrainConfig, accelerator: Accelerator) -> TransfusionLoss:
-    """`build_loss` on each node's local main process first (it fills that node's torch hub / HF cache, a
-    download at most once per node), then on the node's other ranks. With several processes the ranks then
-    compare what they loaded (`losses.weights.check_same_weights`) and all stop in one line when a rank
-    failed or holds other weights: a node without the files would otherwise train with random LPIPS/MoCo
+    """`build_loss` on each node's local main process first, then on its other ranks; the ranks then compare the
+    perception weights they loaded and all stop in one line when a rank failed or holds others
+    (`losses.weights.build_on_every_node`): a node without the files would otherwise train with random LPIPS/MoCo
     under `auto` while rank 0's card says "pretrained", or exit alone under `pretrained` and leave the others
     waiting for --ddp_timeout."""
-    loss, failure = None, None
-    with accelerator.local_main_process_first():
-        try:
-            loss = build_loss(cfg)
-        except PerceptionWeightsError as e:
-            failure = e
-    if accelerator.num_processes > 1:
-        local = str(failure) if loss is None else weights_fingerprint(perception_nets(loss), loss.perception_weights)
-        check_same_weights(gather_object([local]))
-    if failure is not None:
-        raise failure
-    return loss
+    return build_on_every_node(
+        accelerator,
+        lambda: build_loss(cfg),
+        lambda loss: weights_fingerprint(perception_nets(loss), loss.perception_weights),
+    )
 
 
 def perception_nets(loss: TransfusionLoss) -> dict[str, nn.Module | None]:

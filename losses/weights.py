@@ -8,8 +8,11 @@ import hashlib
 import os
 import socket
 import urllib.parse
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+from accelerate.utils import gather_object
 
 from common.errors import PerceptionWeightsError
 from common.helpers import hub_offline
@@ -105,3 +108,27 @@ def check_same_weights(gathered: list[dict[str, str] | str]) -> None:
         f"the ranks loaded different perception weights ({described}): each node reads its own torch hub / "
         "Hugging Face cache, so give every node the same files (a shared TORCH_HOME and HF_HOME, or identical copies)"
     )
+
+
+Built = TypeVar("Built")
+
+
+def build_on_every_node(
+    accelerator, build: Callable[[], Built], fingerprint: Callable[[Built], dict[str, str]]
+) -> Built:
+    """`build()` on each node's local main process first (it fills that node's torch hub / HF cache, a download
+    at most once per node), then on the node's other ranks. With several processes the ranks then compare what
+    they loaded (`fingerprint` of what was built, or the one-line error `build` raised) and all stop in one line
+    (`check_same_weights`) when a rank failed or holds other weights, instead of a rank exiting alone while the
+    others wait in their next collective, or computing its share with other networks."""
+    built, failure = None, None
+    with accelerator.local_main_process_first():
+        try:
+            built = build()
+        except PerceptionWeightsError as e:
+            failure = e
+    if accelerator.num_processes > 1:
+        check_same_weights(gather_object([str(failure) if failure is not None else fingerprint(built)]))
+    if failure is not None:
+        raise failure
+    return built
