@@ -205,7 +205,7 @@ def build_model_card(
     kept_latent_convention: Mapping | None = None,
     single_file: str | None = None,
 ) -> ModelCard:
-    """The card of an exported model.
+    """The card of an exported model: YAML metadata, then one section per helper below.
 
     folder: the export folder (its basename names a local model; images in it are embedded).
     repo_id: the Hub repository when pushed (metadata and loading snippet use it), else None.
@@ -221,22 +221,46 @@ def build_model_card(
         "reason") when config.json keeps them, else None (config.json holds the measured values).
     single_file: the file name of the single-file (original LDM layout) copy of the weights, when written.
     """
-    recipe = dict(recipe or {})
-    vae_config = dict(vae_config or {})
     rows = [_source_fields(s) for s in sources]
     hub_datasets = [r["path"] for r in rows if r["kind"] == "hub"]
-    base_hub_id = hub_repo_of(base_model) if base_model else None
     data = ModelCardData(
         license=license,
         library_name="diffusers",
         tags=list(TAGS),
-        base_model=base_hub_id,
+        base_model=hub_repo_of(base_model) if base_model else None,
         datasets=hub_datasets or None,
     )
     name = repo_id or (os.path.basename(os.path.abspath(folder)) if folder else "transfusion-vae")
     load_from = repo_id or (f"./{name}" if folder else ".")
     random_nets = perception_weights == "random"
+    sections = [
+        _head_section(name, random_nets, heldout_disjoint, base_model, base_loaded_as_is),
+        _model_section(dict(vae_config or {}), resolution, num_parameters, has_discriminator),
+        _training_section(
+            dict(recipe or {}),
+            perception_weights,
+            steps,
+            images_seen,
+            resolution,
+            batch_size,
+            num_processes,
+            gradient_accumulation_steps,
+        ),
+        _mixture_section(rows),
+        _heldout_section(
+            num_validation_images, heldout_name, heldout_disjoint, metrics_initial, metrics_final, random_nets
+        )
+        + _images_section(folder),
+        _usage_section(latent_stats, kept_latent_convention, load_from, repo_id, single_file),
+    ]
+    body = "\n\n".join("\n".join(s).rstrip() for s in sections)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
 
+
+# -- the sections of build_model_card: each returns its lines ------------------------------------------------
+
+
+def _head_section(name, random_nets, heldout_disjoint, base_model, base_loaded_as_is) -> list[str]:
     head = [f"# {name.split('/')[-1]}", ""]
     if random_nets:
         head += [
@@ -257,18 +281,17 @@ def build_model_card(
         "(https://github.com/lavinal712/AutoencoderKL/tree/transfusion_vae))."
         + (_start_sentence(base_model, base_loaded_as_is) if base_model else ""),
     ]
+    return head
 
-    factor = 2 ** (len(vae_config.get("block_out_channels", ())) - 1) if vae_config.get("block_out_channels") else None
+
+def _model_section(vae_config: Mapping, resolution, num_parameters, has_discriminator) -> list[str]:
+    channels = vae_config.get("latent_channels")
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1) if vae_config.get("block_out_channels") else None
+    shape = f" ({resolution}² → {resolution // factor}²×{channels})" if factor and resolution else ""
     model = [
         "## Model",
         "",
-        f"- latent channels: {vae_config.get('latent_channels')}"
-        + (f", downsampling ×{factor}" if factor else "")
-        + (
-            f" ({resolution}² → {resolution // factor}²×{vae_config.get('latent_channels')})"
-            if factor and resolution
-            else ""
-        ),
+        f"- latent channels: {channels}" + (f", downsampling ×{factor}{shape}" if factor else ""),
         f"- block_out_channels: {list(vae_config.get('block_out_channels', ()))}, "
         f"layers_per_block: {vae_config.get('layers_per_block')}"
         + (f", {num_parameters / 1e6:.1f} M parameters" if num_parameters else ""),
@@ -278,59 +301,68 @@ def build_model_card(
             "- `discriminator/`: the PatchGAN discriminator at the end of training (`model.safetensors` + "
             "`config.json`), for fine-tuning with its GAN term warm (`--init_discriminator`)"
         )
+    return model
 
-    per_step = (batch_size or 0) * num_processes * gradient_accumulation_steps
-    training = [
+
+def _training_section(
+    recipe: Mapping, perception_weights, steps, images_seen, resolution, batch_size, num_processes, accumulation
+) -> list[str]:
+    nets = "none (the LPIPS and ID terms are off)" if perception_weights == "none" else f"**{perception_weights}**"
+    return [
         "## Training",
         "",
         *_recipe_lines(recipe),
         "",
-        "- perception nets (LPIPS-VGG, MoCo): "
-        + ("none (the LPIPS and ID terms are off)" if perception_weights == "none" else f"**{perception_weights}**"),
+        "- perception nets (LPIPS-VGG, MoCo): " + nets,
         f"- steps: {steps}, images seen: {images_seen}, resolution: {resolution}²",
-        f"- batch: {batch_size} per device × {num_processes} process(es) × {gradient_accumulation_steps} "
-        f"accumulation = {per_step} images per step",
+        f"- batch: {batch_size} per device × {num_processes} process(es) × {accumulation} "
+        f"accumulation = {(batch_size or 0) * num_processes * accumulation} images per step",
     ]
 
-    mixture = ["## Data mixture", ""]
-    if rows:
-        total = sum(float(r["weight"]) for r in rows) or 1.0
-        mixture += ["| source | path | split | weight | probability |", "|---|---|---|---|---|"]
-        for r in rows:
-            where = (
-                f"[{r['path']}](https://huggingface.co/datasets/{r['path']})"
-                if r["kind"] == "hub"
-                else f"`{public_path(r['path'])}` (local {r['kind']})"
-            )
-            weight = float(r["weight"])
-            shown = str(int(weight)) if weight.is_integer() else f"{weight:g}"
-            mixture.append(
-                f"| {r['name']} | {where} | {r['split'] or '–'} | {shown} | {float(r['weight']) / total:.3f} |"
-            )
-    else:
-        mixture.append("_Not recorded._")
 
-    heldout = [
+def _mixture_section(rows: list[dict]) -> list[str]:
+    if not rows:
+        return ["## Data mixture", "", "_Not recorded._"]
+    total = sum(float(r["weight"]) for r in rows) or 1.0
+    lines = ["## Data mixture", "", "| source | path | split | weight | probability |", "|---|---|---|---|---|"]
+    for r in rows:
+        where = (
+            f"[{r['path']}](https://huggingface.co/datasets/{r['path']})"
+            if r["kind"] == "hub"
+            else f"`{public_path(r['path'])}` (local {r['kind']})"
+        )
+        weight = float(r["weight"])
+        shown = str(int(weight)) if weight.is_integer() else f"{weight:g}"
+        lines.append(f"| {r['name']} | {where} | {r['split'] or '–'} | {shown} | {weight / total:.3f} |")
+    return lines
+
+
+def _heldout_section(count, source, disjoint, metrics_initial, metrics_final, random_nets) -> list[str]:
+    lines = [
         "## Held-out reconstruction (posterior mean"
-        + (f", {num_validation_images} images" if num_validation_images else "")
-        + (f", source {heldout_name}" if heldout_name else "")
+        + (f", {count} images" if count else "")
+        + (f", source {source}" if source else "")
         + ")",
         "",
-        (
-            "Held out: disjoint from the training data."
-            if heldout_disjoint
-            else "**Not disjoint from the training data.**"
-        ),
+        "Held out: disjoint from the training data." if disjoint else "**Not disjoint from the training data.**",
         "",
         _metrics_table(metrics_initial or {}, metrics_final or {}),
     ]
     if random_nets:
-        heldout += ["", "LPIPS here is computed with the same random VGG: only its trend means anything."]
+        lines += ["", "LPIPS here is computed with the same random VGG: only its trend means anything."]
+    return lines
+
+
+def _images_section(folder: str | None) -> list[str]:
+    """The IMAGES the export folder holds, each with its caption (appended to the held-out section)."""
     images = []
     for filename, caption in IMAGES:
         if folder and os.path.isfile(os.path.join(folder, filename)):
             images += [f"![{caption}]({filename})", "", caption, ""]
+    return [""] + images if images else []
 
+
+def _usage_section(latent_stats, kept_latent_convention, load_from, repo_id, single_file) -> list[str]:
     usage = [
         "## Latent statistics",
         "",
@@ -356,9 +388,7 @@ def build_model_card(
             "(`models/vae/`) and AUTOMATIC1111 (`models/VAE/`); diffusers reads it with "
             f'`AutoencoderKL.from_single_file("{single_file}", config="{load_from}")`.',
         ]
-    sections = [head, model, training, mixture, heldout + ([""] + images if images else []), usage]
-    body = "\n\n".join("\n".join(s).rstrip() for s in sections)
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
+    return usage
 
 
 # ----------------------------------------------------------------------------------------
