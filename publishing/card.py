@@ -499,7 +499,7 @@ def update_model_card_probe(folder: str, result: dict, table: str) -> str:
     """Write the latent probe's table into <folder>/README.md as its own marked section (replaced on a re-run).
 
     No model-index metadata: the probe's numbers are a relative measure between the VAEs of one
-    evaluation (a ~2 M-parameter DiT on few latents), not a gFID as published.
+    evaluation (a small DiT on few latents), not a gFID as published.
     """
     card = load_card(folder)
     dataset_type, dataset_name = card_dataset(result)
