@@ -24,6 +24,7 @@ from common.errors import ModelCardError
 from common.helpers import one_line
 from data import detect_kind
 from evaluation.report import REPORTED_METRICS, metric_value
+from losses.regularisers import EQVAE_SCALES
 from training.runlog import CURVES_PNG
 
 TAGS = ["diffusers", "autoencoder", "vae", "transfusion", "autoencoderkl"]
@@ -67,6 +68,11 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _scales(scales: Sequence[float]) -> str:
+    """EQ-VAE's scales as the card shows them: '8/32, ..., 31/32' (the first, an ellipsis, the last, in 32nds)."""
+    return f"{round(scales[0] * 32)}/32, ..., {round(scales[-1] * 32)}/32"
+
+
 def _recipe_lines(recipe: Mapping) -> list[str]:
     r = defaultdict(lambda: None, recipe)  # TrainConfig.recipe(): the fields marked recipe=True
     terms = [
@@ -90,7 +96,7 @@ def _recipe_lines(recipe: Mapping) -> list[str]:
     if r["equivariance_mode"] == "eqvae":
         lines.append(
             f"- equivariance, EQ-VAE's scheme: with probability {_fmt(r['equivariance_prob'])} the step's whole loss is "
-            "that of (T(x), decode(T(z))), T a scale uniform in {8/32, ..., 31/32} and a quarter turn; else prior "
+            f"that of (T(x), decode(T(z))), T a scale uniform in {{{_scales(EQVAE_SCALES)}}} and a quarter turn; else prior "
             f"preservation, at a random low resolution with probability {_fmt(r['eqvae_low_res_prob'])}"
         )
     elif r["equivariance_weight"]:
@@ -101,12 +107,13 @@ def _recipe_lines(recipe: Mapping) -> list[str]:
         )
     if r["latent_noise_aug"]:
         lines.append(
-            f"- latent noise augmentation: the decoder trained on z + σ·std(z)·ε, σ ~ U[0, {_fmt(r['latent_noise_aug'])}] "
-            "per image"
+            f"- latent noise augmentation (ours, after σ-VAE and l-DeTok): the decoder trained on z + σ·std(z)·ε, "
+            f"σ ~ U[0, {_fmt(r['latent_noise_aug'])}] per image"
         )
     if r["vf_weight"]:
         lines.append(
-            f"- DINOv2 alignment (VA-VAE's VF loss): weight {_fmt(r['vf_weight'])}, margins "
+            f"- DINOv2 alignment (VA-VAE's VF loss; its foundation model, preprocessing and λ's nll differ from the "
+            f"reference's, listed in the trainer's docs/recipe.md): weight {_fmt(r['vf_weight'])}, margins "
             f"{_fmt(r['vf_margin_cos'])} / {_fmt(r['vf_margin_distmat'])}"
             + (f" from step {r['vf_margin_start']} (0 before)" if r["vf_margin_start"] else "")
             + (f", foundation model {r['vf_model']}" if r["vf_model"] else "")

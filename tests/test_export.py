@@ -239,12 +239,17 @@ def test_card_names_the_latent_regularisers_only_when_on():
     eqvae = build_model_card(**card_args(recipe=TrainConfig(equivariance_mode="eqvae").recipe())).content
     assert "equivariance, EQ-VAE's scheme: with probability 0.5 the step's whole loss" in eqvae
     assert "at a random low resolution with probability 0.25" in eqvae and "additive" not in eqvae
+    assert "T a scale uniform in {8/32, ..., 31/32} and a quarter turn" in eqvae
     noise = build_model_card(**card_args(recipe=TrainConfig(latent_noise_aug=0.5).recipe())).content
-    assert "latent noise augmentation: the decoder trained on z + σ·std(z)·ε, σ ~ U[0, 0.5] per image" in noise
+    assert (
+        "latent noise augmentation (ours, after σ-VAE and l-DeTok): the decoder trained on z + σ·std(z)·ε, "
+        "σ ~ U[0, 0.5] per image" in noise
+    )
     assert "latent noise" not in off
     assert (
-        "DINOv2 alignment (VA-VAE's VF loss): weight 0.1, margins 0.5 / 0.25, foundation model facebook/dinov2-base"
-        in on
+        "DINOv2 alignment (VA-VAE's VF loss; its foundation model, preprocessing and λ's nll differ from the "
+        "reference's, listed in the trainer's docs/recipe.md): weight 0.1, margins 0.5 / 0.25, foundation model "
+        "facebook/dinov2-base" in on
     )
     recipe = TrainConfig(vf_weight=0.1, vf_margin_start=500, vf_model="facebook/dinov2-large").recipe()
     on = build_model_card(**card_args(recipe=recipe)).content
