@@ -1,7 +1,9 @@
 """The README is the user's door: it must give CI's commands, point at the docs and name every dependency;
 docs/flags.md, the flag reference, must be what the parsers generate today.
 
-Regenerate docs/flags.md after changing a flag: `PYTHONPATH=. python tests/test_readme.py --write-flags`.
+Regenerate docs/flags.md after changing a flag: `PYTHONPATH=. python tests/test_readme.py --write-flags`;
+constraints.txt's pins of what the requirements pull in, after changing a requirement's tested version (in the
+environment installed with it): `PYTHONPATH=. python tests/test_readme.py --write-constraints`.
 """
 
 import ast
@@ -23,6 +25,7 @@ from training.config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP_DIRS = {".git", ".venv", ".whl", "outputs", "__pycache__"}
+TRANSITIVE_MARKER = "# What they pull in (written by `python tests/test_readme.py --write-constraints`):\n"
 
 
 def read(*parts):
@@ -170,6 +173,25 @@ def normalise(distribution: str) -> str:
     return re.sub(r"[-_.]+", "-", distribution).lower()
 
 
+def installed_closure(names) -> dict[str, str]:
+    """{normalised name: installed version} of the distributions `names` need here, transitively: each
+    distribution's requirements whose markers hold on this machine (with the extras asked for)."""
+    found, done, todo = {}, set(), [(name, frozenset()) for name in names]
+    while todo:
+        name, extras = todo.pop()
+        if (normalise(name), extras) in done:
+            continue
+        done.add((normalise(name), extras))
+        dist = importlib.metadata.distribution(name)
+        found[normalise(dist.metadata["Name"])] = dist.version
+        for line in dist.requires or []:
+            requirement = Requirement(line)
+            environments = [{"extra": extra} for extra in (extras or {""})]
+            if requirement.marker is None or any(requirement.marker.evaluate(env) for env in environments):
+                todo.append((requirement.name, frozenset(requirement.extras)))
+    return found
+
+
 def imported_top_level_modules() -> dict[str, str]:
     """{top-level module: a file importing it} over every Python file of the repository (absolute imports)."""
     found = {}
@@ -223,12 +245,15 @@ def test_every_imported_package_is_a_requirement():
 
 def test_requirements_are_ranges_and_constraints_pin_the_tested_set():
     """requirements*.txt give ranges (joining an environment that has its own torch); constraints.txt pins
-    exactly those packages, each inside its range, and the environment the tests run in has those versions."""
+    the whole tested set: each requirement inside its range and every package they pull in here, nothing else,
+    and the environment the tests run in has those versions."""
     wanted = requirements("requirements-test.txt")
     pins = constraint_pins()
-    assert set(pins) == set(wanted), (
-        f"constraints.txt must pin exactly the requirements: missing {sorted(set(wanted) - set(pins))}, "
-        f"extra {sorted(set(pins) - set(wanted))}"
+    needed = installed_closure(wanted)
+    assert set(pins) == set(needed), (
+        f"constraints.txt must pin the requirements and what they pull in: missing "
+        f"{sorted(set(needed) - set(pins))}, extra {sorted(set(pins) - set(needed))} "
+        "(regenerate: python tests/test_readme.py --write-constraints)"
     )
     exact = [name for name, spec in wanted.items() if any(s.operator in ("==", "===") for s in spec)]
     assert not exact, f"requirements pinned exactly (put the pin in constraints.txt, a range here): {exact}"
@@ -251,6 +276,16 @@ def test_requirements_are_ranges_and_constraints_pin_the_tested_set():
     }
     assert not differ, f"this environment is not constraints.txt's (installed, pinned): {differ}"
 
+
+if __name__ == "__main__" and sys.argv[1:] == ["--write-constraints"]:
+    text = read("constraints.txt")
+    head, marker, _ = text.partition(TRANSITIVE_MARKER)
+    assert marker, f"constraints.txt lacks the line {TRANSITIVE_MARKER!r}"
+    direct = set(requirements("requirements-test.txt"))
+    pulled = {n: v for n, v in installed_closure(direct).items() if n not in direct}
+    with open(os.path.join(ROOT, "constraints.txt"), "w") as f:
+        f.write(head + marker + "".join(f"{n}=={v}\n" for n, v in sorted(pulled.items())))
+    print(f"wrote constraints.txt: {len(pulled)} packages pulled in by the requirements")
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write-flags"]:
     with open(FLAGS_MD, "w") as f:
