@@ -158,6 +158,9 @@ def test_the_untrained_probe_outputs_zeros_and_learns_away_from_them():
         assert torch.equal(latent_probe.predict_velocity(model, x, t), torch.zeros_like(x))  # adaLN-zero, DiT's init
     for block in model.transformer_blocks:
         assert not block.norm1.linear.weight.any() and block.norm1.linear.weight.requires_grad
+        assert not block.norm1.linear.bias.any()
+    for final in (model.proj_out_1, model.proj_out_2):  # the final layer's modulation and its output linear
+        assert not final.weight.any() and not final.bias.any() and final.weight.requires_grad
     latent_probe.train_probe(model, structured_latents(16), settings, progress=False)
     with torch.no_grad():
         assert latent_probe.predict_velocity(model, x, t).abs().sum() > 0  # one step moves the output layer

@@ -180,6 +180,16 @@ def test_defaults_are_off_and_flags_parse():
             TrainConfig(**bad).check()
 
 
+def test_a_vf_model_folder_that_does_not_exist_is_one_line_before_any_model(tmp_path):
+    for missing in (str(tmp_path / "nope"), "./dinov2", "dinov2"):
+        with pytest.raises(ConfigError, match="no such folder, and not a Hub id"):
+            TrainConfig(vf_weight=0.1, vf_model=missing).check()
+    (tmp_path / "dino").mkdir()
+    for fine in (str(tmp_path / "dino"), "facebook/dinov2-large"):
+        TrainConfig(vf_weight=0.1, vf_model=fine).check()
+    TrainConfig(vf_model=str(tmp_path / "nope")).check()  # the VF loss off: the flag is not read
+
+
 # ----------------------------------------------------------------------------------------
 # formulas on hand-made tensors
 # ----------------------------------------------------------------------------------------
@@ -322,6 +332,35 @@ def test_foundation_features_sit_on_the_latent_grid_and_stay_frozen():
     dino.train()
     assert not dino.training and not any(m.training for m in dino.modules())
     assert not any(p.requires_grad for p in dino.parameters())
+
+
+def test_foundation_features_preprocess_as_documented_and_keep_only_the_patch_tokens():
+    """A stand-in DINOv2 records its pixel_values: ImageNet-normalised [0, 1] images, antialiased bilinear to
+    14·round(H/16) × 14·round(W/16); its output's leading (CLS, register) tokens are dropped, patches row-major."""
+    from types import SimpleNamespace
+
+    class Recorder(torch.nn.Module):
+        config = SimpleNamespace(patch_size=14, hidden_size=2)
+        dtype = torch.float32
+
+        def forward(self, pixel_values):
+            self.seen = pixel_values
+            b, _, h, w = pixel_values.shape
+            n = (h // 14) * (w // 14)
+            patches = torch.stack([torch.arange(n).float(), -torch.arange(n).float()], -1).expand(b, n, 2)
+            return SimpleNamespace(last_hidden_state=torch.cat([torch.full((b, 2, 2), 99.0), patches], 1))
+
+    recorder = Recorder()
+    images = torch.rand(2, 3, 32, 48) * 2 - 1
+    feats = FoundationFeatures(recorder)(images, (2, 3))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    expected = torch.nn.functional.interpolate(
+        ((images + 1) / 2 - mean) / std, size=(28, 42), mode="bilinear", antialias=True
+    )
+    torch.testing.assert_close(recorder.seen, expected)
+    grid = torch.arange(6.0).view(2, 3)  # the patch index, row-major on the 2×3 patch grid
+    torch.testing.assert_close(feats, torch.stack([grid, -grid]).expand(2, 2, 2, 3))
 
 
 # ----------------------------------------------------------------------------------------

@@ -564,6 +564,16 @@ class TrainConfig:
                 "--vf_weight trains the encoder and measures its weight at encoder.conv_out: "
                 "do not freeze it (--train_decoder_only, --freeze)"
             )
+        vf_model = os.path.expanduser(self.vf_model)
+        if (
+            self.vf_weight > 0
+            and not os.path.isdir(vf_model)
+            and (vf_model.startswith((".", "/")) or vf_model.count("/") != 1)
+        ):
+            raise ConfigError(
+                f"--vf_model {self.vf_model!r}: no such folder, and not a Hub id (facebook/dinov2-base, "
+                "facebook/dinov2-large, or a Dinov2Model folder)"
+            )
 
     def _check_model_start(self) -> None:
         """Where the model comes from: a fresh --model_config, --init_from's copy into it, or
