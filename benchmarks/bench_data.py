@@ -31,6 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+# The repository root, for the trainer's packages: the script runs without PYTHONPATH.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import data
 
 PHOTOS = (

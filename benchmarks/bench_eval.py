@@ -26,6 +26,9 @@ from unittest import mock
 
 import torch
 
+# The repository root, for the trainer's packages: the script runs without PYTHONPATH.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import metrics
 from losses.perceptual import build_lpips
 

@@ -12,8 +12,13 @@ WEIGHT_GRAD_CHUNK_BYTES (64 MiB) at a time. CPU: the process's peak resident mem
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
+
+# The repository root, for the trainer's packages: the script runs without PYTHONPATH.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from losses.functional import conv_weight_grad
 

@@ -51,6 +51,7 @@ import argparse
 import contextlib
 import ctypes
 import json
+import os
 import statistics
 import sys
 import threading
@@ -62,6 +63,9 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+
+# The repository root, for the trainer's packages: the script runs without PYTHONPATH.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train_vae
 from training.config import TrainConfig

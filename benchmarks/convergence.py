@@ -55,6 +55,9 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 
+# The repository root, for the trainer's packages: the script runs without PYTHONPATH.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import data
 import train_vae
 from bench_train_step import ReferenceStep, build_trainer, synchronize

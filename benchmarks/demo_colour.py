@@ -25,6 +25,9 @@ import tempfile
 
 import torch
 
+# The repository root, for the trainer's packages: the script runs without PYTHONPATH.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import data
 from autoencoder.models import load_vae
 from common.errors import UserError

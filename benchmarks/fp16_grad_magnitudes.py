@@ -12,8 +12,13 @@ to stay inside fp16's range.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
+
+# The repository root, for the trainer's packages: the script runs without PYTHONPATH.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from losses import TransfusionLoss
 

@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 import time
 
 import numpy as np
 import torch
 from PIL import Image
+
+# The repository root, for the trainer's packages: the script runs without PYTHONPATH.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from autoencoder.latents import latent_statistics
 from autoencoder.models import build_vae, load_vae

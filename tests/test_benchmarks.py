@@ -3,9 +3,11 @@ runs starting alike, its time-to-PSNR arithmetic, and bench_train_step's first-s
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -24,6 +26,8 @@ import gpu_selftest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 FIRST_STEP_KEYS = ("loss/total", "loss/nll", "loss/kl", "loss/gan", "loss/adaptive_weight")
 
 
@@ -38,6 +42,25 @@ def fresh_accelerate():
     reset_accelerate()
     yield
     reset_accelerate()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "script", sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "benchmarks", "*.py")))
+)
+def test_benchmark_runs_from_the_repo_root_without_pythonpath(script):
+    """`python benchmarks/X.py --help` from the repository root, as benchmarks/README.md runs them: each script
+    finds the trainer's packages itself (a fresh process, so nothing another test imported helps)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join("benchmarks", script), "--help"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr[-2000:]
 
 
 def test_time_to_reach_interpolates_between_evaluations():
