@@ -61,6 +61,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data
 import train_vae
 from bench_train_step import ReferenceStep, build_trainer, synchronize
+from common.errors import DataError, UserError
 from losses.perceptual import build_lpips
 from metrics import held_out_metrics, load_images
 from publishing import export
@@ -449,6 +450,39 @@ def draw_row(result: dict) -> dict:
     return row
 
 
+# What may differ between draws summarised together: the seed and where each was written.
+PER_DRAW = ("seed", "seeds", "out_dir", "collect")
+
+
+def load_draws(folders: list[str]) -> list[dict]:
+    """Each folder's convergence.json; a one-line DataError for a folder without one, draws whose recorded settings
+    differ in more than the seed, or one seed twice."""
+    results = []
+    for folder in folders:
+        path = os.path.join(folder, "convergence.json")
+        try:
+            with open(path) as f:
+                results.append(json.load(f))
+        except FileNotFoundError:
+            raise DataError(
+                f"--collect: {folder} holds no convergence.json (not a finished convergence.py draw)"
+            ) from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"--collect: {path} is not valid JSON ({e})") from None
+    first = results[0]["config"]
+    seen = {}
+    for folder, result in zip(folders, results, strict=True):
+        config = result["config"]
+        differ = sorted(k for k in (first.keys() | config.keys()) - set(PER_DRAW) if first.get(k) != config.get(k))
+        if differ:
+            shown = ", ".join(f"{k} {first.get(k)!r} vs {config.get(k)!r}" for k in differ)
+            raise DataError(f"--collect: {folders[0]} and {folder} differ in more than the seed: {shown}")
+        if config["seed"] in seen:
+            raise DataError(f"--collect: seed {config['seed']} twice ({seen[config['seed']]} and {folder})")
+        seen[config["seed"]] = folder
+    return results
+
+
 def fmt_ratio(value: float | None) -> str:
     return "never" if value is None else f"{value:.2f}"
 
@@ -532,7 +566,7 @@ def plot(result: dict, path: str) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--smoke", action="store_true", help=f"CI: {', '.join(f'{k} {v}' for k, v in SMOKE.items())} unless given"
@@ -603,7 +637,14 @@ def parse_args(argv=None):
     p.add_argument(
         "--out_dir", default=None, help="default outputs/convergence (outputs/convergence_smoke with --smoke)"
     )
+    return p
+
+
+def parse_args(argv=None, p: argparse.ArgumentParser | None = None):
+    p = p or build_parser()
     args = p.parse_args(argv)
+    if args.collect and args.seeds is not None:
+        p.exit(2, f"{p.prog}: error: --seeds trains new draws, --collect summarises draws already run: give one\n")
     for key, value in (SMOKE if args.smoke else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -628,21 +669,21 @@ def gan_text(args) -> str:
 
 def main(argv=None) -> dict:
     """One draw (--seed), several one after another (--seeds), or a summary of draws already run (--collect)."""
-    args = parse_args(argv)
-    if args.collect:
+    parser = build_parser()
+    args = parse_args(argv, parser)
+    try:
+        if args.collect:
+            return write_draws(load_draws(args.collect), args.out_dir)
+        if args.seeds is None:
+            return run_draw(args)
         results = []
-        for folder in args.collect:
-            with open(os.path.join(folder, "convergence.json")) as f:
-                results.append(json.load(f))
+        for seed in args.seeds:
+            draw = argparse.Namespace(**vars(args))
+            draw.seed, draw.out_dir = seed, os.path.join(args.out_dir, f"seed{seed}")
+            results.append(run_draw(draw))
         return write_draws(results, args.out_dir)
-    if args.seeds is None:
-        return run_draw(args)
-    results = []
-    for seed in args.seeds:
-        draw = argparse.Namespace(**vars(args))
-        draw.seed, draw.out_dir = seed, os.path.join(args.out_dir, f"seed{seed}")
-        results.append(run_draw(draw))
-    return write_draws(results, args.out_dir)
+    except UserError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
 def run_draw(args) -> dict:

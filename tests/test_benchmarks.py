@@ -256,3 +256,69 @@ def test_demo_colour_reports_the_chroma_ratio_of_a_saved_model(tmp_path, capsys)
     assert kept == 2 and (
         f"chroma ratio {ratio:.3f} over 2 colour images, colour error {error:.3f}, grey images' tint {tint:.3f}" in out
     ), out
+
+
+# --collect on hand-made draw folders: a convergence.json with what the summary reads, no training.
+DRAW_CONFIG = dict(preset="tiny", minutes=3.0, gan="off", disc_start=2**31 - 1, gan_ramp_steps=0, seeds=None)
+
+
+def fake_draw(folder, seed: int, ratio: float | None = 0.5, **config) -> str:
+    """A finished draw's convergence.json: `ratio` is ours' time to the reference's final PSNR over its total."""
+    points = {name: [{"train_s": 180.0, "psnr": 17.0, "lpips": 0.09}] for name in convergence.RUNS}
+    result = {
+        "header": f"convergence: seed {seed}",
+        "config": DRAW_CONFIG | {"seed": seed, "out_dir": str(folder), "collect": None} | config,
+        "time_to_psnr": {"ratio": ratio},
+        "time_to_psnr_raw": {"ratio": ratio},
+        "time_to_lpips": {"ratio": ratio},
+        "runs": {name: {"train_s": 180.0, "batches": 90, "points": p} for name, p in points.items()},
+    }
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "convergence.json"), "w") as f:
+        json.dump(result, f)
+    return str(folder)
+
+
+def collect_error(argv, capsys) -> str:
+    """The one line --collect prints for a bad set of draws (exit 2, no traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
+        convergence.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_collect_summarises_draws_that_differ_only_in_seed_and_folder(tmp_path, capsys):
+    folders = [fake_draw(tmp_path / f"s{seed}", seed, ratio) for seed, ratio in ((0, 0.4), (1, None), (2, 0.6))]
+    result = convergence.main(["--collect", *folders, "--out_dir", str(tmp_path / "all")])
+    assert [row["seed"] for row in result["draws"]] == [0, 1, 2]
+    assert result["summary"]["ratio"] == {"median": 0.6, "min": 0.4, "max": None, "never_reached": 1, "draws": 3}
+    assert (tmp_path / "all" / "convergence_seeds.json").exists()
+
+
+def test_collect_a_folder_without_a_draw_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    err = collect_error(["--collect", fake_draw(tmp_path / "s0", 0), str(tmp_path / "empty")], capsys)
+    assert "empty holds no convergence.json" in err
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("gan", "on"), ("minutes", 10.0), ("disc_start", 50), ("gan_ramp_steps", 25), ("preset", "small")],
+)
+def test_collect_draws_with_other_settings_than_the_seed_is_a_one_line_error(tmp_path, capsys, key, value):
+    folders = [fake_draw(tmp_path / "s0", 0), fake_draw(tmp_path / "s1", 1, **{key: value})]
+    err = collect_error(["--collect", *folders, "--out_dir", str(tmp_path / "all")], capsys)
+    assert f"differ in more than the seed: {key} {DRAW_CONFIG[key]!r} vs {value!r}" in err
+    assert not (tmp_path / "all").exists()
+
+
+def test_collect_one_seed_twice_is_a_one_line_error(tmp_path, capsys):
+    folders = [fake_draw(tmp_path / "a", 1), fake_draw(tmp_path / "b", 2), fake_draw(tmp_path / "c", 1)]
+    err = collect_error(["--collect", *folders], capsys)
+    assert f"seed 1 twice ({tmp_path / 'a'} and {tmp_path / 'c'})" in err
+
+
+def test_collect_with_seeds_is_a_one_line_error(tmp_path, capsys):
+    err = collect_error(["--collect", fake_draw(tmp_path / "s0", 0), "--seeds", "0", "1"], capsys)
+    assert "--seeds trains new draws, --collect summarises draws already run" in err
