@@ -66,6 +66,7 @@ from autoencoder.models import is_single_file, load_vae
 from common.cli import fail, parse_config, to_dict
 from common.errors import ModelError, UserError
 from common.helpers import set_torch_backends, stderr_is_terminal, text_seed
+from data.kinds import HUB, reader_of
 from evaluation.config import PROTOCOLS, EvalConfig
 from evaluation.probing import run_probes, write_probe_outputs
 from evaluation.report import latent_table, markdown_table, noise_table, probe_table
@@ -356,7 +357,7 @@ class Evaluator:
         resolved: the stream's data.ResolvedSource (listed files or the opened hub split).
         """
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        if resolved.kind != "hub":
+        if reader_of(resolved.kind) != HUB:
             count = data.count_records(resolved, rank=rank, world_size=world, max_samples=self.cfg.max_samples)
             if count is not None:
                 return count

@@ -312,17 +312,26 @@ def build_autoencoder(cfg: TrainConfig) -> AutoencoderKL:
         )
     else:
         vae = build_vae(cfg.model_config, latent_channels=cfg.latent_channels)
+    frozen = cfg.frozen_prefixes()
     if cfg.init_from:
-        report = init_from_pretrained(vae, load_vae(cfg.init_from))
+        source = load_vae(cfg.init_from)
+        report = init_from_pretrained(vae, source)
         logger.info(report.summary(), main_process_only=True)
         fresh = [n for n in report.adapted + report.reinitialized if n.startswith(("encoder.", "quant_conv."))]
-        if cfg.train_decoder_only and fresh:
+        fresh = [n for n in fresh if n.startswith(tuple(frozen))]
+        if fresh:
             # A frozen encoder whose new latent channels are random would feed the decoder noise forever.
             raise ModelError(
-                f"--train_decoder_only would freeze encoder layers that --init_from could not copy "
-                f"({', '.join(fresh)}: the latent channel count changed); train the encoder too"
+                f"{'--train_decoder_only' if cfg.train_decoder_only else '--freeze'} would freeze encoder layers "
+                f"that --init_from could not copy ({', '.join(fresh)}: the latent channel count changed); train "
+                "the encoder too"
             )
-    frozen = cfg.frozen_prefixes()
+        if cfg.latent_scaling == "keep" and report.latent_convention is None:
+            raise ModelError(
+                f"--latent_scaling keep: --init_from {cfg.init_from} has {source.config.latent_channels} latent "
+                f"channels and this model {vae.config.latent_channels}, so it has no latent convention to keep; "
+                "use --latent_scaling auto or measure"
+            )
     for name, p in vae.named_parameters():
         if any(name.startswith(prefix) for prefix in frozen):
             p.requires_grad_(False)

@@ -58,31 +58,76 @@ def is_hub_id(path: str) -> bool:
     return not os.path.exists(path) and not path.startswith((".", "/", "~")) and path.count("/") <= 1
 
 
+def is_url(path: str) -> bool:
+    """An http(s) address (a single file that `from_single_file` downloads), not a local path or Hub id."""
+    return path.startswith(("http://", "https://"))
+
+
 def is_single_file(path: str) -> bool:
     """A single-file checkpoint (original LDM layout; a local file or a URL), as `from_single_file` reads it."""
     return path.lower().endswith(SINGLE_FILE_SUFFIXES) and not os.path.isdir(path)
 
 
+def model_config_form(name: str, what: str = "model config") -> str:
+    """What a model config name (--model_config) is: "preset", "json" (a JSON file) or "model" (a model folder or
+    Hub id whose config.json is read). Anything else, a folder without an AutoencoderKL config or (offline) a Hub id
+    not in the local cache is a one-line ModelError that starts with `what`."""
+    if name in PRESETS:
+        return "preset"
+    if name.endswith(".json") and os.path.isfile(name):
+        return "json"
+    if os.path.isdir(name) or ("/" in name and is_hub_id(name)):
+        check_model_location(name, what)
+        return "model"
+    raise ModelError(
+        f"unknown {what} {name!r}: use one of {', '.join(PRESETS)}, an existing .json file, "
+        "a folder holding config.json or a Hub id"
+    )
+
+
+def check_model_location(path: str, what: str) -> None:
+    """Check, without loading anything, that `path` can name an AutoencoderKL: a folder holding one (resolve_vae_location),
+    a Hub id (offline, HF_HUB_OFFLINE: only one whose config.json is in the local cache) or, for a start model, a
+    single file or URL. One-line ModelError starting with `what` otherwise."""
+    if is_url(path):
+        return
+    if os.path.isfile(path):
+        if not is_single_file(path):
+            raise ModelError(f"{what} {path!r} is not a model file ({'/'.join(SINGLE_FILE_SUFFIXES)})")
+        return
+    if os.path.isdir(path):
+        try:
+            resolve_vae_location(path)
+        except ModelError as e:
+            raise ModelError(f"{what}: {e}") from None
+        return
+    if not is_hub_id(path) or is_single_file(path):
+        raise ModelError(f"{what} {path!r} does not exist")
+    if hub_offline() and not _in_hub_cache(path):
+        raise ModelError(
+            f"{what} {path!r} is neither a local path nor a Hub model in the local cache, and HF_HUB_OFFLINE is set"
+        )
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repository id (huggingface_hub's HFValidationError)
+        return False
+
+
 def vae_config(name: str) -> dict:
     """An AutoencoderKL config (no weights) from a preset name, a JSON file, a model folder or a Hub id."""
-    if name in PRESETS:
+    form = model_config_form(name)
+    if form == "preset":
         return dict(PRESETS[name])
-    if name.endswith(".json") and os.path.isfile(name):
+    if form == "json":
         with open(name) as f:
             config = json.load(f)
-    elif "/" not in name and not os.path.exists(name):
-        raise ModelError(
-            f"unknown model preset {name!r}: use one of {sorted(PRESETS)}, a JSON config file, "
-            "a folder holding config.json or a Hub id"
-        )
     else:
-        try:
-            location, sub = resolve_vae_location(name)
-        except ModelError:
-            raise ModelError(
-                f"unknown model config {name!r}: use one of {sorted(PRESETS)}, a JSON config file, "
-                "a folder holding config.json or a Hub id"
-            ) from None
+        location, sub = resolve_vae_location(name)
         try:
             config = AutoencoderKL.load_config(location, subfolder=sub)
         except (OSError, ValueError) as e:
@@ -143,10 +188,10 @@ def load_single_file(path: str, config: str | None = None, dtype: torch.dtype | 
     None lets diffusers infer it from the checkpoint (it then fetches that model's config.json from the Hub
     or its cache, so offline pass `config`). .ckpt files are read with torch.load(weights_only=True).
     """
-    if not path.startswith(("http://", "https://")) and not os.path.isfile(path):
+    if not is_url(path) and not os.path.isfile(path):
         raise ModelError(f"single-file checkpoint {path!r} does not exist")
     with tempfile.TemporaryDirectory() as tmp:
-        if config is not None and (config in PRESETS or config.endswith(".json")):
+        if config is not None and model_config_form(config) != "model":
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump({"_class_name": "AutoencoderKL", **vae_config(config)}, f)
             config = tmp

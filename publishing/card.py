@@ -20,9 +20,11 @@ from collections.abc import Mapping, Sequence
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from autoencoder.models import is_url
 from common.errors import ModelCardError
 from common.helpers import one_line
 from data import detect_kind
+from data.kinds import HUB, kind_of
 from evaluation.report import REPORTED_METRICS, metric_value
 from losses.regularisers import EQVAE_SCALES
 from training.runlog import CURVES_PNG
@@ -49,6 +51,11 @@ def _source_fields(source) -> dict:
     if out["kind"] in (None, "auto"):
         out["kind"] = detect_kind(out["path"])
     return out
+
+
+def _is_hub_dataset(row: dict) -> bool:
+    """A source streamed from the Hub by its dataset id (data/kinds.py's table: its reader), not a local copy."""
+    return kind_of(row["kind"], row["path"]).reader == HUB
 
 
 def public_path(path: str) -> str:
@@ -127,13 +134,13 @@ def hub_repo_of(start: str) -> str | None:
     m = re.match(r"https?://(?:www\.)?huggingface\.co/([^/]+/[^/]+)/(?:blob|resolve)/", start)
     if m:
         return m[1]
-    if start.startswith(("http://", "https://", ".", "/", "~")) or os.path.exists(start) or start.count("/") != 1:
+    if is_url(start) or start.startswith((".", "/", "~")) or os.path.exists(start) or start.count("/") != 1:
         return None
     return start
 
 
 def _start_sentence(base_model: str, loaded_as_is: bool) -> str:
-    shown = base_model if base_model.startswith(("http://", "https://")) else public_path(base_model)
+    shown = base_model if is_url(base_model) else public_path(base_model)
     if loaded_as_is:
         return f" Fine-tuned from `{shown}` (loaded as it is, with its own config)."
     return f" Initialised from `{shown}` (its tensors copied into this architecture)."
@@ -229,7 +236,7 @@ def build_model_card(
     single_file: the file name of the single-file (original LDM layout) copy of the weights, when written.
     """
     rows = [_source_fields(s) for s in sources]
-    hub_datasets = [r["path"] for r in rows if r["kind"] == "hub"]
+    hub_datasets = [r["path"] for r in rows if _is_hub_dataset(r)]
     data = ModelCardData(
         license=license,
         library_name="diffusers",
@@ -335,7 +342,7 @@ def _mixture_section(rows: list[dict]) -> list[str]:
     for r in rows:
         where = (
             f"[{r['path']}](https://huggingface.co/datasets/{r['path']})"
-            if r["kind"] == "hub"
+            if _is_hub_dataset(r)
             else f"`{public_path(r['path'])}` (local {r['kind']})"
         )
         weight = float(r["weight"])

@@ -282,7 +282,10 @@ def latent_sample(run: TrainingRun) -> tuple[torch.Tensor, str]:
 
 def latent_scaling_mode(cfg: TrainConfig, vae: nn.Module) -> tuple[str, str]:
     """("keep" or "measure", why) for --latent_scaling: auto keeps the start model's convention when the run
-    started from a model and every encoder and quant_conv parameter was frozen (the latents are then the start's)."""
+    started from a model and every encoder and quant_conv parameter was frozen (the latents are then the start's).
+    TrainConfig.check refuses keep without a start model, and train_vae.build_autoencoder refuses a frozen encoder
+    that --init_from could not copy and keep when --init_from's latent channels differ (no convention taken over):
+    so a frozen encoder here is the start model's, and a kept convention is always one the start model had."""
     start = cfg.pretrained_model_name_or_path or cfg.init_from
     frozen = cfg.frozen_prefixes()
     encoder = [n for n, _ in vae.named_parameters() if n.startswith(("encoder.", "quant_conv."))]

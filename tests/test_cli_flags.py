@@ -112,14 +112,24 @@ def test_bad_diffusers_data_flags_are_one_line(argv, message, capsys):
     assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
 
 
-def test_flag_list_shows_each_alias_once_with_its_target():
-    from training.config import DATA_ALIASES
+@pytest.mark.parametrize("script", ["train_vae.py", "eval_vae.py"])
+def test_flag_list_shows_each_alias_once_with_its_target(script):
+    """Every alias of the script's config class (diffusers' data flags, --model_config_name_or_path, ...): one row in
+    its section of docs/flags.md, with what it maps to."""
+    from common.cli import aliases_of
+    from evaluation.config import EvalConfig
+    from training.config import MODEL_ALIASES, TrainConfig
 
+    config = {"train_vae.py": TrainConfig, "eval_vae.py": EvalConfig}[script]
     with open(os.path.join(os.path.dirname(FIXTURE), "..", "..", "docs", "flags.md")) as f:
-        text = f.read().split("## train_vae.py")[1].split("## eval_vae.py")[0]
-    for alias in DATA_ALIASES:
+        sections = f.read().split("\n## ")
+    (text,) = [s for s in sections if s.startswith(script)]
+    aliases = aliases_of(config)
+    if config is TrainConfig:
+        assert set(MODEL_ALIASES) <= set(aliases) and "model_config_name_or_path" in [a.name for a in aliases]
+    for alias in aliases:
         rows = [line for line in text.splitlines() if f"`--{alias.name}`" in line]
-        assert len(rows) == 1 and alias.maps_to.replace("|", "\\|") in rows[0], rows
+        assert len(rows) == 1 and alias.maps_to.replace("|", "\\|") in rows[0], (alias.name, rows)
 
 
 def test_report_to_takes_any_accelerate_tracker_and_a_missing_one_is_one_line(monkeypatch, capsys):

@@ -395,25 +395,38 @@ def test_measure_replaces_a_start_models_convention(images, tmp_path):
 @pytest.mark.parametrize(
     ("flags", "expected", "why"),
     [
-        (dict(pretrained_model_name_or_path="a/b", train_decoder_only=True), "keep", "in its place"),
-        (dict(init_from="a/b", freeze=["encoder.", "quant_conv."]), "keep", "in its place"),
-        (dict(init_from="a/b", freeze=["encoder."]), "measure", "no longer"),  # quant_conv trains: the latents move
-        (dict(pretrained_model_name_or_path="a/b"), "measure", "no longer"),
+        (dict(pretrained_model_name_or_path="START", train_decoder_only=True), "keep", "in its place"),
+        (dict(init_from="START", freeze=["encoder.", "quant_conv."]), "keep", "in its place"),
+        (dict(init_from="START", freeze=["encoder."]), "measure", "no longer"),  # quant_conv trains: the latents move
+        (dict(pretrained_model_name_or_path="START"), "measure", "no longer"),
         (dict(train_decoder_only=True), "measure", "trained here"),  # a random frozen encoder: nothing to keep
         (
-            dict(pretrained_model_name_or_path="a/b", train_decoder_only=True, latent_scaling="measure"),
+            dict(pretrained_model_name_or_path="START", train_decoder_only=True, latent_scaling="measure"),
             "measure",
             "--latent_scaling measure",
         ),
-        (dict(pretrained_model_name_or_path="a/b", latent_scaling="keep"), "keep", "no longer the start model's"),
+        (dict(pretrained_model_name_or_path="START", latent_scaling="keep"), "keep", "no longer the start model's"),
     ],
 )
 def test_latent_scaling_auto_keeps_only_a_start_models_frozen_encoder(tmp_path, flags, expected, why):
     from publishing.export import latent_scaling_mode
     from tiny import tiny_config
 
+    build_vae("tiny").save_pretrained(tmp_path / "start")
+    flags = {k: str(tmp_path / "start") if v == "START" else v for k, v in flags.items()}
     mode, reason = latent_scaling_mode(tiny_config(tmp_path, **{"model_config": None, **flags}), build_vae("tiny"))
     assert mode == expected and why in reason, reason
+
+
+@pytest.mark.parametrize("flags", [dict(), dict(train_decoder_only=True), dict(freeze=["encoder.", "quant_conv."])])
+def test_latent_scaling_keep_without_a_start_model_is_refused_by_the_flag_check(tmp_path, flags):
+    """A fresh model has no convention to keep: `keep` would export diffusers' default 0.18215 and claim it kept it."""
+    from common.errors import ConfigError
+    from tiny import tiny_config
+
+    with pytest.raises(ConfigError, match="--latent_scaling keep keeps the start model's latent convention"):
+        tiny_config(tmp_path, latent_scaling="keep", **flags)
+    tiny_config(tmp_path, latent_scaling="measure", **flags)  # measuring needs no start model
 
 
 def test_single_file_is_the_ldm_layout_and_loads_back_equal(tmp_path, capsys):

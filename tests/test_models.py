@@ -28,7 +28,7 @@ def test_tiny_preset_keeps_the_8x_geometry():
 
 
 def test_unknown_preset_and_model_path_are_clear_errors(tmp_path):
-    with pytest.raises(ModelError, match="unknown model preset 'nope'"):
+    with pytest.raises(ModelError, match="unknown model config 'nope'"):
         build_vae("nope")
     with pytest.raises(ModelError, match="does not exist"):
         load_vae(str(tmp_path / "missing"))
@@ -143,7 +143,7 @@ def test_model_config_reads_a_folder_or_checkpoint_but_not_its_weights(tmp_path)
         assert not torch.equal(
             fresh.state_dict()["decoder.conv_in.weight"], saved.state_dict()["decoder.conv_in.weight"]
         )
-    with pytest.raises(ModelError, match="cannot read an AutoencoderKL config from 'nobody/nothing'"):
+    with pytest.raises(ModelError, match="'nobody/nothing' is neither a local path nor a Hub model in the local cache"):
         build_vae("nobody/nothing")  # offline in the tests: one line, not a traceback
 
 
@@ -181,6 +181,47 @@ def test_init_from_takes_over_the_latent_convention_only_with_the_same_latent_ch
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
+        (dict(train_decoder_only=True), "--train_decoder_only would freeze encoder layers"),
+        (dict(freeze=["encoder.", "quant_conv."]), "--freeze would freeze encoder layers"),
+        (dict(freeze=["encoder.conv_out"]), "--freeze would freeze encoder layers that --init_from could not copy"),
+        (dict(freeze=["quant_conv."]), "(quant_conv.weight, quant_conv.bias: the latent channel count changed)"),
+        (dict(latent_scaling="keep"), "--latent_scaling keep: --init_from .* has 4 latent channels and this model 8"),
+        (dict(freeze=["encoder.down_blocks."]), None),  # the adapted layers train: allowed
+        (dict(freeze=["decoder."]), None),
+        (dict(latent_channels=4, freeze=["encoder.", "quant_conv."], latent_scaling="keep"), None),  # all copied
+    ],
+)
+def test_init_from_another_latent_shape_neither_freezes_fresh_encoder_layers_nor_keeps(
+    tmp_path, flags, message, accelerator
+):
+    """--init_from a 4-channel VAE into 8 channels re-initialises (part of) encoder.conv_out and quant_conv: freezing
+    them (--train_decoder_only or --freeze) would feed the decoder noise for ever, and the start's latent convention
+    is not taken over, so an explicit --latent_scaling keep has nothing to keep (auto measures: the encoder trains)."""
+    import re
+
+    import train_vae
+    from publishing.export import latent_scaling_mode
+    from tiny import tiny_config
+
+    source = build_vae("tiny", latent_channels=4)
+    source.register_to_config(scaling_factor=0.13025)
+    source.save_pretrained(tmp_path / "four")
+    cfg = tiny_config(tmp_path, init_from=str(tmp_path / "four"), **flags)
+    if message is not None:
+        with pytest.raises(ModelError, match=re.escape(message).replace(r"\.\*", ".*")):
+            train_vae.build_autoencoder(cfg)
+        return
+    vae = train_vae.build_autoencoder(cfg)
+    frozen = {n for n, p in vae.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in vae.named_parameters() if n.startswith(tuple(cfg.frozen_prefixes()))}
+    mode, _ = latent_scaling_mode(cfg, vae)
+    same = vae.config.latent_channels == 4
+    assert mode == ("keep" if same else "measure") and (vae.config.scaling_factor == 0.13025) == same
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
         (["--pretrained_model_name_or_path", "a/vae", "--init_from", "b/vae"], "not both"),
         (
             ["--pretrained_model_name_or_path", "a/vae", "--latent_channels", "16"],
@@ -200,6 +241,63 @@ def test_model_start_conflicts_are_one_line_before_any_model_is_built(flags, mes
         run_main(flags)
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def _paths(tmp_path) -> dict[str, str]:
+    """An empty folder, a file that is no model, and a Hub id that is not in the (offline) cache."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "x.png").write_bytes(b"\x89PNG")
+    return {"EMPTY": str(tmp_path / "empty"), "PNG": str(tmp_path / "x.png"), "HUB": "nobody/nothing"}
+
+
+@pytest.mark.parametrize(
+    ("flag", "where", "message"),
+    [
+        (flag, where, message)
+        for flag in ("--model_config", "--pretrained_model_name_or_path", "--init_from")
+        for where, message in (
+            ("EMPTY", "is a folder but holds no AutoencoderKL (no config.json, vae/ or vae_ema/)"),
+            ("HUB", "'nobody/nothing' is neither a local path nor a Hub model in the local cache, and HF_HUB_OFFLINE"),
+            ("PNG", "is not a model file (.safetensors/.ckpt/.pt/.pth/.bin)"),
+        )
+        if not (flag == "--model_config" and where == "PNG")
+    ]
+    + [("--model_config", "PNG", "unknown --model_config")],
+)
+def test_bad_model_paths_are_one_line_before_data_or_models(
+    flag, where, message, tmp_path, capsys, monkeypatch, run_main, image_folder
+):
+    """A folder without a model, a file of another kind, an uncached Hub id offline: refused by the flag check, naming
+    the flag and the path, before the data is listed or anything is built (no huggingface_hub warnings above it)."""
+    import train_vae
+
+    for name in ("list_data", "build_vae", "load_vae", "build_loss_on_every_node"):
+        monkeypatch.setattr(train_vae, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} ran before the check"))
+    path = _paths(tmp_path)[where]
+    with pytest.raises(SystemExit) as info:
+        run_main(["--source", image_folder, "--output_dir", str(tmp_path / "out"), flag, path])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"{flag}" in err and path in err and message in err, err
+
+
+def test_a_cached_hub_model_passes_the_offline_check(tmp_path, monkeypatch):
+    """Offline, a Hub id whose config.json is in the local cache is accepted; the same id without it is not."""
+    import huggingface_hub
+
+    from autoencoder.models import check_model_location
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--someone--vae"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    with pytest.raises(ModelError, match="nor a Hub model in the local cache"):
+        check_model_location("someone/vae", "--init_from")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+    check_model_location("someone/vae", "--init_from")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online, an id is left to the Hub to answer
+    check_model_location("nobody/nothing", "--init_from")
 
 
 @pytest.mark.e2e

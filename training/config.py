@@ -19,15 +19,14 @@ Besides its help, choices and bound, each field says:
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 from accelerate import tracking
 from accelerate.utils import LoggerType
 
-from autoencoder.models import DEFAULT_PRESET, PRESETS, is_hub_id, is_single_file
+from autoencoder.models import DEFAULT_PRESET, PRESETS, check_model_location, is_single_file, model_config_form
 from common.cli import Alias, arg
-from common.errors import ConfigError
+from common.errors import ConfigError, ModelError
 from losses.identity import MOCO_V2_800EP_URL
 
 # accelerate's trackers (tensorboard, wandb, comet_ml, mlflow, clearml, ...), `all` and `none`.
@@ -577,40 +576,37 @@ class TrainConfig:
 
     def _check_model_start(self) -> None:
         """Where the model comes from: a fresh --model_config, --init_from's copy into it, or
-        --pretrained_model_name_or_path as it is; combinations that would silently ignore a flag are refused."""
+        --pretrained_model_name_or_path as it is; combinations that would silently ignore a flag are refused, and
+        each path is checked now (a folder without a model, a file of another kind, offline a Hub id not cached)."""
         pretrained, config = self.pretrained_model_name_or_path, self.model_config
-        if config is not None and not (
-            config in PRESETS
-            or (config.endswith(".json") and os.path.isfile(config))
-            or os.path.isdir(config)
-            or ("/" in config and is_hub_id(config))
-        ):
+        if self.latent_scaling == "keep" and not (pretrained or self.init_from):
             raise ConfigError(
-                f"unknown --model_config {config!r}: use one of {', '.join(PRESETS)}, an existing .json file, "
-                "a folder holding config.json or a Hub id"
+                "--latent_scaling keep keeps the start model's latent convention, and a fresh model has none: give "
+                "--pretrained_model_name_or_path or --init_from, or use --latent_scaling auto / measure"
             )
-        if not pretrained:
-            return
-        if self.init_from:
+        if pretrained and self.init_from:
             raise ConfigError(
                 "give either --pretrained_model_name_or_path (the model as it is) or --init_from (its tensors copied "
                 "into the architecture of --model_config / --latent_channels), not both"
             )
-        if self.latent_channels is not None:
+        if pretrained and self.latent_channels is not None:
             raise ConfigError(
                 "--latent_channels changes the architecture, and --pretrained_model_name_or_path loads the model as "
                 f"it is: use --init_from {pretrained} --latent_channels {self.latent_channels} instead"
             )
-        if is_single_file(pretrained):
-            if not pretrained.startswith(("http://", "https://")) and not os.path.isfile(pretrained):
-                raise ConfigError(f"--pretrained_model_name_or_path {pretrained!r} does not exist")
-        elif config is not None:
+        if pretrained and config is not None and not is_single_file(pretrained):
             raise ConfigError(
                 "--pretrained_model_name_or_path brings its own config: --model_config is only for a fresh model "
                 "or a single-file checkpoint (to copy the weights into another architecture use --init_from)"
             )
-        elif not (os.path.isdir(pretrained) or is_hub_id(pretrained)):
-            raise ConfigError(f"--pretrained_model_name_or_path {pretrained!r} does not exist")
+        try:
+            if config is not None:
+                model_config_form(config, "--model_config")
+            for flag in ("pretrained_model_name_or_path", "init_from"):
+                if getattr(self, flag):
+                    check_model_location(getattr(self, flag), f"--{flag}")
+        except ModelError as e:
+            raise ConfigError(str(e)) from None
 
     def frozen_prefixes(self) -> list[str]:
         """Parameter-name prefixes that do not train: --freeze, and encoder + quant_conv with --train_decoder_only."""
