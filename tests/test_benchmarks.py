@@ -262,15 +262,16 @@ def test_demo_colour_reports_the_chroma_ratio_of_a_saved_model(tmp_path, capsys)
 DRAW_CONFIG = dict(preset="tiny", minutes=3.0, gan="off", disc_start=2**31 - 1, gan_ramp_steps=0, seeds=None)
 
 
-def fake_draw(folder, seed: int, ratio: float | None = 0.5, **config) -> str:
-    """A finished draw's convergence.json: `ratio` is ours' time to the reference's final PSNR over its total."""
+def fake_draw(folder, seed: int, ratios=(0.5, 0.5, 0.5), **config) -> str:
+    """A finished draw's convergence.json. `ratios`: ours' time to the reference's final PSNR over the reference's
+    total on the EMA weights, the same on the raw weights, and to the reference's final LPIPS (None: never)."""
     points = {name: [{"train_s": 180.0, "psnr": 17.0, "lpips": 0.09}] for name in convergence.RUNS}
     result = {
         "header": f"convergence: seed {seed}",
         "config": DRAW_CONFIG | {"seed": seed, "out_dir": str(folder), "collect": None} | config,
-        "time_to_psnr": {"ratio": ratio},
-        "time_to_psnr_raw": {"ratio": ratio},
-        "time_to_lpips": {"ratio": ratio},
+        "time_to_psnr": {"ratio": ratios[0]},
+        "time_to_psnr_raw": {"ratio": ratios[1]},
+        "time_to_lpips": {"ratio": ratios[2]},
         "runs": {name: {"train_s": 180.0, "batches": 90, "points": p} for name, p in points.items()},
     }
     os.makedirs(folder, exist_ok=True)
@@ -289,7 +290,7 @@ def collect_error(argv, capsys) -> str:
 
 
 def test_collect_summarises_draws_that_differ_only_in_seed_and_folder(tmp_path, capsys):
-    folders = [fake_draw(tmp_path / f"s{seed}", seed, ratio) for seed, ratio in ((0, 0.4), (1, None), (2, 0.6))]
+    folders = [fake_draw(tmp_path / f"s{seed}", seed, (ratio,) * 3) for seed, ratio in ((0, 0.4), (1, None), (2, 0.6))]
     result = convergence.main(["--collect", *folders, "--out_dir", str(tmp_path / "all")])
     assert [row["seed"] for row in result["draws"]] == [0, 1, 2]
     assert result["summary"]["ratio"] == {"median": 0.6, "min": 0.4, "max": None, "never_reached": 1, "draws": 3}
@@ -322,3 +323,39 @@ def test_collect_one_seed_twice_is_a_one_line_error(tmp_path, capsys):
 def test_collect_with_seeds_is_a_one_line_error(tmp_path, capsys):
     err = collect_error(["--collect", fake_draw(tmp_path / "s0", 0), "--seeds", "0", "1"], capsys)
     assert "--seeds trains new draws, --collect summarises draws already run" in err
+
+
+def lpips_run(name: str, points: list[tuple[float, float]]) -> convergence.Run:
+    """A run that only carries evaluation points (training time in s, held-out LPIPS)."""
+    return convergence.Run(name, None, None, None, points=[{"train_s": t, "lpips": v} for t, v in points])
+
+
+def test_time_to_lpips_targets_the_reference_final_lpips_lower_is_better():
+    """The target is the reference's final LPIPS (not its best, not ours'), reached at ours' first crossing at or
+    below it (linear between evaluations), over the reference's total training time (not ours')."""
+    ref = lpips_run("reference", [(0.0, 0.20), (50.0, 0.08), (100.0, 0.10)])  # its best (0.08) is not its final
+    ours = lpips_run("ours", [(0.0, 0.20), (20.0, 0.15), (40.0, 0.09), (60.0, 0.12), (80.0, 0.05)])
+    result = convergence.time_to_lpips(ours, ref)
+    assert result["target_lpips"] == 0.10 and result["reference_total_s"] == 100.0
+    assert result["ours_s"] == pytest.approx(20.0 + 20.0 * (0.10 - 0.15) / (0.09 - 0.15))  # 36.7 s, first crossing
+    assert result["ratio"] == pytest.approx(result["ours_s"] / 100.0)
+    # A crossing exactly at an evaluation point: that point's time.
+    ours_at_point = lpips_run("ours", [(0.0, 0.20), (30.0, 0.10), (60.0, 0.05)])
+    assert convergence.time_to_lpips(ours_at_point, ref)["ratio"] == pytest.approx(0.30)
+    # Never at or below the target: no ratio; LPIPS not measured (--ema_decay 0 keeps only PSNR): no section.
+    assert convergence.time_to_lpips(lpips_run("ours", [(0.0, 0.2), (60.0, 0.11)]), ref)["ratio"] is None
+    no_lpips = convergence.Run("reference", None, None, None, points=[{"train_s": 100.0, "psnr": 15.0}])
+    assert convergence.time_to_lpips(ours, no_lpips) is None
+
+
+def test_collect_summarises_each_ratio_from_its_own_measure(tmp_path, capsys):
+    """ratio (EMA PSNR), ratio_raw and ratio_lpips each get their median and range from their own section."""
+    draws = [(0, 0.40, 0.90, None), (1, 0.50, None, 0.30), (2, None, 0.70, 0.20)]  # seed, EMA PSNR, raw PSNR, LPIPS
+    folders = [fake_draw(tmp_path / f"s{seed}", seed, ratios) for seed, *ratios in draws]
+    summary = convergence.main(["--collect", *folders, "--out_dir", str(tmp_path / "all")])["summary"]
+    assert summary["ratio"] == {"median": 0.50, "min": 0.40, "max": None, "never_reached": 1, "draws": 3}
+    assert summary["ratio_raw"] == {"median": 0.90, "min": 0.70, "max": None, "never_reached": 1, "draws": 3}
+    assert summary["ratio_lpips"] == {"median": 0.30, "min": 0.20, "max": None, "never_reached": 1, "draws": 3}
+    printed = capsys.readouterr().out
+    assert "time-to-PSNR (raw weights): median 0.90, range 0.70–never over 3 draws (1 never reached)" in printed
+    assert "time-to-LPIPS (EMA weights): median 0.30, range 0.20–never over 3 draws (1 never reached)" in printed
