@@ -566,7 +566,7 @@ class Trainer:
         # torch's 2^16: on the tiny preset its gradients overflowed at 2^17 (tests/test_fp16.py).
         self.d_scaler = None
         if accelerator.scaler is not None:
-            self.d_scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**10)
+            self.d_scaler = torch.amp.GradScaler(self.device.type, init_scale=TransfusionLoss.D_FP16_INIT_SCALE)
             accelerator.register_for_checkpointing(self.d_scaler)
         cluster.seed_ranks_apart(accelerator, cfg.seed)
         self.stop_vote = cluster.StopVote(accelerator.num_processes, self.device)

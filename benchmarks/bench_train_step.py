@@ -72,7 +72,11 @@ from training.config import TrainConfig
 
 # A Transfusion-preset step with LPIPS, MoCo and D at 256² (forward + backward, counted by hand).
 TFLOP_PER_IMAGE_256 = 3.1
-H200_BF16_DENSE_TFLOPS = 989.0
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by a substring of torch.cuda.get_device_name(), the most specific
+# first. NVIDIA's H100, H200 and A100 data sheets list them with 2:4 sparsity, twice these: H100 SXM 1,979, PCIe 1,513,
+# NVL 1,671; H200 SXM 1,979, NVL 1,671; A100 624. ("GH200" matches "H200": its GPU's peak is the H100 SXM's.)
+PEAK_TFLOPS = {"H100 NVL": 835.0, "H100 PCIe": 756.0, "H200 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+H200_BF16_DENSE_TFLOPS = PEAK_TFLOPS["H200"]
 
 VARIANTS = (
     "ours",

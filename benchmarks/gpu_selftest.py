@@ -8,15 +8,17 @@ and `train_vae.Trainer(cfg, accelerator).train_step`, one G and one D update, th
 L1 + LPIPS-VGG + ID (MoCo ResNet-50) + KL, random perception weights (the same cost as the real ones), on smooth
 random images (bicubic-upsampled noise plus a little pixel noise). Checks, each printed PASS or FAIL with its figures:
 
-  throughput     per precision (--precisions) and batch size (--batch_sizes): img/s, MFU (--tflop_per_image over
-                 the device's dense bf16/fp16 peak, --peak_tflops), peak memory, skipped steps; fails on a non-finite
-                 loss, an out-of-memory or a skipped step
-  syncs          per precision: host syncs in one steady-state step, with the loop's stop vote and log window
+  throughput     per precision (--precisions) and batch size (--batch_sizes, smallest first, a fresh trainer each):
+                 img/s, MFU (--tflop_per_image over the device's dense bf16/fp16 peak, --peak_tflops), peak memory,
+                 skipped steps. A batch that runs out of memory is reported as not fitting (larger ones are not tried)
+                 with the largest that fits; fails on a non-finite loss or a skipped step, or if no batch size fits
+  syncs          per precision: host syncs in one steady-state step at the smallest batch size, with the loop's stop
+                 vote and log window
                  (CUDA: torch.cuda.set_sync_debug_mode; CPU: Tensor methods that read a value), each with its line
                  of code; fails above --max_syncs (2: whether G's and whether D's update is finite)
   memory         bf16 (CPU: fp32) at --memory_batch, without and with --gradient_checkpointing: peak memory of a
-                 steady step; fails if the first two steps' losses differ by more than --memory_rtol, or (CUDA) if
-                 checkpointing does not lower the peak
+                 steady step; fails if the first two steps' losses differ by more than --memory_rtol (`loss_diff`),
+                 or (CUDA) if checkpointing does not lower the peak
   fp16_scale     G's and D's grad scalers' scales after --fp16_steps fp16 steps on new images each; fails if
                  either fell below its start / --max_fp16_backoff (each skipped step halves it)
   deterministic  --deterministic on with the recipe's loss and the equivariance term (×0.5 on every step): two
@@ -24,12 +26,17 @@ random images (bicubic-upsampled noise plus a little pixel noise). Checks, each 
                  for an op without a deterministic kernel fails it. On CUDA in a child process: cuBLAS reads
                  CUBLAS_WORKSPACE_CONFIG when it starts
   compile        --torch_compile against eager, the same weights, images and posterior noise (inductor's
-                 fallback_random): the losses of --compile_steps steps within --compile_rtol
+                 fallback_random): the losses of --compile_steps steps within --compile_rtol (`loss_diff`)
 
-fp16 on the CPU (--tiny): accelerate has neither fp16 autocast nor a grad scaler there, so the trainer's accelerator
-gets torch.autocast("cpu", float16) and a CPU GradScaler in the places accelerate puts its CUDA ones (as
-tests/test_fp16.py does). --tiny turns the ID term off (MoCo runs at 224² whatever the image size: minutes on a CPU).
---json FILE writes every figure.
+Each measurement builds its trainer inside a function that returns only figures, and the next build first collects
+it (Trainer sits in reference cycles), so a peak is the measured trainer's own. A check that raises (out of memory,
+a compiler error, anything) is a FAIL with the exception's first line; the checks after it still run, --json FILE
+(every figure) is still written and the exit status is 1.
+
+fp16 on the CPU (--tiny): accelerate has neither fp16 autocast nor a grad scaler there, so the accelerator gets
+torch.autocast("cpu", float16) and G's CPU GradScaler before the Trainer is built, as accelerate makes its CUDA ones
+(and as tests/test_fp16.py does); the Trainer makes D's own. --tiny turns the ID term off (MoCo runs at 224² whatever
+the image size: minutes on a CPU).
 """
 
 from __future__ import annotations
@@ -58,13 +65,11 @@ from accelerate.state import AcceleratorState, GradientState, PartialState  # no
 from accelerate.utils import set_seed  # noqa: E402
 
 import train_vae  # noqa: E402
-from bench_train_step import TFLOP_PER_IMAGE_256, PeakMemory, fmt_bytes, synchronize  # noqa: E402
+from bench_train_step import PEAK_TFLOPS, TFLOP_PER_IMAGE_256, PeakMemory, fmt_bytes, synchronize  # noqa: E402
 from common.helpers import one_line  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 
 CHECKS = ("throughput", "syncs", "memory", "fp16_scale", "deterministic", "compile")
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by a substring of the device name.
-PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
 LOSS_KEYS = ("loss/total", "loss/l1", "loss/lpips", "loss/id", "loss/kl", "loss/gan", "disc/loss")
 
 
@@ -87,12 +92,12 @@ def reset_accelerate() -> None:
 
 
 def selftest_config(args, precision: str, **overrides) -> TrainConfig:
-    """The recipe's loss (GAN from step 0) on the preset; fp16 on the CPU is set up by `cpu_fp16`."""
+    """The recipe's loss (GAN from step 0) on the preset; fp16 on the CPU is completed by `build`."""
     kw = dict(
         model_config=args.preset,
         resolution=args.resolution,
         train_batch_size=args.memory_batch,
-        mixed_precision="no" if precision == "fp16" and args.device == "cpu" else precision,
+        mixed_precision=precision,
         disc_start=0,
         perception_weights="random",
         report_to="none",
@@ -108,38 +113,29 @@ def selftest_config(args, precision: str, **overrides) -> TrainConfig:
     return cfg
 
 
-def cpu_fp16(trainer: train_vae.Trainer) -> None:
-    """fp16 autocast and a GradScaler on the CPU, where accelerate would put them on a GPU."""
-    scaler = torch.amp.GradScaler("cpu", **train_vae.scaler_kwargs(trainer.cfg).to_kwargs())
-    trainer.accelerator.scaler = scaler
-    for optimizer in (trainer.opt_g, trainer.opt_d):
-        optimizer.scaler = scaler
-        optimizer.__setstate__({})  # what AcceleratedOptimizer.__init__ does with a scaler: wrap step()
-    trainer.d_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # as Trainer.__init__ makes it
-    trainer.accelerator.autocast = lambda *a, **k: torch.autocast("cpu", dtype=torch.float16)
-
-
-def build(args, precision: str, **overrides) -> train_vae.Trainer:
-    """A Trainer in train mode on a fresh accelerator (train_vae.build_accelerator: backends, deterministic check)."""
-    reset_accelerate()
-    cfg = selftest_config(args, precision, **overrides)
-    accelerator = train_vae.build_accelerator(cfg)
-    set_seed(args.seed)
-    trainer = train_vae.Trainer(cfg, accelerator)
-    if precision == "fp16" and accelerator.scaler is None:
-        cpu_fp16(trainer)
-    trainer.model.train()
-    trainer.loss_fn.train()
-    return trainer
-
-
-def release(*objects) -> None:
-    """Drop trainers before the next is built, so that peak memory is each one's own."""
-    del objects
+def release() -> None:
+    """Free what earlier measurements left: Trainer sits in reference cycles, so only the garbage collector frees a
+    trainer its measuring function has returned from; and accelerate's singletons."""
     reset_accelerate()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def build(args, precision: str, **overrides) -> train_vae.Trainer:
+    """A Trainer in train mode on a fresh accelerator (train_vae.build_accelerator: backends, deterministic check),
+    after the earlier ones are freed. Call it inside a function that returns figures only, never the trainer."""
+    release()
+    cfg = selftest_config(args, precision, **overrides)
+    accelerator = train_vae.build_accelerator(cfg)
+    if precision == "fp16" and accelerator.scaler is None:  # CPU: what accelerate does for fp16 on a GPU
+        accelerator.native_amp = True  # its autocast: torch.autocast("cpu", float16)
+        accelerator.scaler = torch.amp.GradScaler("cpu", **train_vae.scaler_kwargs(cfg).to_kwargs())
+    set_seed(args.seed)
+    trainer = train_vae.Trainer(cfg, accelerator)  # prepare() hands G's scaler to both optimizers; D's is its own
+    trainer.model.train()
+    trainer.loss_fn.train()
+    return trainer
 
 
 def images(args, n: int, seed: int) -> torch.Tensor:
@@ -156,13 +152,24 @@ def floats(logs: dict) -> dict[str, float]:
     return {k: float(v) for k, v in logs.items()}
 
 
-def max_rel_diff(a: dict, b: dict) -> float:
+def loss_diff(a: dict, b: dict, pixels: int) -> float:
+    """The largest |a − b| / max(|a|, |b|, floor) over LOSS_KEYS, floor = max(|a's|, |b's| loss/total) / pixels.
+
+    G's total is a sum over the C·H·W pixels while its terms are logged as means, so the floor is the loss per pixel:
+    a term near zero (loss/gan, D's mean logit on x̂, of either sign) is compared on the scale of the loss it is part
+    of, not on its own; a term above the floor (and the total) is compared relatively. disc/loss gets the same floor.
+    """
+    floor = max(abs(a.get("loss/total", 0.0)), abs(b.get("loss/total", 0.0))) / pixels
     keys = [k for k in LOSS_KEYS if k in a and k in b]
-    return max((abs(a[k] - b[k]) / max(abs(a[k]), 1e-12) for k in keys), default=0.0)
+    return max((abs(a[k] - b[k]) / max(abs(a[k]), abs(b[k]), floor, 1e-12) for k in keys), default=0.0)
+
+
+def pixels(args) -> int:
+    return 3 * args.resolution**2
 
 
 # ----------------------------------------------------------------------------------------
-# Checks
+# Checks: each trainer lives inside one function that returns figures
 # ----------------------------------------------------------------------------------------
 
 
@@ -173,23 +180,23 @@ def peak_tflops(args) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def time_batch(args, trainer, bs: int, step: int) -> tuple[dict, int]:
-    """Warm-up, then timed steps at batch size bs: (row of figures, next step index)."""
+def time_batch(args, precision: str, bs: int) -> dict:
+    """A fresh trainer at batch size bs: warm-up (optimizer states, allocator, cuDNN's autotuner), then timed steps."""
+    trainer = build(args, precision)
     x = images(args, bs, seed=bs)
-    for _ in range(args.warmup):  # new shapes: allocator, cuDNN's autotuner
+    for step in range(args.warmup):
         trainer.train_step(x, step)
-        step += 1
     skipped = trainer.state.skipped_g_steps + trainer.state.skipped_d_steps
     with PeakMemory(torch.device(args.device)) as mem:
         synchronize(torch.device(args.device))
         tic = time.perf_counter()
-        for _ in range(args.steps):
+        for step in range(args.warmup, args.warmup + args.steps):
             logs = trainer.train_step(x, step)
-            step += 1
         synchronize(torch.device(args.device))
         seconds = (time.perf_counter() - tic) / args.steps
     row = {
         "batch_size": bs,
+        "fits": True,
         "images_per_s": bs / seconds,
         "s_per_step": seconds,
         "peak_bytes": mem.absolute,
@@ -199,38 +206,20 @@ def time_batch(args, trainer, bs: int, step: int) -> tuple[dict, int]:
     }
     flop, peak = args.tflop_per_image, peak_tflops(args)
     row["mfu"] = row["images_per_s"] * flop / peak if flop and peak else None
-    return row, step
+    return row
 
 
-def check_throughput(args, precision: str) -> list[Check]:
-    """The throughput check of one precision and, on the same trainer in its steady state, the syncs check."""
-    trainer = build(args, precision)
-    checks, step = [], 0
-    if "throughput" in args.checks:
-        check, step = throughput(args, trainer, precision)
-        checks.append(check)
-    if "syncs" in args.checks:
-        x = images(args, args.batch_sizes[0], seed=0)
-        for _ in range(args.warmup if step == 0 else 0):  # the first steps build optimizer states
-            trainer.train_step(x, step)
-            step += 1
-        checks.append(check_syncs(args, trainer, precision, x, step))
-    release(trainer)
-    return checks
-
-
-def throughput(args, trainer, precision: str) -> tuple[Check, int]:
-    """(the check, the next step index)."""
-    rows, parts, ok, step = [], [], True, 0
-    for bs in args.batch_sizes:
+def check_throughput(args, precision: str) -> Check:
+    """Smallest batch first; the first that runs out of memory ends the sweep (a larger one would not fit either)."""
+    rows, parts = [], []
+    for bs in sorted(set(args.batch_sizes)):
         try:
-            row, step = time_batch(args, trainer, bs, step)
-        except torch.OutOfMemoryError:
-            rows.append({"batch_size": bs, "oom": True})
-            parts.append(f"batch {bs}: out of memory")
-            ok = False
-            torch.cuda.empty_cache()
-            continue
+            row = time_batch(args, precision, bs)
+        except torch.OutOfMemoryError as e:
+            rows.append({"batch_size": bs, "fits": False, "error": one_line(e)})
+            larger = ", ".join(str(b) for b in sorted(set(args.batch_sizes)) if b > bs)
+            parts.append(f"batch {bs}: does not fit (out of memory)" + (f"; {larger} not tried" if larger else ""))
+            break
         rows.append(row)
         mfu = f"MFU {100 * row['mfu']:.1f} %" if row["mfu"] is not None else "MFU n/a"
         parts.append(
@@ -238,8 +227,11 @@ def throughput(args, trainer, precision: str) -> tuple[Check, int]:
             + ("" if row["finite"] else ", NON-FINITE loss")
             + (f", {row['skipped_steps']} skipped steps" if row["skipped_steps"] else "")
         )
-        ok = ok and row["finite"] and not row["skipped_steps"]
-    return Check(f"throughput {precision}", ok, "; ".join(parts), {"rows": rows}), step
+    fit = [r for r in rows if r["fits"]]
+    largest = max((r["batch_size"] for r in fit), default=None)
+    ok = bool(fit) and all(r["finite"] and not r["skipped_steps"] for r in fit)
+    parts.append(f"largest batch that fits: {largest}" if fit else "no batch size fits")
+    return Check(f"throughput {precision}", ok, "; ".join(parts), {"rows": rows, "largest_fitting_batch": largest})
 
 
 @contextlib.contextmanager
@@ -273,12 +265,22 @@ def record_syncs(device: str):
             setattr(torch.Tensor, name, original)
 
 
-def check_syncs(args, trainer, precision: str, x: torch.Tensor, step: int) -> Check:
+def count_syncs(args, precision: str) -> list[str]:
+    """The code line of each host sync in one steady-state step at the smallest batch size."""
+    trainer = build(args, precision)
+    x = images(args, min(args.batch_sizes), seed=0)
+    for step in range(args.warmup):  # the first steps build optimizer states
+        trainer.train_step(x, step)
     synchronize(torch.device(args.device))
     with record_syncs(args.device) as found:
-        logs = trainer.train_step(x, step)
+        logs = trainer.train_step(x, args.warmup)
         train_vae.LogWindow().add(logs, len(x))  # what the loop does with them outside logging steps
         # (the ranks' stop vote is read inside train_step, in the sync that decides whether G's update is finite)
+    return found
+
+
+def check_syncs(args, precision: str) -> Check:
+    found = count_syncs(args, precision)
     where = {}
     for line in found:
         short = os.path.relpath(line, REPO) if line.startswith(REPO) else line
@@ -288,20 +290,21 @@ def check_syncs(args, trainer, precision: str, x: torch.Tensor, step: int) -> Ch
     return Check(f"syncs {precision}", len(found) <= args.max_syncs, detail, {"count": len(found), "where": where})
 
 
+def memory_run(args, precision: str, checkpointing: bool, x: torch.Tensor) -> dict:
+    """Two steps on a fresh trainer; the second's peak (the first builds the optimizer states)."""
+    trainer = build(args, precision, gradient_checkpointing=checkpointing)
+    torch.manual_seed(args.seed + 1)
+    first = floats(trainer.train_step(x, 0))
+    with PeakMemory(torch.device(args.device)) as mem:
+        second = floats(trainer.train_step(x, 1))
+    return {"losses": [first, second], "peak_bytes": mem.absolute}
+
+
 def check_memory(args) -> Check:
     precision = "bf16" if args.device == "cuda" else "no"
     x = images(args, args.memory_batch, seed=1)
-    runs = {}
-    for checkpointing in (False, True):
-        trainer = build(args, precision, gradient_checkpointing=checkpointing)
-        torch.manual_seed(args.seed + 1)
-        first = floats(trainer.train_step(x, 0))  # also builds the optimizer states
-        with PeakMemory(torch.device(args.device)) as mem:
-            second = floats(trainer.train_step(x, 1))
-        runs[checkpointing] = {"losses": [first, second], "peak_bytes": mem.absolute}
-        release(trainer)
-    plain, ckpt = runs[False], runs[True]
-    diff = max(max_rel_diff(a, b) for a, b in zip(plain["losses"], ckpt["losses"], strict=True))
+    plain, ckpt = (memory_run(args, precision, checkpointing, x) for checkpointing in (False, True))
+    diff = max(loss_diff(a, b, pixels(args)) for a, b in zip(plain["losses"], ckpt["losses"], strict=True))
     lower = ckpt["peak_bytes"] < plain["peak_bytes"]
     ok = diff <= args.memory_rtol and (lower or args.device != "cuda")
     detail = (
@@ -309,10 +312,10 @@ def check_memory(args) -> Check:
         f"{fmt_bytes(ckpt['peak_bytes'])} with --gradient_checkpointing; losses of 2 steps within {diff:.1e} "
         f"(at most {args.memory_rtol:g})" + ("" if args.device == "cuda" else "; CPU: RSS, lower peak not required")
     )
-    return Check("memory", ok, detail, {"without": plain, "with": ckpt, "max_rel_diff": diff})
+    return Check("memory", ok, detail, {"without": plain, "with": ckpt, "loss_diff": diff})
 
 
-def check_fp16_scale(args) -> Check:
+def fp16_scales(args) -> dict:
     trainer = build(args, "fp16")
     scalers = (trainer.accelerator.scaler, trainer.d_scaler)
     start = [float(scaler.get_scale()) for scaler in scalers]
@@ -320,20 +323,24 @@ def check_fp16_scale(args) -> Check:
         trainer.train_step(images(args, args.memory_batch, seed=1000 + i), i)
     scale, d_scale = (float(scaler.get_scale()) for scaler in scalers)
     st = trainer.state
-    release(trainer)
-    ok = scale >= start[0] / args.max_fp16_backoff and d_scale >= start[1] / args.max_fp16_backoff
-    detail = (
-        f"G's scale {scale:g} (from {start[0]:g}), D's {d_scale:g} (from {start[1]:g}) after {args.fp16_steps} steps "
-        f"(at least start / {args.max_fp16_backoff:g}); skipped {st.skipped_g_steps} G and {st.skipped_d_steps} D steps"
-    )
-    data = {
+    return {
         "scale": scale,
         "d_scale": d_scale,
         "start": start,
         "skipped_g_steps": st.skipped_g_steps,
         "skipped_d_steps": st.skipped_d_steps,
     }
-    return Check("fp16_scale", ok, detail, data)
+
+
+def check_fp16_scale(args) -> Check:
+    d = fp16_scales(args)
+    (g0, d0), limit = d["start"], args.max_fp16_backoff
+    ok = d["scale"] >= g0 / limit and d["d_scale"] >= d0 / limit
+    detail = (
+        f"G's scale {d['scale']:g} (from {g0:g}), D's {d['d_scale']:g} (from {d0:g}) after {args.fp16_steps} steps "
+        f"(at least start / {limit:g}); skipped {d['skipped_g_steps']} G and {d['skipped_d_steps']} D steps"
+    )
+    return Check("fp16_scale", ok, detail, d)
 
 
 def deterministic_run(args, mode: str, **overrides) -> tuple[list[dict], dict]:
@@ -345,7 +352,6 @@ def deterministic_run(args, mode: str, **overrides) -> tuple[list[dict], dict]:
     ]
     modules = {"vae": trainer.vae, "discriminator": trainer.loss_fn.discriminator}
     state = {f"{n}.{k}": v.detach().cpu().clone() for n, m in modules.items() for k, v in m.state_dict().items()}
-    release(trainer)
     return logs, state
 
 
@@ -376,7 +382,7 @@ def restored_backends():
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2:]
 
 
-def check_deterministic(args) -> list[Check]:
+def check_deterministic(args) -> Check:
     """--deterministic on with the recipe's loss and the equivariance term (a ×0.5 downscale on every step): their
     resizes run as matmuls (losses/separable.py); an op torch has no deterministic kernel for raises."""
     eq = dict(equivariance_weight=0.5, equivariance_prob=1.0, equivariance_scales=[0.5])
@@ -384,22 +390,35 @@ def check_deterministic(args) -> list[Check]:
         try:
             same, how = two_runs_equal(args, "on", **eq)
         except RuntimeError as e:  # torch.use_deterministic_algorithms: an op without a deterministic kernel
-            return [Check("deterministic", False, f"stopped: {one_line(e)}")]
+            return Check("deterministic", False, f"stopped: {one_line(e)}")
     terms = "the recipe's loss" + (" (ID off: --tiny)" if args.tiny else "") + " + equivariance"
-    return [Check("deterministic", same, f"{terms}, {args.deterministic_steps} steps: two runs {how}")]
+    return Check("deterministic", same, f"{terms}, {args.deterministic_steps} steps: two runs {how}")
 
 
-def deterministic_in_child(args, argv: list[str]) -> list[Check]:
-    """check_deterministic in a new process, whose cuBLAS starts with CUBLAS_WORKSPACE_CONFIG set."""
+def deterministic_in_child(args, argv: list[str]) -> Check:
+    """check_deterministic in a new process, whose cuBLAS starts with CUBLAS_WORKSPACE_CONFIG set. Its output is
+    kept: only its verdict is printed, by this process."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "deterministic.json")
         env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
         cmd = [sys.executable, os.path.abspath(__file__), *argv, "--checks", "deterministic", "--json", out]
-        done = subprocess.run(cmd, env=env, check=False)
+        done = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True)
         if not os.path.isfile(out):
-            return [Check("deterministic", False, f"the child process exited with {done.returncode} and no result")]
+            last = next((line.strip() for line in reversed(done.stderr.splitlines()) if line.strip()), "")
+            return Check("deterministic", False, f"the child process exited with {done.returncode}: {last}")
         with open(out) as f:
-            return [Check(**c) for c in json.load(f)["checks"]]
+            (check,) = json.load(f)["checks"]
+            return Check(**check)
+
+
+def compile_run(args, precision: str, compiled: bool, batches: list[torch.Tensor]) -> tuple[list[dict], float]:
+    """The losses of len(batches) steps of a fresh trainer, and the seconds they took (with compilation)."""
+    with compile_backend(args.compile_backend):
+        trainer = build(args, precision, torch_compile=compiled)
+        torch.manual_seed(args.seed + 1)
+        tic = time.perf_counter()
+        losses = [floats(trainer.train_step(x, i)) for i, x in enumerate(batches)]
+        return losses, time.perf_counter() - tic
 
 
 def check_compile(args) -> Check:
@@ -407,14 +426,8 @@ def check_compile(args) -> Check:
     batches = [images(args, args.memory_batch, seed=i) for i in range(args.compile_steps)]
     losses = {}
     for compiled in (False, True):
-        with compile_backend(args.compile_backend):
-            trainer = build(args, precision, torch_compile=compiled)
-            torch.manual_seed(args.seed + 1)
-            tic = time.perf_counter()
-            losses[compiled] = [floats(trainer.train_step(x, i)) for i, x in enumerate(batches)]
-            seconds = time.perf_counter() - tic
-        release(trainer)
-    diff = max(max_rel_diff(e, c) for e, c in zip(losses[False], losses[True], strict=True))
+        losses[compiled], seconds = compile_run(args, precision, compiled, batches)
+    diff = max(loss_diff(e, c, pixels(args)) for e, c in zip(losses[False], losses[True], strict=True))
     detail = (
         f"{args.compile_backend}, {precision.replace('no', 'fp32')}: losses of {args.compile_steps} steps within {diff:.1e} of eager "
         f"(at most {args.compile_rtol:g}); compiled steps took {seconds:.0f} s with compilation"
@@ -513,26 +526,49 @@ def header(args) -> str:
     )
 
 
+def guarded(name: str, check) -> Check:
+    """check(), or a FAIL named `name` with the first line of what it raised (out of memory, a compiler error,
+    anything), so that the checks after it still run."""
+    try:
+        return check()
+    except Exception as e:  # noqa: BLE001 - any failure is this check's verdict, not the run's end
+        result = Check(name, False, f"raised {one_line(e)}")
+    release()  # the exception is gone: what its frames held can be freed
+    return result
+
+
+def planned_checks(args, argv: list[str]) -> list[tuple[str, object]]:
+    """(name, function) of each check to run, in order."""
+    plan = []
+    for precision in args.precisions:
+        if "throughput" in args.checks:
+            plan.append((f"throughput {precision}", functools.partial(check_throughput, args, precision)))
+        if "syncs" in args.checks:
+            plan.append((f"syncs {precision}", functools.partial(check_syncs, args, precision)))
+    if "memory" in args.checks:
+        plan.append(("memory", functools.partial(check_memory, args)))
+    if "fp16_scale" in args.checks:
+        plan.append(("fp16_scale", functools.partial(check_fp16_scale, args)))
+    if "deterministic" in args.checks:
+        here = args.device == "cpu" or args.checks == ["deterministic"]
+        run = (
+            functools.partial(check_deterministic, args)
+            if here
+            else functools.partial(deterministic_in_child, args, argv)
+        )
+        plan.append(("deterministic", run))
+    if "compile" in args.checks:
+        plan.append(("compile", functools.partial(check_compile, args)))
+    return plan
+
+
 def run_checks(args, argv: list[str]) -> list[Check]:
     results = []
-
-    def report(checks: list[Check]) -> None:
-        for c in checks:
-            print(f"{'PASS' if c.ok else 'FAIL'}  {c.name:<26} {c.detail}", flush=True)
-        results.extend(checks)
-
-    if "throughput" in args.checks or "syncs" in args.checks:
-        for precision in args.precisions:
-            report(check_throughput(args, precision))
-    if "memory" in args.checks:
-        report([check_memory(args)])
-    if "fp16_scale" in args.checks:
-        report([check_fp16_scale(args)])
-    if "deterministic" in args.checks:
-        alone = args.checks == ["deterministic"]
-        report(check_deterministic(args) if args.device == "cpu" or alone else deterministic_in_child(args, argv))
-    if "compile" in args.checks:
-        report([check_compile(args)])
+    for name, check in planned_checks(args, argv):
+        c = guarded(name, check)
+        print(f"{'PASS' if c.ok else 'FAIL'}  {c.name:<26} {c.detail}", flush=True)
+        results.append(c)
+    release()
     return results
 
 

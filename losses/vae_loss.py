@@ -174,6 +174,10 @@ class TransfusionLoss(nn.Module):
     are frozen here. A term with weight 0 has no network (attribute None).
     """
 
+    # fp16: the start of D's own grad scaler (train_vae.Trainer), not torch's 2^16: D's loss is a mean, and on the
+    # tiny preset its gradients overflowed at 2^17 (tests/test_fp16.py).
+    D_FP16_INIT_SCALE = 2.0**10
+
     def __init__(
         self,
         *,

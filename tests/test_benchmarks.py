@@ -3,12 +3,15 @@ runs starting alike, its time-to-PSNR arithmetic, and bench_train_step's first-s
 
 from __future__ import annotations
 
+import gc
 import glob
 import itertools
 import json
 import os
 import subprocess
 import sys
+import warnings
+import weakref
 
 import pytest
 import torch
@@ -17,6 +20,9 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from PIL import Image
 
 import data
+import train_vae
+from losses import TransfusionLoss
+from training.config import TrainConfig
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import bench_train_step  # benchmarks/ is not a package: its scripts import their neighbours
@@ -202,8 +208,7 @@ def test_bench_train_step_variants_agree_on_the_first_step():
 def test_gpu_selftest_runs_every_check_on_cpu_and_a_failed_check_exits_non_zero(tmp_path, capsys):
     """The GPU self-test at toy size: every check runs through the real trainer and reports its figures; the sync
     limit set one below the step's two decisions (is G's, is D's update finite) fails, and the exit status is 1.
-    fp16 (CPU autocast and a CPU grad scaler) is only required to report: whether its steps are finite is what
-    the check is for, not what this test asserts."""
+    fp16 runs under CPU autocast with a CPU grad scaler for G and the Trainer's own for D."""
     out = tmp_path / "selftest.json"
     argv = ["--device", "cpu", "--tiny", "--batch_sizes", "2", "--steps", "1", "--fp16_steps", "2"]
     argv += ["--deterministic_steps", "2", "--compile_steps", "2", "--max_syncs", "1", "--json", str(out)]
@@ -225,13 +230,158 @@ def test_gpu_selftest_runs_every_check_on_cpu_and_a_failed_check_exits_non_zero(
         assert all(where.startswith(("train_vae.py:", "training/cluster.py:")) for where in syncs["data"]["where"])
         (row,) = checks[f"throughput {precision}"]["data"]["rows"]
         assert row["batch_size"] == 2 and row["images_per_s"] > 0 and row["peak_bytes"] > 0
-    assert checks["throughput bf16"]["ok"], checks["throughput bf16"]["detail"]
+        assert checks[f"throughput {precision}"]["ok"], checks[f"throughput {precision}"]["detail"]
     for name in ("memory", "deterministic", "compile"):
         assert checks[name]["ok"], checks[name]["detail"]
-    assert checks["memory"]["data"]["max_rel_diff"] == 0  # checkpointing recomputes the same forward on the CPU
+    assert checks["memory"]["data"]["loss_diff"] == 0  # checkpointing recomputes the same forward on the CPU
     fp16 = checks["fp16_scale"]
-    assert fp16["ok"] and fp16["data"]["start"] == [2.0**4, 2.0**10], fp16["detail"]  # 2^16 / 3·32² -> 2^4
+    g_start = train_vae.scaler_kwargs(TrainConfig(resolution=32)).init_scale  # 2^16 / 3·32², rounded: 2^4
+    assert fp16["ok"] and fp16["data"]["start"] == [g_start, TransfusionLoss.D_FP16_INIT_SCALE], fp16["detail"]
     assert printed.strip().splitlines()[-1].startswith("gpu_selftest: 8 checks, ")
+
+
+def selftest_args(*extra: str):
+    args = gpu_selftest.parse_args(["--device", "cpu", "--tiny", *extra])
+    args.out_dir = None  # set by the caller when a trainer is built
+    return args
+
+
+def test_gpu_selftest_frees_each_trainer_before_the_next_peak_is_measured(tmp_path, monkeypatch):
+    """Trainer sits in reference cycles: a trainer still referenced, or only unreachable, while the next one is
+    measured would add to its peak. Automatic collection is off here, so only the self-test's own collection counts."""
+    args = selftest_args("--batch_sizes", "1,2", "--steps", "1", "--warmup", "1", "--memory_batch", "1")
+    args.out_dir = str(tmp_path)
+    trainers, alive_at_peaks = [], []
+    build = gpu_selftest.build
+
+    def tracked_build(*a, **k):
+        trainer = build(*a, **k)
+        trainers.append(weakref.ref(trainer))
+        return trainer
+
+    class TrackedPeak(gpu_selftest.PeakMemory):
+        def __enter__(self):
+            alive_at_peaks.append([i for i, ref in enumerate(trainers) if ref() is not None])
+            return super().__enter__()
+
+    monkeypatch.setattr(gpu_selftest, "build", tracked_build)
+    monkeypatch.setattr(gpu_selftest, "PeakMemory", TrackedPeak)
+    gc.collect()
+    gc.disable()
+    try:
+        gpu_selftest.check_throughput(args, "bf16")
+        gpu_selftest.check_memory(args)
+    finally:
+        gc.enable()
+    assert len(trainers) == 4
+    assert alive_at_peaks == [[0], [1], [2], [3]]  # at each peak, the trainer being measured and no other
+
+
+def test_gpu_selftest_a_check_that_raises_fails_alone(tmp_path, monkeypatch, capsys):
+    """An exception inside a check (a compiler error, an out-of-memory) is that check's FAIL with one line; the
+    checks after it run, --json is written, the summary printed, the exit status 1."""
+
+    def compiler_error(args):
+        raise RuntimeError("backend='inductor' raised:\nCompilationError: at 12:4 ...")
+
+    def out_of_memory(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\n(details)")
+
+    monkeypatch.setattr(gpu_selftest, "check_memory", compiler_error)
+    monkeypatch.setattr(gpu_selftest, "check_fp16_scale", lambda args: gpu_selftest.Check("fp16_scale", True, "ran"))
+    monkeypatch.setattr(gpu_selftest, "check_compile", out_of_memory)
+    out = tmp_path / "s.json"
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_selftest.cli(["--device", "cpu", "--tiny", "--checks", "memory,fp16_scale,compile", "--json", str(out)])
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1:] == [
+        f"FAIL  {'memory':<26} raised RuntimeError: backend='inductor' raised:",
+        f"PASS  {'fp16_scale':<26} ran",
+        f"FAIL  {'compile':<26} raised OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+        lines[-1],
+    ]
+    assert lines[-1].startswith("gpu_selftest: 3 checks, 2 failed: memory, compile (")
+    result = json.loads(out.read_text())
+    assert [(c["name"], c["ok"]) for c in result["checks"]] == [
+        ("memory", False),
+        ("fp16_scale", True),
+        ("compile", False),
+    ]
+
+
+def test_gpu_selftest_loss_diff_compares_near_zero_terms_on_the_loss_per_pixel():
+    pixels = 3 * 32 * 32
+    a = {"loss/total": 2000.0, "loss/l1": 0.40, "loss/gan": 0.002, "disc/loss": 0.7, "loss/adaptive_weight": 300.0}
+    # The GAN term crosses zero (relative difference 2 on its own) by 0.004, 0.6 % of the loss per pixel (0.65).
+    b = {**a, "loss/gan": -0.002, "loss/adaptive_weight": 900.0}  # not a loss: not compared
+    assert gpu_selftest.loss_diff(a, b, pixels) == pytest.approx(0.004 / (2000 / pixels))
+    assert gpu_selftest.loss_diff(a, b, pixels) < 2e-2  # --compile_rtol
+    assert gpu_selftest.loss_diff(a, {**a, "loss/total": 2200.0}, pixels) == pytest.approx(200 / 2200)
+    assert gpu_selftest.loss_diff(a, {**a, "loss/l1": 0.44}, pixels) == pytest.approx(0.04 / (2000 / pixels))
+    assert gpu_selftest.loss_diff(a, {**a, "disc/loss": 0.77}, pixels) > 2e-2  # a 10 % change in D's loss fails
+    assert gpu_selftest.loss_diff(a, dict(a), pixels) == 0
+
+
+def test_gpu_selftest_a_batch_that_runs_out_of_memory_does_not_fit(monkeypatch):
+    """Smallest batch first; the first out-of-memory ends the sweep and the largest batch that fits is reported;
+    FAIL only when none fits (or a fitting batch skipped a step)."""
+    tried, rows = [], {"finite": True, "skipped_steps": 0}
+
+    def time_batch(args, precision, bs):
+        tried.append(bs)
+        if bs > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return {"batch_size": bs, "fits": True, "images_per_s": 10.0, "peak_bytes": 2**30, "mfu": 0.25, **rows}
+
+    monkeypatch.setattr(gpu_selftest, "time_batch", time_batch)
+    args = selftest_args("--batch_sizes", "4,1,8,2")
+    check = gpu_selftest.check_throughput(args, "bf16")
+    assert tried == [1, 2, 4] and check.ok and check.data["largest_fitting_batch"] == 2, check.detail
+    assert "batch 4: does not fit (out of memory); 8 not tried; largest batch that fits: 2" in check.detail
+    assert [r["fits"] for r in check.data["rows"]] == [True, True, False]
+    rows["skipped_steps"] = 1
+    assert not gpu_selftest.check_throughput(args, "bf16").ok
+    rows["skipped_steps"] = 0
+    args.batch_sizes = [4, 8]
+    check = gpu_selftest.check_throughput(args, "bf16")
+    assert not check.ok and check.data["largest_fitting_batch"] is None and "no batch size fits" in check.detail
+
+
+def test_gpu_selftest_peak_tflops_by_device_name(monkeypatch):
+    """Dense bf16 peaks: the most specific name first (an H100 NVL or PCIe is not an H100 SXM)."""
+    args = selftest_args()
+    args.device = "cuda"
+    expected = {
+        "NVIDIA H100 80GB HBM3": 989.0,
+        "NVIDIA H100 PCIe": 756.0,
+        "NVIDIA H100 NVL": 835.0,
+        "NVIDIA H200": 989.0,
+        "NVIDIA H200 NVL": 835.0,
+        "NVIDIA A100-SXM4-80GB": 312.0,
+        "NVIDIA GeForce RTX 4090": None,
+    }
+    for name, peak in expected.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, name=name: name)
+        assert gpu_selftest.peak_tflops(args) == peak, name
+    args.peak_tflops = 500.0
+    assert gpu_selftest.peak_tflops(args) == 500.0
+    assert gpu_selftest.PEAK_TFLOPS["H200"] == bench_train_step.H200_BF16_DENSE_TFLOPS  # one table
+
+
+def test_gpu_selftest_record_syncs_on_cuda_counts_the_sync_warnings(monkeypatch):
+    """CUDA's sync debug mode warns at each host sync: each such warning is one sync at its line, other warnings are
+    not, and the mode is back to default after the block, also when the block raises."""
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    with gpu_selftest.record_syncs("cuda") as found:
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+        line = sys._getframe().f_lineno - 1
+        warnings.warn("something else", UserWarning, stacklevel=1)
+    assert found == [f"{__file__}:{line}"] and modes == ["warn", "default"]
+    with pytest.raises(KeyboardInterrupt), gpu_selftest.record_syncs("cuda"):
+        raise KeyboardInterrupt
+    assert modes[-1] == "default"
 
 
 def test_demo_colour_reports_the_chroma_ratio_of_a_saved_model(tmp_path, capsys):
