@@ -19,6 +19,7 @@ Besides its help, choices and bound, each field says:
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from accelerate import tracking
