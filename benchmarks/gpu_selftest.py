@@ -13,9 +13,8 @@ random images (bicubic-upsampled noise plus a little pixel noise). Checks, each 
                  skipped steps. A batch that runs out of memory is reported as not fitting (larger ones are not tried)
                  with the largest that fits; fails on a non-finite loss or a skipped step, or if no batch size fits
   syncs          per precision: host syncs in one steady-state step at the smallest batch size, with the loop's stop
-                 vote and log window
-                 (CUDA: torch.cuda.set_sync_debug_mode; CPU: Tensor methods that read a value), each with its line
-                 of code; fails above --max_syncs (2: whether G's and whether D's update is finite)
+                 vote and log window (CUDA: torch.cuda.set_sync_debug_mode; CPU: Tensor methods that read a value),
+                 each with its line of code; fails above --max_syncs (2: whether G's and whether D's update is finite)
   memory         bf16 (CPU: fp32) at --memory_batch, without and with --gradient_checkpointing: peak memory of a
                  steady step; fails if the first two steps' losses differ by more than --memory_rtol (`loss_diff`),
                  or (CUDA) if checkpointing does not lower the peak
@@ -24,7 +23,7 @@ random images (bicubic-upsampled noise plus a little pixel noise). Checks, each 
   deterministic  --deterministic on with the recipe's loss and the equivariance term (×0.5 on every step): two
                  runs of --deterministic_steps steps equal bit for bit (weights of G and D, losses); torch raising
                  for an op without a deterministic kernel fails it. On CUDA in a child process: cuBLAS reads
-                 CUBLAS_WORKSPACE_CONFIG when it starts
+                 CUBLAS_WORKSPACE_CONFIG when it starts (its output is kept; only its verdict is printed)
   compile        --torch_compile against eager, the same weights, images and posterior noise (inductor's
                  fallback_random): the losses of --compile_steps steps within --compile_rtol (`loss_diff`)
 
