@@ -1,8 +1,19 @@
 """Time to quality: held-out PSNR / SSIM / LPIPS against training time, our trainer against the reference loop.
 
-    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/convergence.py              # 2 × 20 min of training
-    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/convergence.py --minutes 2  # a quick look
-    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/convergence.py --smoke      # seconds, tiny preset (CI)
+    HF_HUB_OFFLINE=1 python benchmarks/convergence.py              # small preset, 2 × 20 min of training
+    HF_HUB_OFFLINE=1 python benchmarks/convergence.py --smoke      # seconds, tiny preset (CI)
+    HF_HUB_OFFLINE=1 python benchmarks/convergence.py --preset tiny --minutes 3 --gan off --seeds 0 1 2
+    HF_HUB_OFFLINE=1 python benchmarks/convergence.py --preset tiny --minutes 3 --gan off --seed 1 --out_dir c/seed1
+    HF_HUB_OFFLINE=1 python benchmarks/convergence.py --collect c/seed0 c/seed1 c/seed2 --out_dir c
+
+Two questions, asked separately. Speed of learning: --gan off trains both runs with the same loss
+(no GAN), batches and updates, so the time to quality measures the trainer's own speed. Quality
+with the GAN on (--gan on, the default, from --disc_start): a GAN trades PSNR for realism, so the
+time to the reference's final held-out LPIPS is reported beside the PSNR one (a random-weight VGG
+here: a fixed feature distance the GAN does not optimise, not the published metric). One draw is
+noise: --seeds runs one draw per seed (each into OUT_DIR/seedN), --collect summarises draws run as
+separate processes (every recorded flag equal but the seed, each seed once), and both print every
+draw's ratios with each ratio's median and range (convergence_draws.py).
 
 Two runs train the same autoencoder from the same initial weights, on the same batches in the same
 order (two data iterators built identically: native-scale crops of the bundled photographs,
@@ -31,11 +42,13 @@ weights' PSNR swings by about ±1 dB from one evaluation to the next, enough to 
 time-to-PSNR ratio by a third either way. The raw weights' PSNR is recorded beside it (psnr_raw)
 with its own ratio.
 
-Prints (and writes to --out_dir: convergence.txt, convergence.json with every point, convergence.png
-with the curves) the metrics at 25 / 50 / 100 % of the budget, the batches and updates each run did,
-and the time-to-PSNR ratio: the training time ours needs to reach the reference loop's final PSNR
-(linear interpolation between evaluation points) divided by the reference loop's total training
-time. Below 1 ours gets there sooner; the target is ≤ 0.5.
+A draw prints (and writes to --out_dir: convergence.txt, convergence.json with every point,
+convergence.png with the curves) the metrics at 25 / 50 / 100 % of the budget, the batches and
+updates each run did, and three time-to-quality ratios (time_to_target): the training time ours
+needs to reach the reference loop's final value (its last evaluation; the first crossing, linear
+between evaluation points) divided by the reference loop's total training time, for the PSNR of
+the EMA weights, the PSNR of the raw weights and the LPIPS of the EMA weights (lower is better).
+Below 1 ours gets there sooner; the target is ≤ 0.5; "never" when ours does not get there.
 """
 
 from __future__ import annotations
@@ -61,7 +74,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data
 import train_vae
 from bench_train_step import ReferenceStep, build_trainer, synchronize
-from common.errors import DataError, UserError
+from common.errors import UserError
+from convergence_draws import load_draws, write_draws
 from losses.perceptual import build_lpips
 from metrics import held_out_metrics, load_images
 from publishing import export
@@ -303,222 +317,128 @@ def first_step_check(runs: dict[str, Run]) -> dict:
     }
 
 
-def time_to_lpips(ours: Run, ref: Run) -> dict | None:
-    """Training time ours needs to reach the reference loop's final held-out LPIPS (lower is better), over the
-    reference's total; None when the points carry no LPIPS (--ema_decay 0 measures it on the raw weights only)."""
-    if "lpips" not in ref.points[-1]:
+def time_to_target(ours: Run, ref: Run, key: str, lower_is_better: bool = False) -> dict | None:
+    """The time-to-quality ratio: the training time ours needs to reach the reference loop's final `key` (its last
+    evaluation: at or above it, at or below for LPIPS), over the reference's total training time (below 1: ours gets
+    there sooner; None if never). None when the points carry no `key` (--ema_decay 0 keeps no raw-weight copy)."""
+    if key not in ref.points[-1]:
         return None
-    target, ref_total = ref.points[-1]["lpips"], ref.points[-1]["train_s"]
-    t_ours = time_to_reach(ours.points, target, "lpips", lower_is_better=True)
+    target, ref_total = ref.points[-1][key], ref.points[-1]["train_s"]
+    t_ours = time_to_reach(ours.points, target, key, lower_is_better)
     return {
-        "target_lpips": target,
+        f"target_{key.removesuffix('_raw')}": target,
         "ours_s": t_ours,
         "reference_total_s": ref_total,
         "ratio": None if t_ours is None else t_ours / ref_total,
     }
 
 
-def summarize(runs: dict[str, Run], budget_s: float, args, header: str) -> tuple[str, dict]:
+def time_to_lpips(ours: Run, ref: Run) -> dict | None:
+    """Ours' time to the reference loop's final held-out LPIPS (lower is better) over the reference's total."""
+    return time_to_target(ours, ref, "lpips", lower_is_better=True)
+
+
+def run_summary(run: Run) -> dict:
+    return {
+        "train_s": run.train_s,
+        "batches": run.batches_done,
+        "ae_updates": run.ae_updates,
+        "d_updates": run.d_updates,
+        "first_step_logs": run.first_logs,
+        "points": run.points,
+    }
+
+
+def summary_numbers(runs: dict[str, Run], budget_s: float, args, header: str) -> dict:
+    """One draw's result (convergence.json): the table rows at 25 / 50 / 100 % of the budget, the three ratios,
+    the first-step check and every evaluation point of both runs."""
     ours, ref = runs["ours"], runs["reference"]
-    lines = [
-        header,
-        "",
-        f"  {'budget':>6}  {'run':<10}{'train time':>11}{'batches':>9}{'AE upd':>8}{'D upd':>7}"
-        f"{'PSNR':>8}{'SSIM':>8}{'LPIPS':>8}",
+    table = [
+        {"fraction": frac, "run": run.name, **point_at(run.points, frac * budget_s)}
+        for frac in FRACTIONS
+        for run in (ours, ref)
     ]
-    table = []
-    for frac in FRACTIONS:
-        for i, run in enumerate((ours, ref)):
-            p = point_at(run.points, frac * budget_s)
-            table.append({"fraction": frac, "run": run.name, **p})
-            label = f"{100 * frac:.0f}%" if i == 0 else ""
-            lines.append(
-                f"  {label:>6}  {run.name:<10}{p['train_s']:>10.1f}s{p['batches']:>9}{p['ae_updates']:>8}"
-                f"{p['d_updates']:>7}{p['psnr']:>8.2f}{p['ssim']:>8.4f}{p.get('lpips', math.nan):>8.4f}"
-            )
-    target = ref.points[-1]["psnr"]
-    ref_total = ref.points[-1]["train_s"]
-    t_ours = time_to_reach(ours.points, target)
-    ratio = None if t_ours is None else t_ours / ref_total
-    raw_target = ref.points[-1]["psnr_raw"]
-    t_ours_raw = time_to_reach(ours.points, raw_target, "psnr_raw")
-    raw_ratio = None if t_ours_raw is None else t_ours_raw / ref_total
-    lpips_ttq = time_to_lpips(ours, ref)
-    lines.append("")
-    weights = f"EMA {args.ema_decay:g} weights" if args.ema_decay > 0 else "raw weights"
-    if ratio is None:
-        lines.append(
-            f"time-to-PSNR ({weights}): ours never reached the reference loop's final PSNR {target:.2f} dB within its "
-            f"{ours.train_s:.0f} s (its best: {max(p['psnr'] for p in ours.points):.2f} dB)"
-        )
-    else:
-        lines.append(
-            f"time-to-PSNR ratio ({weights}): ours reached the reference loop's final PSNR {target:.2f} dB after "
-            f"{t_ours:.1f} s; reference total {ref_total:.1f} s -> {ratio:.2f} (target <= 0.5)"
-        )
-    if args.ema_decay > 0:
-        reached = "never reached it" if raw_ratio is None else f"reached it after {t_ours_raw:.1f} s -> {raw_ratio:.2f}"
-        lines.append(
-            f"  the same on the raw weights (noisier from one evaluation to the next): the reference's final raw PSNR "
-            f"{raw_target:.2f} dB; ours {reached}"
-        )
-    if lpips_ttq is not None:
-        reached = (
-            "never reached it"
-            if lpips_ttq["ratio"] is None
-            else f"reached it after {lpips_ttq['ours_s']:.1f} s -> {lpips_ttq['ratio']:.2f}"
-        )
-        lines.append(
-            f"time-to-LPIPS ({weights}, random-weight VGG): the reference's final LPIPS "
-            f"{lpips_ttq['target_lpips']:.4f}; ours {reached}"
-        )
-    for run in (ours, ref):
-        lines.append(
-            f"{run.name}: {run.batches_done} batches ({run.batches_done / run.train_s:.3f}/s), "
-            f"{run.ae_updates} AE updates, {run.d_updates} D updates in {run.train_s:.1f} s of training"
-        )
-    check = first_step_check(runs)
-    lines.append(
-        f"first batch identical: {'yes' if check['same_first_batch'] else 'NO'}; first-step AE losses "
-        f"max rel diff {check['max_rel_diff_first_step_losses']:.2e}; initial PSNR "
-        f"{ours.points[0]['psnr']:.4f} / {ref.points[0]['psnr']:.4f}"
-    )
-    result = {
+    return {
         "header": header,
         "config": {k: v for k, v in vars(args).items() if k != "smoke"} | {"smoke": args.smoke},
         "budget_s": budget_s,
         "table": table,
-        "time_to_psnr": {"target_psnr": target, "ours_s": t_ours, "reference_total_s": ref_total, "ratio": ratio},
-        "time_to_psnr_raw": {"target_psnr": raw_target, "ours_s": t_ours_raw, "ratio": raw_ratio},
-        "time_to_lpips": lpips_ttq,
-        "first_step": check,
-        "runs": {
-            run.name: {
-                "train_s": run.train_s,
-                "batches": run.batches_done,
-                "ae_updates": run.ae_updates,
-                "d_updates": run.d_updates,
-                "first_step_logs": run.first_logs,
-                "points": run.points,
-            }
-            for run in (ours, ref)
-        },
-    }
-    return "\n".join(lines), result
-
-
-# Over several draws: each ratio's median and range, "never reached" counting as worse than any number.
-DRAW_RATIOS = {
-    "ratio": ("time_to_psnr", "time-to-PSNR (EMA weights)"),
-    "ratio_raw": ("time_to_psnr_raw", "time-to-PSNR (raw weights)"),
-    "ratio_lpips": ("time_to_lpips", "time-to-LPIPS (EMA weights)"),
-}
-
-
-def median_and_range(values: list[float | None]) -> dict:
-    """Median, min and max of ratios where None (never reached) ranks above every number: the median of
-    [0.4, 0.5, never] is 0.5, of [0.4, never, never] never (None)."""
-    ranked = sorted(math.inf if v is None else v for v in values)
-    n = len(ranked)
-    middle = ranked[n // 2] if n % 2 else (ranked[n // 2 - 1] + ranked[n // 2]) / 2
-
-    def finite(v: float) -> float | None:
-        return None if math.isinf(v) else v
-
-    return {
-        "median": finite(middle),
-        "min": finite(ranked[0]),
-        "max": finite(ranked[-1]),
-        "never_reached": sum(v is None for v in values),
-        "draws": n,
+        "time_to_psnr": time_to_target(ours, ref, "psnr"),
+        "time_to_psnr_raw": time_to_target(ours, ref, "psnr_raw"),
+        "time_to_lpips": time_to_lpips(ours, ref),
+        "first_step": first_step_check(runs),
+        "runs": {run.name: run_summary(run) for run in (ours, ref)},
     }
 
 
-def draw_row(result: dict) -> dict:
-    """One draw's figures: its ratios, final held-out metrics of both runs and their batches per second."""
-    runs = result["runs"]
-    config = result["config"]
-    gan = "off" if config.get("gan") == "off" else f"from batch {config['disc_start']}"
-    row = {"seed": config["seed"], "gan": gan}
-    for key, (section, _) in DRAW_RATIOS.items():
-        row[key] = (result.get(section) or {}).get("ratio")
-    for name in RUNS:
-        last = runs[name]["points"][-1]
-        row[f"{name}_psnr"] = last["psnr"]
-        row[f"{name}_lpips"] = last.get("lpips")
-        row[f"{name}_batches_per_s"] = runs[name]["batches"] / runs[name]["train_s"]
-    return row
-
-
-# What may differ between draws summarised together: the seed and where each was written.
-PER_DRAW = ("seed", "seeds", "out_dir", "collect")
-
-
-def load_draws(folders: list[str]) -> list[dict]:
-    """Each folder's convergence.json; a one-line DataError for a folder without one, draws whose recorded settings
-    differ in more than the seed, or one seed twice."""
-    results = []
-    for folder in folders:
-        path = os.path.join(folder, "convergence.json")
-        try:
-            with open(path) as f:
-                results.append(json.load(f))
-        except FileNotFoundError:
-            raise DataError(
-                f"--collect: {folder} holds no convergence.json (not a finished convergence.py draw)"
-            ) from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"--collect: {path} is not valid JSON ({e})") from None
-    first = results[0]["config"]
-    seen = {}
-    for folder, result in zip(folders, results, strict=True):
-        config = result["config"]
-        differ = sorted(k for k in (first.keys() | config.keys()) - set(PER_DRAW) if first.get(k) != config.get(k))
-        if differ:
-            shown = ", ".join(f"{k} {first.get(k)!r} vs {config.get(k)!r}" for k in differ)
-            raise DataError(f"--collect: {folders[0]} and {folder} differ in more than the seed: {shown}")
-        if config["seed"] in seen:
-            raise DataError(f"--collect: seed {config['seed']} twice ({seen[config['seed']]} and {folder})")
-        seen[config["seed"]] = folder
-    return results
-
-
-def fmt_ratio(value: float | None) -> str:
-    return "never" if value is None else f"{value:.2f}"
-
-
-def write_draws(results: list[dict], out_dir: str) -> dict:
-    """Print and write (convergence_seeds.txt / .json) every draw and each ratio's median and range."""
-    rows = [draw_row(r) for r in results]
-    summary = {key: median_and_range([row[key] for row in rows]) for key in DRAW_RATIOS}
-    lines = [f"{len(rows)} draws; first: {results[0]['header'].splitlines()[0]}", ""]
-    lines.append(
-        f"  {'seed':>4}  {'GAN':<15}{'PSNR ratio':>10}{'raw':>7}{'LPIPS ratio':>12}   {'PSNR ours/ref':>15}"
-        f"{'LPIPS ours/ref':>17}{'batches/s ours/ref':>20}"
+def reached_text(ttq: dict) -> str:
+    return (
+        "never reached it" if ttq["ratio"] is None else f"reached it after {ttq['ours_s']:.1f} s -> {ttq['ratio']:.2f}"
     )
-    for row in rows:
-        lpips = "–" if row["ours_lpips"] is None else f"{row['ours_lpips']:.4f}/{row['reference_lpips']:.4f}"
+
+
+def ratio_lines(result: dict) -> list[str]:
+    """The three time-to-quality lines of the printed summary."""
+    ema_decay, runs = result["config"]["ema_decay"], result["runs"]
+    weights = f"EMA {ema_decay:g} weights" if ema_decay > 0 else "raw weights"
+    ttp, raw, lpips = result["time_to_psnr"], result["time_to_psnr_raw"], result["time_to_lpips"]
+    if ttp["ratio"] is None:
+        best = max(p["psnr"] for p in runs["ours"]["points"])
+        lines = [
+            f"time-to-PSNR ({weights}): ours never reached the reference loop's final PSNR {ttp['target_psnr']:.2f} dB "
+            f"within its {runs['ours']['train_s']:.0f} s (its best: {best:.2f} dB)"
+        ]
+    else:
+        lines = [
+            f"time-to-PSNR ratio ({weights}): ours reached the reference loop's final PSNR {ttp['target_psnr']:.2f} dB "
+            f"after {ttp['ours_s']:.1f} s; reference total {ttp['reference_total_s']:.1f} s -> {ttp['ratio']:.2f} "
+            "(target <= 0.5)"
+        ]
+    if ema_decay > 0:
         lines.append(
-            f"  {row['seed']:>4}  {row['gan']:<15}{fmt_ratio(row['ratio']):>10}{fmt_ratio(row['ratio_raw']):>7}"
-            f"{fmt_ratio(row['ratio_lpips']):>12}   {row['ours_psnr']:>7.2f}/{row['reference_psnr']:<7.2f}"
-            f"{lpips:>17}{row['ours_batches_per_s']:>11.3f}/{row['reference_batches_per_s']:.3f}"
+            f"  the same on the raw weights (noisier from one evaluation to the next): the reference's final raw PSNR "
+            f"{raw['target_psnr']:.2f} dB; ours {reached_text(raw)}"
         )
-    lines.append("")
-    for key, (_, label) in DRAW_RATIOS.items():
-        stats = summary[key]
+    if lpips is not None:
         lines.append(
-            f"{label}: median {fmt_ratio(stats['median'])}, range {fmt_ratio(stats['min'])}–"
-            f"{fmt_ratio(stats['max'])} over {stats['draws']} draws ({stats['never_reached']} never reached)"
+            f"time-to-LPIPS ({weights}, random-weight VGG): the reference's final LPIPS "
+            f"{lpips['target_lpips']:.4f}; ours {reached_text(lpips)}"
         )
-    text = "\n".join(lines)
-    print(text, flush=True)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "convergence_seeds.txt"), "w") as f:
-        f.write(text + "\n")
-    result = {"draws": rows, "summary": summary, "results": results}
-    with open(os.path.join(out_dir, "convergence_seeds.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    return result
+    return lines
+
+
+def summary_text(result: dict) -> str:
+    """What is printed and written to convergence.txt, from the result alone."""
+    lines = [
+        result["header"],
+        "",
+        f"  {'budget':>6}  {'run':<10}{'train time':>11}{'batches':>9}{'AE upd':>8}{'D upd':>7}"
+        f"{'PSNR':>8}{'SSIM':>8}{'LPIPS':>8}",
+    ]
+    for i, p in enumerate(result["table"]):
+        label = f"{100 * p['fraction']:.0f}%" if i % 2 == 0 else ""
+        lines.append(
+            f"  {label:>6}  {p['run']:<10}{p['train_s']:>10.1f}s{p['batches']:>9}{p['ae_updates']:>8}"
+            f"{p['d_updates']:>7}{p['psnr']:>8.2f}{p['ssim']:>8.4f}{p.get('lpips', math.nan):>8.4f}"
+        )
+    lines += ["", *ratio_lines(result)]
+    for name, run in result["runs"].items():
+        lines.append(
+            f"{name}: {run['batches']} batches ({run['batches'] / run['train_s']:.3f}/s), "
+            f"{run['ae_updates']} AE updates, {run['d_updates']} D updates in {run['train_s']:.1f} s of training"
+        )
+    check, (ours, ref) = result["first_step"], result["runs"].values()
+    lines.append(
+        f"first batch identical: {'yes' if check['same_first_batch'] else 'NO'}; first-step AE losses "
+        f"max rel diff {check['max_rel_diff_first_step_losses']:.2e}; initial PSNR "
+        f"{ours['points'][0]['psnr']:.4f} / {ref['points'][0]['psnr']:.4f}"
+    )
+    return "\n".join(lines)
+
+
+def summarize(runs: dict[str, Run], budget_s: float, args, header: str) -> tuple[str, dict]:
+    result = summary_numbers(runs, budget_s, args, header)
+    return summary_text(result), result
 
 
 def plot(result: dict, path: str) -> None:
@@ -643,8 +563,12 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None, p: argparse.ArgumentParser | None = None):
     p = p or build_parser()
     args = p.parse_args(argv)
+
+    def fail(message: str):  # one line, exit 2, no usage text
+        p.exit(2, f"{p.prog}: error: {message}\n")
+
     if args.collect and args.seeds is not None:
-        p.exit(2, f"{p.prog}: error: --seeds trains new draws, --collect summarises draws already run: give one\n")
+        fail("--seeds trains new draws, --collect summarises draws already run: give one")
     for key, value in (SMOKE if args.smoke else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -653,9 +577,9 @@ def parse_args(argv=None, p: argparse.ArgumentParser | None = None):
     if args.out_dir is None:
         args.out_dir = os.path.join("outputs", "convergence_smoke" if args.smoke else "convergence")
     if args.minutes <= 0 or args.eval_every_s <= 0 or args.slice_s <= 0:
-        p.error("--minutes, --eval_every_s and --slice_s must be positive")
+        fail("--minutes, --eval_every_s and --slice_s must be positive")
     if not 0 <= args.ema_decay < 1:
-        p.error("--ema_decay must be in [0, 1)")
+        fail("--ema_decay must be in [0, 1)")
     if args.gan == "off":
         args.disc_start = GAN_NEVER
     return args
