@@ -137,6 +137,51 @@ def resume_on_one_process(checkpoint, out, image_folder, tiny_args, tensors_of, 
             singleton._reset_state()
 
 
+@pytest.mark.e2e
+def test_one_process_checkpoint_resumed_on_two_ranks(image_folder, tmp_path, tiny_args, two_rank_launch, tensors_of):
+    """A 1-process checkpoint resumed on 2 real DDP ranks: exits 0 and warns; each rank's RNG starts from
+    (seed, step, rank); weights, EMA, D, optimizers and schedules restore exactly (saved again at once: the same
+    tensors); the replicas stay identical; the images the old process had left of its epoch are shared out, each
+    once, and the two ranks then split the next epoch."""
+    import resume_ranks
+    from data.stream import derive_seed
+
+    flags = dict(use_ema=True, ema_decay=0.9, validation_steps=100)
+    for singleton in (AcceleratorState, GradientState, PartialState):
+        singleton._reset_state()
+    try:
+        first = resume_ranks.run(str(tmp_path), tiny_args(image_folder, tmp_path / "one", 2, **flags))
+    finally:
+        for singleton in (AcceleratorState, GradientState, PartialState):
+            singleton._reset_state()
+    checkpoint = tmp_path / "one" / "checkpoint-2"
+    argv = tiny_args(image_folder, tmp_path / "two", 4, resume_from_checkpoint=str(checkpoint), **flags)
+    cmd, env = two_rank_launch(argv)
+    script = os.path.join("tests", "resume_ranks.py")
+    cmd[cmd.index("train_vae.py") :] = [script, str(tmp_path), "--", *argv]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "written by 1 processes, resumed on 2" in proc.stderr and "not bit for bit" in proc.stderr
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["initial_seed"] for r in ranks] == [derive_seed(0, 2, rank) % 2**32 for rank in (0, 1)]
+    again = ranks[0]["saved_at_resume"]
+    before, after = tensors_of(checkpoint), tensors_of(again)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    for name in ("scheduler.bin", "scheduler_1.bin"):
+        assert torch.load(checkpoint / name, weights_only=True) == torch.load(
+            os.path.join(again, name), weights_only=True
+        )
+    ema = [load_file(os.path.join(p, "vae_ema", "diffusion_pytorch_model.safetensors")) for p in (checkpoint, again)]
+    assert ema[0].keys() == ema[1].keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
+    assert ranks[0]["weights"] == ranks[1]["weights"] and "weights identical across 2 ranks at step 4" in proc.stderr
+    images = sorted(os.listdir(image_folder))
+    left = len(images) - len(first["keys"])  # the old process's rest of epoch 0, shared out round-robin
+    shares = [r["keys"][: len(range(r["rank"], left, 2))] for r in ranks]
+    assert sorted(first["keys"] + shares[0] + shares[1]) == images  # each image of the epoch once, none twice
+    following = ranks[0]["keys"][len(shares[0]) :] + ranks[1]["keys"][len(shares[1]) :]
+    assert following and len(set(following)) == len(following)  # then the next epoch, split between the ranks
+
+
 def _nan_from(monkeypatch, bad_steps):
     """Make the generator loss non-finite at the given global steps (as an fp overflow would)."""
     from losses import TransfusionLoss
