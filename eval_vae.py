@@ -69,7 +69,7 @@ from common.helpers import set_torch_backends, stderr_is_terminal, text_seed
 from data.kinds import HUB, reader_of
 from evaluation.config import PROTOCOLS, EvalConfig
 from evaluation.probing import run_probes, write_probe_outputs
-from evaluation.report import latent_table, markdown_table, noise_table, probe_table
+from evaluation.report import CUSTOM_FID, latent_table, markdown_table, noise_table, probe_table
 from losses.perceptual import build_lpips
 from losses.weights import build_on_every_node, weights_fingerprint
 from metrics import drift, image_metrics, latents, reconstruct, save_grid
@@ -323,7 +323,7 @@ class Evaluator:
         self.record = protocol_record(cfg, self.protocol, self.mixed_precision, self.inception_path)
         self.drift_pair = drift_pair(self.models)
         if cfg.fid and feature_extractor is not None:
-            self.record["rfid"] += " [custom feature extractor instead of Inception]"
+            self.record["rfid"] += CUSTOM_FID
 
         # Our own autocast rather than Accelerator's: AcceleratorState is a process-wide
         # singleton that refuses a second setting, and tests run several evaluations.

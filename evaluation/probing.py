@@ -7,7 +7,7 @@ import os
 import metrics
 from common.helpers import stderr_is_terminal
 from evaluation.config import EvalConfig
-from evaluation.report import probe_table
+from evaluation.report import probe_table, standard_fid
 from metrics import probe as latent_probe
 
 PROBE_CURVE_PNG = "probe_curve.png"
@@ -54,7 +54,7 @@ def run_probes(cfg: EvalConfig, evaluator, result: dict) -> None:
         for metric in (fid, kid):
             if metric is not None:
                 latent_probe.real_fid(metric, held_pixels, settings.batch_size)
-    standard = cfg.fid_features == 2048 and "custom feature extractor" not in evaluator.record["rfid"]
+    standard = standard_fid(cfg.fid_features, evaluator.record["rfid"])
     gfid = "skipped (--no-fid or --probe_samples 0)"
     if fid is not None:
         gfid = (

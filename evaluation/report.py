@@ -67,11 +67,21 @@ def noise_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+CUSTOM_FID = " [custom feature extractor instead of Inception]"  # appended to the protocol's rfid line
+
+
+def standard_fid(fid_features: int, rfid_protocol: str) -> bool:
+    """Whether an FID is the standard one: Inception's 2048-d pool features, not a custom feature extractor."""
+    return fid_features == 2048 and CUSTOM_FID not in rfid_protocol
+
+
 def metric_heads(result: dict) -> dict[str, str]:
     """{metric key: column head} of REPORTED_METRICS, saying so where a number is not what its name means."""
     fid_features = result["config"]["fid_features"]
     heads = dict(REPORTED_METRICS)
-    if fid_features != 2048:
+    if CUSTOM_FID in result["protocol"]["rfid"]:
+        heads["rfid"] = f"{heads['rfid']} (custom features, not FID)"
+    elif fid_features != 2048:
         heads["rfid"] = f"{heads['rfid']}-{fid_features}"
     if result["protocol"]["lpips_weights"] != "pretrained":
         heads["lpips"] = f"{heads['lpips']} (RANDOM VGG, not LPIPS)"

@@ -25,7 +25,7 @@ from common.errors import ModelCardError
 from common.helpers import one_line
 from data import detect_kind
 from data.kinds import HUB, kind_of
-from evaluation.report import REPORTED_METRICS, metric_value
+from evaluation.report import REPORTED_METRICS, metric_value, standard_fid
 from losses.regularisers import EQVAE_SCALES
 from training.runlog import CURVES_PNG
 
@@ -438,9 +438,9 @@ def card_eval_results(result: dict) -> list:
     """
     model = next(m for m in result["models"] if m["role"] == "model")
     protocol = result["protocol"]
-    standard_fid = result["config"]["fid_features"] == 2048 and "custom feature extractor" not in protocol["rfid"]
+    standard = standard_fid(result["config"]["fid_features"], protocol["rfid"])
     values = {key: metric_value(model["metrics"], key) for key, _ in CARD_METRICS}
-    if not standard_fid:
+    if not standard:
         values["rfid"] = None
     if protocol["lpips_weights"] != "pretrained":
         values["lpips"] = None
@@ -462,11 +462,18 @@ def card_eval_results(result: dict) -> list:
     ]
 
 
+def section_markers(kind: str, result: dict) -> tuple[str, str]:
+    """The (start, end) HTML comments around the card's `kind` section ("results", "probe") of one dataset /
+    split / resolution: a re-run with the same three replaces that section."""
+    dataset_type, _ = card_dataset(result)
+    key = re.sub(r"[^\w./-]+", "_", f"{dataset_type} {result['split']} {result['resolution']}")
+    return f"<!-- eval_vae {kind} {key} -->", f"<!-- /eval_vae {kind} {key} -->"
+
+
 def card_section(result: dict, table: str) -> tuple[str, str, str]:
     """(start marker, end marker, the section between them) of one dataset / split / resolution."""
-    dataset_type, dataset_name = card_dataset(result)
-    key = re.sub(r"[^\w./-]+", "_", f"{dataset_type} {result['split']} {result['resolution']}")
-    start, end = f"<!-- eval_vae results {key} -->", f"<!-- /eval_vae results {key} -->"
+    _, dataset_name = card_dataset(result)
+    start, end = section_markers("results", result)
     body = (
         f"## Reconstruction: {dataset_name}\n\n"
         f"{result['num_images']} images, evaluated with `eval_vae.py` (the JSON it writes holds every setting).\n\n"
@@ -516,9 +523,8 @@ def update_model_card_probe(folder: str, result: dict, table: str) -> str:
     evaluation (a small DiT on few latents), not a gFID as published.
     """
     card = load_card(folder)
-    dataset_type, dataset_name = card_dataset(result)
-    key = re.sub(r"[^\w./-]+", "_", f"{dataset_type} {result['split']} {result['resolution']}")
-    start, end = f"<!-- eval_vae probe {key} -->", f"<!-- /eval_vae probe {key} -->"
+    _, dataset_name = card_dataset(result)
+    start, end = section_markers("probe", result)
     body = (
         f"## Latent probe: {dataset_name}\n\n"
         "How fast a small diffusion transformer learns this VAE's normalised latents (held-out flow-matching "

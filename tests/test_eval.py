@@ -111,7 +111,10 @@ def test_end_to_end_table_json_images(workspace, random_lpips, terminal):
     assert f"{NUM_IMAGES}/{NUM_IMAGES}" in captured.err and "img/s" in captured.err  # the progress bar finished
 
     lines = [line for line in stdout.splitlines() if line.startswith("|")]
-    assert lines[0] == f"| images validation {NUM_IMAGES}, 32² | rFID | PSNR | SSIM | LPIPS (RANDOM VGG, not LPIPS) |"
+    assert lines[0] == (  # a custom feature extractor's rFID is not FID, and the column says so
+        f"| images validation {NUM_IMAGES}, 32² | rFID (custom features, not FID) | PSNR | SSIM | "
+        "LPIPS (RANDOM VGG, not LPIPS) |"
+    )
     assert lines[2].startswith("| model | ") and lines[3].startswith("| checkpoint-3 | ")
     assert "RANDOM VGG16" in stdout and "Protocol default: latent=mean, uint8=round, ssim_window=uniform" in stdout
 
