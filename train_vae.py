@@ -664,17 +664,27 @@ class Trainer:
         logger.info(f"resumed from {path} at step {self.state.global_step}", main_process_only=True)
 
     def _hand_over(self, path: str, data_state: dict) -> None:
-        """A checkpoint of another number of processes: the new ranks share out what the old ones had left of
-        their epochs, and each rank's RNG starts from (seed, step, rank)."""
-        acc, step = self.accelerator, self.state.global_step
+        """A checkpoint of another number of processes (or of DataLoader workers per rank): the new ranks (workers)
+        share out what the old ones had left of their epochs; with another number of processes each rank's RNG
+        starts from (seed, step, rank), with the same number it is the one restored."""
+        acc, step, old = self.accelerator, self.state.global_step, data_state["written_by"]
         self.stream.hand_over(data_state["node_states"])
+        if old == acc.num_processes:
+            logger.warning(
+                f"{path} was written with {data_state['workers']} DataLoader workers per rank, resumed with "
+                f"{self.cfg.dataloader_num_workers}: weights, EMA, D, optimizers, schedules and random numbers "
+                "restore exactly and every image of the current epoch is still seen once (the rest of each old "
+                "worker's epoch is shared out among the new ones), in another order: exact in data, not bit for bit "
+                "the run the old workers would have made",
+                main_process_only=True,
+            )
+            return
         checkpointing.reseed(self.cfg.seed, step, acc.process_index)
         logger.warning(
-            f"{path} was written by {data_state['written_by']} processes, resumed on {acc.num_processes}: weights, "
+            f"{path} was written by {old} processes, resumed on {acc.num_processes}: weights, "
             "EMA, D, optimizers and schedules restore exactly and every image of the current epoch is still seen "
             "once (the rest of each old rank's epoch is shared out among the new ranks), but random numbers restart "
-            f"from (seed, step, rank): exact in data, not bit for bit the run {data_state['written_by']} processes "
-            "would have made",
+            f"from (seed, step, rank): exact in data, not bit for bit the run {old} processes would have made",
             main_process_only=True,
         )
 

@@ -1,9 +1,9 @@
-"""A train_vae.py run that records, per rank, what tests/test_train.py's resume-on-other-ranks test checks.
+"""A train_vae.py run that records, per rank, what tests/test_train.py's resume tests check. Not a test module.
 
 `python tests/resume_ranks.py RECORD_DIR -- <train_vae.py flags>` (or under `accelerate launch`) builds the Trainer as
 train_vae.main does, resumes, writes a checkpoint at once when it resumed (its tensors must equal the checkpoint's),
-trains to --max_train_steps and writes RECORD_DIR/rank<R>.json: the RNG seed right after the resume, the keys of the
-images this rank trained on in order, and a digest of its weights (replicas must agree). Not a test module.
+trains to --max_train_steps and writes RECORD_DIR/rank<R>.json: the RNG seed and a digest of the torch RNG state right
+after the resume, the keys of the images this rank trained on in order, and digests of its weights (replicas agree).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def run(record_dir: str, argv: list[str]) -> dict:
     trainer.attach_data(train_vae.resolve_data(cfg))
     trainer.maybe_resume()
     record = {"rank": accelerator.process_index, "initial_seed": torch.initial_seed(), "keys": []}
+    record["rng_state"] = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
     if cfg.resume_from_checkpoint:
         record["saved_at_resume"] = trainer.save_checkpoint()
     trainer.dataloader = RecordingLoader(trainer.dataloader, record["keys"])

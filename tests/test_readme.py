@@ -93,7 +93,7 @@ def test_every_training_flag_carries_its_facts():
     assert set(config.FIXED_ON_RESUME) == {n for n, f in fields.items() if f.metadata["resume"] == "fixed"}
     # The derived sets, as the trainer uses them: a flag moved between them is a deliberate change.
     assert config.FIXED_ON_RESUME == (
-        "train_decoder_only", "freeze", "shuffle_block", "dataloader_num_workers", "vf_model", "learning_rate",
+        "train_decoder_only", "freeze", "shuffle_block", "vf_model", "learning_rate",
         "disc_learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "use_ema",
         "ema_decay", "seed",
     )  # fmt: skip

@@ -1,6 +1,7 @@
 """The training script end to end: exact resume, 2-process DDP, NaN steps, export, the Hub token."""
 
 import concurrent.futures
+import hashlib
 import json
 import os
 import re
@@ -180,6 +181,43 @@ def test_one_process_checkpoint_resumed_on_two_ranks(image_folder, tmp_path, tin
     assert sorted(first["keys"] + shares[0] + shares[1]) == images  # each image of the epoch once, none twice
     following = ranks[0]["keys"][len(shares[0]) :] + ranks[1]["keys"][len(shares[1]) :]
     assert following and len(set(following)) == len(following)  # then the next epoch, split between the ranks
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(("before", "after"), [(2, 0), (0, 1)])
+def test_resume_with_another_number_of_data_workers(
+    image_folder, tmp_path, tiny_args, tensors_of, caplog, before, after
+):
+    """A checkpoint of a run with `before` DataLoader workers, resumed with `after` (--dataloader_num_workers is
+    "warn"): one warning says so, every state and the RNG restore as they were, and the images the old workers had
+    left of their epoch are read once, none twice (data/stream.py hand_over shares them out); then the next epoch
+    begins. (0 -> 1: the same one reader, but torchdata's loader state differs with and without workers.)"""
+    import resume_ranks
+
+    def run(out, steps, **flags):
+        for singleton in (AcceleratorState, GradientState, PartialState):
+            singleton._reset_state()
+        try:
+            return resume_ranks.run(str(out), tiny_args(image_folder, out, steps, **flags))
+        finally:
+            for singleton in (AcceleratorState, GradientState, PartialState):
+                singleton._reset_state()
+
+    first = run(tmp_path / "before", 2, dataloader_num_workers=before)
+    checkpoint = tmp_path / "before" / "checkpoint-2"
+    rng = torch.load(checkpoint / "random_states_0.pkl", weights_only=False)["torch_manual_seed"]
+    rng = hashlib.sha256(rng.numpy().tobytes()).hexdigest()
+    with caplog.at_level("WARNING"):
+        second = run(tmp_path / "after", 6, resume_from_checkpoint=str(checkpoint), dataloader_num_workers=after)
+    assert f"written with {before} DataLoader workers per rank, resumed with {after}" in caplog.text
+    assert f"dataloader_num_workers: {before} -> {after}" in caplog.text
+    assert second["rng_state"] == rng  # the RNG restored as it was: same ranks
+    saved, again = tensors_of(checkpoint), tensors_of(second["saved_at_resume"])
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+    images = sorted(os.listdir(image_folder))
+    left = len(images) - len(first["keys"])
+    assert sorted(first["keys"] + second["keys"][:left]) == images  # each image of the epoch once, none twice
+    assert len(second["keys"]) > left  # and training went on into the next epoch
 
 
 def _nan_from(monkeypatch, bad_steps):

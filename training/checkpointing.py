@@ -215,7 +215,8 @@ def load(accelerator, path: str, config: dict, model_config: dict) -> tuple[dict
     """Resume from `path`: check its flags against `config` (check_resume; changes that take effect are
     named in a warning), restore what accelerate saved (models through the load hooks, optimizers,
     schedulers, RNG), and return (trainer state, data position: see load_extra). Written by another number
-    of processes, everything but the RNG and the data position restores as it is (the caller re-seeds)."""
+    of processes, everything but the RNG and the data position restores as it is (the caller re-seeds); with
+    another number of DataLoader workers per rank, everything but the data position (the caller hands it over)."""
     for change in check_resume(path, config, model_config):
         if accelerator.is_main_process:
             logger.warning("resuming with a changed flag, %s", change)
@@ -225,32 +226,47 @@ def load(accelerator, path: str, config: dict, model_config: dict) -> tuple[dict
         raise CheckpointError(f"refused to resume from {path}: {load_error(e)}") from None
     except (RuntimeError, KeyError, ValueError) as e:  # e.g. a model config file edited since
         raise CheckpointError(f"cannot resume from {path}: {load_error(e)}") from None
-    return load_extra(path, accelerator.process_index, accelerator.num_processes)
+    return load_extra(path, accelerator.process_index, accelerator.num_processes, config["dataloader_num_workers"])
 
 
-def load_extra(path: str, rank: int, world_size: int) -> tuple[dict, dict]:
+def load_extra(path: str, rank: int, world_size: int, num_workers: int | None = None) -> tuple[dict, dict]:
     """(trainer state, data position) of a checkpoint. The data position is this rank's loader state when
-    `world_size` processes wrote it; else `{"written_by": N, "node_states": [...]}`, the stream state of every
-    node (rank x DataLoader worker) of the N processes, for the new ranks to share out (ImageStream.hand_over)."""
+    `world_size` processes wrote it with `num_workers` DataLoader workers each (None: any); else `{"written_by": N,
+    "workers": W, "node_states": [...]}`, the stream state of every node (rank x DataLoader worker) of the N
+    processes (W workers each), for the new nodes to share out (ImageStream.hand_over)."""
     with open(os.path.join(path, TRAINER_STATE)) as f:
         extra = json.load(f)
     saved_world = extra.pop("world_size", world_size)
-    if saved_world != world_size:
-        nodes = []
-        for old_rank in range(saved_world):
-            loader_state = _read_data_state(path, old_rank)
-            try:
-                nodes += node_states(loader_state)
-            except DataError as e:
-                raise CheckpointError(f"refused to resume from {path}: data_state_{old_rank}.pt holds {e}") from None
-        return extra, {"written_by": saved_world, "node_states": nodes}
-    # accelerate's load_state skips an RNG file it cannot read (a damaged file, or a pickle that would
-    # run code) with one info line and carries on: the run would go on drawing other random numbers
-    # than the one it claims to continue. Read it again here and stop instead.
-    rng = _read_pickle(os.path.join(path, f"random_states_{rank}.pkl"), accelerate_load)
-    if not isinstance(rng, dict) or "torch_manual_seed" not in rng:
-        raise CheckpointError(f"refused to resume from {path}: random_states_{rank}.pkl holds no RNG state")
-    return extra, _read_data_state(path, rank)
+    if saved_world == world_size:
+        # accelerate's load_state skips an RNG file it cannot read (a damaged file, or a pickle that would
+        # run code) with one info line and carries on: the run would go on drawing other random numbers
+        # than the one it claims to continue. Read it again here and stop instead.
+        rng = _read_pickle(os.path.join(path, f"random_states_{rank}.pkl"), accelerate_load)
+        if not isinstance(rng, dict) or "torch_manual_seed" not in rng:
+            raise CheckpointError(f"refused to resume from {path}: random_states_{rank}.pkl holds no RNG state")
+        own = _read_data_state(path, rank)
+        if num_workers is None or _workers(own) in (None, num_workers):
+            return extra, own
+    nodes = [s for old in range(saved_world) for s in _node_states(path, old, _read_data_state(path, old))]
+    return extra, {"written_by": saved_world, "workers": _workers(_read_data_state(path, 0)), "node_states": nodes}
+
+
+def _workers(loader_state: dict) -> int | None:
+    """The DataLoader workers (0: none) that read a rank's data, as its loader state says; None when it holds no
+    stream state yet (saved before the first batch): it then loads as it is."""
+    if "dataset_state" in loader_state:
+        return 0
+    try:
+        return node_states(loader_state)[0]["node"]["num_workers"]
+    except DataError:
+        return None
+
+
+def _node_states(path: str, rank: int, loader_state: dict) -> list[dict]:
+    try:
+        return node_states(loader_state)
+    except DataError as e:
+        raise CheckpointError(f"refused to resume from {path}: data_state_{rank}.pt holds {e}") from None
 
 
 def _read_data_state(path: str, rank: int) -> dict:

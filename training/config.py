@@ -4,7 +4,7 @@ Besides its help, choices and bound, each field says:
 - `resume`: what a resumed run does when the flag differs from the checkpoint's.
     fixed  refused (one line): the restored state would override the new value or could not follow it
            (Adam's settings and base learning rates live in the optimizer and scheduler states, the EMA
-           decay in the EMA state; which parameters train; each data worker's stream position; the seed)
+           decay in the EMA state; which parameters train; the shuffle blocks the data position counts in; the seed)
     free   changes silently: it does not touch the trajectory (where outputs go, how often things are
            logged, validated, saved or pushed; weights that the checkpoint then replaces)
     warn   takes effect, named in a warning: the run is then no longer a continuation of either setting
@@ -164,7 +164,7 @@ class TrainConfig:
         1000, "images per exactly-resumable shuffle block", bound="positive", resume="fixed", demo=16
     )
     dataloader_num_workers: int = arg(
-        4, "DataLoader worker processes per rank", bound="non_negative", resume="fixed", demo=0
+        4, "DataLoader worker processes per rank", bound="non_negative", resume="warn", demo=0
     )
     num_validation_images: int = arg(
         8, "held-out images in the fixed validation batch", bound="positive", resume="free", demo=16
