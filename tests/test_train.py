@@ -15,6 +15,7 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
+import autoencoder.models
 import train_vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -435,6 +436,8 @@ def test_init_discriminator_and_base_model_round_trip(image_folder, tmp_path, mo
 
     base = build_vae("tiny")
     monkeypatch.setattr(train_vae, "load_vae", lambda location, **_: base if location == "someone/base-vae" else None)
+    # Offline, the flag check accepts a Hub id only from the local cache: this one stands in for a cached model.
+    monkeypatch.setattr(autoencoder.models, "_in_hub_cache", lambda repo_id: repo_id == "someone/base-vae")
     run_main(tiny_args(image_folder, tmp_path / "first", 2, init_from="someone/base-vae"))
     card = huggingface_hub.ModelCard.load(tmp_path / "first" / "README.md")
     assert card.data.base_model == "someone/base-vae"
