@@ -87,6 +87,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.e2e
 def test_every_benchmark_runs_from_the_repo_root_without_pythonpath():
     """`python benchmarks/X.py --help` from the repository root, as benchmarks/README.md runs them: each script
     finds the trainer's packages itself (a fresh interpreter without PYTHONPATH, so nothing this process imported
