@@ -25,7 +25,14 @@ from dataclasses import dataclass
 from accelerate import tracking
 from accelerate.utils import LoggerType
 
-from autoencoder.models import DEFAULT_PRESET, PRESETS, check_model_location, is_single_file, model_config_form
+from autoencoder.models import (
+    DEFAULT_PRESET,
+    PRESETS,
+    check_model_location,
+    is_hub_id,
+    is_single_file,
+    model_config_form,
+)
 from common.cli import Alias, arg
 from common.errors import ConfigError, ModelError
 from losses.identity import MOCO_V2_800EP_URL
@@ -565,11 +572,7 @@ class TrainConfig:
                 "do not freeze it (--train_decoder_only, --freeze)"
             )
         vf_model = os.path.expanduser(self.vf_model)
-        if (
-            self.vf_weight > 0
-            and not os.path.isdir(vf_model)
-            and (vf_model.startswith((".", "/")) or vf_model.count("/") != 1)
-        ):
+        if self.vf_weight > 0 and not os.path.isdir(vf_model) and not ("/" in vf_model and is_hub_id(vf_model)):
             raise ConfigError(
                 f"--vf_model {self.vf_model!r}: no such folder, and not a Hub id (facebook/dinov2-base, "
                 "facebook/dinov2-large, or a Dinov2Model folder)"
