@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from autoencoder.models import is_url
+from autoencoder.models import is_hub_id, is_url
 from common.errors import ModelCardError
 from common.helpers import one_line
 from data import detect_kind
@@ -134,9 +134,7 @@ def hub_repo_of(start: str) -> str | None:
     m = re.match(r"https?://(?:www\.)?huggingface\.co/([^/]+/[^/]+)/(?:blob|resolve)/", start)
     if m:
         return m[1]
-    if is_url(start) or start.startswith((".", "/", "~")) or os.path.exists(start) or start.count("/") != 1:
-        return None
-    return start
+    return start if not is_url(start) and "/" in start and is_hub_id(start) else None
 
 
 def _start_sentence(base_model: str, loaded_as_is: bool) -> str:
